@@ -1,0 +1,139 @@
+"""Tasks are data plus a scoring rule. Three shapes cover the field: multiple choice (scored by
+loglikelihood, acc and acc_norm as lm-eval defines them), generation (greedy until stop sequences,
+scored per item), and custom runs (perplexity, KL to the base model) that drive the LM themselves.
+
+A task loads its items (from the hub, the local cache, local files or a generator) and states where
+they came from; the harness samples --limit items with the seed (stratified by label) and aggregates
+per-item metrics into mean and standard error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budgetlm.registry import Registry
+from budgetlm.results import Metric, mean_stderr
+
+tasks: Registry[Any] = Registry("task")  # name -> Task instance or "module:attr" (lazy)
+
+
+@dataclass
+class Item:
+    id: str
+    doc: dict
+    label: Any = None  # used to stratify --limit samples
+
+
+@dataclass
+class TaskData:
+    items: list[Item]
+    source: str  # e.g. "hub allenai/ai2_arc ARC-Easy test", "local /x/test.jsonl", "generated ..."
+
+
+@dataclass
+class TaskContext:
+    seed: int = 0
+    data_dir: Path | None = None
+    reference_dir: Path | None = None  # where the base model's reference outputs are cached
+    is_base: bool = True  # the model being evaluated is the base (reference) model itself
+    base_id: str = ""  # identifies the base model, so references are keyed by it
+    batch_size: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, Metric]
+    records: list[dict]  # per-item logs: {"id": ..., metric: value, ...}
+
+
+class Task:
+    name: str = ""
+    kind: str = "custom"  # multiple_choice | generate | perplexity | custom
+    description: str = ""
+
+    def load(self, ctx: TaskContext) -> TaskData:
+        raise NotImplementedError
+
+    def run(self, lm, items: list[Item], ctx: TaskContext) -> TaskResult:
+        raise NotImplementedError
+
+
+def aggregate(records: list[dict], metrics: list[str], unit: str = "") -> dict[str, Metric]:
+    """Mean and standard error of each per-item metric."""
+    out = {}
+    for m in metrics:
+        vals = [float(r[m]) for r in records if r.get(m) is not None]
+        mean, se = mean_stderr(vals)
+        out[m] = Metric(mean, se, len(vals), unit)
+    return out
+
+
+class MultipleChoiceTask(Task):
+    """Subclasses define doc_to_text, doc_to_choices, doc_to_target (index). Scored as lm-eval does:
+    acc = argmax of summed loglikelihood; acc_norm = argmax of loglikelihood / len(choice in bytes)."""
+
+    kind = "multiple_choice"
+
+    def doc_to_text(self, doc: dict) -> str:
+        raise NotImplementedError
+
+    def doc_to_choices(self, doc: dict) -> list[str]:
+        raise NotImplementedError
+
+    def doc_to_target(self, doc: dict) -> int:
+        raise NotImplementedError
+
+    def requests(self, doc: dict) -> list[tuple[str, str]]:
+        """(context, continuation) pairs; the default puts ' ' + choice after the prompt."""
+        ctx = self.doc_to_text(doc)
+        return [(ctx, " " + c) for c in self.doc_to_choices(doc)]
+
+    def run(self, lm, items: list[Item], ctx: TaskContext) -> TaskResult:
+        reqs, spans = [], []
+        for it in items:
+            r = self.requests(it.doc)
+            spans.append((len(reqs), len(r)))
+            reqs.extend(r)
+        out = lm.loglikelihood(reqs)
+        records = []
+        for it, (start, k) in zip(items, spans):
+            lls = [out[start + j][0] for j in range(k)]
+            conts = [reqs[start + j][1] for j in range(k)]
+            lens = [len(c.encode("utf-8")) for c in conts]
+            norm = [ll / max(1, n) for ll, n in zip(lls, lens)]
+            gold = self.doc_to_target(it.doc)
+            pred = max(range(k), key=lambda j: lls[j])
+            pred_n = max(range(k), key=lambda j: norm[j])
+            records.append(
+                {"id": it.id, "acc": float(pred == gold), "acc_norm": float(pred_n == gold), "target": gold,
+                 "pred": pred, "loglikelihoods": lls}
+            )
+        return TaskResult(aggregate(records, ["acc", "acc_norm"]), records)
+
+
+class GenerateTask(Task):
+    """Subclasses define doc_to_text and score(doc, generation) -> {metric: value}."""
+
+    kind = "generate"
+    until: tuple[str, ...] = ("\n\n",)
+    max_gen_toks: int = 256
+    metric_names: tuple[str, ...] = ("exact_match",)
+
+    def doc_to_text(self, doc: dict) -> str:
+        raise NotImplementedError
+
+    def score(self, doc: dict, generation: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def run(self, lm, items: list[Item], ctx: TaskContext) -> TaskResult:
+        from budgetlm.models.lm import GenArgs
+
+        args = GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks, chat=True)
+        gens = lm.generate_until([(self.doc_to_text(it.doc), args) for it in items])
+        records = []
+        for it, g in zip(items, gens):
+            records.append({"id": it.id, **self.score(it.doc, g), "generation": g})
+        return TaskResult(aggregate(records, list(self.metric_names)), records)

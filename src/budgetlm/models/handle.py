@@ -1,0 +1,113 @@
+"""ModelHandle: the module, its tokenizer, where it came from and every step applied to it.
+
+A handle saves to a folder (model.safetensors + config.json + tokenizer + provenance.json +
+budgetlm.json) and loads back without unpickling anything. Modules that a method replaced (a packed
+quantised Linear, say) are listed in budgetlm.json with the registered layer kind that rebuilds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from budgetlm.errors import ModelError
+from budgetlm.registry import Registry
+
+MANIFEST = "budgetlm.json"
+PROVENANCE = "provenance.json"
+WEIGHTS = "model.safetensors"
+
+# kind -> callable(linear: nn.Linear-shaped placeholder, meta: dict) -> nn.Module with the same state keys
+layer_kinds: Registry[Any] = Registry("layer kind")
+
+
+@dataclass
+class ModelHandle:
+    model: torch.nn.Module
+    tokenizer: Any
+    source: str
+    provenance: list[dict] = field(default_factory=list)
+    base: str | None = None  # the source of the unmodified model this one derives from
+
+    @property
+    def is_instruct(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def base_id(self) -> str:
+        return self.base or self.source
+
+    def replaced_modules(self) -> dict[str, dict]:
+        out = {}
+        for name, mod in self.model.named_modules():
+            kind = getattr(mod, "layer_kind", None)
+            if kind:
+                out[name] = {"kind": kind, **mod.layer_meta()}
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the folder atomically (to a temporary sibling, then rename)."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.config.save_pretrained(tmp)
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_model(self.model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            manifest = {"source": self.source, "base": self.base_id, "modules": self.replaced_modules()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (tmp / PROVENANCE).write_text(json.dumps(self.provenance, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def is_budgetlm_folder(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / WEIGHTS).is_file()
+
+
+def load_folder(path: Path) -> ModelHandle:
+    """Load a folder written by ModelHandle.save: build from config, rebuild replaced modules, load tensors."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    manifest = json.loads((path / MANIFEST).read_text())
+    provenance = json.loads((path / PROVENANCE).read_text()) if (path / PROVENANCE).exists() else []
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, meta in manifest.get("modules", {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        meta = dict(meta)
+        build = layer_kinds.get(meta.pop("kind"))
+        setattr(parent, child, build(old, meta))
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(
+            f"model folder {path} does not match its config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); re-save it with `budgetlm compress`"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return ModelHandle(model, tok, manifest.get("source", str(path)), provenance, manifest.get("base"))
