@@ -69,6 +69,9 @@ class ModelHandle:
             manifest = {"source": self.source, "base": self.base_id, "modules": self.replaced_modules()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             (tmp / PROVENANCE).write_text(json.dumps(self.provenance, indent=2))
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

@@ -69,8 +69,7 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, seed: int = 0) -> ModelHandle:
     if not path.exists():
         hint = suggest(spec, BUNDLED)
         raise ModelError(
-            f"model '{spec}' not found: no such file or folder, and not a bundled name{hint}; "
-            f"see `budgetlm models`"
+            f"model '{spec}' not found: no such file or folder, and not a bundled name{hint}; see `budgetlm models`"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -110,7 +109,9 @@ def _check_gguf(path: Path) -> str:
         arch = bytes(field.parts[field.data[0]]).decode()
         end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
-        raise ModelError(f"cannot read GGUF file {path}: {_first_line(exc)}; the file is truncated or corrupt") from None
+        raise ModelError(
+            f"cannot read GGUF file {path}: {_first_line(exc)}; the file is truncated or corrupt"
+        ) from None
     if end > path.stat().st_size:
         raise ModelError(f"GGUF file {path} is truncated ({path.stat().st_size} bytes, tensors need {end})")
     return arch

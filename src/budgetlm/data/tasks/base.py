@@ -108,8 +108,14 @@ class MultipleChoiceTask(Task):
             pred = max(range(k), key=lambda j: lls[j])
             pred_n = max(range(k), key=lambda j: norm[j])
             records.append(
-                {"id": it.id, "acc": float(pred == gold), "acc_norm": float(pred_n == gold), "target": gold,
-                 "pred": pred, "loglikelihoods": lls}
+                {
+                    "id": it.id,
+                    "acc": float(pred == gold),
+                    "acc_norm": float(pred_n == gold),
+                    "target": gold,
+                    "pred": pred,
+                    "loglikelihoods": lls,
+                }
             )
         return TaskResult(aggregate(records, ["acc", "acc_norm"]), records)
 

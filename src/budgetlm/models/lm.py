@@ -1,0 +1,255 @@
+"""The LM protocol over a torch causal LM: loglikelihood, loglikelihood_rolling, generate_until.
+
+loglikelihood computes each distinct context once: contexts go through the model in right-padded
+batches with a KV cache, the cache rows are repeated for the continuations that share the context, and
+only the continuations run a second time. Requests are sorted by length so padding stays small, and
+padded positions never change a result (explicit position ids, masks on the key side only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from budgetlm.models.handle import ModelHandle
+
+TOKEN_BUDGET = 4096  # tokens per forward pass when no batch size is given
+
+
+@dataclass
+class GenArgs:
+    until: list[str] = field(default_factory=list)
+    max_gen_toks: int = 256
+    chat: bool = True  # wrap the prompt in the chat template when the model has one
+
+
+def _chunks_by_budget(lengths: list[int], batch_size: int | None, budget: int) -> Iterator[list[int]]:
+    """Consecutive index chunks whose padded size (rows x longest) stays within the budget."""
+    chunk: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        new_longest = max(longest, n)
+        full = batch_size is not None and len(chunk) >= batch_size
+        over = batch_size is None and chunk and new_longest * (len(chunk) + 1) > budget
+        if full or over:
+            yield chunk
+            chunk, new_longest = [], n
+        chunk.append(i)
+        longest = new_longest
+    if chunk:
+        yield chunk
+
+
+class HFLM:
+    def __init__(self, handle: ModelHandle, batch_size: int | None = None, max_length: int | None = None):
+        self.handle = handle
+        self.model = handle.model
+        self.tokenizer = handle.tokenizer
+        self.batch_size = batch_size
+        cfg = self.model.config
+        self.max_length = max_length or min(2048, getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        tok = self.tokenizer
+        self.prefix_token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _decoder(self):
+        return self.model.get_decoder()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, : len(s)] = 1
+        return ids, mask
+
+    def _hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self._pad(seqs)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        out = self._decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state, mask
+
+    # -- loglikelihood -------------------------------------------------------------------------------------
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces of the context move to the continuation, the pair is encoded
+        whole and the continuation is what follows the context's own encoding."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self.prefix_token], self.encode(continuation)
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return whole[: len(ctx)], whole[len(ctx) :]
+
+    @torch.inference_mode()
+    def loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        pairs = [self._split(c, x) for c, x in reqs]
+        # truncate from the left so that context + continuation fits (the last token is never fed)
+        fitted = []
+        for ctx, cont in pairs:
+            cont = cont[-self.max_length :]
+            room = self.max_length + 1 - len(cont)
+            fitted.append((tuple(ctx[-room:]) if room > 0 else tuple(ctx[-1:]), tuple(cont)))
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for ctx, cont in fitted:
+            conts = groups.setdefault(ctx, [])
+            if cont not in conts:
+                conts.append(cont)
+        contexts = sorted(groups, key=lambda c: -(len(c) + max(len(x) for x in groups[c])))
+        scores: dict[tuple, tuple[float, bool]] = {}
+        lengths = [len(c) + max(len(x) for x in groups[c]) * len(groups[c]) for c in contexts]
+        for chunk in _chunks_by_budget(lengths, self.batch_size, TOKEN_BUDGET):
+            self._score_groups([contexts[i] for i in chunk], groups, scores)
+        return [scores[(ctx, cont)] for ctx, cont in fitted]
+
+    def _score_groups(self, contexts, groups, scores) -> None:
+        from transformers import DynamicCache
+
+        ids, mask = self._pad([list(c) for c in contexts])
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        cache = DynamicCache(config=self.model.config)
+        out = self._decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        ctx_len = mask.sum(1)
+        last_hidden = out.last_hidden_state[torch.arange(len(contexts)), ctx_len - 1]
+        first_logp = F.log_softmax(self._logits(last_hidden), dim=-1)  # predicts each continuation's first token
+        rows = [(g, cont) for g, c in enumerate(contexts) for cont in groups[c]]
+        longest = max(len(cont) for _, cont in rows)
+        cont_logp = None
+        if longest > 1:  # feed every continuation but its last token, on top of the repeated context cache
+            index = torch.tensor([g for g, _ in rows])
+            cache.reorder_cache(index)
+            feed = [list(cont[:-1]) for _, cont in rows]
+            fids, fmask = self._pad(feed)
+            full_mask = torch.cat([mask[index], fmask], dim=1)
+            fpos = ctx_len[index].unsqueeze(1) + torch.arange(fids.shape[1]).unsqueeze(0)
+            out2 = self._decoder()(
+                input_ids=fids, attention_mask=full_mask, position_ids=fpos, past_key_values=cache, use_cache=True
+            )
+            cont_logp = out2.last_hidden_state
+        for r, (g, cont) in enumerate(rows):
+            target = torch.tensor(cont)
+            logp = first_logp[g : g + 1]
+            if len(cont) > 1:
+                logp = torch.cat([logp, F.log_softmax(self._logits(cont_logp[r, : len(cont) - 1]), dim=-1)])
+            picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+            greedy = bool((logp.argmax(-1) == target).all())
+            scores[(contexts[g], cont)] = (float(picked.sum()), greedy)
+
+    # -- rolling loglikelihood (perplexity) ----------------------------------------------------------------
+    def rolling_tokens(self, text: str) -> list[int]:
+        return [self.prefix_token] + self.encode(text)
+
+    def token_count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def _windows(self, tokens: list[int], stride: int) -> list[tuple[list[int], int]]:
+        """(window tokens, index of the first scored position) covering every target token exactly once."""
+        stride = max(1, min(stride, self.max_length - 1))  # every window keeps at least one context token
+        out: list[tuple[list[int], int]] = []
+        scored_to, n = 1, len(tokens)
+        while scored_to < n:
+            end = min(n, scored_to + stride if out else self.max_length)
+            begin = max(0, end - self.max_length)
+            out.append((tokens[begin:end], scored_to - begin))
+            scored_to = end
+        return out
+
+    @torch.inference_mode()
+    def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[float]:
+        stride = stride or self.max_length
+        windows = []  # (text index, tokens, first scored position)
+        for t, text in enumerate(texts):
+            windows += [(t, w, s) for w, s in self._windows(self.rolling_tokens(text), stride)]
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1]))
+        totals = [0.0] * len(texts)
+        for chunk in _chunks_by_budget([len(windows[i][1]) for i in order], self.batch_size, TOKEN_BUDGET):
+            idx = [order[i] for i in chunk]
+            hidden, _ = self._hidden([windows[i][1] for i in idx])
+            for r, i in enumerate(idx):
+                t, toks, first = windows[i]
+                logp = F.log_softmax(self._logits(hidden[r, first - 1 : len(toks) - 1]), dim=-1)
+                target = torch.tensor(toks[first:])
+                totals[t] += float(logp.gather(1, target.unsqueeze(1)).sum())
+        return totals
+
+    @torch.inference_mode()
+    def token_logprobs(self, token_ids: list[list[int]]) -> Iterator[torch.Tensor]:
+        """Per sequence, in input order: [len-1, vocab] next-token log-probabilities (fp32)."""
+        lengths = [len(s) for s in token_ids]
+        for chunk in _chunks_by_budget(lengths, self.batch_size, TOKEN_BUDGET // 2):
+            hidden, _ = self._hidden([token_ids[i][: self.max_length] for i in chunk])
+            for r, i in enumerate(chunk):
+                n = min(lengths[i], self.max_length)
+                yield F.log_softmax(self._logits(hidden[r, : n - 1]), dim=-1)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str, chat: bool) -> str:
+        if chat and self.handle.is_instruct:
+            msgs = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return prompt
+
+    @torch.inference_mode()
+    def generate_until(self, reqs: list[tuple[str, GenArgs]]) -> list[str]:
+        results: list[str | None] = [None] * len(reqs)
+        prompts = [self.encode(self.format_prompt(p, a.chat)) for p, a in reqs]
+        by_args: dict[tuple, list[int]] = {}
+        for i, (_, a) in enumerate(reqs):
+            by_args.setdefault((tuple(a.until), a.max_gen_toks), []).append(i)
+        for (until, max_new), idx in by_args.items():
+            idx.sort(key=lambda i: -len(prompts[i]))
+            budget = max(1, TOKEN_BUDGET // 2)
+            lengths = [len(prompts[i]) + max_new for i in idx]
+            for chunk in _chunks_by_budget(lengths, self.batch_size or 16, budget * 16):
+                rows = [idx[c] for c in chunk]
+                texts = self._generate([prompts[i] for i in rows], list(until), max_new)
+                for i, text in zip(rows, texts):
+                    results[i] = text
+        return [r or "" for r in results]
+
+    def _generate(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[str]:
+        room = self.max_length - max_new
+        prompts = [p[-room:] if room > 0 else p[-1:] for p in prompts]
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding for generation
+            ids[r, longest - len(p) :] = torch.tensor(p)
+            mask[r, longest - len(p) :] = 1
+        kwargs = {"stop_strings": until, "tokenizer": self.tokenizer} if until else {}
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **kwargs,
+        )
+        texts = []
+        for row in out[:, longest:]:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            texts.append(text)
+        return texts
