@@ -1,0 +1,130 @@
+"""Peak resident memory of one phase of this process, from a sampler of RSS.
+
+`PeakRSS` samples /proc/self/statm every ~5 ms in a background thread. It also reads the kernel's high-water
+mark VmHWM: that is a process-lifetime figure, so on entry the block tries to reset it (writing "5" to
+/proc/self/clear_refs, Linux >= 4.0) and uses it only when the reset worked or the mark rose inside the block;
+otherwise the sampled maximum stands alone. The cell runner wraps its phases ("load", "evaluation",
+"benchmark") with it and stores `.metric()` as the phase's `peak_rss_bytes`:
+
+    with PeakRSS("load") as mem:
+        handle = load(...)
+    mem.peak_bytes, mem.start_bytes
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from budgetlm.results import Metric
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def hwm_bytes() -> int | None:
+    """The kernel's peak RSS of this process (VmHWM), or None when /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS; False when the kernel or the sandbox does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakRSS:
+    """Context manager: peak and starting RSS of the block, in bytes."""
+
+    def __init__(self, phase: str = "", interval: float = 0.005):
+        self.phase = phase
+        self.interval = interval
+        self.start_bytes = 0
+        self.end_bytes = 0
+        self.sampled_peak = 0
+        self.hwm_peak: int | None = None
+        self.hwm_reset = False
+        self.samples = 0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._take()
+            self._stop.wait(self.interval)
+
+    def _take(self) -> None:
+        rss = rss_bytes()
+        self.samples += 1
+        if rss > self.sampled_peak:
+            self.sampled_peak = rss
+
+    def __enter__(self) -> PeakRSS:
+        self.hwm_reset = reset_hwm()
+        self._hwm_start = hwm_bytes()
+        self.start_bytes = rss_bytes()
+        self.sampled_peak = self.start_bytes
+        self._t0 = time.perf_counter()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name=f"peak-rss-{self.phase}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._take()
+        self.end_bytes = rss_bytes()
+        self.seconds = time.perf_counter() - self._t0
+        hwm = hwm_bytes()
+        # VmHWM belongs to this block only if it was reset on entry or rose during the block
+        if hwm is not None and (self.hwm_reset or (self._hwm_start is not None and hwm > self._hwm_start)):
+            self.hwm_peak = hwm
+        else:
+            self.hwm_peak = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.sampled_peak, self.hwm_peak or 0)
+
+    @property
+    def delta_bytes(self) -> int:
+        """Peak above the starting RSS: what the block itself added at its worst."""
+        return self.peak_bytes - self.start_bytes
+
+    def metric(self) -> Metric:
+        how = f"sampled /proc/self/statm every {self.interval * 1000:g} ms"
+        if self.hwm_peak is not None:
+            how += " + VmHWM" + (" (reset on entry)" if self.hwm_reset else " (rose inside the block)")
+        return Metric(
+            float(self.peak_bytes),
+            n=self.samples,
+            unit="B",
+            extra={
+                "phase": self.phase,
+                "start_bytes": self.start_bytes,
+                "end_bytes": self.end_bytes,
+                "delta_bytes": self.delta_bytes,
+                "seconds": round(self.seconds, 3),
+                "method": how,
+            },
+        )
