@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, unpack
+from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
 from budgetlm.models.handle import layer_kinds
 
 FAST_INT8_MAX_TOKENS = 8
@@ -30,7 +30,7 @@ class QuantLinear(torch.nn.Module):
         if self.int8_kernel:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         else:
-            self.register_buffer("qweight", torch.zeros((n_codes + 7) // 8 * bits, dtype=torch.uint8))
+            self.register_buffer("qweight", torch.zeros(packed_numel(n_codes, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         zeros = None if symmetric else torch.zeros(out_features, n_groups, dtype=torch.uint8)
         self.register_buffer("zeros", zeros)

@@ -73,6 +73,11 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
     return dequantize(quantize(w, grid), grid)
 
 
+def packed_numel(n_codes: int, bits: int) -> int:
+    """Bytes that n b-bit codes take when packed."""
+    return n_codes if bits == 8 else (n_codes + 7) // 8 * bits
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned b-bit codes densely into bytes: every 8 codes take b bytes (little-endian bit order)."""
     flat = codes.reshape(-1).to(torch.int64)

@@ -1,0 +1,50 @@
+"""The public Python API; the CLI is a thin wrapper over these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from budgetlm.models.handle import ModelHandle
+from budgetlm.results import Metric
+
+
+def load(spec: str = "smollm2-135m", seed: int = 0) -> ModelHandle:
+    """A bundled model name, a GGUF file, a Hugging Face or budgetlm model folder, or 'tiny-random'."""
+    from budgetlm.models.sources import load as _load
+
+    return _load(spec, seed=seed)
+
+
+def apply(handle: ModelHandle, steps: list[dict], ctx=None) -> list:
+    """Apply registered method steps ({"method": name, **config}) in order, in place."""
+    from budgetlm.methods.base import apply_steps
+
+    return apply_steps(handle, steps, ctx)
+
+
+def evaluate(handle: ModelHandle, tasks: list[str], **kwargs) -> dict[str, dict[str, Metric]]:
+    """Run tasks; see budgetlm.evaluation.harness.evaluate for the options."""
+    from budgetlm.evaluation.harness import evaluate as _evaluate
+
+    return _evaluate(handle, tasks, **kwargs)
+
+
+def measure(handle: ModelHandle, **kwargs) -> dict[str, dict[str, Metric]]:
+    """Size, speed, energy and host profile; see budgetlm.hardware.bench.measure."""
+    from budgetlm.hardware.bench import measure as _measure
+
+    return _measure(handle, **kwargs)
+
+
+def run(recipe: str | Path | None = None, out: str | Path | None = None, progress: bool = False) -> Path:
+    """Run a study (None: the bundled quickstart); returns its folder."""
+    from budgetlm.experiments.study import run_study
+
+    return run_study(recipe, out, progress=progress)
+
+
+def report(directory: str | Path) -> dict[str, Path]:
+    """Write report.md, results.csv and pareto.png for a study folder."""
+    from budgetlm.report.build import build_report
+
+    return build_report(directory)

@@ -1,0 +1,265 @@
+"""The `budgetlm` command: a thin typer wrapper over budgetlm.api. User errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from budgetlm.errors import BudgetLMError, ConfigError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Put language models on a budget: compress, evaluate, measure and compare them on your own hardware.",
+)
+
+ModelArg = Annotated[str, typer.Argument(help="bundled name (see `budgetlm models`), GGUF file or model folder")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r)
+    _console().print(table)
+
+
+def _fmt(m) -> str:
+    v = f"{m.value:.4g}"
+    if m.stderr is not None and m.stderr == m.stderr:
+        v += f" ± {m.stderr:.2g}"
+    return v + (f" {m.unit}" if m.unit else "")
+
+
+def _print_results(results: dict, as_json: bool) -> None:
+    from budgetlm.results import flatten
+
+    if as_json:
+        print(json.dumps(flatten(results), indent=2))
+        return
+    rows = [[t, k, _fmt(m), str(m.n or "")] for t, ms in results.items() for k, m in ms.items()]
+    _table("results", ["task/phase", "metric", "value", "n"], rows)
+
+
+@app.command()
+def models() -> None:
+    """List the bundled and test models."""
+    from budgetlm.models.sources import BUNDLED
+
+    for name, (desc, _) in BUNDLED.items():
+        print(f"{name:14s} {desc}")
+    print(f"{'PATH':14s} any Hugging Face model folder, budgetlm model folder or .gguf file")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered compression and adaptation methods."""
+    from budgetlm.methods.base import methods as registry
+
+    for name in registry.names():
+        print(f"{name:14s} {registry.get(name).describe()}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the evaluation tasks."""
+    from budgetlm.data.tasks import tasks as registry
+
+    for name in registry.names():
+        task = registry.get(name)
+        print(f"{name:14s} {task.kind:16s} {task.description}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg,
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task names")] = "text-ppl,text-cloze",
+    limit: Annotated[int | None, typer.Option(help="sample N items per task with the seed")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="folder for eval.json and per-item logs")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="local dataset files in the hub's schema")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per forward pass (default: by token budget)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print {task: {metric: value}} on stdout")] = False,
+) -> None:
+    """Evaluate a model on tasks (see `budgetlm tasks`)."""
+    from budgetlm.api import evaluate, load
+    from budgetlm.evaluation.harness import resolve_tasks
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    resolve_tasks(names)
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be a positive number of items (got {limit})")
+    handle = load(model)
+    results = evaluate(
+        handle,
+        names,
+        limit=limit,
+        seed=seed,
+        out_dir=out,
+        data_dir=data_dir,
+        batch_size=batch_size,
+        progress=not as_json,
+    )
+    _print_results(results, as_json)
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    out: Annotated[Path | None, typer.Option(help="write bench.json here")] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    decode_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
+) -> None:
+    """Measure size, peak memory, prefill/decode speed and energy (when RAPL is readable)."""
+    from budgetlm.api import load, measure
+    from budgetlm.hardware.memory import PeakRSS
+    from budgetlm.results import Metric
+    from budgetlm.utils import atomic_write_json
+
+    with PeakRSS("load") as rss_load:
+        handle = load(model)
+    folder = model if Path(model).is_dir() else None
+    with PeakRSS("benchmark") as rss_bench:
+        results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=folder)
+    results["memory"] = {
+        "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
+        "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
+    }
+    if out is not None:
+        atomic_write_json(out / "bench.json", {p: {k: m.to_dict() for k, m in ms.items()} for p, ms in results.items()})
+    _print_results(results, as_json)
+
+
+def parse_steps(args: list[str]) -> list[dict]:
+    """--method NAME [--set key=value ...] repeated, in order -> [{"method": NAME, key: value, ...}]."""
+    import yaml
+
+    steps: list[dict] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, _, inline = arg.partition("=")
+        if key in ("--method", "--set"):
+            if inline:
+                value = inline
+            elif i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            else:
+                raise ConfigError(f"{key} needs a value")
+            if key == "--method":
+                steps.append({"method": value})
+            elif not steps:
+                raise ConfigError(f"--set {value} comes before any --method; write --method NAME --set key=value")
+            else:
+                k, eq, v = value.partition("=")
+                if not eq or not k:
+                    raise ConfigError(f"--set {value}: expected key=value, e.g. --set bits=4")
+                steps[-1][k] = yaml.safe_load(v) if v else None
+        else:
+            raise ConfigError(f"unexpected argument '{arg}'; use --method NAME [--set key=value ...] --out DIR")
+        i += 1
+    if not steps:
+        raise ConfigError("no --method given; see `budgetlm methods`")
+    return steps
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compress(
+    ctx: typer.Context,
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="folder to write the compressed model to")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Apply method steps in order: --method NAME [--set key=value ...] [--method NAME2 ...] --out DIR."""
+    from budgetlm.api import apply, load
+    from budgetlm.methods.base import parse_config
+
+    steps = parse_steps(list(ctx.args))
+    for s in steps:  # validate everything before loading the model
+        parse_config(s["method"], {k: v for k, v in s.items() if k != "method"})
+    from budgetlm.methods.base import StepContext
+
+    handle = load(model)
+    reports = apply(handle, steps, StepContext(seed=seed))
+    handle.save(out)
+    for r in reports:
+        print(f"{r.method}: {r.seconds:.1f} s; " + "; ".join(r.notes))
+    print(f"saved {out}")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path | None, typer.Argument(help="recipe YAML (default: the bundled quickstart)")] = None,
+    out: Annotated[Path | None, typer.Option(help="study folder (default: runs/<recipe name>)")] = None,
+) -> None:
+    """Run a study: every model x pipeline cell is compressed, evaluated and measured; resumes if interrupted."""
+    from budgetlm.experiments.study import run_study, summary_table
+
+    folder = run_study(recipe, out, progress=True)
+    _console().print(summary_table(folder))
+    print(f"results in {folder}; `budgetlm report {folder}` writes report.md, results.csv and pareto.png")
+
+
+@app.command()
+def report(directory: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
+    """Write report.md, results.csv and pareto.png for a study folder."""
+    from budgetlm.api import report as build
+
+    for kind, path in build(directory).items():
+        print(f"{kind}: {path}")
+
+
+@app.command()
+def compare(
+    dir_a: Annotated[Path, typer.Argument(help="evaluation folder A (budgetlm eval --out)")],
+    dir_b: Annotated[Path, typer.Argument(help="evaluation folder B")],
+) -> None:
+    """Paired comparison of two evaluations: McNemar for accuracies, paired bootstrap for the rest."""
+    from budgetlm.evaluation.compare import compare as run_compare
+    from budgetlm.evaluation.compare import format_table
+
+    print(format_table(run_compare(dir_a, dir_b)))
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    try:
+        app(standalone_mode=False)
+    except BudgetLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished results are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

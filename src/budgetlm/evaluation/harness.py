@@ -1,0 +1,174 @@
+"""The evaluation harness: load each task's items, sample --limit of them with the seed (stratified by
+label), make sure the base model's reference outputs exist for tasks that compare against the base,
+run the task through the LM protocol and write the per-item logs and the aggregate metrics.
+
+Output folder: eval.json ({task: {metric: Metric}}) and items/<task>.jsonl (one record per item).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from budgetlm.data.tasks import tasks as task_registry
+from budgetlm.data.tasks.base import Item, Task, TaskContext
+from budgetlm.errors import BudgetLMError, DataError
+from budgetlm.models.handle import ModelHandle
+from budgetlm.models.lm import HFLM
+from budgetlm.results import Metric
+from budgetlm.utils import atomic_write_json, atomic_write_jsonl
+
+
+def sample_items(items: list[Item], limit: int | None, seed: int) -> list[Item]:
+    """`limit` items drawn with the seed, stratified by label (proportional, largest remainder)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    rng = random.Random(seed)
+    strata: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        strata[repr(it.label)].append(it)
+    keys = sorted(strata)
+    quotas = {k: limit * len(strata[k]) / len(items) for k in keys}
+    take = {k: int(q) for k, q in quotas.items()}
+    for k in sorted(keys, key=lambda k: (-(quotas[k] - take[k]), k))[: limit - sum(take.values())]:
+        take[k] += 1
+    chosen = [it for k in keys for it in rng.sample(strata[k], take[k])]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def resolve_tasks(names: list[str]) -> list[Task]:
+    """Look up every task before running any, so a typo fails at once."""
+    if not names:
+        raise BudgetLMError("no tasks given; pass --tasks with names from `budgetlm tasks`")
+    return [task_registry.get(n) for n in names]
+
+
+def default_reference_dir(base_id: str) -> Path:
+    from budgetlm.models.sources import cache_dir
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_id).strip("_")[-80:]
+    digest = hashlib.sha256(base_id.encode()).hexdigest()[:8]
+    return cache_dir() / "references" / f"{safe}-{digest}"
+
+
+def reference_path(ref_dir: Path, task: Task, items: list[Item]) -> Path:
+    digest = hashlib.sha256("\n".join(it.id for it in items).encode()).hexdigest()[:12]
+    return ref_dir / f"{task.name}-{digest}"
+
+
+def ensure_reference(task: Task, lm: HFLM, items: list[Item], ctx: TaskContext, path: Path) -> None:
+    """The base model's outputs for these items: written by this model if it is the base, otherwise by a
+    separate process that loads the base, so two models never sit in memory together."""
+    if path.exists() or any(path.parent.glob(path.name + ".*")):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ctx.is_base:
+        task.write_reference(lm, items, path)
+        return
+    ids_file = path.parent / f".{path.name}.ids.json"
+    ids_file.write_text(json.dumps([it.id for it in items]))
+    cmd = [sys.executable, "-m", "budgetlm.evaluation.reference", ctx.base_id, task.name, str(path), str(ids_file)]
+    cmd += ["--seed", str(ctx.seed)] + (["--data-dir", str(ctx.data_dir)] if ctx.data_dir else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    ids_file.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BudgetLMError(f"could not compute the base model's reference for {task.name} ({ctx.base_id}): {last}")
+
+
+def evaluate(
+    handle: ModelHandle,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    reference_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, Metric]]:
+    resolved = resolve_tasks(tasks)
+    is_base = not handle.provenance and handle.base_id == handle.source
+    ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
+    ctx = TaskContext(
+        seed=seed,
+        data_dir=Path(data_dir) if data_dir else None,
+        reference_dir=ref_dir,
+        is_base=is_base,
+        base_id=handle.base_id,
+        batch_size=batch_size,
+    )
+    lm = HFLM(handle, batch_size=batch_size)
+    results: dict[str, dict[str, Metric]] = {}
+    records: dict[str, list[dict]] = {}
+    bar = _Progress(progress, len(resolved))
+    for task in resolved:
+        bar.start(task.name)
+        t0 = time.perf_counter()
+        data = task.load(ctx)
+        if not data.items:
+            raise DataError(f"task '{task.name}' has no items ({data.source}); check the data file")
+        items = sample_items(data.items, limit, seed)
+        task_ctx = TaskContext(**{**ctx.__dict__, "extra": {}})
+        if getattr(task, "needs_reference", False):
+            path = reference_path(ref_dir, task, items)
+            ensure_reference(task, lm, items, task_ctx, path)
+            task_ctx.extra["reference"] = path
+        res = task.run(lm, items, task_ctx)
+        seconds = time.perf_counter() - t0
+        for m in res.metrics.values():
+            m.extra = {
+                **m.extra,
+                "data": data.source,
+                "items_used": len(items),
+                "items_available": len(data.items),
+                "sampling": f"seed {seed}, stratified by label" if limit and limit < len(data.items) else "all",
+            }
+        res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
+        results[task.name] = res.metrics
+        records[task.name] = res.records
+        bar.done()
+    bar.close()
+    if out_dir is not None:
+        write_outputs(Path(out_dir), results, records)
+    return results
+
+
+def write_outputs(out: Path, results: dict[str, dict[str, Metric]], records: dict[str, list[dict]]) -> None:
+    for name, recs in records.items():
+        atomic_write_jsonl(out / "items" / f"{name}.jsonl", recs)
+    atomic_write_json(out / "eval.json", {t: {m: v.to_dict() for m, v in ms.items()} for t, ms in results.items()})
+
+
+class _Progress:
+    """A rich progress bar over tasks, only on a terminal."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("evaluating", total=total)
+
+    def start(self, name: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=f"evaluating {name}")
+
+    def done(self) -> None:
+        if self.bar:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()

@@ -1,0 +1,42 @@
+"""Compute the base model's reference outputs for one task in a process of its own:
+python -m budgetlm.evaluation.reference BASE TASK PATH IDS_JSON [--seed S] [--data-dir D]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from budgetlm.errors import BudgetLMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("base")
+    ap.add_argument("task")
+    ap.add_argument("path")
+    ap.add_argument("ids")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir")
+    a = ap.parse_args(argv)
+    from budgetlm.data.tasks import tasks
+    from budgetlm.data.tasks.base import TaskContext
+    from budgetlm.models.lm import HFLM
+    from budgetlm.models.sources import load
+
+    try:
+        task = tasks.get(a.task)
+        ctx = TaskContext(seed=a.seed, data_dir=Path(a.data_dir) if a.data_dir else None, is_base=True)
+        by_id = {it.id: it for it in task.load(ctx).items}
+        items = [by_id[i] for i in json.loads(Path(a.ids).read_text())]
+        handle = load(a.base)
+        task.write_reference(HFLM(handle), items, Path(a.path))
+    except (BudgetLMError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
