@@ -36,6 +36,4 @@ def suggest(name: str, choices) -> str:
 
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     choices = sorted(choices)
-    return UnknownNameError(
-        f"unknown {kind} '{name}'{suggest(name, choices)}; available: {', '.join(choices)}"
-    )
+    return UnknownNameError(f"unknown {kind} '{name}'{suggest(name, choices)}; available: {', '.join(choices)}")
