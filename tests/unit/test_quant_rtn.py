@@ -53,11 +53,8 @@ def test_pack_round_trip_all_widths():
     for bits in (2, 3, 4, 8):
         codes = torch.randint(0, 2**bits, (37, 13), generator=g).to(torch.uint8)
         packed = pack(codes, bits)
-        assert (
-            packed.numel()
-            == packed_numel(codes.numel(), bits)
-            == -(-codes.numel() * bits // 8) + (0 if bits == 8 else (-codes.numel()) % 8 * bits // 8)
-        )
+        expected = codes.numel() if bits == 8 else -(-codes.numel() // 8) * bits  # 8 codes per b bytes
+        assert packed.numel() == packed_numel(codes.numel(), bits) == expected
         assert torch.equal(unpack(packed, bits, codes.numel()).reshape(37, 13), codes)
 
 
