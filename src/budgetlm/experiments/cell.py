@@ -1,0 +1,249 @@
+"""One cell of a study, run in its own process: `python -m budgetlm.experiments.cell CELL_DIR`.
+
+Reads CELL_DIR/config.json (written by the driver), then
+  load   the model and apply the pipeline's steps        (peak RSS "load")
+  eval   the tasks, per-item logs into CELL_DIR/items/   (peak RSS "evaluation")
+  bench  size, prefill and decode speed, energy          (peak RSS "benchmark")
+and writes env.json, steps.json and finally result.json = {"phases": {task_or_phase: {metric: Metric}}}
+(atomically, last: a cell folder without result.json is unfinished). The driver alone writes the store.
+Progress goes to stdout as "status: ..." lines; a failure ends with one "error: ..." line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from budgetlm.errors import BudgetLMError
+from budgetlm.results import Metric
+
+RESULT = "result.json"
+CONFIG = "config.json"
+
+
+def status(text: str) -> None:
+    print(f"status: {text}", flush=True)
+
+
+def run_cell(cell_dir: Path) -> dict:
+    """Run the cell described by cell_dir/config.json; returns what it writes to result.json."""
+    cell_dir = Path(cell_dir)
+    cfg = read_config(cell_dir)
+
+    from budgetlm.evaluation.harness import evaluate
+    from budgetlm.hardware.memory import PeakRSS
+    from budgetlm.methods.base import StepContext, apply_steps
+    from budgetlm.models.sources import load
+
+    phases: dict[str, dict[str, Metric]] = {}
+    memory: dict[str, Metric] = {}
+    seconds: dict[str, Metric] = {}
+    env = environment()
+    _write_json(cell_dir / "env.json", env)
+
+    status(f"loading {cfg['model']}")
+    t0 = time.perf_counter()
+    with PeakRSS("load") as peak:
+        handle = load(cfg["model"], seed=cfg["seed"])
+        applied_before = len(handle.provenance)
+        reports = []
+        if cfg["steps"]:
+            status(f"applying {' -> '.join(s['method'] for s in cfg['steps'])}")
+            reports = apply_steps(handle, cfg["steps"], StepContext(seed=cfg["seed"], progress=False))
+    memory["peak_rss_load"] = peak.metric()
+    seconds["seconds_load"] = Metric(time.perf_counter() - t0, unit="s")
+    step_dicts = [r.to_dict() for r in reports]
+    phases.update(_step_phases(cfg["steps"], step_dicts))
+
+    changed = len(handle.provenance) > applied_before
+    model_folder = None
+    if changed:
+        status("saving the model")
+        model_folder = str(handle.save(cell_dir / "model"))
+    _write_json(
+        cell_dir / "steps.json",
+        {"steps": cfg["steps"], "reports": step_dicts, "model_folder": model_folder, "source": handle.source},
+    )
+
+    if cfg["tasks"]:
+        status(f"evaluating {', '.join(cfg['tasks'])}")
+        t0 = time.perf_counter()
+        reference_dir = Path(cfg["study_dir"]) / "references" if cfg.get("study_dir") else None
+        with PeakRSS("evaluation") as peak:
+            results = evaluate(
+                handle,
+                cfg["tasks"],
+                limit=cfg["limit"],
+                seed=cfg["seed"],
+                data_dir=cfg["data_dir"],
+                reference_dir=reference_dir,
+                out_dir=cell_dir,
+                batch_size=cfg["eval_batch_size"],
+                progress=False,
+            )
+        memory["peak_rss_evaluation"] = peak.metric()
+        seconds["seconds_evaluation"] = Metric(time.perf_counter() - t0, unit="s")
+        phases.update(results)
+
+    bench = cfg["bench"]
+    if bench["enabled"]:
+        from budgetlm.hardware.bench import measure
+
+        status("benchmarking")
+        t0 = time.perf_counter()
+        with PeakRSS("benchmark") as peak:
+            results = measure(
+                handle,
+                prefill=tuple(bench["prefill"]),
+                decode_tokens=bench["decode_tokens"],
+                repeats=bench["repeats"],
+                warmup=bench["warmup"],
+                folder=model_folder,
+            )
+        memory["peak_rss_benchmark"] = peak.metric()
+        seconds["seconds_benchmark"] = Metric(time.perf_counter() - t0, unit="s")
+        phases.update(results)
+
+    phases["memory"] = memory
+    phases["time"] = seconds
+    result = {
+        "phases": {p: {m: _as_dict(v) for m, v in ms.items()} for p, ms in phases.items()},
+        "env": env,
+        "model_folder": model_folder,
+        "source": handle.source,
+    }
+    _write_json(cell_dir / RESULT, result)  # last: its presence means the cell finished
+    status("done")
+    return result
+
+
+REQUIRED = ("model", "pipeline", "steps", "tasks", "limit", "seed", "data_dir", "eval_batch_size", "bench")
+
+
+def read_config(cell_dir: Path) -> dict:
+    path = Path(cell_dir) / CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BudgetLMError(f"cannot read the cell config {path}: {exc}") from None
+    missing = [k for k in REQUIRED if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise BudgetLMError(f"the cell config {path} lacks {', '.join(missing)}; the study driver writes it")
+    return cfg
+
+
+def _step_phases(steps: list[dict], reports: list[dict]) -> dict[str, dict[str, Metric]]:
+    """A phase per step ("step1-rtn"): seconds, peak RSS and the report's scalar statistics."""
+    phases = {}
+    for i, (step, rep) in enumerate(zip(steps, reports)):
+        metrics = {"seconds": Metric(float(rep.get("seconds") or 0.0), unit="s")}
+        if rep.get("peak_rss") is not None:
+            metrics["peak_rss"] = Metric(float(rep["peak_rss"]), unit="B")
+        for key, value in (rep.get("stats") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[key] = Metric(float(value))
+        phases[f"step{i + 1}-{step['method']}"] = metrics
+    return phases
+
+
+def _as_dict(m) -> dict:
+    return m.to_dict() if hasattr(m, "to_dict") else dict(m)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def environment() -> dict:
+    """Versions, CPU, threads and the git commit every figure of the cell was measured with."""
+    import torch
+
+    import budgetlm
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    commit, dirty = git_commit()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "budgetlm": budgetlm.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """HEAD of the budgetlm checkout this package runs from (None when installed from a wheel)."""
+    import budgetlm
+
+    pkg = Path(budgetlm.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or (Path(top) / "src" / "budgetlm").resolve() != pkg:
+        return None, None  # not a budgetlm checkout (e.g. a virtualenv inside some other repository)
+    status_out = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD"), (bool(status_out) if status_out is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not (Path(argv[0]) / CONFIG).is_file():
+        print(f"error: usage: python -m budgetlm.experiments.cell CELL_DIR (a folder with {CONFIG})", file=sys.stderr)
+        return 2
+    try:
+        run_cell(Path(argv[0]))
+    except BudgetLMError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - report any crash in one line after the traceback
+        traceback.print_exc()
+        text = " ".join(str(exc).split())
+        print(f"error: {type(exc).__name__}: {text}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The plan: a resolved recipe expanded into cells, one per model x pipeline.
+
+A cell's id is a short sha256 of the canonical JSON of everything that determines its results (model, the
+steps with all defaults filled in, tasks, limit, seed, data folder, batch size, bench settings and the
+budgetlm version), so a rerun recognises finished cells and a changed setting makes a new cell.
+For each model the baseline cell comes first: it writes the reference outputs its other cells read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import budgetlm
+from budgetlm.experiments.recipe import BASELINE, Recipe
+
+ID_LENGTH = 12
+
+
+@dataclass
+class Cell:
+    id: str
+    model: str
+    pipeline: str
+    config: dict  # the resolved config the id hashes
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.pipeline == BASELINE
+
+    @property
+    def label(self) -> str:
+        return f"{self.pipeline} ({model_label(self.model)})"
+
+    def folder(self, study_dir: Path) -> Path:
+        return Path(study_dir) / "cells" / f"{_slug(model_label(self.model))}_{_slug(self.pipeline)}_{self.id}"
+
+
+def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
+    return {
+        "model": model,
+        "pipeline": pipeline,
+        "steps": recipe.pipelines[pipeline],
+        "tasks": list(recipe.tasks),
+        "limit": recipe.limit,
+        "seed": recipe.seed,
+        "data_dir": recipe.data_dir,
+        "eval_batch_size": recipe.eval_batch_size,
+        "bench": recipe.bench.model_dump(mode="json"),
+        "budgetlm": budgetlm.__version__,
+    }
+
+
+def cell_id(config: dict) -> str:
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH]
+
+
+def plan(recipe: Recipe) -> list[Cell]:
+    """Cells in run order: for each model, its baseline first, then the pipelines in recipe order."""
+    pipelines = [BASELINE] + [p for p in recipe.pipelines if p != BASELINE]
+    cells = []
+    for model in recipe.models:
+        for pipeline in pipelines:
+            config = cell_config(recipe, model, pipeline)
+            cells.append(Cell(cell_id(config), model, pipeline, config))
+    return cells
+
+
+def model_label(model: str) -> str:
+    """A short name for a model: the bundled name, or the last part of its path."""
+    return Path(model).name if ("/" in model or "\\" in model) else model
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text).strip("-")[:40] or "x"

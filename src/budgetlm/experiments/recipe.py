@@ -1,0 +1,243 @@
+"""The recipe: one YAML file that describes a study (models x pipelines x tasks x measurements).
+
+    name: quickstart
+    models: [smollm2-135m]
+    pipelines:
+      rtn-int8: [{method: rtn, bits: 8}]      # ordered steps, each a registered method and its config
+    tasks: [text-ppl, text-cloze, arith, fidelity]
+    limit: 40
+    bench: {prefill: [128, 512], decode_tokens: 64}
+
+Every level rejects unknown keys. Steps are validated against the method registry and stored with all
+defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
+steps is always present: it is the reference for recovery % and for KL / fidelity tasks.
+Errors are one line: "recipe x.yaml: pipelines.int8[0].bits: Input should be a valid integer".
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from budgetlm.errors import ConfigError, UnknownNameError, suggest
+
+BASELINE = "baseline"
+OFFLINE_SUITE = ["text-ppl", "text-cloze", "arith", "fidelity"]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BenchSettings(_Strict):
+    enabled: bool = True
+    prefill: list[int] = Field(default_factory=lambda: [128, 512])
+    decode_tokens: int = Field(64, ge=1)
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+
+
+class Recipe(_Strict):
+    name: str = "study"
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
+    pipelines: dict[str, list[dict[str, Any] | str]] = Field(default_factory=dict)
+    tasks: list[str] = Field(default_factory=lambda: list(OFFLINE_SUITE))
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+    data_dir: str | None = None
+    bench: BenchSettings = Field(default_factory=BenchSettings)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def bundled_recipe(name: str = "quickstart") -> Path:
+    return Path(str(resources.files("budgetlm") / "recipes" / f"{name}.yaml"))
+
+
+def load_recipe(path: str | Path | None = None) -> Recipe:
+    """Read and validate a recipe file; None reads the bundled quickstart study."""
+    path = bundled_recipe() if path is None else Path(path)
+    origin = f"recipe {path}"
+    if not path.is_file():
+        raise ConfigError(f"{origin}: no such file; pass the path of a recipe YAML file (or none for the quickstart)")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{origin}: invalid YAML{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{origin}: the file is empty; see the bundled quickstart.yaml for an example")
+    return parse_recipe(data, origin)
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    """Validate a recipe given as a mapping; returns it resolved (steps with defaults, baseline added)."""
+    if isinstance(data, Recipe):
+        data = data.model_dump()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of keys (models, pipelines, tasks, ...)")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc, Recipe)}") from None
+    return _resolve(recipe, origin)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _resolve(recipe: Recipe, origin: str) -> Recipe:
+    if not _SAFE_NAME.match(recipe.name):
+        raise ConfigError(
+            f"{origin}: name '{recipe.name}' must be letters, digits, '-', '_' or '.' (it names the run folder)"
+        )
+    models = [_check_model(m, i, origin) for i, m in enumerate(recipe.models)]
+    _no_duplicates(models, "models", origin)
+    _no_duplicates(recipe.tasks, "tasks", origin)
+    for i, task in enumerate(recipe.tasks):
+        _check_task(task, f"tasks[{i}]", origin)
+    if not recipe.tasks and not recipe.bench.enabled:
+        raise ConfigError(f"{origin}: nothing to measure: tasks is empty and bench.enabled is false")
+    pipelines: dict[str, list[dict]] = {BASELINE: []}
+    for name, steps in recipe.pipelines.items():
+        if not _SAFE_NAME.match(name):
+            raise ConfigError(f"{origin}: pipelines.{name}: a pipeline name must be letters, digits, '-', '_' or '.'")
+        if name == BASELINE and steps:
+            raise ConfigError(
+                f"{origin}: pipelines.{BASELINE} must be empty ([]): it is the unmodified model every other "
+                "pipeline is compared with; give your pipeline another name"
+            )
+        pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
+    data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
+    return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
+
+
+def _resolve_step(step: dict | str, where: str, origin: str) -> dict:
+    """{"method": name, **config} -> the same with every default filled in by the method's config class."""
+    from budgetlm.methods.base import methods
+
+    if isinstance(step, str):
+        step = {"method": step}
+    cfg = dict(step)
+    name = cfg.pop("method", None)
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"{origin}: {where}: a step needs a 'method' key naming a registered method (see `budgetlm methods`)"
+        )
+    try:
+        config_class = methods.get(name)
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"{origin}: {where}.method: {exc}") from None
+    try:
+        config = config_class.model_validate(cfg)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc, config_class, where)} (method '{name}')") from None
+    return {"method": name, **config.model_dump(mode="json")}
+
+
+def _check_task(name: str, where: str, origin: str) -> None:
+    from budgetlm.data.tasks.base import tasks
+
+    if name not in tasks:  # membership only: resolving a lazy task would import its dependencies
+        try:
+            tasks.get(name)
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"{origin}: {where}: {exc}") from None
+
+
+def _check_model(spec: str, i: int, origin: str) -> str:
+    from budgetlm.models.sources import BUNDLED
+
+    if spec in BUNDLED:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"{origin}: models[{i}]: '{spec}' is neither a bundled model nor an existing path{suggest(spec, BUNDLED)}; "
+            f"bundled: {', '.join(BUNDLED)}"
+        )
+    return str(path.resolve())
+
+
+def _no_duplicates(values: list[str], key: str, origin: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(f"{origin}: {key}: '{v}' is listed twice")
+        seen.add(v)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """The first validation error as 'key.path: problem', naming the allowed keys for an unknown one."""
+    errors = exc.errors()
+    err = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        allowed = _allowed_keys(root, err["loc"][:-1])
+        parent = _join(prefix, _format_loc(err["loc"][:-1]))
+        where = f"{parent}: " if parent else ""
+        return f"{where}unknown key '{key}'{suggest(key, allowed)} (allowed: {', '.join(allowed)}){more}"
+    loc = _join(prefix, _format_loc(err["loc"]))
+    return f"{loc or 'value'}: {err['msg']}{more}"
+
+
+def _join(prefix: str, loc: str) -> str:
+    if not prefix or not loc:
+        return prefix or loc
+    return prefix + loc if loc.startswith("[") else f"{prefix}.{loc}"
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("dict[str,any]", "str", "function-after[...]"):
+            continue  # union branch names pydantic adds to the location
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the location through nested models to list the fields allowed where the unknown key sits."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return list(model.model_fields)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

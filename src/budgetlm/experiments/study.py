@@ -1,0 +1,333 @@
+"""Run a study: plan the cells of a recipe, run each unfinished one in a fresh process, store the results.
+
+    out/recipe.yaml           the resolved recipe (every default filled in)
+    out/results.sqlite        the results store (written by this driver only, one transaction per cell)
+    out/references/           base-model outputs the KL / fidelity tasks of the other cells compare with
+    out/cells/<..>_<id>/      config.json, env.json, steps.json, items/<task>.jsonl, eval.json, log.txt,
+                              model/ (when a step changed the model), result.json (written last)
+
+A killed study, rerun with the same recipe and folder, skips the cells marked done in the store, ingests a
+cell that finished while the driver was gone, and cleans and reruns the others. A failed cell is recorded
+and the study goes on; at the end a BudgetLMError names the failed cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from budgetlm.errors import BudgetLMError
+from budgetlm.experiments import store as st
+from budgetlm.experiments.cell import CONFIG, RESULT
+from budgetlm.experiments.plan import Cell, model_label, plan
+from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+
+Runner = Callable[[Path, Callable[[str], None]], None]  # (cell folder, status callback); raises CellFailed
+
+
+class CellFailed(Exception):
+    """A cell process that ended without a result; the message is its one-line error."""
+
+
+def run_study(
+    recipe: str | Path | Recipe | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
+    runner: Runner | None = None,
+) -> Path:
+    """Run every unfinished cell of the recipe (None: the bundled quickstart); returns the study folder."""
+    rec = parse_recipe(recipe, "recipe") if isinstance(recipe, Recipe) else load_recipe(recipe)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    _write_text(out / "recipe.yaml", dump_recipe(rec))
+    cells = plan(rec)
+    runner = runner or subprocess_runner
+    failed: list[tuple[Cell, str]] = []
+    with st.Store(out) as store, _terminate_as_interrupt():
+        store.set_meta("plan", [c.id for c in cells])
+        store.set_meta("recipe", rec.model_dump(mode="json"))
+        done = store.done_cells()
+        todo = [c for c in cells if c.id not in done]
+        with _Display(len(cells), len(cells) - len(todo), progress) as display:
+            for cell in todo:
+                display.start(cell)
+                t0 = time.perf_counter()
+                error = _run_one(cell, out, store, runner, display.status)
+                if error is None:
+                    update_recovery(store, cells, cell.model)
+                else:
+                    failed.append((cell, error))
+                display.finish(cell, error, time.perf_counter() - t0)
+    if failed:
+        names = "; ".join(f"{c.label}: {err}" for c, err in failed)
+        raise BudgetLMError(f"{len(failed)} of {len(cells)} cells failed in {out}: {names}")
+    return out
+
+
+def _run_one(cell: Cell, out: Path, store: st.Store, runner: Runner, on_status) -> str | None:
+    """Run (or ingest) one cell and store it; returns None on success or the one-line error."""
+    folder = cell.folder(out)
+    result = _read_result(folder)
+    store.start_cell(cell.id, cell.model, cell.pipeline, cell.config)
+    if result is None:  # unfinished or never started: start clean
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        config = {**cell.config, "cell_id": cell.id, "study_dir": str(out)}
+        _write_text(folder / CONFIG, json.dumps(config, indent=2))
+        try:
+            runner(folder, on_status)
+        except CellFailed as exc:
+            error = f"{exc} (log: {folder / 'log.txt'})"
+            store.set_status(cell.id, "failed", error)
+            return error
+        except BaseException:
+            store.set_status(cell.id, "interrupted", "the study was interrupted while this cell ran")
+            raise
+        result = _read_result(folder)
+        if result is None:
+            error = f"the cell ended without writing {RESULT} (see {folder})"
+            store.set_status(cell.id, "failed", error)
+            return error
+    try:
+        store.finish_cell(cell.id, result["phases"], result.get("env"))
+    except (KeyError, TypeError, ValueError) as exc:
+        error = f"malformed {folder / RESULT}: {exc}"
+        store.set_status(cell.id, "failed", error)
+        return error
+    return None
+
+
+def _read_result(folder: Path) -> dict | None:
+    try:
+        result = json.loads((folder / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("phases"), dict) else None
+
+
+def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
+    """Run the cell in a fresh `python -m budgetlm.experiments.cell`; its output goes to folder/log.txt."""
+    cmd = [sys.executable, "-m", "budgetlm.experiments.cell", str(folder)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    last_error, tail = None, deque(maxlen=5)
+    with open(folder / "log.txt", "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                line = line.strip()
+                if line.startswith("status: "):
+                    on_status(line[len("status: ") :])
+                elif line.startswith("error: "):
+                    last_error = line[len("error: ") :]
+                if line:
+                    tail.append(line)
+            code = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+    if code != 0:
+        reason = last_error or (tail[-1] if tail else "no output")
+        raise CellFailed(f"exit code {code}: {reason}" if not last_error else reason)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while the driver runs, so the running cell is marked and stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- recovery %
+
+
+def recovery(phases: dict[str, dict[str, dict]], baseline: dict[str, dict[str, dict]], base_id: str) -> dict:
+    """'<metric>_recovery_pct' = 100 x value / baseline value, for every accuracy metric of every task the
+    baseline also scored (skipped where the baseline is 0 or missing). The stderr is the cell's own stderr
+    scaled the same way: the baseline is treated as exact."""
+    out: dict[str, dict[str, dict]] = {}
+    for phase, metrics in phases.items():
+        for metric, row in metrics.items():
+            if not st.is_accuracy(metric):
+                continue
+            base = st.value(baseline, phase, metric)
+            val = row.get("value")
+            if base is None or base == 0 or val is None or math.isnan(val):
+                continue
+            se = row.get("stderr")
+            out.setdefault(phase, {})[metric + st.RECOVERY] = {
+                "value": 100.0 * val / base,
+                "stderr": None if se is None or math.isnan(se) else 100.0 * se / abs(base),
+                "n": row.get("n"),
+                "unit": "%",
+                "source": "measured",
+                "extra": {"baseline_cell": base_id, "baseline_value": base, "of": metric},
+            }
+    return out
+
+
+def update_recovery(store: st.Store, cells: list[Cell], model: str) -> None:
+    """(Re)compute recovery rows of every finished cell of `model` once its baseline cell is done."""
+    done = store.done_cells()
+    mine = [c for c in cells if c.model == model and c.id in done]
+    base = next((c for c in mine if c.is_baseline), None)
+    if base is None:
+        return
+    rows = st.by_cell(store.rows([c.id for c in mine]))
+    for c in mine:
+        phases = recovery(rows.get(c.id, {}), rows.get(base.id, {}), base.id)
+        if phases:
+            store.put_rows(c.id, phases)
+
+
+# ---------------------------------------------------------------------------------------------- display
+
+
+class _Display:
+    """A rich bar over the cells and a status line for the running one, only on a terminal."""
+
+    def __init__(self, total: int, completed: int, enabled: bool):
+        self.enabled = enabled and sys.stdout.isatty()
+        self.total, self.completed = total, completed
+        self.progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )  # fmt: skip
+            self.progress.__enter__()
+            self.task = self.progress.add_task("cells", total=self.total, completed=self.completed)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start(self, cell: Cell) -> None:
+        self.cell = cell
+        self.status("starting")
+
+    def status(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"{self.cell.label}: {text}")
+
+    def finish(self, cell: Cell, error: str | None, seconds: float) -> None:
+        if self.progress is None:
+            return
+        mark = "[green]done[/]" if error is None else f"[red]failed[/]: {error}"
+        self.progress.console.print(f"{cell.label} {mark} ({seconds:.0f} s)", highlight=False)
+        self.progress.advance(self.task)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def summary_table(directory: str | Path):
+    """A rich Table: one row per cell with size, bits/weight, the main metric of each task and speed."""
+    from rich.table import Table
+
+    with st.Store.open(directory) as store:
+        cells = store.plan_cells()
+        rows = st.by_cell(store.rows([c["cell_id"] for c in cells]))
+    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    several_models = len({c["model"] for c in cells}) > 1
+    table = Table(title=f"study {Path(directory)}")
+    if several_models:
+        table.add_column("model")
+    table.add_column("pipeline")
+    table.add_column("status")
+    table.add_column("stored MB", justify="right")
+    table.add_column("bpw", justify="right")
+    mains = {}
+    for t in tasks:
+        metrics = [m for c in cells for m in rows.get(c["cell_id"], {}).get(t, {})]
+        mains[t] = st.main_metric(list(dict.fromkeys(metrics)))
+        table.add_column(f"{t} {mains[t] or ''}".strip(), justify="right")
+    table.add_column("decode ms/tok", justify="right")
+    table.add_column("prefill tok/s", justify="right")
+    for c in cells:
+        phases = rows.get(c["cell_id"], {})
+        size = st.value(phases, "size", "stored_bytes")
+        line = [model_label(c["model"])] if several_models else []
+        line += [c["pipeline"], c["status"] or "", _fmt(size / 1e6 if size else None, 1)]
+        line.append(_fmt(st.value(phases, "size", "bpw"), 2))
+        for t in tasks:
+            line.append(_task_cell(phases.get(t, {}), mains[t]))
+        line.append(_fmt(st.value(phases, "speed", "decode_ms_per_token"), 1))
+        prefill = st.prefill_metrics(phases)
+        line.append(" / ".join(_fmt(st.value(phases, "speed", p), 0) for p in prefill) or "-")
+        table.add_row(*line)
+    prefill_names = {p.split("@")[1] for c in cells for p in st.prefill_metrics(rows.get(c["cell_id"], {}))}
+    if prefill_names:
+        table.caption = f"prefill at {' / '.join(sorted(prefill_names, key=int))} tokens; recovery % of baseline"
+    return table
+
+
+def _task_cell(metrics: dict[str, dict], main: str | None) -> str:
+    if main is None or main not in metrics:
+        return "-"
+    row = metrics[main]
+    text = _fmt(row["value"], 3 if abs(row["value"]) < 10 else 1)
+    if row.get("stderr") is not None:
+        text += f" ± {_fmt(row['stderr'], 3 if abs(row['value']) < 10 else 1)}"
+    rec = metrics.get(main + st.RECOVERY)
+    if rec is not None:
+        text += f" ({rec['value']:.0f}%)"
+    return text
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"

@@ -1,0 +1,239 @@
+"""The report of a study, built from the results store alone (DIR/results.sqlite):
+
+DIR/report.md     a table per task (value ± stderr, recovery % of the baseline), the cost table (stored
+                  size, bits/weight, peak RSS per phase, prefill/decode speed, % of roofline, energy) and
+                  the environment every figure was measured in
+DIR/results.csv   every row: one per cell x task/phase x metric, with model and pipeline
+DIR/pareto.png    each task's headline metric against stored size, Pareto front drawn
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+from budgetlm.experiments import store as st
+from budgetlm.experiments.plan import model_label
+from budgetlm.report.plots import Panel, Point, pareto_plot
+
+CSV_COLUMNS = ["cell_id", "model", "pipeline", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source",
+               "extra_json"]  # fmt: skip
+MB = 1e6
+
+
+def build_report(directory: str | Path) -> dict[str, Path]:
+    """Write report.md, results.csv and pareto.png into the study folder; returns their paths by kind."""
+    directory = Path(directory)
+    with st.Store.open(directory) as store:
+        cells = store.plan_cells()
+        rows = store.rows([c["cell_id"] for c in cells])
+        recipe = store.get_meta("recipe") or {}
+    by = st.by_cell(rows)
+    several = len({c["model"] for c in cells}) > 1
+    for c in cells:
+        c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
+        c["phases"] = by.get(c["cell_id"], {})
+    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    paths = {
+        "csv": write_csv(rows, directory / "results.csv"),
+        "pareto": pareto_plot(pareto_panels(cells, tasks), directory / "pareto.png", recipe.get("name", "")),
+    }
+    text = markdown(directory, recipe, cells, tasks)
+    paths["markdown"] = directory / "report.md"
+    _write(paths["markdown"], text)
+    return paths
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            extra = json.dumps(r.get("extra") or {}, sort_keys=True, default=str)
+            w.writerow([_csv(r.get(k)) for k in CSV_COLUMNS[:-1]] + [extra])
+    tmp.replace(path)
+    return path
+
+
+def pareto_panels(cells: list[dict], tasks: list[str]) -> list[Panel]:
+    panels = []
+    for task in tasks:
+        metric = st.main_metric(list(dict.fromkeys(m for c in cells for m in c["phases"].get(task, {}))))
+        if metric is None:
+            continue
+        points = []
+        for c in cells:
+            row = c["phases"].get(task, {}).get(metric)
+            size = st.value(c["phases"], "size", "stored_bytes")
+            if row is None or size is None:
+                continue
+            points.append(Point(c["label"], size / MB, row["value"], row.get("stderr")))
+        note = "" if points else "no stored size measured (bench disabled or failed)"
+        panels.append(Panel(task, metric, not st.lower_is_better(metric), points, note))
+    return panels
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def markdown(directory: Path, recipe: dict, cells: list[dict], tasks: list[str]) -> str:
+    done = [c for c in cells if c["status"] == "done"]
+    out = [f"# Study {recipe.get('name', directory.name)}", ""]
+    out.append(f"Folder `{directory}`; report built {dt.datetime.now().isoformat(timespec='seconds')} from "
+               f"`results.sqlite`. {len(done)} of {len(cells)} cells done.")  # fmt: skip
+    if recipe:
+        out.append(
+            f"Models: {', '.join(recipe.get('models', []))}. Tasks: {', '.join(recipe.get('tasks', []))}. "
+            f"Limit: {recipe.get('limit') or 'all items'} per task, seed {recipe.get('seed', 0)}."
+        )
+    out.append("")
+    for c in cells:
+        if c["status"] != "done":
+            out.append(f"- **{c['label']}**: {c['status']}" + (f" — {c['error']}" if c.get("error") else ""))
+    out += ["", "## Pipelines", "", "| pipeline | cell | steps |", "|---|---|---|"]
+    for c in cells:
+        steps = " → ".join(_step_text(s) for s in c["config"].get("steps", [])) or "(unmodified model)"
+        out.append(f"| {c['label']} | `{c['cell_id']}` | {steps} |")
+    out += ["", "## Tasks", "", "Value ± standard error; recovery = 100 × value / the baseline cell's value.", ""]
+    for task in tasks:
+        out += task_table(task, done)
+    out += ["## Cost", ""] + cost_table(done) + [""]
+    out += step_table(done)
+    out += ["## Environment", ""] + env_table(done)
+    out += ["", "Files: `results.csv` (every row), `pareto.png`, `cells/<cell>/` (config, env, per-item logs).", ""]
+    return "\n".join(out)
+
+
+def task_table(task: str, cells: list[dict]) -> list[str]:
+    metrics = list(dict.fromkeys(m for c in cells for m in c["phases"].get(task, {})))
+    scores = [m for m in metrics if not m.endswith(st.RECOVERY) and m not in st.NOT_SCORES]
+    if not scores:
+        return [f"### {task}", "", "no results", ""]
+    head = ["pipeline", "n"]
+    for m in scores:
+        head.append(m + (" ↓" if st.lower_is_better(m) else " ↑" if st.is_accuracy(m) else ""))
+        if st.is_accuracy(m):
+            head.append(f"{m} recovery %")
+    lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    source = None
+    for c in cells:
+        ph = c["phases"].get(task, {})
+        n = next((r["n"] for r in ph.values() if r.get("n") is not None), None)
+        line = [c["label"], str(n) if n is not None else "-"]
+        for m in scores:
+            line.append(_pm(ph.get(m)))
+            if st.is_accuracy(m):
+                rec = ph.get(m + st.RECOVERY)
+                line.append(_pm(rec, digits=1))
+            source = source or (ph.get(m) or {}).get("extra", {}).get("data")
+        lines.append("| " + " | ".join(line) + " |")
+    if source:
+        lines += ["", f"Data: {source}."]
+    return lines + [""]
+
+
+def cost_table(cells: list[dict]) -> list[str]:
+    prefill = list(dict.fromkeys(p for c in cells for p in st.prefill_metrics(c["phases"])))
+    head = ["pipeline", "stored MB", "params M", "bpw", "linear bpw", "peak RSS load MB", "peak RSS eval MB",
+            "peak RSS bench MB"]  # fmt: skip
+    head += [f"prefill tok/s @{p.split('@')[1]}" for p in prefill]
+    head += ["decode ms/tok", "% of roofline", "energy J/tok (decode)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        ph = c["phases"]
+        line = [
+            c["label"],
+            _num(st.value(ph, "size", "stored_bytes"), MB, 1),
+            _num(st.value(ph, "size", "params"), 1e6, 2),
+            _num(st.value(ph, "size", "bpw"), 1, 2),
+            _num(st.value(ph, "size", "linear_bpw"), 1, 2),
+        ]
+        line += [_num(st.value(ph, "memory", f"peak_rss_{p}"), MB, 0) for p in ("load", "evaluation", "benchmark")]
+        line += [_pm(ph.get("speed", {}).get(p), digits=0) for p in prefill]
+        line += [_pm(ph.get("speed", {}).get("decode_ms_per_token"), digits=1)]
+        line += [_num(st.value(ph, "speed", "decode_pct_roofline"), 1, 0)]
+        line.append(_energy(ph))
+        lines.append("| " + " | ".join(line) + " |")
+    bw = next((st.value(c["phases"], "host", "mem_bandwidth_gb_s") for c in cells if "host" in c["phases"]), None)
+    notes = ["", "Sizes count the bytes of the stored state; peak RSS is sampled per phase of the cell's process."]
+    if bw:
+        notes.append(f"Roofline: bytes read per decoded token / measured memory bandwidth ({bw:.1f} GB/s).")
+    return lines + notes
+
+
+def step_table(cells: list[dict]) -> list[str]:
+    lines = []
+    for c in cells:
+        for phase, metrics in c["phases"].items():
+            if phase.startswith("step") and "seconds" in metrics:
+                lines.append(
+                    f"| {c['label']} | {phase} | {_num(st.value(c['phases'], phase, 'seconds'), 1, 1)} "
+                    f"| {_num(st.value(c['phases'], phase, 'peak_rss'), MB, 0)} |"
+                )
+    if not lines:
+        return []
+    return ["## Steps", "", "| pipeline | step | seconds | peak RSS MB |", "|---|---|---|---|"] + lines + [""]
+
+
+def env_table(cells: list[dict]) -> list[str]:
+    keys = ["python", "torch", "transformers", "budgetlm", "cpu", "cores", "threads", "git_commit", "load_average"]
+    lines = ["| pipeline | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for c in cells:
+        env = c.get("env") or {}
+        vals = []
+        for k in keys:
+            v = env.get(k)
+            if k == "git_commit" and v:
+                v = v[:10] + (" (modified)" if env.get("git_dirty") else "")
+            elif k == "load_average" and v:
+                v = " ".join(f"{x:.2f}" for x in v)
+            vals.append("-" if v is None else str(v))
+        lines.append(f"| {c['label']} | " + " | ".join(vals) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def _energy(phases: dict) -> str:
+    j = st.value(phases, "energy", "decode_j_per_token")
+    if j is not None:
+        return f"{j:.3f}"
+    decode = phases.get("speed", {}).get("decode_ms_per_token")
+    note = (decode or {}).get("extra", {}).get("energy")
+    if isinstance(note, str) and note.startswith("unavailable"):
+        return note.replace("|", "/")
+    return "unavailable"
+
+
+def _step_text(step: dict) -> str:
+    keys = [k for k in step if k not in ("method", "targets", "ignore")]
+    return f"{step.get('method')}(" + ", ".join(f"{k}={step[k]}" for k in keys) + ")"
+
+
+def _pm(row: dict | None, digits: int | None = None) -> str:
+    if row is None or row.get("value") is None or math.isnan(row["value"]):
+        return "-"
+    v, se = row["value"], row.get("stderr")
+    d = digits if digits is not None else (3 if abs(v) < 10 else 1)
+    return f"{v:,.{d}f}" + (f" ± {se:,.{d}f}" if se is not None and not math.isnan(se) else "")
+
+
+def _num(x: float | None, scale: float, digits: int) -> str:
+    return "-" if x is None else f"{x / scale:,.{digits}f}"
+
+
+def _csv(x):
+    if isinstance(x, float) and math.isnan(x):
+        return ""
+    return "" if x is None else x
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

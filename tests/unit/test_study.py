@@ -1,0 +1,206 @@
+"""The study driver with a fake cell runner: cells run once, results stored, recovery % computed, failures
+recorded, and a killed study resumes without rerunning finished cells."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from budgetlm.data.tasks.base import Task, tasks
+from budgetlm.errors import BudgetLMError
+from budgetlm.experiments import store as st
+from budgetlm.experiments.cell import RESULT
+from budgetlm.experiments.study import CellFailed, recovery, run_study, subprocess_runner, summary_table
+from budgetlm.methods.base import MethodConfig, methods
+from budgetlm.results import Metric
+
+
+class FakeQuant(MethodConfig):
+    bits: int = 8
+
+
+@pytest.fixture(autouse=True)
+def registries(monkeypatch):
+    monkeypatch.setitem(methods._items, "fake-quant", FakeQuant)
+    monkeypatch.setitem(tasks._items, "t-acc", Task())
+    monkeypatch.setitem(tasks._items, "t-ppl", Task())
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: demo
+            models: [tiny-random]
+            pipelines:
+              q4: [{method: fake-quant, bits: 4}]
+              q2: [{method: fake-quant, bits: 2}]
+            tasks: [t-acc, t-ppl]
+            limit: 5
+            """
+        )
+    )
+    return path
+
+
+ACC = {0: (0.80, 0.04), 4: (0.60, 0.05), 2: (0.25, 0.06)}  # bits (0 = baseline) -> (acc, stderr)
+
+
+class FakeRunner:
+    """Writes a result.json as a cell would, from the cell's config; records what it ran."""
+
+    def __init__(self, fail=None, interrupt=None, finish_then_interrupt=None):
+        self.ran: list[str] = []
+        self.fail, self.interrupt, self.finish_then_interrupt = fail, interrupt, finish_then_interrupt
+
+    def __call__(self, folder, on_status):
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # a clean folder every time
+        cfg = json.loads((folder / "config.json").read_text())
+        pipeline = cfg["pipeline"]
+        self.ran.append(pipeline)
+        on_status("evaluating")
+        (folder / "partial.txt").write_text("half-written")
+        if pipeline == self.fail:
+            raise CellFailed("boom: out of cheese")
+        if pipeline == self.interrupt:
+            raise KeyboardInterrupt
+        bits = cfg["steps"][0]["bits"] if cfg["steps"] else 0
+        acc, se = ACC[bits]
+        phases = {
+            "t-acc": {"acc": Metric(acc, se, 5), "acc_norm": Metric(acc / 2, se, 5)},
+            "t-ppl": {"perplexity": Metric(10.0 + 10 * (bits == 2), 0.5, 5)},
+            "size": {"stored_bytes": Metric(4e6 * (bits or 32) / 32, unit="B"), "bpw": Metric(bits or 32)},
+            "speed": {"decode_ms_per_token": Metric(5.0), "prefill_tok_s@128": Metric(300.0)},
+        }
+        result = {"phases": {p: {k: m.to_dict() for k, m in ms.items()} for p, ms in phases.items()}, "env": {"x": 1}}
+        (folder / RESULT).write_text(json.dumps(result))
+        if pipeline == self.finish_then_interrupt:
+            raise KeyboardInterrupt
+
+
+def stored(out):
+    with st.Store.open(out) as s:
+        cells = {c["pipeline"]: c for c in s.cells()}
+        rows = st.by_cell(s.rows())
+    return cells, {p: rows.get(c["cell_id"], {}) for p, c in cells.items()}
+
+
+def test_study_runs_every_cell_once_and_stores_results(tmp_path, recipe):
+    runner = FakeRunner()
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=runner)
+    assert out == (tmp_path / "out").resolve()
+    assert runner.ran == ["baseline", "q4", "q2"]
+    cells, rows = stored(out)
+    assert {p: c["status"] for p, c in cells.items()} == {"baseline": "done", "q4": "done", "q2": "done"}
+    assert cells["q4"]["env"] == {"x": 1} and cells["q4"]["config"]["steps"][0]["bits"] == 4
+    assert st.value(rows["q2"], "t-acc", "acc") == 0.25
+    assert (out / "recipe.yaml").is_file() and "q4" in (out / "recipe.yaml").read_text()
+    # a second run finds everything done and runs nothing
+    again = FakeRunner()
+    run_study(recipe, out, progress=False, runner=again)
+    assert again.ran == []
+
+
+def test_recovery_pct_rows(tmp_path, recipe):
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=FakeRunner())
+    _, rows = stored(out)
+    for pipeline, bits in [("baseline", 0), ("q4", 4), ("q2", 2)]:
+        rec = rows[pipeline]["t-acc"]["acc_recovery_pct"]
+        assert rec["value"] == pytest.approx(100 * ACC[bits][0] / ACC[0][0])  # 100, 75, 31.25
+        assert rec["stderr"] == pytest.approx(100 * ACC[bits][1] / ACC[0][0])
+        assert rec["unit"] == "%" and rec["source"] == "measured"
+        assert rows[pipeline]["t-acc"]["acc_norm_recovery_pct"]["value"] == pytest.approx(100 * ACC[bits][0] / 0.8)
+        assert "perplexity_recovery_pct" not in rows[pipeline]["t-ppl"]  # not an accuracy
+        assert "stored_bytes_recovery_pct" not in rows[pipeline]["size"]
+
+
+def test_recovery_function_skips_zero_and_missing_baselines():
+    row = {"value": 0.5, "stderr": None, "n": 3}
+    base = {"t": {"acc": {"value": 0.0}, "exact_match": {"value": 0.25}}}
+    out = recovery({"t": {"acc": row, "exact_match": row, "f1": row}}, base, "b")
+    assert list(out["t"]) == ["exact_match_recovery_pct"]
+    assert out["t"]["exact_match_recovery_pct"]["value"] == 200.0
+    assert out["t"]["exact_match_recovery_pct"]["stderr"] is None
+
+
+def test_a_failed_cell_is_recorded_and_the_study_goes_on(tmp_path, recipe):
+    runner = FakeRunner(fail="q4")
+    with pytest.raises(BudgetLMError) as e:
+        run_study(recipe, tmp_path / "out", progress=False, runner=runner)
+    msg = str(e.value)
+    assert "\n" not in msg and "1 of 3 cells failed" in msg and "q4 (tiny-random): boom: out of cheese" in msg
+    assert runner.ran == ["baseline", "q4", "q2"]
+    cells, _ = stored(tmp_path / "out")
+    assert cells["q4"]["status"] == "failed" and "out of cheese" in cells["q4"]["error"]
+    assert cells["q2"]["status"] == "done"
+    # a rerun retries only the failed cell
+    retry = FakeRunner()
+    run_study(recipe, tmp_path / "out", progress=False, runner=retry)
+    assert retry.ran == ["q4"]
+
+
+def test_a_killed_study_resumes_with_the_unfinished_cells(tmp_path, recipe):
+    first = FakeRunner(interrupt="q4")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(recipe, tmp_path / "out", progress=False, runner=first)
+    assert first.ran == ["baseline", "q4"]
+    cells, rows = stored(tmp_path / "out")
+    assert cells["baseline"]["status"] == "done" and cells["q4"]["status"] == "interrupted"
+    assert rows["q4"] == {}
+    second = FakeRunner()  # asserts each folder it gets is clean: the half-written q4 folder was removed
+    run_study(recipe, tmp_path / "out", progress=False, runner=second)
+    assert second.ran == ["q4", "q2"]
+    cells, rows = stored(tmp_path / "out")
+    assert all(c["status"] == "done" for c in cells.values())
+    assert rows["q4"]["t-acc"]["acc_recovery_pct"]["value"] == pytest.approx(75.0)
+
+
+def test_a_cell_that_finished_while_the_driver_died_is_ingested_not_rerun(tmp_path, recipe):
+    first = FakeRunner(finish_then_interrupt="q4")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(recipe, tmp_path / "out", progress=False, runner=first)
+    second = FakeRunner()
+    run_study(recipe, tmp_path / "out", progress=False, runner=second)
+    assert second.ran == ["q2"]
+    cells, rows = stored(tmp_path / "out")
+    assert cells["q4"]["status"] == "done" and st.value(rows["q4"], "t-acc", "acc") == 0.6
+
+
+def test_changing_the_recipe_reruns_only_changed_cells(tmp_path, recipe):
+    run_study(recipe, tmp_path / "out", progress=False, runner=FakeRunner())
+    recipe.write_text(recipe.read_text().replace("bits: 2", "bits: 4").replace("q2:", "q4b:"))
+    runner = FakeRunner()
+    run_study(recipe, tmp_path / "out", progress=False, runner=runner)
+    assert runner.ran == ["q4b"]
+    table = summary_table(tmp_path / "out")  # only the cells of the current plan
+    assert table.row_count == 3
+
+
+def test_summary_table(tmp_path, recipe):
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=FakeRunner())
+    table = summary_table(out)
+    headers = [c.header for c in table.columns]
+    assert headers == ["pipeline", "status", "stored MB", "bpw", "t-acc acc", "t-ppl perplexity",
+                       "decode ms/tok", "prefill tok/s"]  # fmt: skip
+    cols = {c.header: list(c._cells) for c in table.columns}
+    assert cols["pipeline"] == ["baseline", "q4", "q2"]
+    assert cols["stored MB"] == ["4.0", "0.5", "0.2"]
+    assert cols["t-acc acc"] == ["0.800 ± 0.040 (100%)", "0.600 ± 0.050 (75%)", "0.250 ± 0.060 (31%)"]
+    assert cols["prefill tok/s"] == ["300"] * 3
+
+
+def test_subprocess_runner_reports_the_cell_error_in_one_line(tmp_path):
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model": "tiny-random"}')
+    with pytest.raises(CellFailed) as e:
+        subprocess_runner(folder, lambda s: None)
+    msg = str(e.value)
+    assert msg.startswith("the cell config") and msg.endswith(
+        "lacks pipeline, steps, tasks, limit, seed, data_dir, eval_batch_size, bench; the study driver writes it"
+    )
+    assert (folder / "log.txt").read_text().strip() == f"error: {msg}"
