@@ -204,3 +204,59 @@ def test_subprocess_runner_reports_the_cell_error_in_one_line(tmp_path):
         "lacks pipeline, steps, tasks, limit, seed, data_dir, eval_batch_size, bench; the study driver writes it"
     )
     assert (folder / "log.txt").read_text().strip() == f"error: {msg}"
+
+
+def test_real_cells_in_process_tiny_model(tmp_path, monkeypatch):
+    """The whole flow on tiny-random with a real method, a real task from a local file and a tiny benchmark;
+    the cells run in this process (the subprocess path is covered above), then the report is built."""
+    from budgetlm.data.tasks.hub import HUB_TASKS
+    from budgetlm.experiments.cell import run_cell
+    from budgetlm.report.build import build_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setitem(tasks._items, "arc_easy", HUB_TASKS["arc_easy"])
+    # the host's memory bandwidth takes seconds to measure and is not what this test is about
+    monkeypatch.setattr("budgetlm.hardware.bench.memory_bandwidth", lambda: Metric(10.0, unit="GB/s"))
+    data = tmp_path / "data" / "arc_easy"
+    data.mkdir(parents=True)
+    with open(data / "test.jsonl", "w") as f:
+        for i in range(10):
+            choices = {"text": [str(i + 1), str(i + 2), "blue", "seven"], "label": ["A", "B", "C", "D"]}
+            f.write(json.dumps({"id": f"q{i}", "question": f"{i} plus one?", "choices": choices, "answerKey": "A"}))
+            f.write("\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: tiny\nmodels: [tiny-random]\npipelines: {{int8: [{{method: rtn, bits: 8}}]}}\ntasks: [arc_easy]\n"
+        f"limit: 6\ndata_dir: {tmp_path / 'data'}\n"
+        "bench: {prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}\n"
+    )
+    statuses = []
+
+    def in_process(folder, on_status):
+        statuses.append(folder.name)
+        run_cell(folder)
+
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=in_process)
+    cells, rows = stored(out)
+    assert set(cells) == {"baseline", "int8"} and len(statuses) == 2
+    base, q = rows["baseline"], rows["int8"]
+    assert base["arc_easy"]["acc"]["n"] == 6 and "local" in base["arc_easy"]["acc"]["extra"]["data"]
+    assert q["arc_easy"]["acc_recovery_pct"]["value"] == pytest.approx(
+        100 * q["arc_easy"]["acc"]["value"] / base["arc_easy"]["acc"]["value"]
+    )
+    assert st.value(q, "size", "stored_bytes") < 0.5 * st.value(base, "size", "stored_bytes")
+    assert st.value(q, "step1-rtn", "seconds") > 0
+    for p in ("load", "evaluation", "benchmark"):
+        assert st.value(q, "memory", f"peak_rss_{p}") > 10e6
+    assert st.value(q, "speed", "decode_ms_per_token") > 0 and st.value(q, "speed", "prefill_tok_s@16") > 0
+    folder = next((out / "cells").glob("tiny-random_int8_*"))
+    assert (folder / "model" / "model.safetensors").is_file()  # a step changed the model: it is saved
+    assert not any((out / "cells").glob("tiny-random_baseline_*/model"))  # the baseline is not copied
+    assert len((folder / "items" / "arc_easy.jsonl").read_text().splitlines()) == 6
+    env = json.loads((folder / "env.json").read_text())
+    assert env["threads"] >= 1 and env["torch"] and env["python"]
+    steps = json.loads((folder / "steps.json").read_text())
+    assert steps["reports"][0]["method"] == "rtn" and steps["model_folder"].endswith("model")
+    report = build_report(out)["markdown"].read_text()
+    assert "| int8 | 6 |" in report
