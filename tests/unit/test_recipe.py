@@ -145,6 +145,10 @@ def test_unknown_method_and_task_suggest_close_names(tmp_path):
 def test_step_without_method_and_non_empty_baseline_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"pipelines.q\[0\]: a step needs a 'method' key"):
         load_recipe(write(tmp_path, "models: [tiny-random]\ntasks: [t-acc]\npipelines: {q: [{bits: 4}]}\n"))
+    with pytest.raises(ConfigError, match=r"pipelines.q\[1\]: a step is a mapping like .* or a method name, not 5"):
+        load_recipe(write(tmp_path, "models: [tiny-random]\ntasks: [t-acc]\npipelines: {q: [fake-quant, 5]}\n"))
+    r = load_recipe(write(tmp_path, "models: [tiny-random]\ntasks: [t-acc]\npipelines:\n  baseline:\n"))
+    assert r.pipelines == {"baseline": []}
     with pytest.raises(ConfigError, match="pipelines.baseline must be empty"):
         load_recipe(write(tmp_path, "models: [tiny-random]\ntasks: [t-acc]\npipelines: {baseline: [fake-quant]}\n"))
 

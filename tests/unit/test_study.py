@@ -12,7 +12,14 @@ from budgetlm.data.tasks.base import Task, tasks
 from budgetlm.errors import BudgetLMError
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import RESULT
-from budgetlm.experiments.study import CellFailed, recovery, run_study, subprocess_runner, summary_table
+from budgetlm.experiments.study import (
+    CellFailed,
+    recovery,
+    run_study,
+    study_lock,
+    subprocess_runner,
+    summary_table,
+)
 from budgetlm.methods.base import MethodConfig, methods
 from budgetlm.results import Metric
 
@@ -178,6 +185,18 @@ def test_changing_the_recipe_reruns_only_changed_cells(tmp_path, recipe):
     assert runner.ran == ["q4b"]
     table = summary_table(tmp_path / "out")  # only the cells of the current plan
     assert table.row_count == 3
+
+
+def test_a_second_driver_on_the_same_folder_is_refused(tmp_path, recipe):
+    out = tmp_path / "out"
+    out.mkdir()
+    runner = FakeRunner()
+    with study_lock(out):
+        with pytest.raises(BudgetLMError, match="another study driver is running in"):
+            run_study(recipe, out, progress=False, runner=runner)
+    assert runner.ran == [] and not (out / "recipe.yaml").exists()
+    run_study(recipe, out, progress=False, runner=runner)  # the lock is released with its holder
+    assert runner.ran == ["baseline", "q4", "q2"]
 
 
 def test_summary_table(tmp_path, recipe):

@@ -87,6 +87,8 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
         data = data.model_dump()
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of keys (models, pipelines, tasks, ...)")
+    if isinstance(data.get("pipelines"), dict):  # `baseline:` with nothing after it means no steps
+        data = {**data, "pipelines": {k: [] if v is None else v for k, v in data["pipelines"].items()}}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -197,6 +199,8 @@ def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> 
         where = f"{parent}: " if parent else ""
         return f"{where}unknown key '{key}'{suggest(key, allowed)} (allowed: {', '.join(allowed)}){more}"
     loc = _join(prefix, _format_loc(err["loc"]))
+    if any(part in _UNION_TAGS for part in err["loc"]):  # a pipeline step that is neither a mapping nor a name
+        return f"{loc}: a step is a mapping like {{method: rtn, bits: 8}} or a method name, not {err['input']!r}"
     return f"{loc or 'value'}: {err['msg']}{more}"
 
 
@@ -206,13 +210,16 @@ def _join(prefix: str, loc: str) -> str:
     return prefix + loc if loc.startswith("[") else f"{prefix}.{loc}"
 
 
+_UNION_TAGS = ("dict[str,any]", "str")  # the union branch names pydantic puts in a step's error location
+
+
 def _format_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("dict[str,any]", "str", "function-after[...]"):
-            continue  # union branch names pydantic adds to the location
+        elif part in _UNION_TAGS:
+            continue
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -52,11 +52,11 @@ def run_study(
     out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    _write_text(out / "recipe.yaml", dump_recipe(rec))
     cells = plan(rec)
     runner = runner or subprocess_runner
     failed: list[tuple[Cell, str]] = []
-    with st.Store(out) as store, _terminate_as_interrupt():
+    with study_lock(out), st.Store(out) as store, _terminate_as_interrupt():
+        _write_text(out / "recipe.yaml", dump_recipe(rec))
         store.set_meta("plan", [c.id for c in cells])
         store.set_meta("recipe", rec.model_dump(mode="json"))
         done = store.done_cells()
@@ -125,7 +125,15 @@ def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     last_error, tail = None, deque(maxlen=5)
     with open(folder / "log.txt", "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+            preexec_fn=_die_with_parent,  # only sets the parent-death signal: safe after fork
+        )
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -146,6 +154,17 @@ def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
         raise CellFailed(f"exit code {code}: {reason}" if not last_error else reason)
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to send SIGTERM when the driver dies, so a killed study leaves no orphan
+    cell writing into a folder the rerun will clean."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -153,6 +172,24 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def study_lock(out: Path):
+    """One driver per study folder: a second `budgetlm run` on the same folder stops at once."""
+    import fcntl
+
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BudgetLMError(
+                f"another study driver is running in {out}; wait for it or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
