@@ -73,7 +73,8 @@ def aggregate(records: list[dict], metrics: list[str], unit: str = "") -> dict[s
 
 class MultipleChoiceTask(Task):
     """Subclasses define doc_to_text, doc_to_choices, doc_to_target (index). Scored as lm-eval does:
-    acc = argmax of summed loglikelihood; acc_norm = argmax of loglikelihood / len(choice in bytes)."""
+    acc = argmax of summed loglikelihood; acc_norm = argmax of loglikelihood / len(choice) in characters (the
+    choice text, without the delimiter)."""
 
     kind = "multiple_choice"
 
@@ -101,8 +102,7 @@ class MultipleChoiceTask(Task):
         records = []
         for it, (start, k) in zip(items, spans):
             lls = [out[start + j][0] for j in range(k)]
-            conts = [reqs[start + j][1] for j in range(k)]
-            lens = [len(c.encode("utf-8")) for c in conts]
+            lens = [len(c) for c in self.doc_to_choices(it.doc)]  # lm-eval: characters of the choice
             norm = [ll / max(1, n) for ll, n in zip(lls, lens)]
             gold = self.doc_to_target(it.doc)
             pred = max(range(k), key=lambda j: lls[j])
