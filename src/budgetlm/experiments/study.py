@@ -289,6 +289,7 @@ class _Display:
 
     def __exit__(self, *exc):
         if self.progress is not None:
+            self.progress.update(self.task, description="cells")
             self.progress.__exit__(*exc)
 
     def start(self, cell: Cell) -> None:
