@@ -270,3 +270,21 @@ def test_memory_bandwidth_counts_read_and_write_bytes(monkeypatch):
     prof = host.cpu_profile()
     assert prof["torch_threads"] == torch.get_num_threads() and prof["mem_total_bytes"] > 0
     assert isinstance(prof["flags"], list) and prof["cpu_model"] != ""
+
+
+def test_rtn_int8_model_size_matches_its_saved_file_and_hand_count(tiny, tmp_path):
+    from budgetlm.api import apply
+
+    before = model_size(tiny)
+    shapes = [
+        mod.weight.shape for n, mod in tiny.model.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"
+    ]
+    apply(tiny, [{"method": "rtn"}])
+    size = model_size(tiny, tiny.save(tmp_path / "q"))
+    raw = (tmp_path / "q" / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    assert size["stored_bytes"].value == len(raw) - 8 - header_len
+    codes_and_scales = sum(o * i + 2 * o for o, i in shapes)  # int8 codes + one fp16 scale per output channel
+    assert size["linear_bytes"].value == codes_and_scales
+    assert size["linear_bpw"].value == pytest.approx(codes_and_scales * 8 / sum(o * i for o, i in shapes))
+    assert size["params"].value == before["params"].value
