@@ -2,9 +2,10 @@
 
 Storage is real: `qweight` holds the packed codes (8 codes in b bytes), `scales` fp16 [out, groups],
 `zeros` uint8 [out, groups] for asymmetric grids. The forward pass:
-- 8-bit symmetric per-channel weights on a few tokens (decode) use torch's int8 weight-only kernel
-  (`_weight_int8pack_mm`) with bf16 activations, which reads 1 byte per weight;
-- everything else dequantises the weight to fp32 for the matmul (exact w.r.t. the stored grid).
+- 8-bit symmetric per-channel weights use torch's int8 weight-only kernel (`_weight_int8pack_mm`), which
+  reads 1 byte per weight and never materialises an fp32 weight; it takes bf16 activations, which costs
+  SmolLM2 about 0.1% perplexity against exact dequantisation (13.153 vs 13.142; fp32 weights 13.109);
+- every other grid dequantises the weight to fp32 for the matmul (exact w.r.t. the stored grid).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import torch.nn.functional as F
 
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
 from budgetlm.models.handle import layer_kinds
-
-FAST_INT8_MAX_TOKENS = 8
-
 
 class QuantLinear(torch.nn.Module):
     layer_kind = "quant_linear"
@@ -69,8 +67,7 @@ class QuantLinear(torch.nn.Module):
         return dequantize(self.codes(), self.grid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1]
-        if self.int8_kernel and tokens <= FAST_INT8_MAX_TOKENS:
+        if self.int8_kernel:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             scales = self.scales[:, 0].to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.qweight, scales).to(x.dtype)
