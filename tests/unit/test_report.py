@@ -28,7 +28,7 @@ def cell_phases(acc, ppl, size_bytes, energy=True):
         "speed": {
             "prefill_tok_s@128": metric(700.0, 10.0, 3),
             "decode_ms_per_token": metric(35.0, 1.0, 3, energy="unavailable: no RAPL here"),
-            "decode_pct_roofline": metric(60.0, unit="%"),
+            "decode_pct_roofline": metric(60.0, unit="%", loadavg=[0.5, 0.4, 0.3]),
         },
         "memory": {"peak_rss_load": metric(6e8, unit="B"), "peak_rss_evaluation": metric(7e8, unit="B")},
         "step1-rtn": {"seconds": metric(2.5, unit="s")},
@@ -91,9 +91,10 @@ def test_report_markdown_tables(study):
     cost = next(ln for ln in lines if ln.startswith("| rtn-int8 | 160.0 |"))
     cells = [c.strip() for c in cost.strip("|").split("|")]
     assert cells[:8] == ["rtn-int8", "160.0", "-", "1.28", "-", "600", "700", "-"]
-    assert cells[8:] == ["700 ± 10", "35.0 ± 1.0", "60", "0.250"]
+    assert cells[8:] == ["700 ± 10", "35.0 ± 1.0", "60", "0.250", "0.50"]
     base_cost = next(ln for ln in lines if ln.startswith("| baseline | 516.0 |"))
-    assert base_cost.rstrip(" |").endswith("unavailable: no RAPL here")
+    assert base_cost.rstrip(" |").endswith("unavailable | 0.50")
+    assert "Energy unavailable: no RAPL here." in lines
     assert "| rtn-int8 | step1-rtn | 2.5 | - |" in lines
     assert any(ln.startswith("| baseline | 3.11.7 | 2.13.0 | - | - | Test CPU | - | 2 | abcdef1234 |") for ln in lines)
     assert "stale" not in text

@@ -141,8 +141,9 @@ def cost_table(cells: list[dict]) -> list[str]:
     head = ["pipeline", "stored MB", "params M", "bpw", "linear bpw", "peak RSS load MB", "peak RSS eval MB",
             "peak RSS bench MB"]  # fmt: skip
     head += [f"prefill tok/s @{p.split('@')[1]}" for p in prefill]
-    head += ["decode ms/tok", "% of roofline", "energy J/tok (decode)"]
+    head += ["decode ms/tok", "% of roofline", "energy J/tok (decode)", "load avg (bench)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reasons: set[str] = set()
     for c in cells:
         ph = c["phases"]
         line = [
@@ -156,12 +157,22 @@ def cost_table(cells: list[dict]) -> list[str]:
         line += [_pm(ph.get("speed", {}).get(p), digits=0) for p in prefill]
         line += [_pm(ph.get("speed", {}).get("decode_ms_per_token"), digits=1)]
         line += [_num(st.value(ph, "speed", "decode_pct_roofline"), 1, 0)]
-        line.append(_energy(ph))
+        energy, reason = _energy(ph)
+        line.append(energy)
+        if reason:
+            reasons.add(reason)
+        load = (ph.get("speed", {}).get("decode_pct_roofline") or {}).get("extra", {}).get("loadavg")
+        line.append(f"{load[0]:.2f}" if load else "-")
         lines.append("| " + " | ".join(line) + " |")
     bw = next((st.value(c["phases"], "host", "mem_bandwidth_gb_s") for c in cells if "host" in c["phases"]), None)
-    notes = ["", "Sizes count the bytes of the stored state; peak RSS is sampled per phase of the cell's process."]
+    notes = [
+        "",
+        "Sizes count the bytes of the stored state; peak RSS is sampled per phase of the cell's process. Speed is "
+        "batch 1; a load average above the core count while benchmarking means the figures are contended.",
+    ]
     if bw:
         notes.append(f"Roofline: bytes read per decoded token / measured memory bandwidth ({bw:.1f} GB/s).")
+    notes += [f"Energy {r}." for r in sorted(reasons)]
     return lines + notes
 
 
@@ -199,15 +210,15 @@ def env_table(cells: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- formatting
 
 
-def _energy(phases: dict) -> str:
+def _energy(phases: dict) -> tuple[str, str | None]:
+    """(table entry, the reason it is unavailable or None)."""
     j = st.value(phases, "energy", "decode_j_per_token")
     if j is not None:
-        return f"{j:.3f}"
+        return f"{j:.3f}", None
     decode = phases.get("speed", {}).get("decode_ms_per_token")
     note = (decode or {}).get("extra", {}).get("energy")
-    if isinstance(note, str) and note.startswith("unavailable"):
-        return note.replace("|", "/")
-    return "unavailable"
+    reason = note if isinstance(note, str) and note.startswith("unavailable") else "unavailable: not measured"
+    return "unavailable", reason
 
 
 def _step_text(step: dict) -> str:
