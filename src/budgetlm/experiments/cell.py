@@ -23,6 +23,7 @@ from pathlib import Path
 
 from budgetlm.errors import BudgetLMError
 from budgetlm.results import Metric
+from budgetlm.utils import atomic_write_json
 
 RESULT = "result.json"
 CONFIG = "config.json"
@@ -46,7 +47,7 @@ def run_cell(cell_dir: Path) -> dict:
     memory: dict[str, Metric] = {}
     seconds: dict[str, Metric] = {}
     env = environment()
-    _write_json(cell_dir / "env.json", env)
+    atomic_write_json(cell_dir / "env.json", env)
 
     status(f"loading {cfg['model']}")
     t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def run_cell(cell_dir: Path) -> dict:
     if changed:
         status("saving the model")
         model_folder = str(handle.save(cell_dir / "model"))
-    _write_json(
+    atomic_write_json(
         cell_dir / "steps.json",
         {"steps": cfg["steps"], "reports": step_dicts, "model_folder": model_folder, "source": handle.source},
     )
@@ -119,7 +120,7 @@ def run_cell(cell_dir: Path) -> dict:
         "model_folder": model_folder,
         "source": handle.source,
     }
-    _write_json(cell_dir / RESULT, result)  # last: its presence means the cell finished
+    atomic_write_json(cell_dir / RESULT, result)  # last: its presence means the cell finished
     status("done")
     return result
 
@@ -155,12 +156,6 @@ def _step_phases(steps: list[dict], reports: list[dict]) -> dict[str, dict[str, 
 
 def _as_dict(m) -> dict:
     return m.to_dict() if hasattr(m, "to_dict") else dict(m)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- environment

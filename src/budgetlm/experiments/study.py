@@ -32,6 +32,7 @@ from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+from budgetlm.utils import atomic_write_text
 
 Runner = Callable[[Path, Callable[[str], None]], None]  # (cell folder, status callback); raises CellFailed
 
@@ -56,7 +57,7 @@ def run_study(
     runner = runner or subprocess_runner
     failed: list[tuple[Cell, str]] = []
     with study_lock(out), st.Store(out) as store, _terminate_as_interrupt():
-        _write_text(out / "recipe.yaml", dump_recipe(rec))
+        atomic_write_text(out / "recipe.yaml", dump_recipe(rec))
         store.set_meta("plan", [c.id for c in cells])
         store.set_meta("recipe", rec.model_dump(mode="json"))
         done = store.done_cells()
@@ -87,7 +88,7 @@ def _run_one(cell: Cell, out: Path, store: st.Store, runner: Runner, on_status) 
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         config = {**cell.config, "cell_id": cell.id, "study_dir": str(out)}
-        _write_text(folder / CONFIG, json.dumps(config, indent=2))
+        atomic_write_text(folder / CONFIG, json.dumps(config, indent=2))
         try:
             runner(folder, on_status)
         except CellFailed as exc:
@@ -207,12 +208,6 @@ def _terminate_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- recovery %

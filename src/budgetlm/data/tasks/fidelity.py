@@ -9,13 +9,13 @@ with the bundled MiniLM encoder, see budgetlm.evaluation.scorers), and counts id
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from budgetlm.data.tasks.base import Item, Task, TaskContext, TaskData, TaskResult, aggregate
 from budgetlm.errors import DataError
 from budgetlm.evaluation.scorers import BERTSCORE_BACKBONE, bertscore, rouge_l
+from budgetlm.utils import atomic_write_text
 
 REFERENCE_FORMAT = "budgetlm.fidelity/1"
 
@@ -90,16 +90,7 @@ class Fidelity(Task):
         gens = self._generate(lm, items)
         generations = {it.id: g for it, g in zip(items, gens)}
         data = {"format": REFERENCE_FORMAT, "max_gen_toks": self.max_gen_toks, "generations": generations}
-        out = _ref_file(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, ensure_ascii=False)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(_ref_file(path), json.dumps(data, indent=1, ensure_ascii=False))
 
     def _read_reference(self, path, items: list[Item]) -> list[str]:
         file = _ref_file(path)

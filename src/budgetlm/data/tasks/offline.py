@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import tempfile
@@ -31,6 +30,7 @@ from budgetlm.data import corpus
 from budgetlm.data.tasks.base import GenerateTask, Item, MultipleChoiceTask, Task, TaskContext, TaskData, TaskResult
 from budgetlm.errors import DataError
 from budgetlm.results import Metric
+from budgetlm.utils import atomic_file
 
 TOPK = 32
 KLD_ESTIMATOR = f"top-{TOPK} + tail mass (lower bound)"
@@ -142,16 +142,8 @@ class TextPerplexity(Task):
             "offsets": torch.tensor(offsets, dtype=torch.int64),
         }
         meta = {"format": REFERENCE_FORMAT, "k": str(TOPK), "item_ids": json.dumps([it.id for it in items])}
-        out = _ref_file(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(_ref_file(path)) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     def _read_reference(self, path, items: list[Item], seqs: list[list[int]]) -> list[tuple]:
         from safetensors import safe_open

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
 from budgetlm.models.handle import layer_kinds
 
+
 class QuantLinear(torch.nn.Module):
     layer_kind = "quant_linear"
 
