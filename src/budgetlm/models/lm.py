@@ -147,11 +147,20 @@ class HFLM:
                 hidden = self._decoder()(
                     input_ids=fids, attention_mask=full_mask, position_ids=fpos, past_key_values=sub, use_cache=True
                 ).last_hidden_state
-            for r, (g, cont) in enumerate(part):
+            # one vocabulary projection for every scored position of the batch
+            spans, rows_h = [], []
+            for r, (_, cont) in enumerate(part):
+                spans.append(len(cont) - 1)
+                if hidden is not None and len(cont) > 1:
+                    rows_h.append(hidden[r, : len(cont) - 1])
+            rest = F.log_softmax(self._logits(torch.cat(rows_h)), dim=-1) if rows_h else None
+            offset = 0
+            for (g, cont), n in zip(part, spans):
                 target = torch.tensor(cont)
                 logp = first_logp[g : g + 1]
-                if len(cont) > 1:
-                    logp = torch.cat([logp, F.log_softmax(self._logits(hidden[r, : len(cont) - 1]), dim=-1)])
+                if n:
+                    logp = torch.cat([logp, rest[offset : offset + n]])
+                    offset += n
                 picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
                 greedy = bool((logp.argmax(-1) == target).all())
                 scores[(contexts[g], cont)] = (float(picked.sum()), greedy)
