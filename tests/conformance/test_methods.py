@@ -13,7 +13,7 @@ import yaml
 from budgetlm.errors import ConfigError
 from budgetlm.hardware.size import model_size
 from budgetlm.methods.base import apply_steps, methods, parse_config
-from budgetlm.models.lm import GenArgs, HFLM
+from budgetlm.models.lm import HFLM, GenArgs
 from budgetlm.models.sources import load
 
 ALL = methods.names()
