@@ -55,6 +55,10 @@ def test_compress_writes_a_loadable_smaller_folder(tmp_path):
     assert manifest["modules"] and all(m["bits"] == 8 for m in manifest["modules"].values())
     prov = json.loads((tmp_path / "q" / "provenance.json").read_text())
     assert prov[0]["method"] == "rtn" and prov[0]["config"]["bits"] == 8
+    # a fresh process loads the packed folder and evaluates it against the base model's reference
+    ev = cli("eval", str(tmp_path / "q"), "--tasks", "text-ppl", "--limit", "2", "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert 0 < json.loads(ev.stdout)["text-ppl"]["kld"] < 1
 
 
 def test_lists():

@@ -26,6 +26,8 @@ WEIGHTS = "model.safetensors"
 
 # kind -> callable(linear: nn.Linear-shaped placeholder, meta: dict) -> nn.Module with the same state keys
 layer_kinds: Registry[Any] = Registry("layer kind")
+# lazy entries: a saved folder names the kind, the registry imports its builder on first use
+layer_kinds.add("quant_linear", "budgetlm.methods.quant.layers:rebuild")
 
 
 @dataclass

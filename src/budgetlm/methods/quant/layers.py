@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
-from budgetlm.models.handle import layer_kinds
 
 
 class QuantLinear(torch.nn.Module):
@@ -95,10 +94,8 @@ class QuantLinear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
 
 
-def _rebuild(_old: torch.nn.Module, meta: dict) -> QuantLinear:
+def rebuild(_old: torch.nn.Module, meta: dict) -> QuantLinear:
+    """An empty QuantLinear of the saved shape and grid (its tensors are loaded next)."""
     return QuantLinear(
         meta["in_features"], meta["out_features"], meta["bits"], meta["group_size"], meta["symmetric"], meta["bias"]
     )
-
-
-layer_kinds.add(QuantLinear.layer_kind, _rebuild)
