@@ -61,6 +61,12 @@ class Task:
         raise NotImplementedError
 
 
+def reference_file(path, suffix: str) -> Path:
+    """The file a task keeps its base-model reference in: the harness's path plus the task's suffix."""
+    path = Path(path)
+    return path.parent / f"{path.name}{suffix}"
+
+
 def aggregate(records: list[dict], metrics: list[str], unit: str = "") -> dict[str, Metric]:
     """Mean and standard error of each per-item metric."""
     out = {}

@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from budgetlm.data.tasks.base import Item, Task, TaskContext, TaskData, TaskResult, aggregate
+from budgetlm.data.tasks.base import Item, Task, TaskContext, TaskData, TaskResult, aggregate, reference_file
 from budgetlm.errors import DataError
 from budgetlm.evaluation.scorers import BERTSCORE_BACKBONE, bertscore, rouge_l
 from budgetlm.utils import atomic_write_text
@@ -64,8 +64,7 @@ PROMPTS = [
 
 
 def _ref_file(path) -> Path:
-    path = Path(path)
-    return path.parent / f"{path.name}.json"
+    return reference_file(path, ".json")
 
 
 class Fidelity(Task):

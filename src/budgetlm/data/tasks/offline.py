@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 from budgetlm.data import corpus
-from budgetlm.data.tasks.base import GenerateTask, Item, MultipleChoiceTask, Task, TaskContext, TaskData, TaskResult
+from budgetlm.data.tasks.base import (
+    GenerateTask,
+    Item,
+    MultipleChoiceTask,
+    Task,
+    TaskContext,
+    TaskData,
+    TaskResult,
+    reference_file,
+)
 from budgetlm.errors import DataError
 from budgetlm.results import Metric
 from budgetlm.utils import atomic_file
@@ -86,8 +95,7 @@ def ratio_stderr(num: list[float], den: list[float]) -> tuple[float, float]:
 
 
 def _ref_file(path) -> Path:
-    path = Path(path)
-    return path.parent / f"{path.name}.safetensors"
+    return reference_file(path, ".safetensors")
 
 
 class TextPerplexity(Task):
