@@ -23,6 +23,10 @@ methods: Registry[type[MethodConfig]] = Registry("method")
 
 def _register_builtin() -> None:
     methods.add("rtn", "budgetlm.methods.quant.rtn:RTN")
+    methods.add("nf4", "budgetlm.methods.quant.nf4:NF4")
+    methods.add("gptq", "budgetlm.methods.quant.gptq:GPTQ")
+    methods.add("awq", "budgetlm.methods.quant.awq:AWQ")
+    methods.add("lobi", "budgetlm.methods.quant.lobi:LoBi")
 
 
 class MethodConfig(BaseModel):
@@ -103,15 +107,26 @@ def parse_config(name: str, values: dict) -> MethodConfig:
 
 
 def select_linears(model: torch.nn.Module, cfg: MethodConfig) -> list[tuple[str, torch.nn.Linear]]:
-    """The nn.Linear modules a config targets, in model order."""
-    out = []
+    """The nn.Linear modules a config targets, in model order; none is a one-line ConfigError naming the
+    patterns and the Linear modules that exist."""
+    out, linears = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
+        linears.append(name)
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.ignore):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.targets):
             out.append((name, mod))
+    if not out:
+        method = cfg.method_name or type(cfg).__name__
+        if not linears:
+            raise ConfigError(f"method '{method}': the model has no nn.Linear layers left to change")
+        shown = ", ".join(linears[:4]) + (f", ... ({len(linears)} in all)" if len(linears) > 4 else "")
+        raise ConfigError(
+            f"method '{method}': targets {cfg.targets} (ignore {cfg.ignore}) match no nn.Linear module; "
+            f"the model has {shown}"
+        )
     return out
 
 

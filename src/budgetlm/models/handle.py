@@ -28,6 +28,7 @@ WEIGHTS = "model.safetensors"
 layer_kinds: Registry[Any] = Registry("layer kind")
 # lazy entries: a saved folder names the kind, the registry imports its builder on first use
 layer_kinds.add("quant_linear", "budgetlm.methods.quant.layers:rebuild")
+layer_kinds.add("nf4_linear", "budgetlm.methods.quant.nf4:rebuild")
 
 
 @dataclass

@@ -6,6 +6,12 @@ Storage is real: `qweight` holds the packed codes (8 codes in b bytes), `scales`
   reads 1 byte per weight and never materialises an fp32 weight; it takes bf16 activations, which costs
   SmolLM2 about 0.1% perplexity against exact dequantisation (13.153 vs 13.142; fp32 weights 13.109);
 - every other grid dequantises the weight to fp32 for the matmul (exact w.r.t. the stored grid).
+
+Two optional parts (both saved and counted in `storage_bytes`):
+- `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
+  codes and groups are stored for W[:, perm]; `dequantized_weight()` returns the weight in the original order.
+- a low-rank correction of rank r (Lo-Bi): `lr_u` fp16 [out, r] and `lr_v` fp16 [r, in]; the layer computes
+  y = Q(W) x + lr_u (lr_v x), i.e. the effective weight is Q(W) + lr_u lr_v.
 """
 
 from __future__ import annotations
@@ -19,10 +25,21 @@ from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_nume
 class QuantLinear(torch.nn.Module):
     layer_kind = "quant_linear"
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool, bias: bool):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        permuted: bool = False,
+        rank: int = 0,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32) if permuted else None)
         n_groups = in_features // group_size
         n_codes = in_features * out_features
         if self.int8_kernel:
@@ -33,15 +50,35 @@ class QuantLinear(torch.nn.Module):
         zeros = None if symmetric else torch.zeros(out_features, n_groups, dtype=torch.uint8)
         self.register_buffer("zeros", zeros)
         self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.rank = rank
+        self.register_buffer("lr_u", torch.zeros(out_features, rank, dtype=torch.float16) if rank else None)
+        self.register_buffer("lr_v", torch.zeros(rank, in_features, dtype=torch.float16) if rank else None)
 
     @property
     def int8_kernel(self) -> bool:
-        return self.bits == 8 and self.symmetric and self.group_size == self.in_features
+        return self.bits == 8 and self.symmetric and self.group_size == self.in_features and self.perm is None
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, grid: Grid, bias: torch.Tensor | None) -> QuantLinear:
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        grid: Grid,
+        bias: torch.Tensor | None,
+        perm: torch.Tensor | None = None,
+        correction: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> QuantLinear:
+        """A layer holding `codes` on `grid` (for W[:, perm] when `perm` is given), plus an optional low-rank
+        correction (U [out, r], V [r, in])."""
         out_f, in_f = codes.shape
-        layer = cls(in_f, out_f, grid.bits, grid.group_size, grid.zeros is None, bias is not None)
+        rank = correction[0].shape[1] if correction is not None else 0
+        layer = cls(
+            in_f, out_f, grid.bits, grid.group_size, grid.zeros is None, bias is not None, perm is not None, rank
+        )
+        if perm is not None:
+            layer.perm.copy_(perm.to(torch.int32))
+        if correction is not None:
+            layer.lr_u.copy_(correction[0].to(torch.float16))
+            layer.lr_v.copy_(correction[1].to(torch.float16))
         if layer.int8_kernel:
             layer.qweight.copy_((codes.to(torch.int16) - 128).to(torch.int8))
         else:
@@ -64,7 +101,18 @@ class QuantLinear(torch.nn.Module):
         return unpack(self.qweight, self.bits, n).reshape(self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.codes(), self.grid())
+        """The quantised weight Q(W) [out, in] in the original column order (without the correction)."""
+        w = dequantize(self.codes(), self.grid())
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm.long())]
+        return w
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: Q(W) plus the low-rank correction if any."""
+        w = self.dequantized_weight()
+        if self.rank:
+            w = w + self.lr_u.float() @ self.lr_v.float()
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_kernel:
@@ -72,13 +120,17 @@ class QuantLinear(torch.nn.Module):
             scales = self.scales[:, 0].to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.qweight, scales).to(x.dtype)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.lr_v.to(x.dtype)), self.lr_u.to(x.dtype))
+        return y
 
     def storage_bytes(self) -> int:
-        """Bytes of the stored weight: packed codes + scales + zeros (bias excluded)."""
-        n = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 2
-        return n + (self.zeros.numel() if self.zeros is not None else 0)
+        """Bytes of the stored weight: packed codes + scales + zeros + permutation + correction (bias excluded)."""
+        tensors = [self.qweight, self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def layer_meta(self) -> dict:
         return {
@@ -88,14 +140,24 @@ class QuantLinear(torch.nn.Module):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "bias": self.bias is not None,
+            "permuted": self.perm is not None,
+            "rank": self.rank,
         }
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+        extra = (", act-order" if self.perm is not None else "") + (f", rank={self.rank}" if self.rank else "")
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{extra}"
 
 
 def rebuild(_old: torch.nn.Module, meta: dict) -> QuantLinear:
     """An empty QuantLinear of the saved shape and grid (its tensors are loaded next)."""
     return QuantLinear(
-        meta["in_features"], meta["out_features"], meta["bits"], meta["group_size"], meta["symmetric"], meta["bias"]
+        meta["in_features"],
+        meta["out_features"],
+        meta["bits"],
+        meta["group_size"],
+        meta["symmetric"],
+        meta["bias"],
+        meta.get("permuted", False),
+        meta.get("rank", 0),
     )

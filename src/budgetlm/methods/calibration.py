@@ -1,0 +1,236 @@
+"""Layer-by-layer calibration, shared by every method that needs activations (GPTQ, AWQ, Lo-Bi, Wanda,
+SparseGPT, ShortGPT).
+
+The model never needs two copies in memory and never runs whole on all calibration text at once:
+1. the calibration token ids are embedded and the hidden states entering decoder layer 0 are captured
+   (a pre-hook stops the forward there); the keyword arguments each decoder layer receives (attention mask,
+   rotary position embeddings, which differ per layer for models with local and global attention) are
+   captured once from one full forward of a batch;
+2. for each decoder layer in order, the method observes the inputs of the modules it changes (`collect`), changes
+   the layer, and the *changed* layer's outputs become the next layer's inputs (`advance`), so each layer is
+   calibrated on the activations the compressed model really produces.
+
+    cal = LayerwiseCalibration(handle.model, ctx.calibration(handle.tokenizer))
+    for i, layer in cal.layers():
+        stats = cal.collect(layer, {"q": layer.self_attn.q_proj, ...}, HessianStat)
+        ...change the layer...
+        cal.advance(layer)          # feed the changed layer's outputs forward (skip for the last layer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from budgetlm.errors import ConfigError, ModelError
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's ModuleList of transformer blocks (Llama, Gemma, Qwen, Mistral, ... layouts)."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers"):
+        mod = model
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            return mod
+    raise ModelError(
+        f"cannot find the decoder layers of {type(model).__name__}; layer-by-layer calibration supports "
+        "decoder-only models with a model.layers list (Llama, Gemma, Qwen, Mistral)"
+    )
+
+
+def layer_prefix(model: nn.Module, index: int) -> str:
+    """The module-name prefix of decoder layer `index`, e.g. 'model.layers.3'."""
+    target = decoder_layers(model)[index]
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise ModelError(f"decoder layer {index} is not a submodule of the model")
+
+
+def require_calibration(tokens: torch.Tensor | None, method: str) -> torch.Tensor:
+    if tokens is None or tokens.numel() == 0 or tokens.shape[0] == 0:
+        raise ConfigError(
+            f"method '{method}' needs calibration text but got none; set n_calibration >= 1 "
+            "(e.g. calibration: 64 in the recipe) or choose a data-free method such as rtn"
+        )
+    return tokens
+
+
+class LayerwiseCalibration:
+    """Inputs of each decoder layer on calibration text, advanced layer by layer through the changed model."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, method: str = "calibration"):
+        tokens = require_calibration(tokens, method)
+        self.model = model
+        self.blocks = decoder_layers(model)
+        self.batches = list(torch.split(tokens, batch_size))
+        self.n_tokens = tokens.numel()
+        self.dtype = next(model.parameters()).dtype
+        self.inputs: list[torch.Tensor] = []
+        self._kwargs: dict[tuple[int, int], dict] = {}  # (layer, batch size) -> kwargs
+        self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        recorded: dict[int, dict] = {}
+
+        def record(i):
+            def hook(_mod, args, kwargs):
+                kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+                kw["use_cache"] = False
+                recorded[i] = kw
+                if i == 0:
+                    self._current = args[0] if args else kwargs["hidden_states"]
+                if stop_at is not None and i >= stop_at:
+                    raise _Stop
+
+            return hook
+
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        seen_sizes: set[int] = set()
+        try:
+            for batch in self.batches:
+                bs = batch.shape[0]
+                stop_at = None if bs not in seen_sizes else 0
+                recorded.clear()
+                try:
+                    self.model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                self.inputs.append(self._current)
+                if bs not in seen_sizes:
+                    seen_sizes.add(bs)
+                    for i, kw in recorded.items():
+                        self._kwargs[(i, bs)] = kw
+        finally:
+            for h in handles:
+                h.remove()
+            self._current = None
+
+    def kwargs(self, index: int, batch_size: int) -> dict:
+        return self._kwargs[(index, batch_size)]
+
+    def layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """(index, layer) in order; the caller changes the layer and calls `advance` before the next one."""
+        self._index = 0
+        for i, layer in enumerate(self.blocks):
+            self._index = i
+            yield i, layer
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, index: int | None = None) -> list[torch.Tensor]:
+        """The outputs of `layer` (decoder layer `index`, default: the current one) on the current inputs."""
+        index = self._index if index is None else index
+        outs = []
+        for x in self.inputs:
+            y = layer(x, **self.kwargs(index, x.shape[0]))
+            outs.append(y[0] if isinstance(y, tuple) else y)
+        return outs
+
+    @torch.no_grad()
+    def collect(self, layer: nn.Module, modules: dict[str, nn.Module], stat: Callable[[], InputStat]) -> dict:
+        """Run the current inputs through `layer`, feeding every named module's input to a fresh `stat()`."""
+        stats = {name: stat() for name in modules}
+        handles = [
+            mod.register_forward_pre_hook(lambda _m, args, _n=name: stats[_n].add(args[0]))
+            for name, mod in modules.items()
+        ]
+        try:
+            self.run(layer)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def capture_inputs(self, layer: nn.Module, module: nn.Module) -> tuple[list[torch.Tensor], list[dict]]:
+        """The positional input and keyword arguments `module` (inside `layer`) receives, per batch."""
+        xs, kws = [], []
+
+        def hook(_m, args, kwargs):
+            xs.append(args[0] if args else next(iter(kwargs.values())))
+            kws.append(dict(kwargs))
+
+        h = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.run(layer)
+        finally:
+            h.remove()
+        return xs, kws
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module) -> None:
+        """Replace the inputs by the (changed) current layer's outputs: the next layer's inputs."""
+        self.inputs = self.run(layer)
+
+
+class InputStat:
+    """Accumulates a statistic of a module's inputs over calibration batches."""
+
+    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class HessianStat(InputStat):
+    """H = (2/n) Σ x xᵀ over the n calibration tokens (GPTQ, SparseGPT), accumulated in float64-stable form."""
+
+    def __init__(self) -> None:
+        self.H: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.H is None:
+            self.H = torch.zeros(x.shape[1], x.shape[1])
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2 / self.n) ** 0.5
+        self.H += x.T @ x
+
+
+class NormStat(InputStat):
+    """Per input feature: Σ x² (so ‖X_j‖₂ = sqrt) and Σ |x| over tokens (Wanda, AWQ), and the token count."""
+
+    def __init__(self) -> None:
+        self.sq: torch.Tensor | None = None
+        self.abs: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.sq is None:
+            self.sq = torch.zeros(x.shape[1])
+            self.abs = torch.zeros(x.shape[1])
+        self.sq += x.pow(2).sum(0)
+        self.abs += x.abs().sum(0)
+        self.n += x.shape[0]
+
+    @property
+    def l2(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs / max(self.n, 1)
+
+
+def linears_in(layer: nn.Module, prefix: str, select: Callable[[str], bool] | None = None) -> dict[str, nn.Linear]:
+    """nn.Linear modules inside a decoder layer by full model name (prefix + '.' + local name)."""
+    out = {}
+    for local, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            full = f"{prefix}.{local}"
+            if select is None or select(full):
+                out[full] = mod
+    return out
