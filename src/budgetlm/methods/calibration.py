@@ -78,6 +78,7 @@ class LayerwiseCalibration:
         self.dtype = next(model.parameters()).dtype
         self.inputs: list[torch.Tensor] = []
         self._kwargs: dict[tuple[int, int], dict] = {}  # (layer, batch size) -> kwargs
+        self._index = 0  # the decoder layer the current inputs enter
         self._capture()
 
     @torch.no_grad()
@@ -122,7 +123,6 @@ class LayerwiseCalibration:
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         """(index, layer) in order; the caller changes the layer and calls `advance` before the next one."""
-        self._index = 0
         for i, layer in enumerate(self.blocks):
             self._index = i
             yield i, layer

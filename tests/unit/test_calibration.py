@@ -1,0 +1,106 @@
+"""Layer-by-layer calibration against whole-model forwards, input statistics against direct formulas, and the
+QuantLinear parts calibrating methods use (act-order permutation, low-rank correction)."""
+
+import pytest
+import torch
+
+from budgetlm.errors import ConfigError
+from budgetlm.methods.base import MethodConfig, select_linears
+from budgetlm.methods.calibration import (
+    HessianStat,
+    LayerwiseCalibration,
+    NormStat,
+    decoder_layers,
+    layer_prefix,
+    linears_in,
+)
+from budgetlm.methods.quant.layers import QuantLinear
+from budgetlm.methods.quant.quantizer import find_grid, quantize
+from budgetlm.models.handle import ModelHandle
+from budgetlm.models.sources import load
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load("tiny-random")
+
+
+def test_layerwise_outputs_equal_the_whole_model_forward(tiny):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 250, (7, 24))  # 7 rows in batches of 3: a last batch of a different size
+    cal = LayerwiseCalibration(tiny.model, tokens, batch_size=3)
+    for _i, layer in cal.layers():
+        cal.advance(layer)
+    with torch.no_grad():
+        ref = tiny.model(input_ids=tokens, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        mine = tiny.model.model.norm(torch.cat(cal.inputs))
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)
+
+
+def test_changed_layer_feeds_its_outputs_forward(tiny):
+    h = load("tiny-random")
+    tokens = torch.randint(0, 250, (4, 16))
+    cal = LayerwiseCalibration(h.model, tokens, batch_size=4)
+    for i, layer in cal.layers():
+        if i == 0:
+            layer.mlp.down_proj.weight.data.zero_()  # the MLP of layer 0 now adds nothing
+        cal.advance(layer)
+    with torch.no_grad():
+        ref = h.model(input_ids=tokens, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    torch.testing.assert_close(h.model.model.norm(torch.cat(cal.inputs)), ref, rtol=0, atol=1e-5)
+
+
+def test_hessian_and_norm_stats_match_direct_formulas(tiny):
+    tokens = torch.randint(0, 250, (5, 12))
+    cal = LayerwiseCalibration(tiny.model, tokens, batch_size=2)
+    layer = decoder_layers(tiny.model)[0]
+    mods = linears_in(layer, layer_prefix(tiny.model, 0))
+    name = "model.layers.0.mlp.down_proj"
+    hs = cal.collect(layer, {name: mods[name]}, HessianStat)[name]
+    ns = cal.collect(layer, {name: mods[name]}, NormStat)[name]
+    xs, _ = cal.capture_inputs(layer, mods[name])
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    assert hs.n == ns.n == 60 == x.shape[0]
+    torch.testing.assert_close(hs.H.double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ns.l2.double(), x.pow(2).sum(0).sqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ns.mean_abs.double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_no_calibration_is_a_one_line_error(tiny):
+    with pytest.raises(ConfigError) as e:
+        LayerwiseCalibration(tiny.model, torch.zeros(0, 16, dtype=torch.long), method="gptq")
+    assert "gptq" in str(e.value) and "calibration" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_targets_matching_nothing_name_the_patterns_and_what_exists(tiny):
+    with pytest.raises(ConfigError) as e:
+        select_linears(tiny.model, MethodConfig(targets=["*.qproj"]))
+    msg = str(e.value)
+    assert "*.qproj" in msg and "model.layers.0.self_attn.q_proj" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        select_linears(torch.nn.Sequential(torch.nn.ReLU()), MethodConfig())
+
+
+def test_quant_linear_permutation_and_correction_round_trip(tmp_path):
+    torch.manual_seed(1)
+    w = torch.randn(24, 64)
+    perm = torch.randperm(64)
+    wp = w[:, perm]
+    grid = find_grid(wp, 4, 32, False)
+    codes = quantize(wp, grid)
+    u, v = torch.randn(24, 3) * 0.01, torch.randn(3, 64) * 0.01
+    layer = QuantLinear.from_codes(codes, grid, torch.randn(24), perm=perm, correction=(u, v))
+    # reference, computed here: dequantise W[:, perm] by hand, undo the permutation, add U V
+    s = grid.scales.half().float().repeat_interleave(32, 1)  # scales are stored fp16
+    z = grid.zeros.repeat_interleave(32, 1)
+    deq = torch.empty_like(w)
+    deq[:, perm] = (codes.float() - z) * s
+    eff = deq + u.half().float() @ v.half().float()
+    torch.testing.assert_close(layer.dequantized_weight(), deq)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ eff.T + layer.bias, rtol=1e-5, atol=1e-5)
+    # bytes: codes + scales + zeros + int32 perm + fp16 correction
+    assert layer.storage_bytes() == 24 * 64 // 2 + 24 * 2 * 2 + 24 * 2 + 64 * 4 + (24 * 3 + 3 * 64) * 2
+    model = torch.nn.Sequential(layer)
+    handle = ModelHandle(model, None, "test")
+    assert handle.replaced_modules()["0"]["permuted"] and handle.replaced_modules()["0"]["rank"] == 3
