@@ -61,7 +61,14 @@ def quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
-    cols = codes.shape[1]
+    rows, cols = codes.shape
+    if cols % grid.group_size == 0:  # broadcast per group instead of materialising expanded scales
+        q = codes.reshape(rows, cols // grid.group_size, grid.group_size).float()
+        if grid.zeros is None:
+            q = q - 2 ** (grid.bits - 1)
+        else:
+            q = q - grid.zeros.unsqueeze(-1)
+        return (q * grid.scales.unsqueeze(-1)).reshape(rows, cols)
     scale = grid.expand(grid.scales, cols)
     if grid.zeros is None:
         return (codes.float() - 2 ** (grid.bits - 1)) * scale
@@ -95,9 +102,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
-    by = packed.to(torch.int64).reshape(-1, bits)
-    word = torch.zeros(by.shape[0], dtype=torch.int64)
-    for j in range(bits):
+    if bits in (2, 4):  # whole codes per byte: shift and mask bytes directly (the decode path's fast case)
+        per = 8 // bits
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
+        return codes.reshape(-1)[:numel]
+    by = packed.to(torch.int32).reshape(-1, bits)  # 8 codes of 3 bits = 24 bits: int32 words suffice
+    word = by[:, 0].clone()
+    for j in range(1, bits):
         word |= by[:, j] << (8 * j)
     mask = (1 << bits) - 1
     codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=1)
