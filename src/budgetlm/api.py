@@ -48,3 +48,15 @@ def report(directory: str | Path) -> dict[str, Path]:
     from budgetlm.report.build import build_report
 
     return build_report(directory)
+
+
+def export(
+    handle: ModelHandle, path: str | Path, gguf_type: str = "Q8_0", requantize: bool = False, pure: bool = False
+):
+    """Write the model as a GGUF file llama.cpp runs (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).
+
+    Quantised layers are written from their own codes when the type holds them exactly; otherwise a one-line
+    ConfigError names the types that do, unless `requantize`. Returns budgetlm.export.gguf.ExportReport."""
+    from budgetlm.export.gguf import export_gguf
+
+    return export_gguf(handle, path, gguf_type, requantize=requantize, pure=pure)

@@ -180,12 +180,18 @@ def parse_steps(args: list[str]) -> list[dict]:
     return steps
 
 
+GGUF_HELP = "GGUF tensor type: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0"
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def compress(
     ctx: typer.Context,
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="folder to write the compressed model to")],
     seed: Annotated[int, typer.Option()] = 0,
+    gguf: Annotated[
+        str | None, typer.Option("--gguf", help=GGUF_HELP + "; also export the result to <out>.<TYPE>.gguf")
+    ] = None,
 ) -> None:
     """Apply method steps in order: --method NAME [--set key=value ...] [--method NAME2 ...] --out DIR."""
     from budgetlm.api import apply, load
@@ -194,6 +200,10 @@ def compress(
     steps = parse_steps(list(ctx.args))
     for s in steps:  # validate everything before loading the model
         parse_config(s["method"], {k: v for k, v in s.items() if k != "method"})
+    if gguf is not None:
+        from budgetlm.export.gguf import parse_type
+
+        gguf = parse_type(gguf)
     from budgetlm.methods.base import StepContext
 
     handle = load(model)
@@ -202,6 +212,43 @@ def compress(
     for r in reports:
         print(f"{r.method}: {r.seconds:.1f} s; " + "; ".join(r.notes))
     print(f"saved {out}")
+    if gguf is not None:
+        from budgetlm.api import export as run_export
+
+        _print_export(run_export(handle, out.parent / f"{out.name}.{gguf}.gguf", gguf))
+
+
+def _print_export(report) -> None:
+    for note in report.notes:
+        print(f"note: {note}")
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report.tensor_types.items(), key=lambda kv: -kv[1]))
+    exact = f"; {len(report.from_codes)} tensors written from budgetlm's codes" if report.from_codes else ""
+    size = f"{report.file_bytes / 1e6:.1f} MB"
+    print(f"wrote {report.path} ({size}; tensors: {types}{exact}; tokenizer {report.tokenizer})")
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    gguf: Annotated[str, typer.Option("--gguf", help=GGUF_HELP)],
+    out: Annotated[Path, typer.Option(help="the .gguf file to write")],
+    requantize: Annotated[
+        bool, typer.Option(help="round quantised layers again when the type cannot hold their codes exactly")
+    ] = False,
+    pure: Annotated[
+        bool, typer.Option(help="write the output matrix in TYPE too (by default 4/5-bit types keep it at Q8_0)")
+    ] = False,
+) -> None:
+    """Write a model as a GGUF file that llama.cpp runs (tokenizer and metadata included)."""
+    from budgetlm.api import export as run_export
+    from budgetlm.api import load
+    from budgetlm.export.gguf import parse_type
+
+    gguf = parse_type(gguf)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the .gguf file to write")
+    handle = load(model)
+    _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure))
 
 
 @app.command()

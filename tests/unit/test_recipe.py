@@ -230,3 +230,15 @@ def test_baseline_first_for_each_model(tmp_path):
         (str(model_dir.resolve()), "q4"),
         (str(model_dir.resolve()), "q8"),
     ]
+
+
+def test_bundled_recipes_by_name_and_a_missing_name_lists_them(monkeypatch, tmp_path):
+    for name in ("text-ppl", "text-cloze"):
+        if name not in tasks:
+            monkeypatch.setitem(tasks._items, name, Task())
+    r = load_recipe("quant_suite")
+    assert r.name == "quant_suite" and {"gptq-3", "awq-4", "lobi-3", "nf4"} <= set(r.pipelines)
+    assert r.pipelines["gptq-3"][0]["bits"] == 3 and r.pipelines["gptq-3"][0]["group_size"] == 64
+    with pytest.raises(ConfigError) as e:
+        load_recipe("quant_suit")
+    assert "quickstart" in one_line(e) and "quant_suite" in one_line(e)

@@ -65,9 +65,14 @@ def bundled_recipe(name: str = "quickstart") -> Path:
 def load_recipe(path: str | Path | None = None) -> Recipe:
     """Read and validate a recipe file; None reads the bundled quickstart study."""
     path = bundled_recipe() if path is None else Path(path)
+    if not path.is_file() and path.suffix == "" and bundled_recipe(path.name).is_file() and len(path.parts) == 1:
+        path = bundled_recipe(path.name)  # a bundled recipe by name: `budgetlm run quant_suite`
     origin = f"recipe {path}"
     if not path.is_file():
-        raise ConfigError(f"{origin}: no such file; pass the path of a recipe YAML file (or none for the quickstart)")
+        bundled = ", ".join(sorted(p.stem for p in bundled_recipe().parent.glob("*.yaml")))
+        raise ConfigError(
+            f"{origin}: no such file; pass the path of a recipe YAML file or a bundled recipe name ({bundled})"
+        )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except yaml.MarkedYAMLError as exc:

@@ -1,0 +1,574 @@
+"""gptq: GPTQ (Frantar et al., arXiv 2210.17323) — second-order weight quantisation with error feedback.
+
+For a Linear with weight W [out, in] and inputs X, GPTQ minimises ‖(W − Q)X‖² one input column at a time: with
+H = (2/n) Σ x xᵀ (calibration.HessianStat), damped by λ = damp·mean(diag H) on the diagonal, and U the upper
+Cholesky factor of H⁻¹, column i is rounded to the grid, q_i = Q(w_i), and its scaled error e = (w_i − q_i)/U_ii
+is pushed onto the columns not yet quantised, W[:, j] −= e·U_ij. Columns go in lazy blocks of `block_size`: the
+feedback is applied inside the block at once and to the rest of the matrix after the block (one matrix product).
+
+Grids are the rtn grids (quantizer.find_grid): per output channel (group_size None, found once from W) or per
+group of `group_size` input columns, found when the column processing reaches the group's first column, from
+the error-updated weights at that moment (columns of the group beyond the current lazy block get the block's
+pending update first, so the lazy schedule gives the same result as the column-at-a-time algorithm). Scales are
+rounded to fp16 before any code is chosen, because QuantLinear stores them in fp16: the error feedback then
+sees exactly the weights the layer will compute with.
+
+Act-order processes the columns by descending diag(H). With groups and without static groups the codes and
+groups belong to W[:, perm] and the layer keeps `perm`; with static groups the grids come from the original W in
+natural order before anything is updated, and the codes are stored in natural order (no perm). Per-channel grids
+do not depend on column order, so act-order per-channel needs no perm either.
+
+The method calibrates decoder layer by decoder layer (LayerwiseCalibration): it collects the Hessians of the
+targeted Linears of a layer in one pass of the calibration inputs, quantises them, and feeds the quantised layer's
+outputs to the next layer. Linears fed the same tensor (q/k/v, gate/up in Llama-style blocks) share one Hessian:
+it is computed once and their weights are quantised together as one stacked matrix (GPTQ treats rows
+independently, so this is exactly the same as quantising them one by one). With `true_sequential` the Hessians
+of the later sub-layers are re-collected after the earlier ones are quantised (q/k/v, then o, then gate/up, then
+down: 4 passes per layer instead of 1); it is off by default because it more than doubles the calibration time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import field_validator
+
+from budgetlm.errors import ConfigError
+from budgetlm.methods.base import (
+    MethodConfig,
+    StepContext,
+    StepReport,
+    implements,
+    register_method,
+    select_linears,
+    set_module,
+)
+from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers
+from budgetlm.methods.quant.layers import QuantLinear
+from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid
+from budgetlm.methods.quant.rtn import check_group
+from budgetlm.models.handle import ModelHandle
+
+FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
+MAX_DAMP_RETRIES = 8
+
+
+@register_method("gptq")
+class GPTQ(MethodConfig):
+    """GPTQ: Hessian-aware weight quantisation with error feedback, calibrated layer by layer (8/4/3/2 bits)."""
+
+    bits: int = 4
+    group_size: int | None = 64  # None: one scale per output channel
+    symmetric: bool = False
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # lazy-batch width
+    act_order: bool = False  # quantise columns by descending diag(H)
+    static_groups: bool = False  # group grids from the original weights, before any error feedback
+    true_sequential: bool = False  # re-collect Hessians after each sub-layer group is quantised (slower)
+
+    needs_calibration = True
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("group_size must be a positive integer (or null for per-channel)")
+        return v
+
+    @field_validator("damp")
+    @classmethod
+    def _damp(cls, v: float) -> float:
+        if not 0 <= v < 100:
+            raise ValueError("damp must be >= 0 (a fraction of the mean Hessian diagonal, e.g. 0.01)")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("block_size must be a positive integer (e.g. 128)")
+        return v
+
+
+# --- the per-layer algorithm --------------------------------------------------------------------------------
+
+
+def _storable(grid: Grid) -> Grid:
+    """The grid with its scales rounded to the fp16 values QuantLinear stores (kept in fp32)."""
+    scales = grid.scales.clamp(FP16_TINY, FP16_MAX).half().float()
+    return Grid(scales, grid.zeros, grid.bits, grid.group_size)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float, int]:
+    """U: the upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H), in H's dtype, plus the damping
+    fraction used and how many retries it took (each retry multiplies the damping by 10). H must be finite with
+    no zero diagonal entries (handle dead inputs first). Shared with SparseGPT and Lo-Bi."""
+    # With J the order-reversing permutation and J H J = L Lᵀ, H = (J L J)(J L J)ᵀ where J L J is upper
+    # triangular, so H⁻¹ = Uᵀ U with U = (J L J)⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse, instead
+    # of Cholesky, inverse and a second Cholesky.
+    mean_diag = float(H.diagonal().mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    flipped = H.flip(0, 1)
+    frac = damp
+    for retry in range(MAX_DAMP_RETRIES):
+        L, info = torch.linalg.cholesky_ex(flipped + (frac * mean_diag) * eye)
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U.diagonal()).all()):
+                return U, frac, retry
+        frac = frac * 10 if frac > 0 else 1e-3
+    raise ValueError(f"the Hessian is not positive definite even with damping {frac / 10:g}")
+
+
+def output_error_rows(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row: (ΔW H ΔWᵀ)_rr and (W H Wᵀ)_rr with ΔW = W − Q (squared output error and output energy
+    on the calibration inputs, up to the factor 2/n)."""
+    w, H = w.float(), H.float()
+    d = w - q.float()
+    return ((d @ H) * d).sum(1), ((w @ H) * w).sum(1)
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative squared output error on the calibration inputs."""
+    return _ratio(*output_error_rows(w, q, H))
+
+
+def _ratio(err: torch.Tensor, energy: torch.Tensor) -> float:
+    num, den = float(err.sum()), float(energy.sum())
+    return num / den if den > 0 else float(num > 0)
+
+
+class _single_thread:
+    """GPTQ of one layer is a long chain of small dependent ops (and matrices of at most a few thousand rows):
+    one intra-op thread is faster for it than waking a thread team for each op, and far more robust on a busy
+    machine (measured here: 0.57 s instead of 0.94 s for a 576 x 1536 weight)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+@torch.no_grad()
+def gptq_layer(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, Grid, torch.Tensor | None, dict]:
+    """Quantise one weight [out, in] given the Hessian H [in, in] of its inputs.
+
+    Returns (codes uint8 [out, in], grid, perm, stats) in the layout QuantLinear.from_codes expects: when `perm`
+    is not None (act-order with groups, no static groups) codes and groups are for W[:, perm]; otherwise they
+    are in natural column order. Works in float32 (float64 if `w` is float64). stats: damp (the damping
+    fraction used), damp_retries, dead_inputs (columns with H_ii == 0, quantised as zeros), rel_output_error
+    (tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) with the undamped H), row_error and row_energy (its per-row terms, tensors [out]).
+    Runs on one intra-op thread (see _single_thread).
+    """
+    with _single_thread():
+        return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups)
+
+
+def _gptq(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, Grid, torch.Tensor | None, dict]:
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"gptq: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+    out_f, in_f = w.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's {in_f} input columns")
+    check_group("the weight", in_f, group_size)
+    g = group_size or in_f
+    grouped = g < in_f
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W = w.detach().to(dtype).clone()
+    H = H.detach().to(dtype).clone()
+    stats: dict = {}
+    if not bool(torch.isfinite(H).all()):  # broken activations: fall back to plain rounding (H = I)
+        H = torch.eye(in_f, dtype=dtype)
+        stats["fallback"] = "rtn (non-finite Hessian)"
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0
+    stats["dead_inputs"] = int(dead.sum())
+    energy = ((W @ H) * W).sum(1)  # tr(W H Wᵀ) per row (dead columns of the original H add nothing)
+
+    static_grid = None
+    if grouped and static_groups:
+        static_grid = _storable(find_grid(W, bits, g, symmetric))
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, frac, stats["damp_retries"] = inverse_hessian_cholesky(H, damp)
+    stats["damp"] = frac
+    lam = frac * float(H.diagonal().mean())
+    del H
+
+    Wt = W.t().contiguous()  # [in, out]: a column of W is a contiguous row here
+    Qt = torch.empty(in_f, out_f, dtype=torch.uint8)
+    half, qmax = 2 ** (bits - 1), 2**bits - 1
+    sq_err = torch.zeros(out_f, dtype=dtype)  # Σ_j e_j²: the damped objective tr(ΔW (H + λI) ΔWᵀ)
+
+    # per-column scale/zero source: one grid (per-channel), static per-group grids, or grids found on the fly
+    col_scale = col_zero = None
+    if not grouped:
+        grid = _storable(find_grid(W, bits, None, symmetric))
+        s = grid.scales[:, 0].to(dtype)
+        z = None if grid.zeros is None else grid.zeros[:, 0].to(dtype)
+    elif static_grid is not None:
+        gidx = (perm if perm is not None else torch.arange(in_f)) // g
+        col_scale = static_grid.scales.t()[gidx].to(dtype)  # [in, out], in processing order
+        col_zero = None if static_grid.zeros is None else static_grid.zeros.t()[gidx].to(dtype)
+    group_scales: list[torch.Tensor] = []
+    group_zeros: list[torch.Tensor] = []
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        nb = i2 - i1
+        W1 = Wt[i1:i2]  # view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty(nb, out_f, dtype=dtype)
+        dinv = (1.0 / U1.diagonal()).tolist()
+        for i in range(nb):
+            j = i1 + i
+            if grouped and static_grid is None and j % g == 0:
+                cols = W1[i : i + g]
+                if j + g > i2:  # the group runs past this block: add the block's pending update first
+                    rest = Wt[i2 : j + g] - U[i1:j, i2 : j + g].t() @ E1[:i]
+                    cols = torch.cat([cols, rest])
+                gr = _storable(find_grid(cols.t(), bits, None, symmetric))
+                s = gr.scales[:, 0].to(dtype)
+                z = None if gr.zeros is None else gr.zeros[:, 0].to(dtype)
+                group_scales.append(gr.scales)
+                group_zeros.append(gr.zeros)
+            elif col_scale is not None:
+                s = col_scale[j]
+                z = None if col_zero is None else col_zero[j]
+            x = W1[i]
+            q = torch.round(x / s)
+            if z is None:
+                q.clamp_(-half, half - 1).add_(half)
+                dq = (q - half).mul_(s)
+            else:
+                q.add_(z).clamp_(0, qmax)
+                dq = (q - z).mul_(s)
+            Qt[j] = q
+            e = E1[i]
+            torch.sub(x, dq, out=e).mul_(dinv[i])
+            if i + 1 < nb:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1)
+        sq_err.add_((E1 * E1).sum(0))
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+    del Wt, U
+
+    codes = Qt.t().contiguous()  # in processing order
+    if not grouped:
+        out_grid = grid
+    elif static_grid is not None:
+        out_grid = static_grid
+    else:
+        zeros = None if symmetric else torch.cat(group_zeros, dim=1)
+        out_grid = Grid(torch.cat(group_scales, dim=1), zeros, bits, g)
+    if static_grid is not None and perm is not None:
+        deq = dequantize(codes[:, torch.argsort(perm)], out_grid)[:, perm]
+    else:
+        deq = dequantize(codes, out_grid)
+    # the column-by-column updates are exact for the damped quadratic, so Σ e² = tr(ΔW (H + λI) ΔWᵀ) with
+    # ΔW = W − Q over the live columns (dead ones are 0 − 0); removing λ‖ΔW‖² leaves tr(ΔW H ΔWᵀ)
+    err = (sq_err - lam * (W - deq.to(dtype)).pow(2).sum(1)).clamp_min(0)
+    out_perm = None
+    if perm is not None:
+        if grouped and static_grid is None:
+            out_perm = perm
+        else:
+            codes = codes[:, torch.argsort(perm)].contiguous()
+    stats |= {"rel_output_error": _ratio(err, energy), "row_error": err.float(), "row_energy": energy.float()}
+    return codes, out_grid, out_perm, stats
+
+
+# --- Hessians shared by modules fed the same tensor ----------------------------------------------------------
+
+
+class _SharedInputs:
+    """Hands out Hessian stats that compute one H per distinct input tensor: a module called with the very
+    tensor another module of the same batch already received (q/k/v, gate/up) follows that module's H."""
+
+    def __init__(self) -> None:
+        self.batch = -1
+        self.seen: dict[int, tuple[torch.Tensor, _SharedHessian]] = {}
+        self.order: list[_SharedHessian] = []
+        self.calls: list[tuple[int, int]] = []  # (batch, id(stat)) of every call, in call order
+
+    def stat(self) -> _SharedHessian:
+        return _SharedHessian(self)
+
+    def last_called(self, ids: set[int]) -> bool:
+        """Whether, in every batch, the stats in `ids` were fed after all the others."""
+        seen_last: dict[int, bool] = {}
+        for batch, sid in self.calls:
+            if sid in ids:
+                seen_last[batch] = True
+            elif seen_last.get(batch):
+                return False
+        return True
+
+
+class _SharedHessian(HessianStat):
+    def __init__(self, pool: _SharedInputs) -> None:
+        super().__init__()
+        self.pool = pool
+        self.leader: _SharedHessian | None = None
+        self.calls = 0
+        self.broken = False  # the sharing pattern changed between batches: collect this one again alone
+
+    def add(self, x: torch.Tensor) -> None:
+        pool = self.pool
+        if self.calls > pool.batch:  # the first module called in a new batch
+            pool.batch = self.calls
+            pool.seen.clear()
+        pool.calls.append((self.calls, id(self)))
+        hit = pool.seen.get(id(x))
+        owner = hit[1] if hit is not None and hit[0] is x else None
+        if self.calls == 0:
+            self.leader = owner or self
+            pool.order.append(self)
+        elif self.leader is not self and owner is not self.leader:
+            self.broken = True
+        if self.leader is self:
+            super().add(x)
+            pool.seen[id(x)] = (x, self)
+        self.calls += 1
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return self.H if self.leader is self else self.leader.H
+
+
+def _input_groups(stats: dict[str, _SharedHessian]) -> tuple[list[list[str]], list[str]]:
+    """Names grouped by shared input, in the order the layer calls them; plus names never called."""
+    name_of = {id(st): n for n, st in stats.items()}
+    groups: dict[int, list[str]] = {}
+    for st in stats[next(iter(stats))].pool.order:
+        if st.broken:
+            continue
+        groups.setdefault(id(st.leader), []).append(name_of[id(st)])
+    never = [n for n, st in stats.items() if st.calls == 0]
+    return list(groups.values()), never
+
+
+# --- the method ------------------------------------------------------------------------------------------------
+
+
+def _assign_layers(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]]) -> list[tuple[str, dict]]:
+    """Per decoder layer, (its module-name prefix, {name: Linear} of the targets inside it); a target outside
+    every decoder layer is a one-line ConfigError (GPTQ calibrates decoder layers one by one)."""
+    blocks = decoder_layers(model)
+    index = {id(b): i for i, b in enumerate(blocks)}
+    prefix = [""] * len(blocks)
+    for name, mod in model.named_modules():
+        if id(mod) in index:
+            prefix[index[id(mod)]] = name
+    per_layer: list[tuple[str, dict]] = [(p, {}) for p in prefix]
+    outside = []
+    for name, lin in targets:
+        for p, mods in per_layer:
+            if name.startswith(p + "."):
+                mods[name] = lin
+                break
+        else:
+            outside.append(name)
+    if outside:
+        shown = ", ".join(outside[:3]) + (f", ... ({len(outside)} in all)" if len(outside) > 3 else "")
+        raise ConfigError(
+            f"method 'gptq' calibrates the decoder layers one by one, but targets {shown} outside them; add them "
+            f"to ignore (e.g. ignore: [lm_head, '*.lm_head', {outside[0]!r}]) or quantise them with rtn in "
+            "another step"
+        )
+    return per_layer
+
+
+class _Stub(torch.nn.Module):
+    """Stands in for a target Linear that its layer calls after every other target (down_proj in Llama-style
+    blocks) during a Hessian pass: only its input is needed, and its output can reach no other target's input,
+    so zeros of the right shape do and its matmul is skipped."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _dense(layer: QuantLinear, dtype: torch.dtype) -> torch.nn.Module:
+    """An nn.Linear computing exactly what `layer` computes (its dequantised weight), for the calibration passes
+    that follow: the forward then skips unpacking the codes for every batch. The int8-kernel path is not exact
+    dequantisation, so such a layer stands for itself."""
+    if layer.int8_kernel or layer.rank:
+        return layer
+    lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(layer.dequantized_weight().to(dtype), requires_grad=False)
+    lin.bias = layer.bias
+    return lin
+
+
+class _Hessians:
+    """One Hessian pass over a decoder layer's calibration inputs for the `remaining` target Linears: the
+    Hessian of each, grouped by shared input in call order. The modules the layer called last on the first
+    pass (by name within the layer) are stubbed on later passes when that is provably harmless (they are
+    called after every other target in every batch); otherwise the pass is redone without stubs."""
+
+    def __init__(self) -> None:
+        self.tail: set[str] | None = None  # local names of the last-called input group, learnt once
+
+    def collect(self, cal, model, layer, prefix: str, remaining: dict) -> tuple[list[list[str]], list[str], dict]:
+        local = {n: n[len(prefix) + 1 :] for n in remaining}
+        stubbed = [n for n in remaining if self.tail and local[n] in self.tail]
+        if stubbed:
+            result = self._pass(cal, model, layer, remaining, stubbed)
+            if result is not None:
+                return result
+            self.tail = set()  # the call order differs from the first layer's: no more stubs
+        result = self._pass(cal, model, layer, remaining, [])
+        if self.tail is None and result[0]:
+            self.tail = {local[n] for n in result[0][-1]}
+        return result
+
+    def _pass(self, cal, model, layer, remaining: dict, stubbed: list[str]):
+        pool = _SharedInputs()
+        mods = dict(remaining)
+        try:
+            for n in stubbed:
+                mods[n] = _Stub(remaining[n].out_features)
+                set_module(model, n, mods[n])
+            hs = cal.collect(layer, mods, pool.stat)
+        except Exception:
+            if not stubbed:
+                raise
+            return None
+        finally:
+            for n in stubbed:
+                set_module(model, n, remaining[n])
+        if stubbed and not pool.last_called({id(hs[n]) for n in stubbed}):
+            return None
+        groups, never = _input_groups(hs)
+        hessians = {n: hs[n].hessian for g in groups for n in g}
+        broken = [n for n, st in hs.items() if st.broken]
+        if broken:  # the sharing pattern changed between batches: collect those again, one H each
+            again = cal.collect(layer, {n: remaining[n] for n in broken}, HessianStat)
+            hessians |= {n: st.H for n, st in again.items()}
+            groups += [[n] for n in broken]
+        return groups, never, hessians
+
+
+@implements(GPTQ)
+@torch.no_grad()
+def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
+    model = handle.model
+    targets = select_linears(model, cfg)
+    for name, lin in targets:
+        check_group(name, lin.in_features, cfg.group_size)
+    per_layer = _assign_layers(model, targets)
+    del targets  # hold no reference to a replaced Linear, so its fp32 weight is freed as the step goes
+    last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
+    cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method="gptq")
+
+    stats: dict[str, dict] = {}
+    notes: list[str] = []
+    seconds = {"hessians": 0.0, "gptq": 0.0, "advance": 0.0}
+    passes = _Hessians()
+    for i, layer in cal.layers():
+        prefix, remaining = per_layer[i][0], per_layer[i][1]
+        per_layer[i] = (prefix, {})
+        done: dict[str, QuantLinear] = {}
+        while remaining:
+            t0 = time.perf_counter()
+            groups, never, hessians = passes.collect(cal, model, layer, prefix, remaining)
+            if never:
+                notes.append(f"{', '.join(never)} never ran on the calibration text: quantised with H = I (rtn)")
+                groups += [[n] for n in never]
+            if cfg.true_sequential:
+                groups = groups[:1]
+            t1 = time.perf_counter()
+            for group in groups:
+                dtype = remaining[group[0]].weight.dtype
+                new = _quantise_group(group, remaining, hessians, cfg, stats)
+                for n, q in new.items():  # later passes over this layer see an exact dense stand-in
+                    set_module(model, n, _dense(q, dtype))
+                    remaining.pop(n)
+                done |= new
+            seconds["hessians"] += t1 - t0
+            seconds["gptq"] += time.perf_counter() - t1
+        if i < last:
+            t0 = time.perf_counter()
+            cal.advance(layer)
+            seconds["advance"] += time.perf_counter() - t0
+        for n, q in done.items():
+            set_module(model, n, q)
+        if ctx.progress:
+            print(f"gptq: layer {i + 1}/{last + 1} done", flush=True)
+        if i >= last:
+            break
+    del cal
+
+    retried = [n for n, s in stats.items() if s["damp_retries"]]
+    notes.insert(0, f"quantised {len(stats)} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
+    notes.append(
+        "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + " (the rest: capturing the inputs)"
+    )
+    if retried:
+        notes.append(f"Cholesky needed more damping for {len(retried)} modules: {', '.join(retried[:5])}")
+    return StepReport("gptq", cfg.model_dump(), stats=stats, notes=notes)
+
+
+def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, stats: dict) -> dict[str, QuantLinear]:
+    """Quantise the Linears of `group` (one shared input Hessian) as one stacked weight; the new layers."""
+    lins = [mods[n] for n in group]
+    H = hessians.get(group[0])
+    if H is None:
+        H = torch.eye(lins[0].in_features)
+    w = torch.cat([lin.weight.detach().float() for lin in lins]) if len(lins) > 1 else lins[0].weight.detach()
+    codes, grid, perm, st = gptq_layer(
+        w, H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups
+    )
+    out, row = {}, 0
+    for name, lin in zip(group, lins):
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        zeros = None if grid.zeros is None else grid.zeros[rows]
+        sub = Grid(grid.scales[rows], zeros, grid.bits, grid.group_size)
+        out[name] = layer = QuantLinear.from_codes(codes[rows], sub, lin.bias, perm=perm)
+        stats[name] = {
+            "rel_output_error": _ratio(st["row_error"][rows], st["row_energy"][rows]),
+            "bits_per_weight": layer.storage_bytes() * 8 / lin.weight.numel(),
+            "damp": st["damp"],
+            "damp_retries": st["damp_retries"],
+            "dead_inputs": st["dead_inputs"],
+            "shared_hessian": "+".join(n.rsplit(".", 1)[-1] for n in group) if len(group) > 1 else None,
+        } | ({"fallback": st["fallback"]} if "fallback" in st else {})
+    return out

@@ -1,0 +1,454 @@
+"""lobi: HOLA's Lo-Bi (arXiv 2506.18952) — low-bit mixed precision under a bit budget, with an optional
+low-rank correction of the quantisation error.
+
+1. Sensitivity (pass 1, on the float model, layer by layer with LayerwiseCalibration): for every targeted
+   Linear and every candidate bit width b, quantise the weight at b bits (rtn, or GPTQ with the layer's
+   Hessian) and, with rank r > 0, add the correction below; then measure
+   - "output": the Hessian-weighted output error tr(ΔW H ΔWᵀ), ΔW = W − Ŵ_b, H = (2/n) Σ x xᵀ over the
+     layer's calibration inputs (HessianStat), i.e. 2× the mean squared output error per token; or
+   - "kl": the mean per-token KL(p_float ‖ p_b) of the model's next-token distribution on `kl_sequences`
+     calibration sequences with only that one Linear quantised. This costs one forward pass (over those
+     sequences) per Linear per candidate: 210 Linears × 4 candidates = 840 passes for SmolLM2-135M. Passes
+     start at the Linear's own decoder layer from cached float hidden states (verified once against a full
+     forward; a model where that does not reproduce the logits gets full forwards instead).
+2. Allocation: one candidate per Linear minimising the total sensitivity subject to Σ stored bytes ≤
+   target_bits · Σ weights / 8 — a multiple-choice knapsack solved exactly by dynamic programming over the
+   cost increments above each Linear's cheapest candidate, in units of their greatest common divisor (all
+   increments of SmolLM2-135M are multiples of 13,824 bytes, ~600 states at 3 bpw). Only when that grid would
+   exceed `MAX_STATES` states are the increments rounded up to a coarser unit (still feasible, near-exact);
+   a greedy fill then spends whatever exact budget is left on the upgrades with the best sensitivity drop
+   per byte. Costs are the exact `storage_bytes()` of the QuantLinear that will be written (packed codes,
+   fp16 scales, uint8 zeros and the fp16 correction), so the achieved bits per weight never exceed the target.
+3. Quantisation (pass 2) at the chosen widths; with gptq layer by layer with `advance`, so later layers are
+   calibrated on the quantised model's activations.
+
+Low-rank correction (rank r > 0): the truncated SVD of the stored quantisation error E = W − Q(W) (Q(W) as
+dequantised from the stored fp16 scales), U_r Σ_r and V_rᵀ kept in fp16 in QuantLinear.lr_u / lr_v, so the
+layer computes with Q(W) + U_r Σ_r V_rᵀ, the best rank-r approximation of W − Q(W) (Eckart–Young) up to fp16
+rounding. It is the initialisation a later adapter step can train (HOLA combines LoRA with low-bit weights);
+this step does not train it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from fractions import Fraction
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+
+from budgetlm.errors import ConfigError
+from budgetlm.methods.base import (
+    MethodConfig,
+    StepContext,
+    StepReport,
+    implements,
+    register_method,
+    select_linears,
+    set_module,
+)
+from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers, require_calibration
+from budgetlm.methods.quant.layers import QuantLinear
+from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
+from budgetlm.methods.quant.rtn import check_group
+from budgetlm.models.handle import ModelHandle
+
+MAX_STATES = 200_000  # DP states (budget units) above which increments are rounded to a coarser unit
+
+
+@register_method("lobi")
+class LoBi(MethodConfig):
+    """Lo-Bi mixed precision: per-Linear bit widths chosen by sensitivity under an average bit budget."""
+
+    target_bits: float = 3.0  # average stored bits per targeted weight, scales/zeros/correction included
+    candidates: list[int] = [2, 3, 4, 8]
+    group_size: int | None = 64  # None: one scale per output channel
+    symmetric: bool = False
+    sensitivity: Literal["output", "kl"] = "output"
+    quantizer: Literal["rtn", "gptq"] = "rtn"
+    rank: int = 0  # low-rank correction rank (0: none)
+    kl_sequences: int = 4  # calibration sequences per KL measurement (sensitivity "kl")
+
+    @field_validator("target_bits")
+    @classmethod
+    def _target(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError("target_bits must be a positive number of bits per weight, e.g. 3.0")
+        return v
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in SUPPORTED_BITS]
+        if not v or bad:
+            raise ValueError(f"candidates must be a non-empty list of bit widths from {list(SUPPORTED_BITS)}")
+        return sorted(set(v))
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("group_size must be a positive integer (or null for per-channel)")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("rank must be >= 0 (0: no low-rank correction)")
+        return v
+
+    @field_validator("kl_sequences")
+    @classmethod
+    def _kl_seq(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("kl_sequences must be >= 1")
+        return v
+
+    needs_calibration = True
+
+
+# ----------------------------------------------------------------------------------------------- allocation
+
+
+def allocate(
+    sensitivity: list[list[float]], cost: list[list[int]], budget: int, max_states: int = MAX_STATES
+) -> tuple[list[int], str]:
+    """Multiple-choice knapsack: one option k per item l minimising Σ sensitivity[l][k] subject to
+    Σ cost[l][k] ≤ budget (integer costs). Returns (choice index per item, a note on how it was solved).
+
+    Exact DP over the increments above each item's cheapest option, in units of their gcd; if that needs more
+    than `max_states` states the increments are rounded up to a coarser unit (feasible, near-exact). A greedy
+    fill then spends the exact leftover budget on the best sensitivity drop per byte (never raising the total
+    sensitivity). Ties prefer the solution that spends more of the budget."""
+    n = len(cost)
+    if n == 0:
+        return [], "nothing to allocate"
+    sens = [np.asarray(s, dtype=np.float64) for s in sensitivity]
+    costs = [np.asarray(c, dtype=np.int64) for c in cost]
+    base = [int(c.min()) for c in costs]
+    slack = budget - sum(base)
+    if slack < 0:
+        raise ValueError(f"budget {budget} is below the cheapest allocation {sum(base)}")
+    extras = [c - b for c, b in zip(costs, base, strict=True)]
+    nonzero = [int(e) for ex in extras for e in ex if e > 0]
+    unit = math.gcd(*nonzero) if nonzero else 1
+    cap = slack // unit
+    how = f"exact DP over {cap + 1} budget states of {unit} B"
+    if cap > max_states:
+        unit *= -(-cap // max_states)
+        cap = slack // unit
+        how = f"DP over {cap + 1} states of {unit} B (increments rounded up), then greedy fill"
+    units = [-(-e // unit) for e in extras]  # exact when unit is the gcd
+    inf = np.inf
+    dp = np.full(cap + 1, inf)
+    dp[0] = 0.0
+    picks = np.zeros((n, cap + 1), dtype=np.int16)
+    for i in range(n):
+        new = np.full(cap + 1, inf)
+        pick = np.zeros(cap + 1, dtype=np.int16)
+        for k, (u, s) in enumerate(zip(units[i], sens[i], strict=True)):
+            u = int(u)
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[u:] = dp[: cap + 1 - u] + s
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = k
+        dp, picks[i] = new, pick
+    finite = np.isfinite(dp)
+    best = dp[finite].min()
+    # among (numerically) tied optima, the one that uses the most budget
+    tol = 1e-12 * max(abs(best), 1e-300)
+    c = int(np.flatnonzero(finite & (dp <= best + tol)).max())
+    choice = [0] * n
+    for i in range(n - 1, -1, -1):
+        k = int(picks[i, c])
+        choice[i] = k
+        c -= int(units[i][k])
+    # greedy fill with the exact leftover budget
+    left = budget - sum(int(costs[i][k]) for i, k in enumerate(choice))
+    while True:
+        best_move, best_rate = None, -1.0
+        for i, k in enumerate(choice):
+            for k2 in range(len(costs[i])):
+                dc = int(costs[i][k2] - costs[i][k])
+                ds = float(sens[i][k] - sens[i][k2])  # sensitivity drop
+                if dc <= 0 or dc > left or ds < 0:
+                    continue
+                rate = ds / dc
+                if rate > best_rate:
+                    best_move, best_rate = (i, k2, dc), rate
+        if best_move is None:
+            break
+        i, k2, dc = best_move
+        choice[i] = k2
+        left -= dc
+    assert sum(int(costs[i][k]) for i, k in enumerate(choice)) <= budget
+    return choice, how
+
+
+# ----------------------------------------------------------------------------------------------- quantisation
+
+
+def storage_bytes(in_features: int, out_features: int, bits: int, cfg: LoBi) -> int:
+    """The exact storage_bytes() of the QuantLinear lobi writes (built on the meta device: nothing allocated)."""
+    g = cfg.group_size or in_features
+    with torch.device("meta"):
+        layer = QuantLinear(in_features, out_features, bits, g, cfg.symmetric, False, False, cfg.rank)
+    return layer.storage_bytes()
+
+
+def stored_grid(grid: Grid) -> Grid:
+    """The grid as QuantLinear stores it (fp16 scales, integer zeros)."""
+    return Grid(grid.scales.to(torch.float16).float(), grid.zeros, grid.bits, grid.group_size)
+
+
+def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r Σ_r, V_rᵀ) of the truncated SVD of `err`, rounded to fp16 as stored."""
+    u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).to(torch.float16), vh[:rank].to(torch.float16)
+
+
+class _Quantised:
+    """One Linear quantised at one width: codes/grid/perm to store, the correction, and the weight it computes."""
+
+    def __init__(self, w, bits, cfg: LoBi, H: torch.Tensor | None, gptq_layer=None):
+        w = w.detach().float()
+        if cfg.quantizer == "gptq":
+            codes, grid, perm, _ = gptq_layer(
+                w.clone(), H.clone(), bits, cfg.group_size, cfg.symmetric, damp=0.01, block_size=128
+            )
+        else:
+            grid = find_grid(w, bits, cfg.group_size, cfg.symmetric)
+            codes, perm = quantize(w, grid), None
+        deq = dequantize(codes, stored_grid(grid))
+        if perm is not None:
+            deq = deq[:, torch.argsort(perm.long())]
+        self.codes, self.grid, self.perm, self.correction = codes, grid, perm, None
+        if cfg.rank:
+            self.correction = low_rank(w - deq, cfg.rank)
+            deq = deq + self.correction[0].float() @ self.correction[1].float()
+        self.weight = deq
+        self.err = w - deq
+
+    def output_error(self, H: torch.Tensor) -> float:
+        """tr(ΔW H ΔWᵀ)."""
+        return float(((self.err @ H) * self.err).sum(dtype=torch.float64))
+
+    def layer(self, bias) -> QuantLinear:
+        return QuantLinear.from_codes(self.codes, self.grid, bias, perm=self.perm, correction=self.correction)
+
+
+class _KLProbe:
+    """KL(p_float ‖ p_changed) of the next-token distribution on a few calibration sequences, starting each
+    forward at the changed Linear's decoder layer from cached float hidden states."""
+
+    def __init__(self, model, tokens: torch.Tensor):
+        self.model = model
+        self.tokens = tokens
+        self.cal = LayerwiseCalibration(model, tokens, method="lobi")
+        self.inputs = []
+        for _i, layer in self.cal.layers():
+            self.inputs.append(self.cal.inputs)
+            self.cal.advance(layer)
+        self.n_tokens = tokens.numel()
+        self.ref = [F.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in self.cal.batches]
+        self.norm, self.cap = self._head()
+        self.fast = False
+        if self.norm is not None:
+            got = [F.log_softmax(x, -1) for x in self._logits(0)]
+            self.fast = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, self.ref, strict=True))
+
+    def _head(self):
+        layers = decoder_layers(self.model)
+        for name, mod in self.model.named_modules():
+            if mod is layers:
+                parent = self.model.get_submodule(name.rpartition(".")[0])
+                norm = getattr(parent, "norm", None)
+                if norm is not None and self.model.get_output_embeddings() is not None:
+                    return norm, getattr(self.model.config, "final_logit_softcapping", None)
+        return None, None
+
+    def _logits(self, index: int) -> list[torch.Tensor]:
+        blocks = self.cal.blocks
+        out = []
+        for h in self.inputs[index]:
+            for j in range(index, len(blocks)):
+                h = blocks[j](h, **self.cal.kwargs(j, h.shape[0]))
+                h = h[0] if isinstance(h, tuple) else h
+            logits = self.model.get_output_embeddings()(self.norm(h)).float()
+            if self.cap:
+                logits = torch.tanh(logits / self.cap) * self.cap
+            out.append(logits)
+        return out
+
+    @torch.no_grad()
+    def kl(self, index: int) -> float:
+        if self.fast:
+            logits = self._logits(index)
+        else:
+            logits = [self.model(input_ids=b, use_cache=False).logits.float() for b in self.cal.batches]
+        total = 0.0
+        for lq, lp in zip(logits, self.ref, strict=True):
+            total += float(F.kl_div(F.log_softmax(lq, -1), lp, log_target=True, reduction="sum"))
+        return total / self.n_tokens
+
+
+def _block_index(model, targets) -> dict[str, int]:
+    """Decoder-layer index of every targeted Linear; a target outside the decoder layers is a ConfigError."""
+    blocks = decoder_layers(model)
+    ids = {id(b): i for i, b in enumerate(blocks)}
+    prefixes = {name: ids[id(mod)] for name, mod in model.named_modules() if id(mod) in ids}
+    out = {}
+    for name, _ in targets:
+        hit = [i for p, i in prefixes.items() if name.startswith(p + ".")]
+        if not hit:
+            raise ConfigError(
+                f"method 'lobi' calibrates Linears inside the decoder layers, but '{name}' is outside them; "
+                f"add it to ignore (ignore: [lm_head, {name}])"
+            )
+        out[name] = hit[0]
+    return out
+
+
+def _gptq():
+    try:
+        from budgetlm.methods.quant.gptq import gptq_layer
+    except ImportError as exc:
+        raise ConfigError(f"lobi quantizer 'gptq' is unavailable ({exc}); use quantizer: rtn") from None
+    return gptq_layer
+
+
+def _fmt(x: float, up: bool) -> str:
+    """4 decimals, rounded so that a target typed as shown is inside the range."""
+    return f"{(math.ceil if up else math.floor)(x * 1e4) / 1e4:.4f}"
+
+
+@implements(LoBi)
+@torch.no_grad()
+def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
+    t_start = time.perf_counter()
+    model = handle.model
+    targets = select_linears(model, cfg)
+    block_of = _block_index(model, targets)
+    for name, lin in targets:
+        check_group(name, lin.in_features, cfg.group_size)
+        if cfg.rank > min(lin.in_features, lin.out_features):
+            raise ConfigError(
+                f"lobi rank {cfg.rank} exceeds {name}'s smaller dimension "
+                f"{min(lin.in_features, lin.out_features)}; choose a rank such as 8 or 16"
+            )
+    bits = cfg.candidates
+    cost = [[storage_bytes(lin.in_features, lin.out_features, b, cfg) for b in bits] for _, lin in targets]
+    n_weights = sum(lin.weight.numel() for _, lin in targets)
+    budget = math.floor(Fraction(cfg.target_bits) * n_weights / 8)
+    lo, hi = sum(min(c) for c in cost), sum(max(c) for c in cost)
+    lo_bpw, hi_bpw = lo * 8 / n_weights, hi * 8 / n_weights
+    if budget < lo or Fraction(cfg.target_bits) * n_weights > hi * 8:
+        raise ConfigError(
+            f"lobi target_bits {cfg.target_bits} is outside the achievable range {_fmt(lo_bpw, True)}–"
+            f"{_fmt(hi_bpw, False)} bits per weight for this model's {len(targets)} targeted Linears "
+            f"(candidates {bits}, group_size {cfg.group_size}, rank {cfg.rank}, scales/zeros/correction "
+            "included); choose a target in that range"
+        )
+    gptq_layer = _gptq() if cfg.quantizer == "gptq" else None
+    tokens = require_calibration(ctx.calibration(handle.tokenizer), "lobi")
+
+    # pass 1: sensitivity of every targeted Linear at every candidate, on the float model
+    t0 = time.perf_counter()
+    names = [n for n, _ in targets]
+    by_block: dict[int, list[tuple[str, torch.nn.Linear]]] = {}
+    for name, lin in targets:
+        by_block.setdefault(block_of[name], []).append((name, lin))
+    sens: dict[str, list[float]] = {}
+    need_h = cfg.sensitivity == "output" or cfg.quantizer == "gptq"
+    probe = _KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
+    cal = LayerwiseCalibration(model, tokens, method="lobi") if need_h else None
+    last = max(by_block)
+    for i, layer in cal.layers() if need_h else enumerate(decoder_layers(model)):
+        if i > last:
+            break
+        mods = dict(by_block.get(i, []))
+        hs = cal.collect(layer, mods, HessianStat) if mods and need_h else {}
+        for name, lin in mods.items():
+            H = hs[name].H if need_h else None
+            row = []
+            for b in bits:
+                q = _Quantised(lin.weight, b, cfg, H, gptq_layer)
+                if probe is None:
+                    row.append(q.output_error(H))
+                    continue
+                saved = lin.weight.data
+                lin.weight.data = q.weight.to(saved.dtype)
+                try:
+                    row.append(probe.kl(i))
+                finally:
+                    lin.weight.data = saved
+            sens[name] = row
+        if need_h and i < last:
+            cal.advance(layer)
+    kl_path = (
+        ""
+        if probe is None
+        else ("; KL forwards start at each Linear's layer" if probe.fast else "; KL uses full forwards")
+    )
+    del cal, probe
+    t_sens = time.perf_counter() - t0
+
+    # allocation
+    choice, how = allocate([sens[n] for n in names], cost, budget)
+    chosen = {n: bits[k] for n, k in zip(names, choice, strict=True)}
+
+    # pass 2: quantise at the chosen widths
+    t0 = time.perf_counter()
+    layers: dict[str, QuantLinear] = {}
+    if cfg.quantizer == "gptq":
+        cal = LayerwiseCalibration(model, tokens, method="lobi")
+        for i, layer in cal.layers():
+            if i > last:
+                break
+            mods = dict(by_block.get(i, []))
+            if mods:
+                hs = cal.collect(layer, mods, HessianStat)
+                for name, lin in mods.items():
+                    layers[name] = _Quantised(lin.weight, chosen[name], cfg, hs[name].H, gptq_layer).layer(lin.bias)
+                    set_module(model, name, layers[name])
+            if i < last:
+                cal.advance(layer)
+        del cal
+    else:
+        for name, lin in targets:
+            layers[name] = _Quantised(lin.weight, chosen[name], cfg, None).layer(lin.bias)
+            set_module(model, name, layers[name])
+    t_quant = time.perf_counter() - t0
+
+    stored = sum(layer.storage_bytes() for layer in layers.values())
+    achieved = stored * 8 / n_weights
+    stats = {}
+    for (name, _lin), k in zip(targets, choice, strict=True):
+        layer = layers[name]
+        stats[name] = {
+            "bits": bits[k],
+            "bits_per_weight": layer.storage_bytes() * 8 / (layer.in_features * layer.out_features),
+            "sensitivity": sens[name][k],
+            "sensitivity_by_bits": {str(b): s for b, s in zip(bits, sens[name], strict=True)},
+        }
+    hist = {b: sum(1 for v in chosen.values() if v == b) for b in bits}
+    unit = "KL (nats/token)" if cfg.sensitivity == "kl" else "tr(ΔW H ΔWᵀ)"
+    notes = [
+        f"achieved {achieved:.4f} bits per weight over {len(targets)} Linears (target {cfg.target_bits}; "
+        f"achievable {lo_bpw:.4f}–{hi_bpw:.4f}); {stored} B stored",
+        "bits chosen: " + ", ".join(f"{b}-bit × {c}" for b, c in hist.items()),
+        f"sensitivity {cfg.sensitivity} [{unit}] with {cfg.quantizer}"
+        + (f" + rank-{cfg.rank} correction" if cfg.rank else "")
+        + f": total {sum(sens[n][k] for n, k in zip(names, choice, strict=True)):.6g}{kl_path}",
+        f"allocation: {how}",
+        f"time: sensitivity {t_sens:.1f} s, quantisation {t_quant:.1f} s, total {time.perf_counter() - t_start:.1f} s",
+    ]
+    return StepReport("lobi", cfg.model_dump(), stats=stats, notes=notes)
