@@ -603,7 +603,7 @@ def _hf_tokenizer(w, handle: ModelHandle, n_vocab: int, notes: list[str]) -> Non
         w.add_chat_template(template)
 
 
-def _writer(path: Path, arch: str):
+def _writer(path: Path | None, arch: str):
     import gguf
 
     class Writer(gguf.GGUFWriter):
@@ -615,7 +615,7 @@ def _writer(path: Path, arch: str):
                 return head + self._pack("I", sub_type) + self._pack("Q", 0)
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
-    return Writer(str(path), arch)
+    return Writer(None if path is None else str(path), arch)
 
 
 def _general(w, handle: ModelHandle, kv: dict, type_name: str) -> None:
@@ -651,7 +651,6 @@ def export_gguf(
     pure: bool = False,
 ) -> ExportReport:
     """Write `handle` to `path` as a GGUF file of tensor type `gguf_type` (atomically: all of it or nothing)."""
-
     from budgetlm.utils import atomic_file
 
     type_name = parse_type(gguf_type)
@@ -664,23 +663,27 @@ def export_gguf(
     n_vocab = int(handle.model.get_input_embeddings().weight.shape[0])
     src = source_gguf(handle)
     kv = read_kv(src) if src is not None else {}
-
     report = ExportReport(path, type_name, 0, {})
+
+    meta = _writer(None, spec.gguf_arch)  # every key/value first, so a bad tokenizer fails before any file exists
+    _general(meta, handle, kv, type_name)
+    _arch_keys(meta, handle, spec, notes)
+    if kv and _copy_tokenizer(meta, kv, n_vocab):
+        report.tokenizer = f"copied from {src.name}"
+    else:
+        if src is not None:
+            notes.append(
+                f"{src.name}'s vocabulary does not match the model's {n_vocab} rows; writing the model's own tokenizer"
+            )
+        _hf_tokenizer(meta, handle, n_vocab, notes)
+        report.tokenizer = "written from the Hugging Face tokenizer (gpt2 byte-level BPE)"
+
     offset_err: list[np.ndarray] = []
     with torch.no_grad(), atomic_file(path) as tmp:
         w = _writer(tmp, spec.gguf_arch)
-        _general(w, handle, kv, type_name)
-        _arch_keys(w, handle, spec, notes)
-        if kv and _copy_tokenizer(w, kv, n_vocab):
-            report.tokenizer = f"copied from {src.name}"
-        else:
-            if src is not None:
-                notes.append(
-                    f"{src.name}'s vocabulary does not match the model's {n_vocab} rows; "
-                    "writing the model's own tokenizer"
-                )
-            _hf_tokenizer(w, handle, n_vocab, notes)
-            report.tokenizer = "written from the Hugging Face tokenizer (gpt2 byte-level BPE)"
+        for key, value in meta.kv_data[0].items():
+            if key not in w.kv_data[0]:
+                w.add_key_value(key, value.value, value.type, sub_type=value.sub_type)
         for t in tensors:
             arr, raw, err = _materialise(t)
             w.add_tensor(t.name, arr, raw_dtype=raw)
