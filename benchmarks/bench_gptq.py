@@ -2,6 +2,7 @@
 most 1.5x the fp32 model), and text-ppl perplexity before/after against rtn at the same bits and group size.
 
     .venv/bin/python benchmarks/bench_gptq.py [--model smollm2-135m --bits 4 --group 64 --limit 40 --json out.json]
+    .venv/bin/python benchmarks/bench_gptq.py --no-eval     # load + gptq only: time, CPU time and peak RSS
 
 Order of work: load (time and peak RSS of load() alone), gptq via apply_steps with the default calibration
 (64 x 256 tokens) right after the load (so its peak RSS is not inflated by an earlier evaluation), text-ppl of
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40, help="text-ppl chunks to score (100 exist)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--no-eval", action="store_true", help="only load and gptq (time and memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out: dict = {"model": args.model, "bits": args.bits, "group": args.group, "threads": torch.get_num_threads()}
@@ -124,6 +126,11 @@ def main() -> None:
     )
     for n in rep.notes:
         print("  note:", n)
+    if args.no_eval:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     out["gptq"]["text_ppl"] = ppl(h, args.limit, args.seed)
     del h, rep
     trim()

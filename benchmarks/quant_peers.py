@@ -83,8 +83,7 @@ def budgetlm_step(name: str, **values) -> dict:
     return step
 
 
-def plan(models: list[str], quick: bool, selected: set[str], budgetlm_ok: list[str]) -> list[dict]:
-    groups = [64] if quick else [64, None]
+def plan(models: list[str], groups: list[int | None], selected: set[str], budgetlm_ok: list[str]) -> list[dict]:
     rows: list[dict] = []
 
     def add(model, kind, method, setting, nominal, **kw):
@@ -373,6 +372,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="fewer items, group 64 only")
+    ap.add_argument("--groups", help="g64,pc: group 64 and/or per-channel rows (default both; --quick g64)")
     ap.add_argument("--methods", default=",".join(BUDGETLM + PEERS), help="subset of " + ",".join(BUDGETLM + PEERS))
     ap.add_argument("--limit-ppl", type=int, help="text-ppl chunks (default: all 100; --quick 8)")
     ap.add_argument("--limit-cloze", type=int, help="text-cloze items (default: all 132; --quick 20)")
@@ -408,7 +408,9 @@ def main() -> None:
     ok, missing = available_methods(tuple(m for m in BUDGETLM if m in selected))
     for name, why in missing.items():
         print(f"skipping budgetlm method {name}: not available ({why})", flush=True)
-    rows = plan(models, args.quick, selected, ok)
+    groups_arg = args.groups or ("g64" if args.quick else "g64,pc")
+    groups = [None if g == "pc" else int(g.lstrip("g")) for g in groups_arg.split(",") if g]
+    rows = plan(models, groups, selected, ok)
     if args.dry_run:
         for row in rows:
             print(row_key(row), json.dumps({k: v for k, v in row.items() if k in ("steps", "type", "bits")}))

@@ -214,6 +214,26 @@ def test_inverse_hessian_cholesky_is_upper_factor_of_damped_inverse():
     assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-8, atol=1e-10)
 
 
+def test_shared_hessians_follow_the_tensor_not_the_module():
+    """Modules fed the very same tensor share one H; a module whose sharing changes between batches is
+    flagged for a separate pass; `last_called` tells whether some modules were always fed after the others."""
+    pool = gptq_mod._SharedInputs()
+    a, b, c = pool.stat(), pool.stat(), pool.stat()
+    xs = [torch.randn(5, 6), torch.randn(7, 6)]
+    ys = [torch.randn(5, 6), torch.randn(7, 6)]
+    for x, y in zip(xs, ys):
+        a.add(x), b.add(x), c.add(y)
+    X, Y = torch.cat(xs), torch.cat(ys)
+    assert torch.allclose(a.hessian, 2 / 12 * X.T @ X, atol=1e-5) and b.hessian is a.hessian and b.H is None
+    assert torch.allclose(c.hessian, 2 / 12 * Y.T @ Y, atol=1e-5)
+    assert not b.broken and pool.last_called({id(c)}) and not pool.last_called({id(b)})
+    assert [s is s.leader for s in pool.order] == [True, False, True]
+    pool = gptq_mod._SharedInputs()
+    a, b = pool.stat(), pool.stat()
+    a.add(xs[0]), b.add(xs[0]), a.add(xs[1]), b.add(xs[1].clone())  # b's input is a copy in batch 1
+    assert b.broken and not a.broken
+
+
 def test_bad_group_size_is_one_line():
     with pytest.raises(ConfigError) as e:
         gptq_layer(torch.randn(4, 48), torch.eye(48), 4, 32, False)
