@@ -102,7 +102,9 @@ class LayerwiseCalibration:
         try:
             for batch in self.batches:
                 bs = batch.shape[0]
-                stop_at = None if bs not in seen_sizes else 0
+                # first batch of a size: run to the last block to record every layer's kwargs, stop before the
+                # head (its logits would cost hundreds of MB); later batches stop at layer 0
+                stop_at = len(self.blocks) - 1 if bs not in seen_sizes else 0
                 recorded.clear()
                 try:
                     self.model(input_ids=batch, use_cache=False)
