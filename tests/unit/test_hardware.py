@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import time
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,9 +128,13 @@ def test_untied_lm_head_is_counted_and_read_bytes_skip_the_input_embedding(tiny)
 
 
 def _alloc_and_hold(nbytes: int, hold: float = 0.05):
-    a = np.ones(nbytes // 8)
+    # fresh anonymous pages, touched: whatever earlier tests left in the allocator's free lists (which a
+    # numpy array may reuse without raising RSS), these pages become resident now and leave on close
+    buf = mmap.mmap(-1, nbytes)
+    for off in range(0, nbytes, mmap.PAGESIZE):
+        buf[off] = 1
     time.sleep(hold)
-    del a
+    buf.close()
 
 
 def test_peak_rss_sees_an_allocation_inside_the_block_and_not_outside():
