@@ -274,9 +274,11 @@ def facts(models: list[str]) -> list[str]:
         line += f"(token embedding {emb}); the fp32 model every row starts from is that file dequantised. "
         if set(types) == {"Q4_1"}:
             line += (
-                "Q4_1 is 4-bit, group 32, asymmetric (fp16 scale and min), so 4-bit group-32 asymmetric "
-                "quantisation (rtn b4 g32, llama.cpp Q4_1) lands back on almost exactly the grid the weights already "
-                "sit on: nearly lossless for that reason alone, not because 4 bits suffice."
+                "Q4_1 is 4-bit, group 32, asymmetric with a free fp16 offset (x = d*q + m), so a 4-bit group-32 "
+                "min/max grid (llama.cpp's Q4_1) lands back on the grid the weights already sit on: nearly lossless "
+                "for that reason alone, not because 4 bits suffice. budgetlm's asymmetric grids instead store an "
+                "integer zero point and always include 0 in the range (quantizer.find_grid), a lattice that does not "
+                "contain Q4_1's, so its rtn b4 g32 row does not get that free ride."
             )
         else:
             line += (

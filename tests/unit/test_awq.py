@@ -54,6 +54,18 @@ def test_scales_follow_the_formula_and_equal_channels_give_exactly_one():
         assert torch.equal(awq.awq_scales(torch.full((32,), 0.37), alpha), torch.ones(32))
 
 
+def test_fake_quantize_is_the_stored_grid():
+    from budgetlm.methods.quant.quantizer import dequantize, quantize
+
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(12))
+    torch.testing.assert_close(
+        awq.fake_quantize(w, awq.AWQ(bits=3, group_size=32)), ref_quant(w, 3, 32), rtol=0, atol=0
+    )
+    for cfg in (awq.AWQ(bits=4, group_size=None, symmetric=True), awq.AWQ(bits=2, group_size=64)):
+        grid = awq.awq_grid(w, cfg)
+        assert torch.equal(awq.fake_quantize(w, cfg), dequantize(quantize(w, grid), grid))
+
+
 def test_alpha_zero_is_picked_when_every_channel_has_the_same_scale():
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 2, (512, 128), generator=g).float() * 2 - 1  # ±1: mean|x| = 1 in every channel
@@ -272,6 +284,20 @@ def test_unsupported_model_type_is_a_one_line_model_error():
     with pytest.raises(ModelError) as e:
         apply_steps(h, [{"method": "awq"}], SMALL)
     assert "'opt'" in str(e.value) and "\n" not in str(e.value)
+    assert not any(isinstance(m, QuantLinear) for m in h.model.modules())
+
+
+def test_a_norm_that_is_not_on_the_mlp_path_fails_the_folding_check():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    h = load("tiny-random")
+    for layer in h.model.model.layers:  # looks Gemma-like, but the forward never uses this norm
+        layer.pre_feedforward_layernorm = LlamaRMSNorm(128)
+    w = h.model.model.layers[0].mlp.gate_proj.weight.clone()
+    with pytest.raises(ModelError, match="changes the float layer's output") as e:
+        apply_steps(h, [{"method": "awq"}], SMALL)
+    assert "\n" not in str(e.value)
+    assert torch.equal(h.model.model.layers[0].mlp.gate_proj.weight, w)
     assert not any(isinstance(m, QuantLinear) for m in h.model.modules())
 
 

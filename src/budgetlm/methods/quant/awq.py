@@ -80,7 +80,7 @@ class AWQ(MethodConfig):
     clip: bool = True
     clip_grid: int = 20  # max ← max·(1 − i/clip_grid)
     max_shrink: float = 0.5  # … for i < max_shrink·clip_grid
-    search_tokens: int = 2048  # calibration tokens the α search runs the blocks on (CPU budget)
+    search_tokens: int = 512  # tokens sampled for the α search of mlp/down_proj (attention: the first batch)
 
     @field_validator("bits")
     @classmethod
@@ -368,7 +368,9 @@ class _Keep(InputStat):
         self.xs.append(x.detach().reshape(-1, x.shape[-1]))
 
     def cat(self) -> torch.Tensor:
-        return torch.cat(self.xs)
+        out = torch.cat(self.xs)
+        self.xs.clear()
+        return out
 
 
 def group_gram(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -485,8 +487,7 @@ def _awq_layer(
     search_view.inputs = cal.inputs[:n_attn]
     attn_x, attn_kw = search_view.capture_inputs(layer, lay.attn)
     kept = cal.collect(layer, {"qkv": li["q"], "gate_up": li["gate"], "o": li["o"], "down": li["down"]}, _Keep)
-    inputs = {g: kept[g].cat() for g in GROUPS}  # each group's input over all calibration tokens
-    del kept
+    inputs = {g: kept.pop(g).cat() for g in GROUPS}  # each group's input over all calibration tokens
 
     def attn_block() -> list[torch.Tensor]:
         return [_call_attn(lay.attn, x, kw) for x, kw in zip(attn_x, attn_kw, strict=True)]

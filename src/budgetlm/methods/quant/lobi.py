@@ -211,7 +211,12 @@ def stored_grid(grid: Grid) -> Grid:
 
 def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U_r Σ_r, V_rᵀ) of the truncated SVD of `err`, rounded to fp16 as stored."""
-    u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's SVD gains little from a 2nd thread and stalls badly on shared cores
+    try:
+        u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
     return (u[:, :rank] * s[:rank]).to(torch.float16), vh[:rank].to(torch.float16)
 
 
