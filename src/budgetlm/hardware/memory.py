@@ -50,6 +50,28 @@ def reset_hwm() -> bool:
     return True
 
 
+_LIBC = None
+
+
+def release_freed_heap() -> bool:
+    """Give the heap memory this process has freed back to the OS (glibc's malloc_trim); False where there is no
+    glibc. Layer-by-layer work frees tens of MB per layer in blocks glibc keeps mapped: without this the RSS
+    climbs by ~50 MB per decoder layer of SmolLM2 under GPTQ although the live memory falls."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - AttributeError on a libc without it
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
 class PeakRSS:
     """Context manager: peak and starting RSS of the block, in bytes."""
 

@@ -19,12 +19,14 @@ The model never needs two copies in memory and never runs whole on all calibrati
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from budgetlm.errors import ConfigError, ModelError
+from budgetlm.hardware.memory import release_freed_heap
 
 
 class _Stop(Exception):
@@ -124,8 +126,12 @@ class LayerwiseCalibration:
         return self._kwargs[(index, batch_size)]
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """(index, layer) in order; the caller changes the layer and calls `advance` before the next one."""
+        """(index, layer) in order; the caller changes the layer and calls `advance` before the next one. Between
+        layers the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer)."""
         for i, layer in enumerate(self.blocks):
+            if i:
+                gc.collect()
+                release_freed_heap()
             self._index = i
             yield i, layer
 

@@ -43,6 +43,7 @@ import torch
 from pydantic import field_validator
 
 from budgetlm.errors import ConfigError
+from budgetlm.hardware.memory import release_freed_heap
 from budgetlm.methods.base import (
     MethodConfig,
     StepContext,
@@ -522,6 +523,7 @@ def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
             elif never:
                 notes.append(f"{', '.join(never)} never ran on the calibration text: quantised with H = I (rtn)")
                 groups += [[n] for n in never]
+            release_freed_heap()  # the pass's activations: keep the RSS at the live memory
             t1 = time.perf_counter()
             for group in groups:
                 dtype = remaining[group[0]].weight.dtype
