@@ -81,6 +81,10 @@ def test_int8_decode_kernel_close_to_dequantised(tiny):
     fast = q(x)
     exact = torch.nn.functional.linear(x, q.dequantized_weight())
     assert (fast - exact).abs().max() < 2e-2 * exact.abs().max()
+    assert not torch.equal(fast, exact)  # one token: the bf16-activation int8 kernel, not the fp32 product
+    # many tokens (prefill): dequantise-then-matmul in fp32, exactly the dequantised product
+    xs = torch.randn(2, 16, 128)
+    assert torch.equal(q(xs), torch.nn.functional.linear(xs, q.dequantized_weight()))
 
 
 def test_bad_group_size_is_one_line_config_error(tiny):

@@ -2,9 +2,13 @@
 
 Storage is real: `qweight` holds the packed codes (8 codes in b bytes), `scales` fp16 [out, groups],
 `zeros` uint8 [out, groups] for asymmetric grids. The forward pass:
-- 8-bit symmetric per-channel weights use torch's int8 weight-only kernel (`_weight_int8pack_mm`), which
-  reads 1 byte per weight and never materialises an fp32 weight; it takes bf16 activations, which costs
-  SmolLM2 about 0.1% perplexity against exact dequantisation (13.153 vs 13.142; fp32 weights 13.109);
+- 8-bit symmetric per-channel weights use torch's int8 weight-only kernel (`_weight_int8pack_mm`) for up to
+  INT8_KERNEL_MAX_TOKENS tokens (decode): it reads 1 byte per weight and never materialises an fp32 weight; it
+  takes bf16 activations, which costs SmolLM2 about 0.1% perplexity against exact dequantisation (13.153 vs
+  13.142; fp32 weights 13.109). For more tokens (prefill, scoring) they dequantise and multiply in fp32, which
+  measured faster on this CPU (benchmarks/bench_int8.py: the int8 kernel is 1.1-1.7x slower at 512 tokens, 2-4x
+  faster for one token on most shapes; torch._int_mm, a W8A8 int8 x int8 product, was 14-40x slower than
+  either, so it is not used);
 - every other grid dequantises the weight to fp32 for the matmul (exact w.r.t. the stored grid).
 
 Two optional parts (both saved and counted in `storage_bytes`):
@@ -20,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
+
+
+INT8_KERNEL_MAX_TOKENS = 8  # at most this many tokens per call take the int8 kernel (see the module docstring)
 
 
 class QuantLinear(torch.nn.Module):
@@ -115,7 +122,7 @@ class QuantLinear(torch.nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_kernel:
+        if self.int8_kernel and x.numel() <= INT8_KERNEL_MAX_TOKENS * self.in_features:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             scales = self.scales[:, 0].to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.qweight, scales).to(x.dtype)
