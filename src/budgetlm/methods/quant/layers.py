@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
 
-
 INT8_KERNEL_MAX_TOKENS = 8  # at most this many tokens per call take the int8 kernel (see the module docstring)
 
 
