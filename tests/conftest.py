@@ -13,3 +13,21 @@ def tiny():
     from budgetlm.models.sources import load
 
     return load("tiny-random")
+
+
+@pytest.fixture
+def input_hessian():
+    """A reference for the Hessian-based methods: hessian(model, module, tokens) = (2/n) XᵀX in float64, X the
+    n inputs (tokens) `module` receives when `model` runs on `tokens`."""
+    import torch
+
+    def hessian(model, module, tokens):
+        xs = []
+        h = module.register_forward_pre_hook(lambda _m, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+        h.remove()
+        X = torch.cat(xs).double()
+        return 2 / X.shape[0] * X.T @ X
+
+    return hessian

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from budgetlm.errors import BudgetLMError, ConfigError
+from budgetlm.utils import yaml_load
 
 app = typer.Typer(
     add_completion=False,
@@ -149,8 +150,6 @@ def bench(
 
 def parse_steps(args: list[str]) -> list[dict]:
     """--method NAME [--set key=value ...] repeated, in order -> [{"method": NAME, key: value, ...}]."""
-    import yaml
-
     steps: list[dict] = []
     i = 0
     while i < len(args):
@@ -171,7 +170,7 @@ def parse_steps(args: list[str]) -> list[dict]:
                 k, eq, v = value.partition("=")
                 if not eq or not k:
                     raise ConfigError(f"--set {value}: expected key=value, e.g. --set bits=4")
-                steps[-1][k] = yaml.safe_load(v) if v else None
+                steps[-1][k] = yaml_load(v) if v else None
         else:
             raise ConfigError(f"unexpected argument '{arg}'; use --method NAME [--set key=value ...] --out DIR")
         i += 1

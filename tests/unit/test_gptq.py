@@ -243,17 +243,7 @@ def test_bad_group_size_is_one_line():
 # --- the method on tiny-random ---------------------------------------------------------------------------------
 
 
-def _hessian_of_input(model, module, tokens):
-    xs = []
-    h = module.register_forward_pre_hook(lambda _m, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        model(input_ids=tokens, use_cache=False)
-    h.remove()
-    X = torch.cat(xs).double()
-    return 2 / X.shape[0] * X.T @ X
-
-
-def test_method_matches_reference_layer_by_layer(tiny, monkeypatch):
+def test_method_matches_reference_layer_by_layer(tiny, monkeypatch, input_hessian):
     """Layer 0's q/k (quantised stacked, one shared H) match the naive reference on the inputs the test
     captures; layer 1's k_proj matches it on the inputs after layer 0 was quantised (the calibration advances
     through the changed model), and so does its down_proj (stubbed in its Hessian pass) on the inputs the
@@ -267,15 +257,15 @@ def test_method_matches_reference_layer_by_layer(tiny, monkeypatch):
     }
     w["down1"] = layers[1].mlp.down_proj.weight.detach().clone()
     original1 = copy.deepcopy(layers[1])
-    H0 = _hessian_of_input(tiny.model, layers[0].self_attn.q_proj, tokens)
+    H0 = input_hessian(tiny.model, layers[0].self_attn.q_proj, tokens)
     stub_calls = []
     forward = gptq_mod._Stub.forward
     monkeypatch.setattr(gptq_mod._Stub, "forward", lambda self, x: stub_calls.append(1) or forward(self, x))
     reports = apply_steps(tiny, [{"method": "gptq"}], ctx)
     assert stub_calls, "layer 1's Hessian pass skipped down_proj (learnt from layer 0)"
-    H1 = _hessian_of_input(tiny.model, layers[1].self_attn.k_proj, tokens)  # layer 0 is quantised now
+    H1 = input_hessian(tiny.model, layers[1].self_attn.k_proj, tokens)  # layer 0 is quantised now
     quantised1, layers[1] = layers[1], original1  # the inputs of layer 1's down_proj in its original form
-    H1_down = _hessian_of_input(tiny.model, original1.mlp.down_proj, tokens)
+    H1_down = input_hessian(tiny.model, original1.mlp.down_proj, tokens)
     layers[1] = quantised1
     for key, mod, H in [
         ("q0", layers[0].self_attn.q_proj, H0),

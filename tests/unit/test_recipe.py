@@ -242,3 +242,19 @@ def test_bundled_recipes_by_name_and_a_missing_name_lists_them(monkeypatch, tmp_
     with pytest.raises(ConfigError) as e:
         load_recipe("quant_suit")
     assert "quickstart" in one_line(e) and "quant_suite" in one_line(e)
+
+
+def test_an_nm_pattern_is_not_read_as_a_base_60_number(tmp_path):
+    """PyYAML's YAML 1.1 reads `2:4` as 124; recipes and --set must keep it as the pattern string."""
+    import yaml
+
+    from budgetlm.cli import parse_steps
+    from budgetlm.utils import yaml_load
+
+    assert yaml.safe_load("2:4") == 124  # the trap
+    r = load_recipe(
+        write(tmp_path, "models: [tiny-random]\npipelines:\n  w: [{method: wanda, pattern: 2:4}]\ntasks: [t-acc]\n")
+    )
+    assert r.pipelines["w"][0]["pattern"] == "2:4"
+    assert parse_steps(["--method", "wanda", "--set", "pattern=2:4"])[0]["pattern"] == "2:4"
+    assert yaml_load("4") == 4 and yaml_load("0.5") == 0.5 and yaml_load("null") is None

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
+from budgetlm.utils import YamlLoader
 
 BASELINE = "baseline"
 OFFLINE_SUITE = ["text-ppl", "text-cloze", "arith", "fidelity"]
@@ -240,8 +241,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+class _UniqueKeyLoader(YamlLoader):
+    """A safe loader (no base-60 numbers: `pattern: 2:4` stays "2:4") that rejects a key given twice in one mapping
+    (PyYAML silently keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -27,6 +27,18 @@ def _register_builtin() -> None:
     methods.add("gptq", "budgetlm.methods.quant.gptq:GPTQ")
     methods.add("awq", "budgetlm.methods.quant.awq:AWQ")
     methods.add("lobi", "budgetlm.methods.quant.lobi:LoBi")
+    methods.add("magnitude", "budgetlm.methods.prune.magnitude:Magnitude")
+    methods.add("wanda", "budgetlm.methods.prune.wanda:Wanda")
+    methods.add("sparsegpt", "budgetlm.methods.prune.sparsegpt:SparseGPT")
+    methods.add("shortgpt", "budgetlm.methods.prune.shortgpt:ShortGPT")
+    methods.add("lora", "budgetlm.methods.adapt.peft_adapters:LoRA")
+    methods.add("dora", "budgetlm.methods.adapt.peft_adapters:DoRA")
+    methods.add("loha", "budgetlm.methods.adapt.peft_adapters:LoHa")
+    methods.add("vblora", "budgetlm.methods.adapt.peft_adapters:VBLoRA")
+    methods.add("lora_xs", "budgetlm.methods.adapt.lora_xs:LoRAXS")
+    methods.add("mars", "budgetlm.methods.adapt.mars:MARS")
+    methods.add("qlora", "budgetlm.methods.adapt.qlora:QLoRA")
+    methods.add("qmars", "budgetlm.methods.adapt.qlora:QMARS")
 
 
 class MethodConfig(BaseModel):
@@ -106,12 +118,14 @@ def parse_config(name: str, values: dict) -> MethodConfig:
         raise ConfigError(f"method '{name}': {loc}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def select_linears(model: torch.nn.Module, cfg: MethodConfig) -> list[tuple[str, torch.nn.Linear]]:
-    """The nn.Linear modules a config targets, in model order; none is a one-line ConfigError naming the
-    patterns and the Linear modules that exist."""
+def select_linears(
+    model: torch.nn.Module, cfg: MethodConfig, types: tuple[type, ...] = (torch.nn.Linear,)
+) -> list[tuple[str, torch.nn.Linear]]:
+    """The nn.Linear modules (or modules of `types`) a config targets, in model order; none is a one-line
+    ConfigError naming the patterns and the Linear modules that exist."""
     out, linears = [], []
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
+        if not isinstance(mod, types):
             continue
         linears.append(name)
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.ignore):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from budgetlm.errors import ModelError
 from budgetlm.registry import Registry
+from budgetlm.utils import atomic_dir
 
 MANIFEST = "budgetlm.json"
 PROVENANCE = "provenance.json"
@@ -29,6 +28,14 @@ layer_kinds: Registry[Any] = Registry("layer kind")
 # lazy entries: a saved folder names the kind, the registry imports its builder on first use
 layer_kinds.add("quant_linear", "budgetlm.methods.quant.layers:rebuild")
 layer_kinds.add("nf4_linear", "budgetlm.methods.quant.nf4:rebuild")
+layer_kinds.add("sparse_linear", "budgetlm.methods.prune.sparse:rebuild")
+
+# kind -> callable(model, meta): re-creates a whole-model part (an adapter: its wrapped layers and any state shared
+# between them) on a freshly built model before its tensors load. A model lists its parts, {kind: meta} (JSON), in
+# the attribute `budgetlm_parts`; layer kinds are rebuilt after the parts (they may sit inside an adapter).
+model_parts: Registry[Any] = Registry("model part")
+model_parts.add("adapter", "budgetlm.methods.adapt.base:reattach")
+model_parts.add("peft_adapter", "budgetlm.methods.adapt.peft_adapters:reattach")
 
 
 @dataclass
@@ -60,9 +67,7 @@ class ModelHandle:
         from safetensors.torch import save_model
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.model.config.save_pretrained(tmp)
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:
@@ -70,17 +75,11 @@ class ModelHandle:
             self.tokenizer.save_pretrained(tmp)
             save_model(self.model, str(tmp / WEIGHTS), metadata={"format": "pt"})
             manifest = {"source": self.source, "base": self.base_id, "modules": self.replaced_modules()}
+            manifest["parts"] = dict(getattr(self.model, "budgetlm_parts", None) or {})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             (tmp / PROVENANCE).write_text(json.dumps(self.provenance, indent=2))
-            os.chmod(tmp, 0o755)
             for f in tmp.iterdir():
                 os.chmod(f, 0o644)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 
@@ -97,13 +96,18 @@ def load_folder(path: Path) -> ModelHandle:
     provenance = json.loads((path / PROVENANCE).read_text()) if (path / PROVENANCE).exists() else []
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for kind, meta in manifest.get("parts", {}).items():
+        model_parts.get(kind)(model, meta)
     for name, meta in manifest.get("modules", {}).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         meta = dict(meta)
         build = layer_kinds.get(meta.pop("kind"))
-        setattr(parent, child, build(old, meta))
+        new = build(old, meta)
+        if not any(p.requires_grad for p in old.parameters()):  # frozen by a part (the base under an adapter)
+            new.requires_grad_(False)
+        setattr(parent, child, new)
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]

@@ -20,11 +20,12 @@ do not depend on column order, so act-order per-channel needs no perm either.
 
 The method calibrates decoder layer by decoder layer (LayerwiseCalibration): it collects the Hessians of the
 targeted Linears of a layer in one pass of the calibration inputs, quantises them, and feeds the quantised layer's
-outputs to the next layer. Linears fed the same tensor (q/k/v, gate/up in Llama-style blocks) share one Hessian:
-it is computed once and their weights are quantised together as one stacked matrix (GPTQ treats rows
-independently, so this is exactly the same as quantising them one by one). With `true_sequential` the Hessians
-of the later sub-layers are re-collected after the earlier ones are quantised (q/k/v, then o, then gate/up, then
-down: 4 passes per layer instead of 1); it is off by default because it more than doubles the calibration time.
+outputs to the next layer (compress_layerwise, the loop SparseGPT shares). Linears fed the same tensor (q/k/v,
+gate/up in Llama-style blocks) share one Hessian: it is computed once and their weights are quantised together as
+one stacked matrix (GPTQ treats rows independently, so this is exactly the same as quantising them one by one).
+With `true_sequential` the Hessians of the later sub-layers are re-collected after the earlier ones are quantised
+(q/k/v, then o, then gate/up, then down: 4 passes per layer instead of 1); it is off by default because it more
+than doubles the calibration time.
 
 Work saved without changing the result: in a Hessian pass the target the layer calls after all the others
 (down_proj) is replaced by a stub returning zeros, since only its input is needed (checked on every batch;
@@ -38,6 +39,7 @@ dead inputs, and which modules shared its Hessian.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from pydantic import field_validator
@@ -110,7 +112,7 @@ class GPTQ(MethodConfig):
 # --- the per-layer algorithm --------------------------------------------------------------------------------
 
 
-def _storable(grid: Grid) -> Grid:
+def storable(grid: Grid) -> Grid:
     """The grid with its scales rounded to the fp16 values QuantLinear stores (kept in fp32)."""
     scales = grid.scales.clamp(FP16_TINY, FP16_MAX).half().float()
     return Grid(scales, grid.zeros, grid.bits, grid.group_size)
@@ -147,15 +149,15 @@ def output_error_rows(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> tupl
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative squared output error on the calibration inputs."""
-    return _ratio(*output_error_rows(w, q, H))
+    return ratio(*output_error_rows(w, q, H))
 
 
-def _ratio(err: torch.Tensor, energy: torch.Tensor) -> float:
+def ratio(err: torch.Tensor, energy: torch.Tensor) -> float:
     num, den = float(err.sum()), float(energy.sum())
     return num / den if den > 0 else float(num > 0)
 
 
-class _single_thread:
+class single_thread:
     """GPTQ of one layer is a long chain of small dependent ops (and matrices of at most a few thousand rows):
     one intra-op thread is faster for it than waking a thread team for each op, and far more robust on a busy
     machine (measured here: 0.57 s instead of 0.94 s for a 576 x 1536 weight)."""
@@ -179,18 +181,24 @@ def gptq_layer(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    keep_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Grid, torch.Tensor | None, dict]:
     """Quantise one weight [out, in] given the Hessian H [in, in] of its inputs.
+
+    `keep_zero` (bool [out, in], True = pruned): weights that must stay exactly 0 — a pruned model quantised
+    after pruning. They get the code that dequantises to 0 (the zero point, or 2^(b−1) for a symmetric grid)
+    whatever the error feedback has added to them, their error is fed forward like any other, and group grids
+    are found with them left out (as zeros).
 
     Returns (codes uint8 [out, in], grid, perm, stats) in the layout QuantLinear.from_codes expects: when `perm`
     is not None (act-order with groups, no static groups) codes and groups are for W[:, perm]; otherwise they
     are in natural column order. Works in float32 (float64 if `w` is float64). stats: damp (the damping
     fraction used), damp_retries, dead_inputs (columns with H_ii == 0, quantised as zeros), rel_output_error
     (tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) with the undamped H), row_error and row_energy (its per-row terms, tensors [out]).
-    Runs on one intra-op thread (see _single_thread).
+    Runs on one intra-op thread (see single_thread).
     """
-    with _single_thread():
-        return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups)
+    with single_thread():
+        return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zero)
 
 
 def _gptq(
@@ -203,6 +211,7 @@ def _gptq(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    keep_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Grid, torch.Tensor | None, dict]:
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"gptq: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
@@ -227,11 +236,14 @@ def _gptq(
 
     static_grid = None
     if grouped and static_groups:
-        static_grid = _storable(find_grid(W, bits, g, symmetric))
+        static_grid = storable(find_grid(W, bits, g, symmetric))
     perm = None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    if keep_zero is not None:
+        keep_zero = keep_zero.bool() if perm is None else keep_zero.bool()[:, perm]
+        keep_zero_t = keep_zero.t().contiguous()  # [in, out] in processing order
     U, frac, stats["damp_retries"] = inverse_hessian_cholesky(H, damp)
     stats["damp"] = frac
     lam = frac * float(H.diagonal().mean())
@@ -245,7 +257,7 @@ def _gptq(
     # per-column scale/zero source: one grid (per-channel), static per-group grids, or grids found on the fly
     col_scale = col_zero = None
     if not grouped:
-        grid = _storable(find_grid(W, bits, None, symmetric))
+        grid = storable(find_grid(W, bits, None, symmetric))
         s = grid.scales[:, 0].to(dtype)
         z = None if grid.zeros is None else grid.zeros[:, 0].to(dtype)
     elif static_grid is not None:
@@ -269,7 +281,9 @@ def _gptq(
                 if j + g > i2:  # the group runs past this block: add the block's pending update first
                     rest = Wt[i2 : j + g] - U[i1:j, i2 : j + g].t() @ E1[:i]
                     cols = torch.cat([cols, rest])
-                gr = _storable(find_grid(cols.t(), bits, None, symmetric))
+                if keep_zero is not None:
+                    cols = cols.masked_fill(keep_zero_t[j : j + cols.shape[0]], 0)
+                gr = storable(find_grid(cols.t(), bits, None, symmetric))
                 s = gr.scales[:, 0].to(dtype)
                 z = None if gr.zeros is None else gr.zeros[:, 0].to(dtype)
                 group_scales.append(gr.scales)
@@ -281,9 +295,13 @@ def _gptq(
             q = torch.round(x / s)
             if z is None:
                 q.clamp_(-half, half - 1).add_(half)
+                if keep_zero is not None:
+                    q.masked_fill_(keep_zero_t[j], half)
                 dq = (q - half).mul_(s)
             else:
                 q.add_(z).clamp_(0, qmax)
+                if keep_zero is not None:
+                    q = torch.where(keep_zero_t[j], z, q)
                 dq = (q - z).mul_(s)
             Qt[j] = q
             e = E1[i]
@@ -316,7 +334,7 @@ def _gptq(
             out_perm = perm
         else:
             codes = codes[:, torch.argsort(perm)].contiguous()
-    stats |= {"rel_output_error": _ratio(err, energy), "row_error": err.float(), "row_energy": energy.float()}
+    stats |= {"rel_output_error": ratio(err, energy), "row_error": err.float(), "row_energy": energy.float()}
     return codes, out_grid, out_perm, stats
 
 
@@ -393,9 +411,11 @@ def _input_groups(stats: dict[str, _SharedHessian]) -> tuple[list[list[str]], li
 # --- the method ------------------------------------------------------------------------------------------------
 
 
-def _assign_layers(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]]) -> list[tuple[str, dict]]:
+def _assign_layers(
+    model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], method: str
+) -> list[tuple[str, dict]]:
     """Per decoder layer, (its module-name prefix, {name: Linear} of the targets inside it); a target outside
-    every decoder layer is a one-line ConfigError (GPTQ calibrates decoder layers one by one)."""
+    every decoder layer is a one-line ConfigError (the Hessians are collected decoder layer by layer)."""
     blocks = decoder_layers(model)
     index = {id(b): i for i, b in enumerate(blocks)}
     prefix = [""] * len(blocks)
@@ -414,9 +434,8 @@ def _assign_layers(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Lin
     if outside:
         shown = ", ".join(outside[:3]) + (f", ... ({len(outside)} in all)" if len(outside) > 3 else "")
         raise ConfigError(
-            f"method 'gptq' calibrates the decoder layers one by one, but targets {shown} outside them; add them "
-            f"to ignore (e.g. ignore: [lm_head, '*.lm_head', {outside[0]!r}]) or quantise them with rtn in "
-            "another step"
+            f"method '{method}' calibrates the decoder layers one by one, but targets {shown} outside them; add them "
+            f"to ignore (e.g. ignore: [lm_head, '*.lm_head', {outside[0]!r}]) or change them in another step"
         )
     return per_layer
 
@@ -434,7 +453,7 @@ class _Stub(torch.nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _dense(layer: QuantLinear, dtype: torch.dtype) -> torch.nn.Module:
+def dense_stand_in(layer: QuantLinear, dtype: torch.dtype) -> torch.nn.Module:
     """An nn.Linear computing exactly what `layer` computes (its dequantised weight), for the calibration passes
     that follow: the forward then skips unpacking the codes for every batch. The int8-kernel path is not exact
     dequantisation, so such a layer stands for itself."""
@@ -495,62 +514,100 @@ class _Hessians:
         return groups, never, hessians
 
 
-@implements(GPTQ)
+# A group compressor: given one shared-input group of names, the {name: Linear} still to compress and the
+# Hessians, returns {name: (stand_in, final)}: `stand_in` computes exactly what `final` computes and serves the
+# later passes over the layer and its `advance` (cheaper than e.g. unpacking codes per batch); `final` is
+# installed once the layer is done.
+GroupCompressor = Callable[[list[str], dict, dict], dict[str, tuple[torch.nn.Module, torch.nn.Module]]]
+
+
 @torch.no_grad()
-def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
-    model = handle.model
+def compress_layerwise(
+    handle: ModelHandle,
+    cfg: MethodConfig,
+    ctx: StepContext,
+    compress: GroupCompressor,
+    check: Callable[[list[tuple[str, torch.nn.Linear]]], None] | None = None,
+    true_sequential: bool = False,
+) -> tuple[list[str], dict[str, float]]:
+    """The layer-by-layer Hessian loop shared by GPTQ and SparseGPT over the Linears `cfg` targets (`check`
+    validates them before anything changes): per decoder layer, collect the Hessians of its remaining targets
+    (one per shared input, gptq's passes), let `compress` replace each input group, feed the changed layer's
+    outputs forward. With `true_sequential` only the first group is compressed per pass. Returns (notes,
+    seconds per phase). A target never called on the calibration text has no entry in the Hessians."""
+    model, method = handle.model, cfg.method_name
     targets = select_linears(model, cfg)
-    for name, lin in targets:
-        check_group(name, lin.in_features, cfg.group_size)
-    per_layer = _assign_layers(model, targets)
+    if check is not None:
+        check(targets)
+    per_layer = _assign_layers(model, targets, method)
     del targets  # hold no reference to a replaced Linear, so its fp32 weight is freed as the step goes
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
-    cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method="gptq")
+    cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method=method)
 
-    stats: dict[str, dict] = {}
     notes: list[str] = []
-    seconds = {"hessians": 0.0, "gptq": 0.0, "advance": 0.0}
+    seconds = {"hessians": 0.0, method: 0.0, "advance": 0.0}
     passes = _Hessians()
     for i, layer in cal.layers():
         prefix, remaining = per_layer[i][0], per_layer[i][1]
         per_layer[i] = (prefix, {})
-        done: dict[str, QuantLinear] = {}
+        done: dict[str, torch.nn.Module] = {}
         while remaining:
             t0 = time.perf_counter()
             groups, never, hessians = passes.collect(cal, model, layer, prefix, remaining)
-            if cfg.true_sequential and groups:
+            if true_sequential and groups:
                 groups = groups[:1]
             elif never:
-                notes.append(f"{', '.join(never)} never ran on the calibration text: quantised with H = I (rtn)")
+                notes.append(f"{', '.join(never)} never ran on the calibration text: {method} used H = I for them")
                 groups += [[n] for n in never]
             release_freed_heap()  # the pass's activations: keep the RSS at the live memory
             t1 = time.perf_counter()
             for group in groups:
-                dtype = remaining[group[0]].weight.dtype
-                new = _quantise_group(group, remaining, hessians, cfg, stats)
-                for n, q in new.items():  # later passes over this layer see an exact dense stand-in
-                    set_module(model, n, _dense(q, dtype))
+                for n, (stand_in, final) in compress(group, remaining, hessians).items():
+                    set_module(model, n, stand_in)  # later passes over this layer see an exact stand-in
                     remaining.pop(n)
-                done |= new
+                    done[n] = final
             seconds["hessians"] += t1 - t0
-            seconds["gptq"] += time.perf_counter() - t1
+            seconds[method] += time.perf_counter() - t1
         if i < last:
             t0 = time.perf_counter()
             cal.advance(layer)
             seconds["advance"] += time.perf_counter() - t0
-        for n, q in done.items():
-            set_module(model, n, q)
+        for n, final in done.items():
+            set_module(model, n, final)
         if ctx.progress:
-            print(f"gptq: layer {i + 1}/{last + 1} done", flush=True)
+            print(f"{method}: layer {i + 1}/{last + 1} done", flush=True)
         if i >= last:
             break
     del cal
-
-    retried = [n for n, s in stats.items() if s["damp_retries"]]
-    notes.insert(0, f"quantised {len(stats)} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
     notes.append(
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + " (the rest: capturing the inputs)"
     )
+    return notes, seconds
+
+
+@implements(GPTQ)
+@torch.no_grad()
+def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
+    stats: dict[str, dict] = {}
+
+    def check(targets: list) -> None:
+        for name, lin in targets:
+            check_group(name, lin.in_features, cfg.group_size)
+
+    def compress(group: list[str], mods: dict, hessians: dict) -> dict:
+        dtype = mods[group[0]].weight.dtype
+        new = _quantise_group(group, mods, hessians, cfg, stats)
+        return {n: (dense_stand_in(q, dtype), q) for n, q in new.items()}
+
+    notes = compress_layerwise(handle, cfg, ctx, compress, check, cfg.true_sequential)[0]
+    retried = [n for n, s in stats.items() if s["damp_retries"]]
+    notes.insert(0, f"quantised {len(stats)} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
+    kept = [s["kept_zeros"] for s in stats.values() if "kept_zeros" in s]
+    if kept:
+        notes.append(
+            f"{len(kept)} pruned modules kept their {sum(kept):,} zeros exactly (codes of 0); the quantised storage "
+            "is dense codes, so the sparsity saves no further bytes"
+        )
     if retried:
         notes.append(f"Cholesky needed more damping for {len(retried)} modules: {', '.join(retried[:5])}")
     return StepReport("gptq", cfg.model_dump(), stats=stats, notes=notes)
@@ -563,8 +620,19 @@ def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, sta
     if H is None:
         H = torch.eye(lins[0].in_features)
     w = torch.cat([lin.weight.detach().float() for lin in lins]) if len(lins) > 1 else lins[0].weight.detach()
+    pruned = any(getattr(lin, "layer_kind", None) == "sparse_linear" for lin in lins)
+    keep_zero = (w == 0) if pruned else None  # a pruned model: its zeros stay zeros
     codes, grid, perm, st = gptq_layer(
-        w, H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups
+        w,
+        H,
+        cfg.bits,
+        cfg.group_size,
+        cfg.symmetric,
+        cfg.damp,
+        cfg.block_size,
+        cfg.act_order,
+        cfg.static_groups,
+        keep_zero,
     )
     out, row = {}, 0
     for name, lin in zip(group, lins):
@@ -574,11 +642,13 @@ def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, sta
         sub = Grid(grid.scales[rows], zeros, grid.bits, grid.group_size)
         out[name] = layer = QuantLinear.from_codes(codes[rows], sub, lin.bias, perm=perm)
         stats[name] = {
-            "rel_output_error": _ratio(st["row_error"][rows], st["row_energy"][rows]),
+            "rel_output_error": ratio(st["row_error"][rows], st["row_energy"][rows]),
             "bits_per_weight": layer.storage_bytes() * 8 / lin.weight.numel(),
             "damp": st["damp"],
             "damp_retries": st["damp_retries"],
             "dead_inputs": st["dead_inputs"],
             "shared_hessian": "+".join(n.rsplit(".", 1)[-1] for n in group) if len(group) > 1 else None,
         } | ({"fallback": st["fallback"]} if "fallback" in st else {})
+        if pruned:
+            stats[name]["kept_zeros"] = int(keep_zero[rows].sum())
     return out

@@ -102,7 +102,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
-    if bits in (2, 4):  # whole codes per byte: shift and mask bytes directly (the decode path's fast case)
+    if bits in (1, 2, 4):  # whole codes per byte: shift and mask bytes directly (the decode path's fast case)
         per = 8 // bits
         mask = (1 << bits) - 1
         codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
