@@ -39,6 +39,8 @@ def _register_builtin() -> None:
     methods.add("mars", "budgetlm.methods.adapt.mars:MARS")
     methods.add("qlora", "budgetlm.methods.adapt.qlora:QLoRA")
     methods.add("qmars", "budgetlm.methods.adapt.qlora:QMARS")
+    methods.add("kd", "budgetlm.methods.distill.kd:KD")
+    methods.add("hidden_kd", "budgetlm.methods.distill.kd:HiddenKD")
 
 
 class MethodConfig(BaseModel):
