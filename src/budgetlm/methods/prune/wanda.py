@@ -27,7 +27,7 @@ from budgetlm.methods.prune.common import (
     sparsity_report,
     store_pruned,
 )
-from budgetlm.methods.quant.gptq import _assign_layers
+from budgetlm.methods.quant.gptq import assign_layers
 from budgetlm.models.handle import ModelHandle
 
 
@@ -49,7 +49,7 @@ def apply(handle: ModelHandle, cfg: Wanda, ctx: StepContext) -> StepReport:
     model = handle.model
     targets = select_linears(model, cfg)
     check_targets(targets, cfg)
-    per_layer = _assign_layers(model, targets, "wanda")
+    per_layer = assign_layers(model, targets, "wanda")
     del targets
     tokens = require_calibration(ctx.calibration(handle.tokenizer), "wanda")
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)

@@ -411,7 +411,7 @@ def _input_groups(stats: dict[str, _SharedHessian]) -> tuple[list[list[str]], li
 # --- the method ------------------------------------------------------------------------------------------------
 
 
-def _assign_layers(
+def assign_layers(
     model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], method: str
 ) -> list[tuple[str, dict]]:
     """Per decoder layer, (its module-name prefix, {name: Linear} of the targets inside it); a target outside
@@ -539,7 +539,7 @@ def compress_layerwise(
     targets = select_linears(model, cfg)
     if check is not None:
         check(targets)
-    per_layer = _assign_layers(model, targets, method)
+    per_layer = assign_layers(model, targets, method)
     del targets  # hold no reference to a replaced Linear, so its fp32 weight is freed as the step goes
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
     cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method=method)
