@@ -81,3 +81,24 @@ def pm(m: dict | None, digits: int) -> str:
 
 def mib(x) -> str:
     return "—" if x is None else f"{x / 2**20:.0f}"
+
+
+def add_worker_args(ap) -> None:
+    """The hidden arguments of a row's worker process (see run_in_process)."""
+    import argparse
+
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--opts", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def run_worker(args, run_row) -> None:
+    """In the worker: run_row(row, opts), recording a failure (with its traceback in the log) as an error row."""
+    import traceback
+
+    try:
+        res = run_row(json.loads(args.worker), json.loads(args.opts))
+    except Exception as exc:  # noqa: BLE001 - one row's failure is recorded, the table goes on
+        traceback.print_exc()
+        res = {"status": "error", "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+    Path(args.result).write_text(json.dumps(res, default=str))

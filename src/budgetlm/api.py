@@ -50,6 +50,25 @@ def report(directory: str | Path) -> dict[str, Path]:
     return build_report(directory)
 
 
+def train(
+    model: str,
+    method: str,
+    out: str | Path,
+    settings: dict | None = None,
+    train: dict | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Attach adapter `method` (or 'full' fine-tuning) with `settings`, train it with the TrainConfig `train`,
+    checkpointing under out/checkpoints, and save the model into `out`; see budgetlm.train.run. Returns
+    (handle, TrainResult, notes)."""
+    from budgetlm.train.run import plan_run, train_run
+
+    run = plan_run(model, method, settings or {}, train or {}, seed)
+    return train_run(run, out, resume=resume, progress=progress)
+
+
 def export(
     handle: ModelHandle, path: str | Path, gguf_type: str = "Q8_0", requantize: bool = False, pure: bool = False
 ):

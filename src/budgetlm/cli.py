@@ -150,6 +150,7 @@ def bench(
 
 def parse_steps(args: list[str]) -> list[dict]:
     """--method NAME [--set key=value ...] repeated, in order -> [{"method": NAME, key: value, ...}]."""
+
     steps: list[dict] = []
     i = 0
     while i < len(args):
@@ -217,6 +218,96 @@ def compress(
         _print_export(run_export(handle, out.parent / f"{out.name}.{gguf}.gguf", gguf))
 
 
+TRAIN_HELP = (
+    "Train an adapter or the whole model: --method NAME (an adapter, or full) [--set key=value ...] "
+    "[--set train.key=value ...] --out DIR; checkpoints go to DIR/checkpoints, the trained model to DIR."
+)
+
+
+def split_train_settings(settings: dict) -> tuple[dict, dict]:
+    """{"r": 8, "train.steps": 10, "train.data.task": "arith"} -> ({"r": 8}, {"steps": 10, "data": {"task": ...}})."""
+    method, train = {}, {}
+    for key, value in settings.items():
+        if key == "train":
+            if not isinstance(value, dict):
+                raise ConfigError(f"--set train={value!r}: expected a mapping; write --set train.steps=100")
+            train.update(value)
+        elif key.startswith("train."):
+            *parents, leaf = key.split(".")[1:]
+            node = train
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {key}: train.{p} is not a mapping")
+            node[leaf] = value
+        else:
+            method[key] = value
+    return method, train
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, help=TRAIN_HELP)
+def train(
+    ctx: typer.Context,
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="run folder: checkpoints/, train.json and the trained model")],
+    train_config: Annotated[
+        Path | None, typer.Option("--train-config", help="YAML file of TrainConfig keys (steps, lr, data, ...)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
+    seed: Annotated[int, typer.Option(help="seeds the adapter's initialisation (the training seed is train.seed)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
+) -> None:
+    from budgetlm.api import train as run_train
+    from budgetlm.results import Metric
+    from budgetlm.train.run import check_out_dir, plan_run
+
+    steps = parse_steps(list(ctx.args))
+    if len(steps) != 1:
+        raise ConfigError(f"budgetlm train takes one --method (got {len(steps)}); train one adapter per run")
+    settings = dict(steps[0])
+    method = settings.pop("method")
+    settings, train_settings = split_train_settings(settings)
+    if train_config is None and not train_settings:
+        raise ConfigError("no training run given: pass --train-config FILE.yaml or --set train.steps=N (and more)")
+    base = {}
+    if train_config is not None:
+        if not train_config.is_file():
+            raise ConfigError(f"--train-config {train_config}: no such file")
+        base = yaml_load(train_config.read_text(encoding="utf-8")) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"--train-config {train_config}: expected a mapping of TrainConfig keys (steps, lr, ...)")
+    run = plan_run(model, method, settings, _deep_merge(base, train_settings), seed)
+    check_out_dir(run, out, resume)  # before loading anything
+    _, result, notes = run_train(model, method, out, settings, run.train.resolved(), resume, seed, not as_json)
+    losses = result.losses
+    phases = {
+        "train": {
+            "steps": Metric(float(result.steps)),
+            "trainable_params": Metric(float(result.trainable_params)),
+            "loss_first": Metric(losses[0] if losses else float("nan")),
+            "loss_last": Metric(losses[-1] if losses else float("nan")),
+            "seconds": Metric(float(sum(result.step_times)), unit="s"),
+            "peak_rss": Metric(float(result.peak_rss_bytes), unit="B"),
+        }
+    }
+    if result.resumed_from is not None:
+        phases["train"]["resumed_from_step"] = Metric(float(result.resumed_from))
+    for task, metrics in (result.evals.get(result.steps) or {}).items():
+        phases[task] = {k: Metric(**m) for k, m in metrics.items()}
+    if not as_json:
+        for note in notes:
+            print(f"note: {note}")
+        print(f"saved {out} (checkpoints in {out / 'checkpoints'})")
+    _print_results(phases, as_json)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _print_export(report) -> None:
     for note in report.notes:
         print(f"note: {note}")
@@ -254,13 +345,37 @@ def export_cmd(
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="recipe YAML (default: the bundled quickstart)")] = None,
     out: Annotated[Path | None, typer.Option(help="study folder (default: runs/<recipe name>)")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="validate the recipe and list its cells; run nothing")
+    ] = False,
 ) -> None:
     """Run a study: every model x pipeline cell is compressed, evaluated and measured; resumes if interrupted."""
     from budgetlm.experiments.study import run_study, summary_table
 
+    if dry_run:
+        _print_plan(recipe)
+        return
     folder = run_study(recipe, out, progress=True)
     _console().print(summary_table(folder))
     print(f"results in {folder}; `budgetlm report {folder}` writes report.md, results.csv and pareto.png")
+
+
+def _print_plan(recipe: Path | None) -> None:
+    from budgetlm.experiments.plan import model_label, plan
+    from budgetlm.experiments.recipe import load_recipe
+
+    def text(step: dict) -> str:
+        keys = [k for k in step if k not in ("method", "targets", "ignore", "train")]
+        train = step.get("train")
+        extra = [f"train {train['steps']} steps on {train['data']['task']}"] if train else []
+        return f"{step['method']}(" + ", ".join([*(f"{k}={step[k]}" for k in keys), *extra]) + ")"
+
+    rec = load_recipe(recipe)
+    cells = plan(rec)
+    rows = [[model_label(c.model), c.pipeline, c.id, " -> ".join(map(text, c.config["steps"])) or "-"] for c in cells]
+    _table(
+        f"{rec.name}: {len(cells)} cells; tasks {', '.join(rec.tasks)}", ["model", "pipeline", "cell", "steps"], rows
+    )
 
 
 @app.command()

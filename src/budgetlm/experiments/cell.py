@@ -147,7 +147,10 @@ def _step_phases(steps: list[dict], reports: list[dict]) -> dict[str, dict[str, 
         metrics = {"seconds": Metric(float(rep.get("seconds") or 0.0), unit="s")}
         if rep.get("peak_rss") is not None:
             metrics["peak_rss"] = Metric(float(rep["peak_rss"]), unit="B")
-        for key, value in (rep.get("stats") or {}).items():
+        stats = rep.get("stats") or {}
+        total = stats.get("total")  # an adapter's totals: trainable params, train time and peak RSS
+        scalars = {**stats, **total} if isinstance(total, dict) else stats
+        for key, value in scalars.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[key] = Metric(float(value))
         phases[f"step{i + 1}-{step['method']}"] = metrics

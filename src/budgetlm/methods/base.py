@@ -41,6 +41,7 @@ def _register_builtin() -> None:
     methods.add("qmars", "budgetlm.methods.adapt.qlora:QMARS")
     methods.add("kd", "budgetlm.methods.distill.kd:KD")
     methods.add("hidden_kd", "budgetlm.methods.distill.kd:HiddenKD")
+    methods.add("lobi_lora", "budgetlm.methods.adapt.lobi_lora:LoBiLoRA")
 
 
 class MethodConfig(BaseModel):

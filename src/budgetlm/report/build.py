@@ -177,17 +177,27 @@ def cost_table(cells: list[dict]) -> list[str]:
 
 
 def step_table(cells: list[dict]) -> list[str]:
+    """Seconds and peak RSS of every step; for adapter steps also the trainable parameters and, when the step
+    trained, its training seconds, training peak RSS and last loss."""
     lines = []
+    train_cols = ("train_seconds", "train_peak_rss", "train_loss_last")
+    adapters = any("trainable_params" in m for c in cells for p, m in c["phases"].items() if p.startswith("step"))
     for c in cells:
         for phase, metrics in c["phases"].items():
             if phase.startswith("step") and "seconds" in metrics:
-                lines.append(
-                    f"| {c['label']} | {phase} | {_num(st.value(c['phases'], phase, 'seconds'), 1, 1)} "
-                    f"| {_num(st.value(c['phases'], phase, 'peak_rss'), MB, 0)} |"
-                )
+                secs, rss = (st.value(c["phases"], phase, k) for k in ("seconds", "peak_rss"))
+                line = f"| {c['label']} | {phase} | {_num(secs, 1, 1)} | {_num(rss, MB, 0)} |"
+                if adapters:
+                    tp, secs, rss, loss = (st.value(c["phases"], phase, k) for k in ("trainable_params", *train_cols))
+                    line += f" {'-' if tp is None else f'{tp:,.0f}'} | {_num(secs, 1, 1)} | {_num(rss, MB, 0)} |"
+                    line += f" {_num(loss, 1, 4)} |"
+                lines.append(line)
     if not lines:
         return []
-    return ["## Steps", "", "| pipeline | step | seconds | peak RSS MB |", "|---|---|---|---|"] + lines + [""]
+    head = "| pipeline | step | seconds | peak RSS MB |"
+    if adapters:
+        head += " trainable params | train s | train peak RSS MB | last loss |"
+    return ["## Steps", "", head, "|" + "---|" * (head.count("|") - 1)] + lines + [""]
 
 
 def env_table(cells: list[dict]) -> list[str]:

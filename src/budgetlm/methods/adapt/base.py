@@ -259,13 +259,18 @@ def finish(handle: ModelHandle, cfg: AdapterConfig, ctx: StepContext, names: lis
     model = handle.model
     stats, total = trainable_report(model, names)
     params = param_count(model)  # a quantised base counts its logical weights
-    stats["total"] = {"trainable_params": total, "params": params}
+    stats["total"] = {"trainable_params": total, "params": params}  # a study records these as the step's metrics
     notes = [f"{cfg.method_name}: {total:,} trainable parameters ({100 * total / params:.3f}% of {params:,})", *notes]
     if cfg.train is not None:
         from budgetlm.train.loop import fit
 
         result = fit(handle, cfg.train, progress=ctx.progress)
         stats["train"] = summary = result.to_dict()
+        stats["total"].update(
+            train_seconds=sum(result.step_times),
+            train_peak_rss=result.peak_rss_bytes,
+            train_loss_last=result.losses[-1] if result.losses else float("nan"),
+        )
         losses = summary["losses"]
         if losses:
             notes.append(f"trained {cfg.train.steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")

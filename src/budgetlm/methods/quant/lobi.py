@@ -209,15 +209,22 @@ def stored_grid(grid: Grid) -> Grid:
     return Grid(grid.scales.to(torch.float16).float(), grid.zeros, grid.bits, grid.group_size)
 
 
-def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_r Σ_r, V_rᵀ) of the truncated SVD of `err`, rounded to fp16 as stored."""
+def truncated_svd(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, Σ_r, V_rᵀ) in fp32 of the rank-r truncated SVD of `err`: U_r Σ_r V_rᵀ is its best rank-r
+    approximation (Eckart–Young). Shared by the stored correction (`low_rank`) and lobi_lora's adapter init."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # LAPACK's SVD gains little from a 2nd thread and stalls badly on shared cores
     try:
         u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
     finally:
         torch.set_num_threads(threads)
-    return (u[:, :rank] * s[:rank]).to(torch.float16), vh[:rank].to(torch.float16)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r Σ_r, V_rᵀ) of the truncated SVD of `err`, rounded to fp16 as stored."""
+    u, s, vh = truncated_svd(err, rank)
+    return (u * s).to(torch.float16), vh.to(torch.float16)
 
 
 class _Quantised:
