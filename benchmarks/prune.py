@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -129,6 +130,16 @@ def _effective_weight(mod):
 # --- the table -------------------------------------------------------------------------------------------------
 
 
+def _pruned_sparsity(r: dict) -> str:
+    """The sparsity of the Linears the pruning step targeted (its report's note), else the exact zeros over every
+    Linear including the tied lm_head, which no step prunes (marked *)."""
+    for note in r.get("notes", []):
+        m = re.search(r"sparsity ([0-9.]+) over their", note)
+        if m:
+            return m.group(1)
+    return f"{r['sparsity']['fraction']:.3f}*"
+
+
 def table(rows: list[dict], results: dict) -> str:
     head = (
         "| setting | layers | sparsity | KL to dense (nats/token) | perplexity | text-cloze acc | stored MB "
@@ -146,7 +157,7 @@ def table(rows: list[dict], results: dict) -> str:
         cells = [
             row["name"],
             str(r["layers"]),
-            f"{r['sparsity']['fraction']:.3f}",
+            _pruned_sparsity(r),
             pm(met["kld"], 4),
             pm(met["perplexity"], 2),
             pm(met["cloze_acc"], 3),

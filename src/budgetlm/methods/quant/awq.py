@@ -50,7 +50,6 @@ from torch import nn
 
 from budgetlm.errors import ModelError
 from budgetlm.methods.base import (
-    MethodConfig,
     StepContext,
     StepReport,
     implements,
@@ -60,15 +59,15 @@ from budgetlm.methods.base import (
 )
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
 from budgetlm.methods.quant.layers import QuantLinear
-from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
-from budgetlm.methods.quant.rtn import check_group
+from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
+from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
 
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
 
 
 @register_method("awq")
-class AWQ(MethodConfig):
+class AWQ(GridConfig):
     """AWQ: activation-aware per-channel weight scales folded into the preceding op, plus a clipping search."""
 
     needs_calibration: ClassVar[bool] = True
@@ -81,20 +80,6 @@ class AWQ(MethodConfig):
     clip_grid: int = 20  # max ← max·(1 − i/clip_grid)
     max_shrink: float = 0.5  # … for i < max_shrink·clip_grid
     search_tokens: int = 512  # tokens sampled for the α search of mlp/down_proj (attention: the first batch)
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("group_size must be a positive integer (or null for per-channel)")
-        return v
 
     @field_validator("n_grid", "clip_grid", "search_tokens")
     @classmethod

@@ -58,7 +58,7 @@ from budgetlm.methods.base import (
 from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid
-from budgetlm.methods.quant.rtn import check_group
+from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
 
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
@@ -66,7 +66,7 @@ MAX_DAMP_RETRIES = 8
 
 
 @register_method("gptq")
-class GPTQ(MethodConfig):
+class GPTQ(GridConfig):
     """GPTQ: Hessian-aware weight quantisation with error feedback, calibrated layer by layer (8/4/3/2 bits)."""
 
     bits: int = 4
@@ -79,20 +79,6 @@ class GPTQ(MethodConfig):
     true_sequential: bool = False  # re-collect Hessians after each sub-layer group is quantised (slower)
 
     needs_calibration = True
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("group_size must be a positive integer (or null for per-channel)")
-        return v
 
     @field_validator("damp")
     @classmethod

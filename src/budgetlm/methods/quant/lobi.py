@@ -43,7 +43,6 @@ from pydantic import field_validator
 
 from budgetlm.errors import ConfigError
 from budgetlm.methods.base import (
-    MethodConfig,
     StepContext,
     StepReport,
     implements,
@@ -54,14 +53,14 @@ from budgetlm.methods.base import (
 from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers, require_calibration
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
-from budgetlm.methods.quant.rtn import check_group
+from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
 
 MAX_STATES = 200_000  # DP states (budget units) above which increments are rounded to a coarser unit
 
 
 @register_method("lobi")
-class LoBi(MethodConfig):
+class LoBi(GridConfig):
     """Lo-Bi mixed precision: per-Linear bit widths chosen by sensitivity under an average bit budget."""
 
     target_bits: float = 3.0  # average stored bits per targeted weight, scales/zeros/correction included
@@ -87,13 +86,6 @@ class LoBi(MethodConfig):
         if not v or bad:
             raise ValueError(f"candidates must be a non-empty list of bit widths from {list(SUPPORTED_BITS)}")
         return sorted(set(v))
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("group_size must be a positive integer (or null for per-channel)")
-        return v
 
     @field_validator("rank")
     @classmethod

@@ -20,27 +20,32 @@ from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, dequantize, find_gr
 from budgetlm.models.handle import ModelHandle
 
 
-@register_method("rtn")
-class RTN(MethodConfig):
-    """Round-to-nearest weight quantisation (8/4/3/2 bits, per-channel or per-group, symmetric or not)."""
+class GridConfig(MethodConfig):
+    """The validation every integer-grid quantiser's config shares (rtn, gptq, awq, lobi): `bits` among the
+    supported widths, `group_size` positive or null (per channel). Subclasses declare the fields and defaults."""
 
-    bits: int = 8
-    group_size: int | None = None  # None: one scale per output channel
-    symmetric: bool = True
-
-    @field_validator("bits")
+    @field_validator("bits", check_fields=False)
     @classmethod
     def _bits(cls, v: int) -> int:
         if v not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
         return v
 
-    @field_validator("group_size")
+    @field_validator("group_size", check_fields=False)
     @classmethod
     def _group(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError("group_size must be a positive integer (or null for per-channel)")
         return v
+
+
+@register_method("rtn")
+class RTN(GridConfig):
+    """Round-to-nearest weight quantisation (8/4/3/2 bits, per-channel or per-group, symmetric or not)."""
+
+    bits: int = 8
+    group_size: int | None = None  # None: one scale per output channel
+    symmetric: bool = True
 
 
 def check_group(name: str, in_features: int, group_size: int | None) -> None:
