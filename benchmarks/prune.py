@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from peers.rows import load_results, mib, pm, run_in_process, save_row  # noqa: E402
+from peers.rows import add_worker_args, load_results, mib, pm, run_in_process, run_worker, save_row  # noqa: E402
 
 LIMITS = {"full": (32, 60), "quick": (8, 20)}  # (text-ppl chunks, text-cloze items)
 
@@ -183,18 +182,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--opts", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
 
     if args.worker:
-        try:
-            res = run_row(json.loads(args.worker), json.loads(args.opts))
-        except Exception as exc:  # noqa: BLE001 - the row records the failure, the table goes on
-            traceback.print_exc()
-            res = {"status": "error", "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
-        Path(args.result).write_text(json.dumps(res, default=str))
+        run_worker(args, run_row)
         return
 
     mode = "quick" if args.quick else "full"

@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from peers.rows import load_results, mib, pm, run_in_process, save_row  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -148,74 +147,7 @@ def row_key(row: dict) -> str:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
-def run_in_process(row: dict, opts: dict, log: Path, timeout: float) -> dict:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(row), "--opts", json.dumps(opts)]
-        cmd += ["--result", str(result)]
-        t0 = time.perf_counter()
-        with open(log, "w") as f:
-            try:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        wall = time.perf_counter() - t0
-        if result.is_file():
-            res = json.loads(result.read_text())
-        else:
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            last = lines[-1] if lines else "no output"
-            what = f"timed out after {timeout:g}s" if rc == "timeout" else f"worker exited with {rc}"
-            res = {"status": "error", "error": f"{what}: {last[:300]}"}
-    res["wall_seconds"] = wall
-    res["log"] = str(log)
-    return res
-
-
-def load_results(path: Path, config: dict, fresh: bool) -> dict:
-    if path.is_file() and not fresh:
-        data = json.loads(path.read_text())
-        if data.get("config") != config:
-            sys.exit(
-                f"{path} holds results of another configuration ({data.get('config')}); "
-                f"pass --fresh to overwrite it or --out to write elsewhere"
-            )
-        return data
-    return {"config": config, "rows": {}}
-
-
-def save_row(path: Path, config: dict, key: str, res: dict) -> dict:
-    """Add one row to the results file (read, update, write atomically, under a lock), so two invocations with
-    different --methods can fill the same file at once; returns the file's rows."""
-    import fcntl
-
-    from budgetlm.utils import atomic_write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.is_file() else {"config": config, "rows": {}}
-        data["rows"][key] = res
-        atomic_write_json(path, data)
-    return data["rows"]
-
-
 # --- the table -------------------------------------------------------------------------------------------------
-
-
-def _pm(m: dict | None, digits: int) -> str:
-    if not m or m.get("value") is None:
-        return "—"
-    v, se = m["value"], m.get("stderr")
-    if se is None or (isinstance(se, float) and math.isnan(se)):
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} ± {se:.{digits}f}"
-
-
-def _mib(x) -> str:
-    return "—" if x is None else f"{x / 2**20:.0f}"
 
 
 def table(rows: list[dict], results: dict) -> str:
@@ -236,14 +168,14 @@ def table(rows: list[dict], results: dict) -> str:
         comp = r.get("compress_seconds")
         rss_c = (r.get("rss_compress") or {}).get("peak")
         cells = [
-            _pm(met["kld"], 4),
-            _pm(met["perplexity"], 3),
-            _pm(met["cloze_acc"], 3),
+            pm(met["kld"], 4),
+            pm(met["perplexity"], 3),
+            pm(met["cloze_acc"], 3),
             f"{size['stored_bytes'] / 1e6:.1f}",
             f"{size['linear_bpw']:.3f}",
             "—" if comp is None else f"{comp:.1f}",
-            _mib(rss_c),
-            _mib(r["rss_eval"]["peak"]),
+            mib(rss_c),
+            mib(r["rss_eval"]["peak"]),
         ]
         lines.append(pre + " " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -435,7 +367,7 @@ def main() -> None:
             continue
         print(f"[{i}/{len(rows)}] {key} ...", end=" ", flush=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        res = run_in_process(row, opts, Path(workdir) / "logs" / f"{safe}.log", args.timeout)
+        res = run_in_process(Path(__file__).resolve(), row, opts, Path(workdir) / "logs" / f"{safe}.log", args.timeout)
         res["row"] = row
         data["rows"] = save_row(out, config, key, res)
         if res.get("status") == "ok":
