@@ -171,6 +171,36 @@ def table(rows: list[dict], results: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_side_by_side(model: str, threads: int, repeats: int = 5) -> None:
+    """Prefill and decode speed of the dense model, a 2:4-pruned one (magnitude: data-free, the same SparseLinear
+    layers every N:M method produces) and ShortGPT-25%, measured in one process one after the other, so the ratios
+    are comparable on a noisy machine (the per-row speeds of the table run in separate processes)."""
+    import torch
+
+    from budgetlm.api import load
+    from budgetlm.hardware.speed import decode_speed, prefill_speed
+    from budgetlm.methods.base import apply_steps
+
+    if threads:
+        torch.set_num_threads(threads)
+    variants = {"dense": [], "2:4 (SparseLinear)": [{"method": "magnitude", "pattern": "2:4"}]}
+    variants["shortgpt 25%"] = [{"method": "shortgpt", "fraction": 0.25}]
+    out = {}
+    for name, steps in variants.items():
+        handle = load(model)
+        apply_steps(handle, steps)
+        pre = prefill_speed(handle, 256, repeats=repeats, seed=0)
+        dec = decode_speed(handle, 32, repeats=repeats, seed=0)
+        out[name] = (pre.extra["median"], dec.extra["median"])
+        del handle
+    base_pre, base_dec = out["dense"]
+    print(f"{torch.get_num_threads()} threads")
+    print("| model | prefill tok/s (256) | vs dense | decode ms/token | vs dense |")
+    print("|---|---|---|---|---|")
+    for name, (pre, dec) in out.items():
+        print(f"| {name} | {pre:.0f} | {pre / base_pre:.2f}x | {dec:.1f} | {base_dec / dec:.2f}x faster |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -182,6 +212,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--speed", action="store_true", help="only the side-by-side speed of dense, 2:4 and ShortGPT")
     add_worker_args(ap)
     args = ap.parse_args()
 
@@ -189,6 +220,9 @@ def main() -> None:
         run_worker(args, run_row)
         return
 
+    if args.speed:
+        speed_side_by_side(args.model, args.threads)
+        return
     mode = "quick" if args.quick else "full"
     limit_ppl, limit_cloze = LIMITS[mode]
     opts = {
