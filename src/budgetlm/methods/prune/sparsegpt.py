@@ -62,6 +62,7 @@ from budgetlm.methods.quant.gptq import (
     dense_stand_in,
     inverse_hessian_cholesky,
     output_error_rows,
+    prepare_weight_and_hessian,
     ratio,
     single_thread,
     storable,
@@ -132,17 +133,8 @@ def _sparsegpt(w, H, sparsity, nm, block_size, damp, quant, scope):
         if quant.bits not in SUPPORTED_BITS:
             raise ConfigError(f"sparsegpt: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
         check_group("the weight", in_f, quant.group_size)
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    W = w.detach().to(dtype).clone()
-    H = H.detach().to(dtype).clone()
-    stats: dict = {}
-    if not bool(torch.isfinite(H).all()):  # broken activations: plain magnitude pruning (H = I)
-        H = torch.eye(in_f, dtype=dtype)
-        stats["fallback"] = "magnitude (non-finite Hessian)"
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0
-    stats["dead_inputs"] = int(dead.sum())
+    W, H, stats = prepare_weight_and_hessian(w, H, "magnitude")
+    dtype = W.dtype
     W0 = W.clone()
     U, stats["damp"], stats["damp_retries"] = inverse_hessian_cholesky(H, damp)
     d2 = U.diagonal().square()  # U_cc²: [H⁻¹]_cc when column c is reached

@@ -125,6 +125,26 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> tuple[torch
     raise ValueError(f"the Hessian is not positive definite even with damping {frac / 10:g}")
 
 
+def prepare_weight_and_hessian(
+    w: torch.Tensor, H: torch.Tensor, fallback: str
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Working copies of W [out, in] and H [in, in] for a column sweep (GPTQ, SparseGPT), in float32 (float64 if w
+    is): a non-finite H (broken activations) becomes I — the sweep then degrades to `fallback`, recorded in the
+    stats —, and dead inputs (H_ii == 0: the input is always zero) get H_ii = 1 and zeroed weight columns."""
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W = w.detach().to(dtype).clone()
+    H = H.detach().to(dtype).clone()
+    stats: dict = {}
+    if not bool(torch.isfinite(H).all()):
+        H = torch.eye(W.shape[1], dtype=dtype)
+        stats["fallback"] = f"{fallback} (non-finite Hessian)"
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0
+    stats["dead_inputs"] = int(dead.sum())
+    return W, H, stats
+
+
 def output_error_rows(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output row: (ΔW H ΔWᵀ)_rr and (W H Wᵀ)_rr with ΔW = W − Q (squared output error and output energy
     on the calibration inputs, up to the factor 2/n)."""
@@ -207,17 +227,8 @@ def _gptq(
     check_group("the weight", in_f, group_size)
     g = group_size or in_f
     grouped = g < in_f
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    W = w.detach().to(dtype).clone()
-    H = H.detach().to(dtype).clone()
-    stats: dict = {}
-    if not bool(torch.isfinite(H).all()):  # broken activations: fall back to plain rounding (H = I)
-        H = torch.eye(in_f, dtype=dtype)
-        stats["fallback"] = "rtn (non-finite Hessian)"
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0
-    stats["dead_inputs"] = int(dead.sum())
+    W, H, stats = prepare_weight_and_hessian(w, H, "rtn")
+    dtype = W.dtype
     energy = ((W @ H) * W).sum(1)  # tr(W H Wᵀ) per row (dead columns of the original H add nothing)
 
     static_grid = None
