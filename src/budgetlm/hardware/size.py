@@ -113,8 +113,13 @@ def _tied_lm_head(model: nn.Module) -> bool:
 
 def read_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: the whole state minus the input embedding matrix, plus one row
-    of it; a tied embedding stays in (it is read whole as the lm_head)."""
+    of it; a tied embedding stays in (it is read whole as the lm_head). A layer saved compressed that computes
+    with a dense weight (`memory_bytes()`: SparseLinear) counts its dense weight, which is what the step reads."""
     total = stored_bytes(model)
+    for mod in model.modules():  # layers stored compressed but computing with a dense weight (pruned Linears)
+        memory = getattr(mod, "memory_bytes", None)
+        if callable(memory):
+            total += int(memory()) - int(mod.storage_bytes())
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(inp, "weight", None)
     if isinstance(w, torch.Tensor) and not _tied_lm_head(model):

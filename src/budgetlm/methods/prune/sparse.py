@@ -154,6 +154,10 @@ class SparseLinear(torch.nn.Linear):
         nnz = int(nonzero_bits(w.detach()).sum())
         return nnz * w.element_size() + packed_numel(w.numel(), 1)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the weight the layer holds and reads in memory (dense), bias excluded."""
+        return self.weight.numel() * self.weight.element_size()
+
     def layer_meta(self) -> dict:
         return {
             "in_features": self.in_features,
