@@ -9,6 +9,8 @@ from budgetlm.methods.base import MethodConfig, select_linears
 from budgetlm.methods.calibration import (
     HessianStat,
     LayerwiseCalibration,
+    Lockstep,
+    LockstepError,
     NormStat,
     decoder_layers,
     layer_prefix,
@@ -104,3 +106,66 @@ def test_quant_linear_permutation_and_correction_round_trip(tmp_path):
     model = torch.nn.Sequential(layer)
     handle = ModelHandle(model, None, "test")
     assert handle.replaced_modules()["0"]["permuted"] and handle.replaced_modules()["0"]["rank"] == 3
+
+
+class _Pausing(torch.nn.Module):
+    """Wraps a module: records (batch, tag) on arrival, pauses at `tag(x)` (a function of the input), then runs it."""
+
+    def __init__(self, inner, lock_of, log, tag=lambda x: "here"):
+        super().__init__()
+        self.inner, self.lock_of, self.log, self.tag = inner, lock_of, log, tag
+
+    def forward(self, x):
+        lock = self.lock_of()
+        t = self.tag(x)
+        self.log.append(("arrive", lock.batch, t))
+        lock.pause(t)
+        self.log.append(("resume", lock.batch, t))
+        return self.inner(x)
+
+
+def test_lockstep_pauses_every_batch_then_resumes_and_advances(tiny):
+    tokens = torch.randint(0, 250, (7, 24))  # batches of 3, 3, 1
+    plain = LayerwiseCalibration(tiny.model, tokens, batch_size=3)
+    cal = LayerwiseCalibration(tiny.model, tokens, batch_size=3)
+    layer = decoder_layers(tiny.model)[0]
+    ref = plain.run(layer)
+    log, lock = [], None
+    mlp = layer.mlp
+    down, up = mlp.down_proj, mlp.up_proj
+    mlp.up_proj = _Pausing(up, lambda: lock, log, tag=lambda x: "up")
+    mlp.down_proj = _Pausing(down, lambda: lock, log, tag=lambda x: "down")
+    try:
+        lock = Lockstep(cal, layer)
+        out = lock.run(lambda tag: log.append(("on_pause", None, tag)))
+    finally:
+        mlp.up_proj, mlp.down_proj = up, down
+    # every batch arrives at "up" before on_pause("up"); then each resumes and runs on to "down", in order
+    expect = [("arrive", b, "up") for b in range(3)] + [("on_pause", None, "up")]
+    for b in range(3):
+        expect += [("resume", b, "up"), ("arrive", b, "down")]
+    expect += [("on_pause", None, "down")] + [("resume", b, "down") for b in range(3)]
+    assert log == expect
+    assert cal.inputs is out and len(out) == 3
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lockstep_batches_pausing_apart_is_an_error_and_keeps_the_inputs(tiny):
+    tokens = torch.randint(0, 250, (6, 16))
+    cal = LayerwiseCalibration(tiny.model, tokens, batch_size=3)
+    before = list(cal.inputs)
+    layer = decoder_layers(tiny.model)[0]
+    lock, log = None, []
+    down = layer.mlp.down_proj
+    layer.mlp.down_proj = _Pausing(down, lambda: lock, log, tag=lambda x: "a" if lock.batch == 0 else "b")
+    try:
+        lock = Lockstep(cal, layer)
+        with pytest.raises(LockstepError, match="paused at different points"):
+            lock.run(lambda tag: pytest.fail("on_pause must not run"))
+    finally:
+        layer.mlp.down_proj = down
+    assert len(cal.inputs) == 2 and all(a is b for a, b in zip(cal.inputs, before))
+    assert not [e for e in log if e[0] == "resume"]  # the paused batches were unwound, not resumed
+    with pytest.raises(LockstepError, match="outside"):
+        Lockstep(cal, layer).pause("x")

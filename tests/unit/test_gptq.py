@@ -261,7 +261,7 @@ def test_method_matches_reference_layer_by_layer(tiny, monkeypatch, input_hessia
     stub_calls = []
     forward = gptq_mod._Stub.forward
     monkeypatch.setattr(gptq_mod._Stub, "forward", lambda self, x: stub_calls.append(1) or forward(self, x))
-    reports = apply_steps(tiny, [{"method": "gptq"}], ctx)
+    reports = apply_steps(tiny, [{"method": "gptq", "true_sequential": False}], ctx)
     assert stub_calls, "layer 1's Hessian pass skipped down_proj (learnt from layer 0)"
     H1 = input_hessian(tiny.model, layers[1].self_attn.k_proj, tokens)  # layer 0 is quantised now
     quantised1, layers[1] = layers[1], original1  # the inputs of layer 1's down_proj in its original form
@@ -284,6 +284,81 @@ def test_method_matches_reference_layer_by_layer(tiny, monkeypatch, input_hessia
     assert 0 < s["rel_output_error"] < 0.1 and s["damp"] == 0.01
     assert s["shared_hessian"] == "q_proj+k_proj+v_proj"
     assert stats["model.layers.0.mlp.gate_proj"]["shared_hessian"] == "gate_proj+up_proj"
+
+
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+GROUPS += [["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def check_true_sequential(h, input_hessian, tokens, bits=4, g=64):
+    """Every input group of every layer, in call order, against the naive reference on the Hessian a fresh copy
+    of the model gives it when every module before it holds the weights the method gave it."""
+    ref = load("tiny-random")
+    for i, layer in enumerate(ref.model.model.layers):
+        for group in GROUPS:
+            mods = [layer.get_submodule(n) for n in group]
+            H = input_hessian(ref.model, mods[0], tokens)
+            codes, _, _ = ref_gptq(torch.cat([m.weight.detach() for m in mods]), H, bits, g, False)
+            row = 0
+            for n, m in zip(group, mods):
+                q = h.model.model.layers[i].get_submodule(n)
+                assert isinstance(q, QuantLinear)
+                agree = (q.codes() == codes[row : row + m.out_features]).float().mean()
+                assert agree > 0.99, f"layer {i} {n}: {float(agree):.4f} of codes agree"
+                row += m.out_features
+                m.weight.data = q.dequantized_weight().to(m.weight.dtype)
+
+
+def test_true_sequential_one_pass_matches_reference_group_by_group(monkeypatch, input_hessian):
+    """The default (true-sequential, one lockstep pass per layer): o_proj's Hessian comes from the quantised
+    q/k/v, gate/up's from the quantised attention, down's from the quantised gate/up. 20 sequences make 3
+    batches (8, 8, 4); each decoder layer runs once per batch (plus one probe batch on the first layer)."""
+    h = load("tiny-random")
+    ctx = StepContext(n_calibration=20, calibration_len=32)
+    tokens = ctx.calibration(h.tokenizer)
+    calls = [0, 0]
+    for i, layer in enumerate(h.model.model.layers):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: calls.__setitem__(i, calls[i] + 1))
+    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    # capture (3 batches reach layer 0, the first of each size (8, 4) layer 1), then layer 0: a probe batch and
+    # one pass of 3 batches; layer 1: one pass (two-pass scheme: a Hessian pass and an advance pass, 9 and 5)
+    assert calls == [3 + 1 + 3, 2 + 3]
+    check_true_sequential(h, input_hessian, tokens)
+    stats = reports[0].stats
+    assert stats["model.layers.0.self_attn.q_proj"]["shared_hessian"] == "q_proj+k_proj+v_proj"
+    assert stats["model.layers.1.mlp.gate_proj"]["shared_hessian"] == "gate_proj+up_proj"
+    assert stats["model.layers.1.mlp.down_proj"]["shared_hessian"] is None
+
+
+def test_true_sequential_wrong_prediction_redoes_the_layer(monkeypatch, input_hessian):
+    """A wrong prediction of which targets share an input (o_proj grouped with q) is caught when o_proj is fed
+    its own tensor: the layer is restored and redone, each target compressed as it is reached; the result is
+    the reference's."""
+    h = load("tiny-random")
+    ctx = StepContext(n_calibration=12, calibration_len=32)
+    wrong = {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.o_proj"]}
+    monkeypatch.setattr(gptq_mod._OnePass, "probe", lambda self: wrong)
+    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    check_true_sequential(h, input_hessian, ctx.calibration(h.tokenizer))
+    assert not any("separate passes" in n for n in reports[0].notes)
+    stats = reports[0].stats  # layer 0 redone target by target; layer 1 predicted from what layer 0 showed
+    assert stats["model.layers.0.self_attn.k_proj"]["shared_hessian"] is None
+    assert stats["model.layers.1.self_attn.q_proj"]["shared_hessian"] == "q_proj+k_proj+v_proj"
+
+
+def test_true_sequential_falls_back_to_separate_passes(monkeypatch, input_hessian):
+    """Batches that do not pause alike (simulated) make the layer fall back to one pass per input group, with
+    the same true-sequential result and a note."""
+    h = load("tiny-random")
+    ctx = StepContext(n_calibration=12, calibration_len=32)
+
+    def refuse(self, on_pause):
+        raise gptq_mod.LockstepError("calibration batches paused at different points (simulated)")
+
+    monkeypatch.setattr(gptq_mod.Lockstep, "run", refuse)
+    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    check_true_sequential(h, input_hessian, ctx.calibration(h.tokenizer))
+    assert sum("separate passes" in n for n in reports[0].notes) == 2
 
 
 def test_act_order_static_and_true_sequential_variants_run(tiny):

@@ -15,6 +15,11 @@ The model never needs two copies in memory and never runs whole on all calibrati
         stats = cal.collect(layer, {"q": layer.self_attn.q_proj, ...}, HessianStat)
         ...change the layer...
         cal.advance(layer)          # feed the changed layer's outputs forward (skip for the last layer)
+
+A method that changes a sub-layer from the inputs it really receives once the sub-layers before it are changed
+(GPTQ's true-sequential order) can do it in one pass: `Lockstep` runs the batches through the layer side by side,
+each batch pausing where a module calls `pause()` until every batch has paused there; the method then sees the
+inputs of all batches, changes the module, and resumes them (the layer runs once instead of once per sub-layer).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 
+import greenlet
 import torch
 from torch import nn
 
@@ -180,6 +186,76 @@ class LayerwiseCalibration:
     def advance(self, layer: nn.Module) -> None:
         """Replace the inputs by the (changed) current layer's outputs: the next layer's inputs."""
         self.inputs = self.run(layer)
+
+
+class LockstepError(RuntimeError):
+    """The batches of a lockstep run did not pause at the same points (a layer whose call pattern depends on
+    its inputs); the caller falls back to separate passes."""
+
+
+class Lockstep:
+    """One pass of the current calibration inputs through a decoder layer, the batches side by side.
+
+    Each batch runs the layer in its own greenlet (a coroutine on this thread: the same torch thread pool, no
+    extra OS threads). Code inside the layer, typically a wrapper module around a target, calls `pause(tag)`:
+    the running batch stops there and the next one starts or resumes; once every unfinished batch has paused at
+    the same tag, `on_pause(tag)` runs (e.g. quantise that module from the inputs all batches fed it) and the
+    batches resume in order. `run` returns the layer's outputs per batch, which become the next layer's inputs
+    (the lockstep pass is also the layer's `advance`). Memory: each batch holds its live activations while paused
+    — about what the inputs and outputs of a two-pass scheme hold together.
+    """
+
+    def __init__(self, cal: LayerwiseCalibration, layer: nn.Module) -> None:
+        self.cal, self.layer = cal, layer
+        self.batch = -1  # the batch running now
+        self._main: greenlet.greenlet | None = None
+
+    def pause(self, tag: object) -> None:
+        """Suspend the running batch at `tag` until every batch got there and `on_pause(tag)` ran."""
+        if self._main is None or greenlet.getcurrent() is self._main:
+            raise LockstepError("pause() called outside a lockstep run")
+        self._main.switch(tag)
+
+    @torch.no_grad()
+    def run(self, on_pause: Callable[[object], None]) -> list[torch.Tensor]:
+        """Run every batch through the layer (on_pause at each common pause); the outputs become the inputs.
+        On an error the inputs are left as they were."""
+        cal, index = self.cal, self.cal._index
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = self.layer(x, **cal.kwargs(index, x.shape[0]))
+            return y[0] if isinstance(y, tuple) else y
+
+        self._main = greenlet.getcurrent()
+        runs = [greenlet.greenlet(forward) for _ in cal.inputs]
+        outputs: list[torch.Tensor | None] = [None] * len(runs)
+        pending = [(b, (x,)) for b, x in enumerate(cal.inputs)]
+        try:
+            while pending:
+                tags = {}
+                for b, args in pending:
+                    self.batch = b
+                    out = runs[b].switch(*args)
+                    if runs[b].dead:
+                        outputs[b] = out
+                    else:
+                        tags[b] = out
+                if not tags:
+                    break
+                if len(tags) < len(runs) or len({repr(t) for t in tags.values()}) > 1:
+                    raise LockstepError(
+                        f"calibration batches paused at different points of decoder layer {index}: "
+                        f"{sorted({repr(t) for t in tags.values()})} ({len(runs) - len(tags)} finished)"
+                    )
+                on_pause(next(iter(tags.values())))
+                pending = [(b, ()) for b in sorted(tags)]
+        finally:
+            self._main, self.batch = None, -1
+            for g in runs:
+                if g:  # started and suspended: unwind it
+                    g.throw(greenlet.GreenletExit)
+        cal.inputs = outputs
+        return outputs
 
 
 class InputStat:

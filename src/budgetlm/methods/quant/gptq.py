@@ -55,7 +55,13 @@ from budgetlm.methods.base import (
     select_linears,
     set_module,
 )
-from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers
+from budgetlm.methods.calibration import (
+    HessianStat,
+    LayerwiseCalibration,
+    Lockstep,
+    LockstepError,
+    decoder_layers,
+)
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid
 from budgetlm.methods.quant.rtn import GridConfig, check_group
@@ -76,7 +82,9 @@ class GPTQ(GridConfig):
     block_size: int = 128  # lazy-batch width
     act_order: bool = False  # quantise columns by descending diag(H)
     static_groups: bool = False  # group grids from the original weights, before any error feedback
-    true_sequential: bool = False  # re-collect Hessians after each sub-layer group is quantised (slower)
+    # each sub-layer group quantised from the inputs it gets once the groups before it are quantised, in one
+    # lockstep pass per layer; False: every Hessian from the layer as it is, then an advance pass
+    true_sequential: bool = True
 
     needs_calibration = True
 
@@ -511,6 +519,131 @@ class _Hessians:
         return groups, never, hessians
 
 
+class _Gate(torch.nn.Module):
+    """Stands in for a target Linear during a one-pass (lockstep) calibration of its decoder layer: its calls go
+    to the layer's _OnePass, which pauses the batch until the Linear can be compressed. Attributes other than
+    forward (weight, in_features, ...) are the original Linear's."""
+
+    def __init__(self, name: str, original: torch.nn.Module, sequencer: _OnePass) -> None:
+        super().__init__()
+        self.__dict__["_gate"] = (name, original, sequencer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name, _, sequencer = self.__dict__["_gate"]
+        return sequencer.arrive(name, x)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.__dict__["_gate"][1], attr)
+
+
+class _OnePass:
+    """GPTQ's true-sequential order in one pass of the calibration batches through a decoder layer.
+
+    Each target is replaced by a _Gate. A batch reaching a target not yet compressed adds its input to that
+    target's Hessian and pauses (calibration.Lockstep); when every batch has paused there, the target is
+    compressed from the Hessian of all of them, together with the targets predicted to share its input (the
+    input groups seen in the previous layer, by local name: q/k/v, gate/up), and the batches go on through the
+    compressed stand-ins. A target called with the very tensor an earlier target paused on shares that Hessian.
+    Every later call of a grouped target is checked to get its owner's tensor; a wrong prediction raises
+    LockstepError (the caller restores the layer and redoes it without predictions). The pass's outputs are the
+    compressed layer's, so no separate advance pass is needed."""
+
+    def __init__(self, cal, model, layer, prefix: str, remaining: dict, compress: GroupCompressor, plan) -> None:
+        self.lock = Lockstep(cal, layer)
+        self.model, self.prefix, self.remaining, self.compress = model, prefix, remaining, compress
+        self.plan: dict[str, list[str]] | None = plan  # local name -> local names of its input group
+        self.stand_in: dict[str, torch.nn.Module] = {}
+        self.final: dict[str, torch.nn.Module] = {}
+        self.owner: dict[str, str] = {}  # name -> the name whose pause collected the Hessian it used
+        self.hessians: dict[str, torch.Tensor] = {}  # owner -> H
+        self.stats: dict[str, HessianStat] = {}
+        self.slot: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (tensor, owner) of its last pause
+        self.groups: dict[str, list[str]] = {}  # owner -> its input group, in call order
+        self.seconds = {"hessians": 0.0, "compress": 0.0}
+
+    def local(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :]
+
+    def arrive(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        b = self.lock.batch
+        slot = self.slot.get(b)
+        if name in self.stand_in:
+            owner = self.owner[name]
+            if owner != name and (slot is None or slot[0] is not x or slot[1] != owner):
+                raise LockstepError(f"{name} was compressed with {owner}'s Hessian but is fed another tensor")
+            return self.stand_in[name](x)
+        if slot is not None and slot[0] is x:  # the tensor an earlier target paused on: share its Hessian
+            self._compress([name], slot[1])
+            return self.stand_in[name](x)
+        t0 = time.perf_counter()
+        self.stats.setdefault(name, HessianStat()).add(x)
+        self.seconds["hessians"] += time.perf_counter() - t0
+        self.slot[b] = (x, name)
+        self.lock.pause(name)
+        return self.stand_in[name](x)
+
+    def on_pause(self, name: str) -> None:
+        self.hessians[name] = self.stats.pop(name).H
+        group = [name]
+        if self.plan is not None:
+            partners = self.plan.get(self.local(name), ())
+            group += [n for n in self.remaining if n != name and n not in self.stand_in and self.local(n) in partners]
+        self._compress(group, name)
+
+    def _compress(self, group: list[str], owner: str) -> None:
+        t0 = time.perf_counter()
+        H = self.hessians.get(owner)
+        new = self.compress(group, self.remaining, {n: H for n in group} if H is not None else {})
+        for n, (stand_in, final) in new.items():
+            self.stand_in[n], self.final[n], self.owner[n] = stand_in, final, owner
+        self.groups.setdefault(owner, []).extend(group)
+        self.seconds["compress"] += time.perf_counter() - t0
+
+    def run(self) -> tuple[dict[str, torch.nn.Module], list[str]]:
+        """Compress the layer in one pass; returns ({name: final module}, names never called). The inputs of
+        the calibration become this layer's outputs. On LockstepError the layer's targets are restored."""
+        for n, mod in self.remaining.items():
+            set_module(self.model, n, _Gate(n, mod, self))
+        try:
+            self.lock.run(self.on_pause)
+        except BaseException:
+            for n, mod in self.remaining.items():
+                set_module(self.model, n, mod)
+            raise
+        never = [n for n in self.remaining if n not in self.final]
+        for n in never:
+            self._compress([n], n)  # no Hessian: H = I
+        for n, final in self.final.items():
+            set_module(self.model, n, final)
+        return dict(self.final), never
+
+    @torch.no_grad()
+    def probe(self) -> dict[str, list[str]]:
+        """The input groups of the layer as it is, by local name, from one batch run without pausing: the
+        prediction for the first layer (later layers take the groups the previous one showed)."""
+        seen: list[tuple[torch.Tensor, list[str]]] = []
+
+        def hook(name):
+            def record(_m, args):
+                hit = next((names for t, names in seen if t is args[0]), None)
+                (hit.append(name) if hit is not None else seen.append((args[0], [name])))
+
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.remaining.items()]
+        try:
+            x = self.lock.cal.inputs[0]
+            self.lock.layer(x, **self.lock.cal.kwargs(self.lock.cal._index, x.shape[0]))
+        finally:
+            for h in handles:
+                h.remove()
+        return {self.local(n): [self.local(m) for m in g] for _, g in seen for n in g}
+
+    def learnt_plan(self) -> dict[str, list[str]]:
+        """The input groups seen, by local name: the prediction for the next layer."""
+        return {self.local(n): [self.local(m) for m in g] for g in self.groups.values() for n in g}
+
+
 # A group compressor: given one shared-input group of names, the {name: Linear} still to compress and the
 # Hessians, returns {name: (stand_in, final)}: `stand_in` computes exactly what `final` computes and serves the
 # later passes over the layer and its `advance` (cheaper than e.g. unpacking codes per batch); `final` is
@@ -528,10 +661,14 @@ def compress_layerwise(
     true_sequential: bool = False,
 ) -> tuple[list[str], dict[str, float]]:
     """The layer-by-layer Hessian loop shared by GPTQ and SparseGPT over the Linears `cfg` targets (`check`
-    validates them before anything changes): per decoder layer, collect the Hessians of its remaining targets
-    (one per shared input, gptq's passes), let `compress` replace each input group, feed the changed layer's
-    outputs forward. With `true_sequential` only the first group is compressed per pass. Returns (notes,
-    seconds per phase). A target never called on the calibration text has no entry in the Hessians."""
+    validates them before anything changes). Per decoder layer:
+    - `true_sequential` (one pass, _OnePass): the batches run through the layer in lockstep; each input group is
+      compressed from the inputs it receives once the groups before it are compressed, and the pass's outputs
+      feed the next layer. If the batches of a layer do not pause alike (an input-dependent call pattern), that
+      layer falls back to separate passes, one per input group.
+    - otherwise: one Hessian pass collects every group's Hessian from the layer as it is (gptq's shared-input
+      passes), `compress` replaces each group, and an advance pass feeds the changed layer's outputs forward.
+    Returns (notes, seconds per phase). A target never called on the calibration text is compressed with H = I."""
     model, method = handle.model, cfg.method_name
     targets = select_linears(model, cfg)
     if check is not None:
@@ -542,40 +679,68 @@ def compress_layerwise(
     cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method=method)
 
     notes: list[str] = []
-    seconds = {"hessians": 0.0, method: 0.0, "advance": 0.0}
+    never_called: list[str] = []
+    seconds = {"hessians": 0.0, method: 0.0, "forward": 0.0}
     passes = _Hessians()
+    plan: dict[str, list[str]] | None = None
     for i, layer in cal.layers():
         prefix, remaining = per_layer[i][0], per_layer[i][1]
         per_layer[i] = (prefix, {})
-        done: dict[str, torch.nn.Module] = {}
-        while remaining:
-            t0 = time.perf_counter()
-            groups, never, hessians = passes.collect(cal, model, layer, prefix, remaining)
-            if true_sequential and groups:
-                groups = groups[:1]
-            elif never:
-                notes.append(f"{', '.join(never)} never ran on the calibration text: {method} used H = I for them")
-                groups += [[n] for n in never]
-            release_freed_heap()  # the pass's activations: keep the RSS at the live memory
-            t1 = time.perf_counter()
-            for group in groups:
-                for n, (stand_in, final) in compress(group, remaining, hessians).items():
-                    set_module(model, n, stand_in)  # later passes over this layer see an exact stand-in
-                    remaining.pop(n)
-                    done[n] = final
-            seconds["hessians"] += t1 - t0
-            seconds[method] += time.perf_counter() - t1
-        if i < last:
-            t0 = time.perf_counter()
-            cal.advance(layer)
-            seconds["advance"] += time.perf_counter() - t0
-        for n, final in done.items():
-            set_module(model, n, final)
+        done: dict[str, torch.nn.Module] | None = None
+        if true_sequential and remaining:
+            t0, spent = time.perf_counter(), seconds["hessians"] + seconds[method]
+            # predicted input groups: the previous layer's, or a probe of this one; then none (each target
+            # compressed as it is reached, sharers with the Hessian of the tensor they share)
+            for attempt in (plan or "probe", None):
+                one = _OnePass(cal, model, layer, prefix, remaining, compress, None)
+                one.plan = one.probe() if attempt == "probe" else attempt
+                try:
+                    done, never = one.run()
+                except LockstepError as e:
+                    why = str(e)
+                    continue
+                finally:
+                    seconds["hessians"] += one.seconds["hessians"]
+                    seconds[method] += one.seconds["compress"]
+                plan = one.learnt_plan()
+                never_called += never
+                break
+            else:
+                notes.append(f"decoder layer {i}: {why}; it was compressed in separate passes")
+                plan = None
+            seconds["forward"] += time.perf_counter() - t0 - (seconds["hessians"] + seconds[method] - spent)
+        if done is None:
+            done = {}
+            while remaining:
+                t0 = time.perf_counter()
+                groups, never, hessians = passes.collect(cal, model, layer, prefix, remaining)
+                if true_sequential and groups:
+                    groups = groups[:1]
+                elif never:
+                    never_called += never
+                    groups += [[n] for n in never]
+                release_freed_heap()  # the pass's activations: keep the RSS at the live memory
+                t1 = time.perf_counter()
+                for group in groups:
+                    for n, (stand_in, final) in compress(group, remaining, hessians).items():
+                        set_module(model, n, stand_in)  # later passes over this layer see an exact stand-in
+                        remaining.pop(n)
+                        done[n] = final
+                seconds["hessians"] += t1 - t0
+                seconds[method] += time.perf_counter() - t1
+            if i < last:
+                t0 = time.perf_counter()
+                cal.advance(layer)
+                seconds["forward"] += time.perf_counter() - t0
+            for n, final in done.items():
+                set_module(model, n, final)
         if ctx.progress:
             print(f"{method}: layer {i + 1}/{last + 1} done", flush=True)
         if i >= last:
             break
     del cal
+    if never_called:
+        notes.append(f"{', '.join(never_called)} never ran on the calibration text: {method} used H = I for them")
     notes.append(
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + " (the rest: capturing the inputs)"
     )
