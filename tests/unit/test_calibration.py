@@ -169,3 +169,18 @@ def test_lockstep_batches_pausing_apart_is_an_error_and_keeps_the_inputs(tiny):
     assert not [e for e in log if e[0] == "resume"]  # the paused batches were unwound, not resumed
     with pytest.raises(LockstepError, match="outside"):
         Lockstep(cal, layer).pause("x")
+
+
+@pytest.mark.parametrize("block", [5, 13, 100])
+def test_hessian_blocked_upper_triangle_equals_the_full_product(monkeypatch, block):
+    """Wide inputs accumulate only the upper block triangle and mirror it: H must equal (2/n) XᵀX of all the
+    batches (uneven widths: 13 = 5 + 5 + 3), be exactly symmetric, and stay right when read between batches."""
+    monkeypatch.setattr(HessianStat, "block", block)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(m, 13, generator=gen) * torch.linspace(0.1, 3, 13) for m in (7, 1, 20)]
+    st = HessianStat()
+    for k, x in enumerate(xs):
+        st.add(x.reshape(1, -1, 13))
+        X = torch.cat(xs[: k + 1]).double()
+        torch.testing.assert_close(st.H.double(), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(st.H, st.H.T) and st.n == X.shape[0]

@@ -266,21 +266,44 @@ class InputStat:
 
 
 class HessianStat(InputStat):
-    """H = (2/n) Σ x xᵀ over the n calibration tokens (GPTQ, SparseGPT), accumulated in float64-stable form."""
+    """H = (2/n) Σ x xᵀ over the n calibration tokens (GPTQ, SparseGPT), kept as that running mean.
+
+    H is symmetric, so for wide inputs only its upper block triangle is accumulated (blocks of `block` features:
+    (k+1)/2k of the full product's work for k blocks) and mirrored when H is read."""
+
+    block = 384  # inputs wider than this are accumulated in blocks of this many features
 
     def __init__(self) -> None:
-        self.H: torch.Tensor | None = None
+        self._H: torch.Tensor | None = None
+        self._mirrored = True
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.H is None:
-            self.H = torch.zeros(x.shape[1], x.shape[1])
-        m = x.shape[0]
-        self.H *= self.n / (self.n + m)
+        d, m = x.shape[1], x.shape[0]
+        if self._H is None:
+            self._H = torch.zeros(d, d)
+        beta = self.n / (self.n + m)  # the running mean's old part, rescaled as tokens come in
         self.n += m
-        x = x * (2 / self.n) ** 0.5
-        self.H += x.T @ x
+        alpha = 2 / self.n
+        if d <= self.block:
+            self._H.addmm_(x.T, x, beta=beta, alpha=alpha)
+            return
+        edges = list(range(0, d, self.block)) + [d]
+        for a0, a1 in zip(edges, edges[1:]):
+            xa = x[:, a0:a1].T
+            for b0, b1 in zip(edges, edges[1:]):
+                if b0 >= a0:
+                    self._H[a0:a1, b0:b1].addmm_(xa, x[:, b0:b1], beta=beta, alpha=alpha)
+        self._mirrored = False
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        if not self._mirrored:
+            upper = torch.triu(self._H)
+            self._H = upper + torch.triu(upper, diagonal=1).T
+            self._mirrored = True
+        return self._H
 
 
 class NormStat(InputStat):

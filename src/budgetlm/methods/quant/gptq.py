@@ -18,18 +18,21 @@ groups belong to W[:, perm] and the layer keeps `perm`; with static groups the g
 natural order before anything is updated, and the codes are stored in natural order (no perm). Per-channel grids
 do not depend on column order, so act-order per-channel needs no perm either.
 
-The method calibrates decoder layer by decoder layer (LayerwiseCalibration): it collects the Hessians of the
-targeted Linears of a layer in one pass of the calibration inputs, quantises them, and feeds the quantised layer's
-outputs to the next layer (compress_layerwise, the loop SparseGPT shares). Linears fed the same tensor (q/k/v,
-gate/up in Llama-style blocks) share one Hessian: it is computed once and their weights are quantised together as
-one stacked matrix (GPTQ treats rows independently, so this is exactly the same as quantising them one by one).
-With `true_sequential` the Hessians of the later sub-layers are re-collected after the earlier ones are quantised
-(q/k/v, then o, then gate/up, then down: 4 passes per layer instead of 1); it is off by default because it more
-than doubles the calibration time.
+The method calibrates decoder layer by decoder layer (LayerwiseCalibration, compress_layerwise, the loop
+SparseGPT shares). Linears fed the same tensor (q/k/v, gate/up in Llama-style blocks) share one Hessian: it is
+computed once and their weights are quantised together as one stacked matrix (GPTQ treats rows independently, so
+this is exactly the same as quantising them one by one). By default (`true_sequential`, the order of the GPTQ
+code's --true-sequential option) each input group is quantised from the inputs it receives once the groups before
+it are quantised: q/k/v from the layer's inputs, o from the quantised attention, gate/up after o, down after
+gate/up. This costs one pass over the calibration batches per layer: the batches run through the layer in
+lockstep (calibration.Lockstep; _OnePass pauses each batch at a target until all batches have fed its Hessian,
+quantises it, and lets them on), and the pass's outputs are the quantised layer's, the next layer's inputs. With
+`true_sequential: false` every Hessian of a layer comes from the layer as it is (one Hessian pass), then an
+advance pass feeds the quantised layer's outputs on (two passes).
 
-Work saved without changing the result: in a Hessian pass the target the layer calls after all the others
-(down_proj) is replaced by a stub returning zeros, since only its input is needed (checked on every batch;
-otherwise the pass is redone in full); the passes over an already quantised layer run with plain nn.Linear
+Work saved without changing the result: in the two-pass scheme's Hessian pass the target the layer calls after
+all the others (down_proj) is replaced by a stub returning zeros, since only its input is needed (checked on every
+batch; otherwise the pass is redone in full); the passes over an already quantised layer run with plain nn.Linear
 stand-ins holding the dequantised weights (the same matmul QuantLinear does, without unpacking codes per batch);
 gptq_layer runs on one intra-op thread. Stats per module: rel_output_error = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the
 calibration inputs it was quantised for, bits_per_weight from storage_bytes, the damping used and its retries,
