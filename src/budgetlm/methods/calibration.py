@@ -133,10 +133,12 @@ class LayerwiseCalibration:
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         """(index, layer) in order; the caller changes the layer and calls `advance` before the next one. Between
-        layers the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer)."""
+        layers the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer), after
+        collecting the young generations only: cycles made while calibrating are young, and a full collection of
+        a process holding a loaded model, tokenizer and libraries takes 0.3-0.4 s, 10 s over 30 layers."""
         for i, layer in enumerate(self.blocks):
             if i:
-                gc.collect()
+                gc.collect(1)
                 release_freed_heap()
             self._index = i
             yield i, layer

@@ -212,10 +212,10 @@ def gptq_layer(
     are in natural column order. Works in float32 (float64 if `w` is float64). stats: damp (the damping
     fraction used), damp_retries, dead_inputs (columns with H_ii == 0, quantised as zeros), rel_output_error
     (tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) with the undamped H), row_error and row_energy (its per-row terms, tensors [out]).
-    Runs on one intra-op thread (see single_thread).
+    The column sweep runs on one intra-op thread (see single_thread); the matrix work around it (the inverse
+    Hessian's Cholesky factor, the output energies) on all of them.
     """
-    with single_thread():
-        return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zero)
+    return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zero)
 
 
 def _gptq(
@@ -275,50 +275,52 @@ def _gptq(
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
 
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        nb = i2 - i1
-        W1 = Wt[i1:i2]  # view: updated in place
-        U1 = U[i1:i2, i1:i2]
-        E1 = torch.empty(nb, out_f, dtype=dtype)
-        dinv = (1.0 / U1.diagonal()).tolist()
-        for i in range(nb):
-            j = i1 + i
-            if grouped and static_grid is None and j % g == 0:
-                cols = W1[i : i + g]
-                if j + g > i2:  # the group runs past this block: add the block's pending update first
-                    rest = Wt[i2 : j + g] - U[i1:j, i2 : j + g].t() @ E1[:i]
-                    cols = torch.cat([cols, rest])
-                if keep_zero is not None:
-                    cols = cols.masked_fill(keep_zero_t[j : j + cols.shape[0]], 0)
-                gr = storable(find_grid(cols.t(), bits, None, symmetric))
-                s = gr.scales[:, 0].to(dtype)
-                z = None if gr.zeros is None else gr.zeros[:, 0].to(dtype)
-                group_scales.append(gr.scales)
-                group_zeros.append(gr.zeros)
-            elif col_scale is not None:
-                s = col_scale[j]
-                z = None if col_zero is None else col_zero[j]
-            x = W1[i]
-            q = torch.round(x / s)
-            if z is None:
-                q.clamp_(-half, half - 1).add_(half)
-                if keep_zero is not None:
-                    q.masked_fill_(keep_zero_t[j], half)
-                dq = (q - half).mul_(s)
-            else:
-                q.add_(z).clamp_(0, qmax)
-                if keep_zero is not None:
-                    q = torch.where(keep_zero_t[j], z, q)
-                dq = (q - z).mul_(s)
-            Qt[j] = q
-            e = E1[i]
-            torch.sub(x, dq, out=e).mul_(dinv[i])
-            if i + 1 < nb:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1)
-        sq_err.add_((E1 * E1).sum(0))
-        if i2 < in_f:
-            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+    with single_thread():
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            nb = i2 - i1
+            W1 = Wt[i1:i2]  # view: updated in place
+            U1 = U[i1:i2, i1:i2]
+            E1 = torch.empty(nb, out_f, dtype=dtype)
+            Q1 = torch.empty(nb, out_f, dtype=dtype)  # the block's codes, converted to uint8 once per block
+            dinv = (1.0 / U1.diagonal()).tolist()
+            for i in range(nb):
+                j = i1 + i
+                if grouped and static_grid is None and j % g == 0:
+                    cols = W1[i : i + g]
+                    if j + g > i2:  # the group runs past this block: add the block's pending update first
+                        rest = Wt[i2 : j + g] - U[i1:j, i2 : j + g].t() @ E1[:i]
+                        cols = torch.cat([cols, rest])
+                    if keep_zero is not None:
+                        cols = cols.masked_fill(keep_zero_t[j : j + cols.shape[0]], 0)
+                    gr = storable(find_grid(cols.t(), bits, None, symmetric))
+                    s = gr.scales[:, 0].to(dtype)
+                    z = None if gr.zeros is None else gr.zeros[:, 0].to(dtype)
+                    group_scales.append(gr.scales)
+                    group_zeros.append(gr.zeros)
+                elif col_scale is not None:
+                    s = col_scale[j]
+                    z = None if col_zero is None else col_zero[j]
+                x = W1[i]
+                q = torch.div(x, s, out=Q1[i]).round_()
+                if z is None:
+                    q.clamp_(-half, half - 1).add_(half)
+                    if keep_zero is not None:
+                        q.masked_fill_(keep_zero_t[j], half)
+                    dq = (q - half).mul_(s)
+                else:
+                    q.add_(z).clamp_(0, qmax)
+                    if keep_zero is not None:
+                        q.copy_(torch.where(keep_zero_t[j], z, q))
+                    dq = (q - z).mul_(s)
+                e = E1[i]
+                torch.sub(x, dq, out=e).mul_(dinv[i])
+                if i + 1 < nb:
+                    W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1)
+            Qt[i1:i2] = Q1
+            sq_err.add_((E1 * E1).sum(0))
+            if i2 < in_f:
+                Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     del Wt, U
 
     codes = Qt.t().contiguous()  # in processing order
