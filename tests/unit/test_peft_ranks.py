@@ -14,9 +14,12 @@ from budgetlm.report.build import build_report
 ADAPTERS = {"lora", "dora", "loha", "vblora", "lora_xs", "mars", "qlora", "qmars", "lobi_lora"}
 
 
-@pytest.mark.parametrize("name,task", [("peft_ranks", "arith"), ("peft_ranks_arc_easy", "arc_easy"),
-                                       ("peft_ranks_boolq", "boolq")])  # fmt: skip
-def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task):
+@pytest.mark.parametrize(
+    "name,task,updates",
+    [("peft_ranks", "arith", 100), ("peft_ranks_arc_easy", "arc_easy", 100), ("peft_ranks_boolq", "boolq", 100),
+     ("peft_ranks_short", "arith", 12)],
+)  # fmt: skip
+def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task, updates):
     recipe = load_recipe(name)
     assert recipe.tasks == [task]
     ranks: dict[str, set] = {}
@@ -24,7 +27,7 @@ def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task):
         if pipeline == "baseline":
             continue
         (step,) = steps
-        assert step["train"]["data"]["task"] == task and step["train"]["steps"] == 100
+        assert step["train"]["data"]["task"] == task and step["train"]["steps"] == updates
         key = step["method"] + (f"-opt{step['opt']}" if step["method"] == "mars" else "")
         ranks.setdefault(key, set()).add(step["r"])
     assert {k.split("-")[0] for k in ranks} == ADAPTERS
