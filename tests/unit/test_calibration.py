@@ -184,3 +184,28 @@ def test_hessian_blocked_upper_triangle_equals_the_full_product(monkeypatch, blo
         X = torch.cat(xs[: k + 1]).double()
         torch.testing.assert_close(st.H.double(), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
         assert torch.equal(st.H, st.H.T) and st.n == X.shape[0]
+
+
+def test_layerwise_outputs_equal_the_whole_model_forward_with_local_and_global_layers():
+    """Gemma 3: layer types alternate local (sliding window 4 < 24 tokens) and global attention, with different
+    masks and rotary tables per layer; the kwargs captured while the layers pass their inputs through must
+    reproduce the whole-model forward."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 256, (5, 24))
+    cal = LayerwiseCalibration(model, tokens, batch_size=2)
+    kinds = {(i, id(kw.get("attention_mask"))) for (i, bs), kw in cal._kwargs.items() if bs == 2}
+    assert len({m for _, m in kinds}) >= 2  # local and global layers got different masks
+    for _i, layer in cal.layers():
+        cal.advance(layer)
+    with torch.no_grad():
+        ref = model(input_ids=tokens, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        mine = model.model.norm(torch.cat(cal.inputs))
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-5)

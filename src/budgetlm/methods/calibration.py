@@ -5,7 +5,8 @@ The model never needs two copies in memory and never runs whole on all calibrati
 1. the calibration token ids are embedded and the hidden states entering decoder layer 0 are captured
    (a pre-hook stops the forward there); the keyword arguments each decoder layer receives (attention mask,
    rotary position embeddings, which differ per layer for models with local and global attention) are
-   captured once from one full forward of a batch;
+   captured once from one forward of a batch in which every layer passes its input through (they are made
+   before the first layer runs);
 2. for each decoder layer in order, the method observes the inputs of the modules it changes (`collect`), changes
    the layer, and the *changed* layer's outputs become the next layer's inputs (`advance`), so each layer is
    calibrated on the activations the compressed model really produces.
@@ -105,7 +106,14 @@ class LayerwiseCalibration:
 
             return hook
 
+        def passthrough(*args, **kwargs):
+            return args[0] if args else kwargs["hidden_states"]
+
+        # the layers' kwargs (masks, rotary tables) are made before the first layer runs and do not depend on its
+        # outputs, so while capturing every layer passes its input through instead of computing
         handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        for b in self.blocks:
+            b.forward = passthrough
         seen_sizes: set[int] = set()
         try:
             for batch in self.batches:
@@ -126,6 +134,8 @@ class LayerwiseCalibration:
         finally:
             for h in handles:
                 h.remove()
+            for b in self.blocks:
+                del b.forward
             self._current = None
 
     def kwargs(self, index: int, batch_size: int) -> dict:
