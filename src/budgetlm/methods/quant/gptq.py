@@ -538,7 +538,10 @@ class _Gate(torch.nn.Module):
         return sequencer.arrive(name, x)
 
     def __getattr__(self, attr: str):
-        return getattr(self.__dict__["_gate"][1], attr)
+        gate = self.__dict__.get("_gate")
+        if gate is None:
+            raise AttributeError(attr)
+        return getattr(gate[1], attr)
 
 
 class _OnePass:
@@ -615,6 +618,9 @@ class _OnePass:
             for n, mod in self.remaining.items():
                 set_module(self.model, n, mod)
             raise
+        finally:
+            self.slot.clear()  # the batches' tensors
+            self.stats.clear()
         never = [n for n in self.remaining if n not in self.final]
         for n in never:
             self._compress([n], n)  # no Hessian: H = I
@@ -631,7 +637,10 @@ class _OnePass:
         def hook(name):
             def record(_m, args):
                 hit = next((names for t, names in seen if t is args[0]), None)
-                (hit.append(name) if hit is not None else seen.append((args[0], [name])))
+                if hit is None:
+                    seen.append((args[0], [name]))
+                else:
+                    hit.append(name)
 
             return record
 
