@@ -718,10 +718,12 @@ def compress_layerwise(
                     seconds[method] += one.seconds["compress"]
                 plan = one.learnt_plan()
                 never_called += never
+                remaining.clear()  # the original Linears: free their weights before the next layer
                 break
             else:
                 notes.append(f"decoder layer {i}: {why}; it was compressed in separate passes")
                 plan = None
+            one = None
             seconds["forward"] += time.perf_counter() - t0 - (seconds["hessians"] + seconds[method] - spent)
         if done is None:
             done = {}
