@@ -80,11 +80,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--two-pass", action="store_true", help="true_sequential: false (a Hessian and an advance pass)")
+    ap.add_argument("--bf16", action="store_true", help="calibration_dtype: bfloat16 (layer passes under autocast)")
     ap.add_argument("--no-eval", action="store_true", help="only load and gptq (time and memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out: dict = {"model": args.model, "bits": args.bits, "group": args.group, "threads": torch.get_num_threads()}
     out["true_sequential"] = not args.two_pass
+    out["calibration_dtype"] = "bfloat16" if args.bf16 else "float32"
     out["loadavg_start"] = loadavg()
 
     with PeakRSS("load") as mem:
@@ -102,6 +104,7 @@ def main() -> None:
 
     step = {"method": "gptq", "bits": args.bits, "group_size": args.group, "act_order": args.act_order}
     step["true_sequential"] = not args.two_pass
+    step["calibration_dtype"] = "bfloat16" if args.bf16 else "float32"
     ctx = StepContext()  # default calibration: 64 x 256 tokens
     cpu0 = cpu_seconds()
     with PeakRSS("gptq") as mem:

@@ -25,6 +25,7 @@ inputs of all batches, changes the module, and resumes them (the layer runs once
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable, Iterator
 
@@ -78,9 +79,20 @@ def require_calibration(tokens: torch.Tensor | None, method: str) -> torch.Tenso
 class LayerwiseCalibration:
     """Inputs of each decoder layer on calibration text, advanced layer by layer through the changed model."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, method: str = "calibration"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        batch_size: int = 8,
+        method: str = "calibration",
+        compute_dtype: torch.dtype | None = None,
+    ):
         tokens = require_calibration(tokens, method)
         self.model = model
+        # compute_dtype (e.g. torch.bfloat16): the layer passes run their matmuls under CPU autocast in that
+        # dtype (activations between layers stay in the model's dtype); much faster where the CPU has bf16
+        # matrix units (AMX), at the cost of rounding the activations the statistics are taken from
+        self.compute_dtype = compute_dtype
         self.blocks = decoder_layers(model)
         self.batches = list(torch.split(tokens, batch_size))
         self.n_tokens = tokens.numel()
@@ -153,15 +165,25 @@ class LayerwiseCalibration:
             self._index = i
             yield i, layer
 
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context the layer passes run in: autocast to compute_dtype, or nothing."""
+        if self.compute_dtype is None or self.compute_dtype == self.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.compute_dtype)
+
+    def layer_output(self, layer: nn.Module, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """`layer` (decoder layer `index`, default: the current one) on one batch, in the model's dtype (call it
+        inside `compute()`)."""
+        index = self._index if index is None else index
+        y = layer(x, **self.kwargs(index, x.shape[0]))
+        y = y[0] if isinstance(y, tuple) else y
+        return y.to(self.dtype)
+
     @torch.no_grad()
     def run(self, layer: nn.Module, index: int | None = None) -> list[torch.Tensor]:
         """The outputs of `layer` (decoder layer `index`, default: the current one) on the current inputs."""
-        index = self._index if index is None else index
-        outs = []
-        for x in self.inputs:
-            y = layer(x, **self.kwargs(index, x.shape[0]))
-            outs.append(y[0] if isinstance(y, tuple) else y)
-        return outs
+        with self.compute():
+            return [self.layer_output(layer, x, index) for x in self.inputs]
 
     @torch.no_grad()
     def collect(self, layer: nn.Module, modules: dict[str, nn.Module], stat: Callable[[], InputStat]) -> dict:
@@ -235,8 +257,7 @@ class Lockstep:
         cal, index = self.cal, self.cal._index
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            y = self.layer(x, **cal.kwargs(index, x.shape[0]))
-            return y[0] if isinstance(y, tuple) else y
+            return cal.layer_output(self.layer, x, index)
 
         self._main = greenlet.getcurrent()
         runs = [greenlet.greenlet(forward) for _ in cal.inputs]
@@ -247,7 +268,8 @@ class Lockstep:
                 tags = {}
                 for b, args in pending:
                     self.batch = b
-                    out = runs[b].switch(*args)
+                    with cal.compute():  # autocast is per thread: on while a batch runs, off in on_pause
+                        out = runs[b].switch(*args)
                     if runs[b].dead:
                         outputs[b] = out
                     else:
@@ -290,6 +312,7 @@ class HessianStat(InputStat):
         self._mirrored = True
         self.n = 0
 
+    @torch.autocast("cpu", enabled=False)  # called from inside layer passes, which may run under autocast
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         d, m = x.shape[1], x.shape[0]
@@ -326,6 +349,7 @@ class NormStat(InputStat):
         self.abs: torch.Tensor | None = None
         self.n = 0
 
+    @torch.autocast("cpu", enabled=False)
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.sq is None:
