@@ -235,8 +235,10 @@ class Lockstep:
     the running batch stops there and the next one starts or resumes; once every unfinished batch has paused at
     the same tag, `on_pause(tag)` runs (e.g. quantise that module from the inputs all batches fed it) and the
     batches resume in order. `run` returns the layer's outputs per batch, which become the next layer's inputs
-    (the lockstep pass is also the layer's `advance`). Memory: each batch holds its live activations while paused
-    — about what the inputs and outputs of a two-pass scheme hold together.
+    (the lockstep pass is also the layer's `advance`). Memory: every batch holds its live activations while
+    paused (at a down_proj pause: the residual, the MLP input and the intermediate activations), about twice
+    what a two-pass scheme's inputs and outputs take (measured for GPTQ on SmolLM2 with 16k tokens: +0.95x
+    instead of +0.5x the fp32 model).
     """
 
     def __init__(self, cal: LayerwiseCalibration, layer: nn.Module) -> None:
