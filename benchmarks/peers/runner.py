@@ -98,6 +98,15 @@ def model_dir(workdir: Path, model: str) -> Path:
     return workdir / model
 
 
+def write_meta(mdir: Path, handle) -> None:
+    """The model's tokenizer and context length, which the llama.cpp rows evaluate with."""
+    from budgetlm.models.lm import HFLM
+
+    handle.tokenizer.save_pretrained(mdir / "tokenizer")
+    meta = {"max_length": HFLM(handle).max_length, "source": handle.source}
+    (mdir / "meta.json").write_text(json.dumps(meta))
+
+
 def run_torch_row(row: dict, opts: dict) -> dict:
     from budgetlm.api import load
 
@@ -108,12 +117,7 @@ def run_torch_row(row: dict, opts: dict) -> dict:
         load_s = time.perf_counter() - t0
     res: dict = {"load_seconds": load_s, "rss_load": _rss(mem_load), "notes": []}
     if row["kind"] == "base":
-        from budgetlm.models.lm import HFLM
-
-        mdir = model_dir(workdir, row["model"])
-        handle.tokenizer.save_pretrained(mdir / "tokenizer")
-        meta = {"max_length": HFLM(handle).max_length, "source": handle.source}
-        (mdir / "meta.json").write_text(json.dumps(meta))
+        write_meta(model_dir(workdir, row["model"]), handle)
     # import every library before the clock starts: compression time is the work, not the imports
     from budgetlm.methods.base import apply_steps, methods
     from peers.hqq_peer import apply_hqq
@@ -158,8 +162,10 @@ def run_llamacpp_row(row: dict, opts: dict) -> dict:
     workdir = Path(opts["workdir"])
     mdir = model_dir(workdir, row["model"])
     meta_file, tok_dir = mdir / "meta.json", mdir / "tokenizer"
-    if not meta_file.is_file():
-        raise RuntimeError(f"{meta_file} missing: the base row of {row['model']} writes it; run it first")
+    if not meta_file.is_file():  # the base row writes it; its result may come from an earlier machine
+        from budgetlm.api import load
+
+        write_meta(mdir, load(row["model"]))
     f16 = mdir / "f16.gguf"
     f16_info = mdir / "f16.json"
     threads = opts["threads"]
