@@ -92,7 +92,8 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
         add(model, "base", "fp32 (as loaded)", "reference", 32)
         for name in [m for m in BUDGETLM if m in budgetlm_ok and m in selected]:
             if name == "lobi":
-                quantizer = "gptq" if "gptq" in budgetlm_ok else "rtn"
+                # lobi's quantiser: gptq where it is available, whether or not gptq rows are selected
+                quantizer = "gptq" if available_methods(("gptq",))[0] else "rtn"
                 for target in LOBI_TARGETS:
                     for g in groups:
                         step = budgetlm_step(name, target_bits=target, group_size=g, quantizer=quantizer)
