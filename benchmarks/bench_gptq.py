@@ -15,6 +15,7 @@ shared: the load average and the step's CPU time (all threads) are printed with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 
 from budgetlm.api import evaluate, load  # noqa: E402
 from budgetlm.hardware.memory import PeakRSS, rss_bytes  # noqa: E402
+from budgetlm.methods import calibration  # noqa: E402
 from budgetlm.methods.base import StepContext, apply_steps  # noqa: E402
 
 MB = 1e6
@@ -80,13 +82,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--two-pass", action="store_true", help="true_sequential: false (a Hessian and an advance pass)")
-    ap.add_argument("--bf16", action="store_true", help="calibration_dtype: bfloat16 (layer passes under autocast)")
+    ap.add_argument(
+        "--calibration-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="gptq's calibration_dtype (auto: bfloat16 where the CPU has AMX, else float32)",
+    )
+    ap.add_argument(
+        "--heap-buffers",
+        action="store_true",
+        help="A/B: calibrate without hardware.memory.mapped_large_buffers (freed activations stay in the heap)",
+    )
     ap.add_argument("--no-eval", action="store_true", help="only load and gptq (time and memory)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out: dict = {"model": args.model, "bits": args.bits, "group": args.group, "threads": torch.get_num_threads()}
     out["true_sequential"] = not args.two_pass
-    out["calibration_dtype"] = "bfloat16" if args.bf16 else "float32"
+    out["calibration_dtype"] = args.calibration_dtype
+    out["mapped_buffers"] = not args.heap_buffers
+    if args.heap_buffers:
+        calibration.mapped_large_buffers = contextlib.nullcontext
     out["loadavg_start"] = loadavg()
 
     with PeakRSS("load") as mem:
@@ -104,7 +119,7 @@ def main() -> None:
 
     step = {"method": "gptq", "bits": args.bits, "group_size": args.group, "act_order": args.act_order}
     step["true_sequential"] = not args.two_pass
-    step["calibration_dtype"] = "bfloat16" if args.bf16 else "float32"
+    step["calibration_dtype"] = args.calibration_dtype
     ctx = StepContext()  # default calibration: 64 x 256 tokens
     cpu0 = cpu_seconds()
     with PeakRSS("gptq") as mem:

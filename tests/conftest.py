@@ -8,6 +8,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _float32_calibration_by_default(monkeypatch):
+    """GPTQ's calibration_dtype 'auto' means bfloat16 on CPUs with AMX: pin the auto rule to float32 so that the
+    numerics the tests check do not depend on the machine (test_gptq tests the rule itself and bfloat16)."""
+    from budgetlm.methods.quant import gptq
+
+    monkeypatch.setattr(gptq, "bf16_matrix_units", lambda: False)
+
+
 @pytest.fixture
 def tiny():
     from budgetlm.models.sources import load

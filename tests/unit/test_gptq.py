@@ -214,6 +214,25 @@ def test_inverse_hessian_cholesky_is_upper_factor_of_damped_inverse():
     assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dead", [False, True])
+def test_the_callers_hessian_is_never_written(act_order, dead):
+    """The sweeps take the caller's H without copying it unless it must change (dead inputs): neither GPTQ nor
+    SparseGPT may write into it, with or without dead inputs, act-order or damping retries."""
+    from budgetlm.methods.prune.sparsegpt import sparsegpt_layer
+
+    _, H = correlated(200, 32, seed=5)
+    if dead:
+        H[3, :] = H[:, 3] = 0  # a dead input
+    H[0, 1] += 1e4  # a huge off-diagonal pair: indefinite, the damping is retried
+    H[1, 0] += 1e4
+    before = H.clone()
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    assert gptq_layer(w, H, 4, 16, False, act_order=act_order)[3]["damp_retries"] >= 1
+    sparsegpt_layer(w, H, 0.5)
+    assert torch.equal(H, before)
+
+
 def test_shared_hessians_follow_the_tensor_not_the_module():
     """Modules fed the very same tensor share one H; a module whose sharing changes between batches is
     flagged for a separate pass; `last_called` tells whether some modules were always fed after the others."""
@@ -394,6 +413,27 @@ def test_bad_input_is_one_line_and_changes_nothing(tiny, step, ctx, words):
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert _no_quant(tiny) and not tiny.provenance
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_calibration_dtype_is_bf16_only_with_amx(monkeypatch, amx):
+    """calibration_dtype auto (the default): the layer passes run under bf16 autocast exactly when the CPU has
+    AMX bf16 units, and the step's notes say which dtype ran and why."""
+    monkeypatch.setattr(gptq_mod, "bf16_matrix_units", lambda: amx)
+    seen = []
+    original = gptq_mod.LayerwiseCalibration.layer_output
+
+    def spy(self, layer, x, index=None):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(self, layer, x, index)
+
+    monkeypatch.setattr(gptq_mod.LayerwiseCalibration, "layer_output", spy)
+    h = load("tiny-random")
+    rep = apply_steps(h, [{"method": "gptq"}], StepContext(n_calibration=4, calibration_len=16))[0]
+    want = torch.bfloat16 if amx else None
+    assert seen and all(s == want for s in seen), seen
+    note = rep.notes[1]
+    assert note.startswith(f"calibration passes in {'bfloat16' if amx else 'float32'} (auto: "), note
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])

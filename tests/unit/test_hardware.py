@@ -163,6 +163,30 @@ def test_peak_rss_sampler_alone_and_without_hwm_reset(monkeypatch):
     assert later.delta_bytes < 50 * MB
 
 
+def _holes_kept(n: int = 32, size: int = 2 * MB) -> float:
+    """Allocate n buffers of `size` between small ones, free every other one; the RSS that stays (MB)."""
+    bufs = [(torch.ones(size // 4), torch.ones(16)) for _ in range(n)]
+    before = memory.rss_bytes()
+    del bufs[::2]
+    kept = (before - memory.rss_bytes()) / MB
+    del bufs
+    return n // 2 * size / MB - kept
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc's mallopt is needed")
+def test_mapped_large_buffers_return_freed_activations_at_once():
+    """Freed multi-MB buffers between live ones: from the heap (glibc's threshold raised by an earlier free, or
+    left at 32 MiB by an earlier block) their memory stays in the RSS; inside the block it is unmapped."""
+    big = torch.ones(16 * MB // 4)  # a mapped block freed: glibc's dynamic threshold rises above 2 MB
+    del big
+    memory.release_freed_heap()
+    assert _holes_kept() > 24  # of 32 MB freed as holes
+    memory.release_freed_heap()
+    with memory.mapped_large_buffers() as on:
+        assert on
+        assert _holes_kept() < 8
+
+
 # --- speed ------------------------------------------------------------------------------------------------------
 
 

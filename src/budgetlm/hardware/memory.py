@@ -13,9 +13,11 @@ otherwise the sampled maximum stands alone. The cell runner wraps its phases ("l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 from budgetlm.results import Metric
 
@@ -53,10 +55,8 @@ def reset_hwm() -> bool:
 _LIBC = None
 
 
-def release_freed_heap() -> bool:
-    """Give the heap memory this process has freed back to the OS (glibc's malloc_trim); False where there is no
-    glibc. Layer-by-layer work frees tens of MB per layer in blocks glibc keeps mapped: without this the RSS
-    climbs by ~50 MB per decoder layer of SmolLM2 under GPTQ although the live memory falls."""
+def _glibc():
+    """glibc through ctypes (malloc_trim, mallopt), or None where the C library is another one."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -64,12 +64,46 @@ def release_freed_heap() -> bool:
 
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim  # noqa: B018 - AttributeError on a libc without it
+            _LIBC.mallopt  # noqa: B018
         except (OSError, AttributeError):
             _LIBC = False
-    if not _LIBC:
+    return _LIBC or None
+
+
+def release_freed_heap() -> bool:
+    """Give the heap memory this process has freed back to the OS (glibc's malloc_trim); False where there is no
+    glibc. Layer-by-layer work frees tens of MB per layer in blocks glibc keeps mapped: without this the RSS
+    climbs by ~50 MB per decoder layer of SmolLM2 under GPTQ although the live memory falls."""
+    libc = _glibc()
+    if libc is None:
         return False
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit
+
+
+@contextlib.contextmanager
+def mapped_large_buffers(threshold: int = 1 << 20) -> Iterator[bool]:
+    """Inside the block, glibc serves every allocation of at least `threshold` bytes with its own mapping, so
+    the memory of a freed activation goes back to the OS at once (yields False where there is no glibc).
+
+    By default glibc raises its mapping threshold each time a mapped block is freed (up to 32 MiB), after
+    which multi-MB activations come from the heap, where a layer pass that keeps some buffers and frees others
+    leaves freed holes the RSS keeps: for GPTQ's one-pass calibration of SmolLM2 that was 150-300 MB above
+    the live tensors. The cost is a page fault per fresh page of each new buffer. On exit the threshold is set
+    to glibc's 32 MiB ceiling, the value its dynamic rule reaches in a process that frees large buffers."""
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield True
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
 
 
 class PeakRSS:

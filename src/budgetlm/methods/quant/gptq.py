@@ -42,6 +42,7 @@ dead inputs, and which modules shared its Hessian.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -49,6 +50,7 @@ import torch
 from pydantic import field_validator
 
 from budgetlm.errors import ConfigError
+from budgetlm.hardware.host import bf16_matrix_units
 from budgetlm.hardware.memory import release_freed_heap
 from budgetlm.methods.base import (
     MethodConfig,
@@ -90,8 +92,10 @@ class GPTQ(GridConfig):
     # lockstep pass per layer; False: every Hessian from the layer as it is, then an advance pass
     true_sequential: bool = True
     # the calibration passes' matmuls: bfloat16 (CPU autocast) is several times faster on CPUs with AMX; the
-    # Hessians are then taken from bf16-rounded activations (the column sweep itself is always float32)
-    calibration_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Hessians are then taken from bf16-rounded activations (the column sweep itself is always float32). auto:
+    # bfloat16 where torch can use AMX bf16 tiles (hardware.host.bf16_matrix_units), float32 elsewhere (where
+    # bf16 is emulated and slower); the step's notes say which one ran
+    calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     needs_calibration = True
 
@@ -126,14 +130,22 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> tuple[torch
     # With J the order-reversing permutation and J H J = L Lᵀ, H = (J L J)(J L J)ᵀ where J L J is upper
     # triangular, so H⁻¹ = Uᵀ U with U = (J L J)⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse, instead
     # of Cholesky, inverse and a second Cholesky.
+    # The factorisation and the triangular solve run in place (cholesky_ex and solve_triangular write into their
+    # out= arguments), so at most three n x n matrices are alive besides H: for a 1536-wide down_proj Hessian
+    # that keeps the transient under 30 MB.
+    n = H.shape[0]
     mean_diag = float(H.diagonal().mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    flipped = H.flip(0, 1)
     frac = damp
+    info = torch.empty((), dtype=torch.int32)
     for retry in range(MAX_DAMP_RETRIES):
-        L, info = torch.linalg.cholesky_ex(flipped + (frac * mean_diag) * eye)
+        L = H.flip(0, 1)  # a copy
+        L.diagonal().add_(frac * mean_diag)
+        torch.linalg.cholesky_ex(L, out=(L, info))
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            U = torch.eye(n, dtype=H.dtype)
+            torch.linalg.solve_triangular(L, U, upper=False, out=U)
+            del L
+            U = U.flip(0, 1)
             if bool(torch.isfinite(U.diagonal()).all()):
                 return U, frac, retry
         frac = frac * 10 if frac > 0 else 1e-3
@@ -143,18 +155,21 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> tuple[torch
 def prepare_weight_and_hessian(
     w: torch.Tensor, H: torch.Tensor, fallback: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Working copies of W [out, in] and H [in, in] for a column sweep (GPTQ, SparseGPT), in float32 (float64 if w
-    is): a non-finite H (broken activations) becomes I — the sweep then degrades to `fallback`, recorded in the
-    stats —, and dead inputs (H_ii == 0: the input is always zero) get H_ii = 1 and zeroed weight columns."""
+    """W [out, in] and H [in, in] for a column sweep (GPTQ, SparseGPT), in float32 (float64 if w is): W a working
+    copy, H the caller's unless it must change (so callers must not write into it). A non-finite H (broken
+    activations) becomes I — the sweep then degrades to `fallback`, recorded in the stats —, and dead inputs
+    (H_ii == 0: the input is always zero) get H_ii = 1 and zeroed weight columns."""
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     W = w.detach().to(dtype).clone()
-    H = H.detach().to(dtype).clone()
+    H = H.detach().to(dtype)  # copied below only if it must change (the sweeps never write into H)
     stats: dict = {}
     if not bool(torch.isfinite(H).all()):
         H = torch.eye(W.shape[1], dtype=dtype)
         stats["fallback"] = f"{fallback} (non-finite Hessian)"
     dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
+    if bool(dead.any()):
+        H = H.clone()
+        H.diagonal()[dead] = 1.0
     W[:, dead] = 0
     stats["dead_inputs"] = int(dead.sum())
     return W, H, stats
@@ -569,7 +584,7 @@ class _OnePass:
         self.owner: dict[str, str] = {}  # name -> the name whose pause collected the Hessian it used
         self.hessians: dict[str, torch.Tensor] = {}  # owner -> H
         self.stats: dict[str, HessianStat] = {}
-        self.slot: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (tensor, owner) of its last pause
+        self.slot: dict[int, tuple[weakref.ref, str]] = {}  # batch -> (tensor, owner) of its last pause
         self.groups: dict[str, list[str]] = {}  # owner -> its input group, in call order
         self.seconds = {"hessians": 0.0, "compress": 0.0}
 
@@ -579,19 +594,20 @@ class _OnePass:
     def arrive(self, name: str, x: torch.Tensor) -> torch.Tensor:
         b = self.lock.batch
         slot = self.slot.get(b)
+        paused_on = None if slot is None else slot[0]()
         if name in self.stand_in:
             owner = self.owner[name]
-            if owner != name and (slot is None or slot[0] is not x or slot[1] != owner):
+            if owner != name and (paused_on is not x or slot[1] != owner):
                 raise LockstepError(f"{name} was compressed with {owner}'s Hessian but is fed another tensor")
             return self.stand_in[name](x)
-        if slot is not None and slot[0] is x:  # the tensor an earlier target paused on: share its Hessian
+        if paused_on is x:  # the tensor an earlier target paused on: share its Hessian
             with torch.autocast("cpu", enabled=False):  # compress in full precision even inside a bf16 pass
                 self._compress([name], slot[1])
             return self.stand_in[name](x)
         t0 = time.perf_counter()
         self.stats.setdefault(name, HessianStat()).add(x)
         self.seconds["hessians"] += time.perf_counter() - t0
-        self.slot[b] = (x, name)
+        self.slot[b] = (weakref.ref(x), name)  # weak: a finished batch's last input is freed at once
         self.lock.pause(name)
         return self.stand_in[name](x)
 
@@ -770,6 +786,15 @@ def compress_layerwise(
     return notes, seconds
 
 
+def calibration_dtype(setting: str) -> tuple[str, str]:
+    """The dtype the calibration passes run in for a `calibration_dtype` setting, and why."""
+    if setting != "auto":
+        return setting, "as configured"
+    if bf16_matrix_units():
+        return "bfloat16", "auto: this CPU has AMX bf16 matrix units"
+    return "float32", "auto: no AMX bf16 matrix units here"
+
+
 @implements(GPTQ)
 @torch.no_grad()
 def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
@@ -784,10 +809,11 @@ def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
         new = _quantise_group(group, mods, hessians, cfg, stats)
         return {n: (dense_stand_in(q, dtype), q) for n, q in new.items()}
 
-    dtype = getattr(torch, cfg.calibration_dtype)
-    notes = compress_layerwise(handle, cfg, ctx, compress, check, cfg.true_sequential, dtype)[0]
+    dtype, why = calibration_dtype(cfg.calibration_dtype)
+    notes = compress_layerwise(handle, cfg, ctx, compress, check, cfg.true_sequential, getattr(torch, dtype))[0]
     retried = [n for n, s in stats.items() if s["damp_retries"]]
     notes.insert(0, f"quantised {len(stats)} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
+    notes.insert(1, f"calibration passes in {dtype} ({why})")
     kept = [s["kept_zeros"] for s in stats.values() if "kept_zeros" in s]
     if kept:
         notes.append(
