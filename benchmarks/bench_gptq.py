@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40, help="text-ppl chunks to score (100 exist)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--act-order", action="store_true")
-    ap.add_argument("--two-pass", action="store_true", help="true_sequential: false (a Hessian and an advance pass)")
+    ap.add_argument("--one-pass", action="store_true", help="true_sequential: true (one pass per layer; default: two)")
     ap.add_argument(
         "--calibration-dtype",
         default="auto",
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     out: dict = {"model": args.model, "bits": args.bits, "group": args.group, "threads": torch.get_num_threads()}
-    out["true_sequential"] = not args.two_pass
+    out["true_sequential"] = args.one_pass
     out["calibration_dtype"] = args.calibration_dtype
     out["mapped_buffers"] = not args.heap_buffers
     if args.heap_buffers:
@@ -118,7 +118,7 @@ def main() -> None:
     )
 
     step = {"method": "gptq", "bits": args.bits, "group_size": args.group, "act_order": args.act_order}
-    step["true_sequential"] = not args.two_pass
+    step["true_sequential"] = args.one_pass
     step["calibration_dtype"] = args.calibration_dtype
     ctx = StepContext()  # default calibration: 64 x 256 tokens
     cpu0 = cpu_seconds()

@@ -329,7 +329,7 @@ def check_true_sequential(h, input_hessian, tokens, bits=4, g=64):
 
 
 def test_true_sequential_one_pass_matches_reference_group_by_group(monkeypatch, input_hessian):
-    """The default (true-sequential, one lockstep pass per layer): o_proj's Hessian comes from the quantised
+    """true_sequential (one lockstep pass per layer): o_proj's Hessian comes from the quantised
     q/k/v, gate/up's from the quantised attention, down's from the quantised gate/up. 20 sequences make 3
     batches (8, 8, 4); each decoder layer runs once per batch (plus one probe batch on the first layer)."""
     h = load("tiny-random")
@@ -338,7 +338,7 @@ def test_true_sequential_one_pass_matches_reference_group_by_group(monkeypatch, 
     calls = [0, 0]
     for i, layer in enumerate(h.model.model.layers):
         layer.register_forward_pre_hook(lambda _m, _a, i=i: calls.__setitem__(i, calls[i] + 1))
-    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    reports = apply_steps(h, [{"method": "gptq", "true_sequential": True}], ctx)
     # capture (3 batches reach layer 0, the first of each size (8, 4) layer 1), then layer 0: a probe batch and
     # one pass of 3 batches; layer 1: one pass (two-pass scheme: a Hessian pass and an advance pass, 9 and 5)
     assert calls == [3 + 1 + 3, 2 + 3]
@@ -357,7 +357,7 @@ def test_true_sequential_wrong_prediction_redoes_the_layer(monkeypatch, input_he
     ctx = StepContext(n_calibration=12, calibration_len=32)
     wrong = {"self_attn.q_proj": ["self_attn.q_proj", "self_attn.o_proj"]}
     monkeypatch.setattr(gptq_mod._OnePass, "probe", lambda self: wrong)
-    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    reports = apply_steps(h, [{"method": "gptq", "true_sequential": True}], ctx)
     check_true_sequential(h, input_hessian, ctx.calibration(h.tokenizer))
     assert not any("separate passes" in n for n in reports[0].notes)
     stats = reports[0].stats  # layer 0 redone target by target; layer 1 predicted from what layer 0 showed
@@ -375,7 +375,7 @@ def test_true_sequential_falls_back_to_separate_passes(monkeypatch, input_hessia
         raise gptq_mod.LockstepError("calibration batches paused at different points (simulated)")
 
     monkeypatch.setattr(gptq_mod.Lockstep, "run", refuse)
-    reports = apply_steps(h, [{"method": "gptq"}], ctx)
+    reports = apply_steps(h, [{"method": "gptq", "true_sequential": True}], ctx)
     check_true_sequential(h, input_hessian, ctx.calibration(h.tokenizer))
     assert sum("separate passes" in n for n in reports[0].notes) == 2
 

@@ -163,6 +163,35 @@ def test_peak_rss_sampler_alone_and_without_hwm_reset(monkeypatch):
     assert later.delta_bytes < 50 * MB
 
 
+def test_bf16_matrix_units_needs_the_flag_and_the_os_grant(monkeypatch):
+    from budgetlm.hardware import host
+
+    def check(flags, tile=True, grant=True, broken=False):
+        monkeypatch.setattr(host, "_cpuinfo", lambda: [{"flags": flags}])
+
+        def probe(value):
+            def f():
+                if broken:
+                    raise RuntimeError("no probe")
+                return value
+
+            return f
+
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", probe(tile))
+        monkeypatch.setattr(torch._C._cpu, "_init_amx", probe(grant))
+        host.bf16_matrix_units.cache_clear()
+        try:
+            return host.bf16_matrix_units()
+        finally:
+            host.bf16_matrix_units.cache_clear()
+
+    assert check("fpu avx512f amx_tile amx_bf16 amx_int8")
+    assert not check("fpu avx512f avx512_bf16")  # bf16 vector instructions are not matrix units
+    assert not check("amx_tile amx_bf16", grant=False)  # the OS (or VM) refuses the tile state
+    assert not check("amx_tile amx_bf16", tile=False)
+    assert not check("amx_tile amx_bf16", broken=True)
+
+
 def _holes_kept(n: int = 32, size: int = 2 * MB) -> float:
     """Allocate n buffers of `size` between small ones, free every other one; the RSS that stays (MB)."""
     bufs = [(torch.ones(size // 4), torch.ones(16)) for _ in range(n)]

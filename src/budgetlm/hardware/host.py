@@ -79,12 +79,11 @@ def cpu_profile() -> dict:
     }
 
 
-@lru_cache(maxsize=8)
 @lru_cache(maxsize=1)
 def bf16_matrix_units() -> bool:
     """Whether torch can run bfloat16 matmuls on AMX tiles here: the CPU reports amx_bf16 and the OS grants the
     tile state (torch asks for it; a VM or kernel may refuse). There a bf16 matmul measured ~11x faster than
-    fp32 (an Intel Xeon VM); without AMX, bf16 is emulated and slower than fp32 (7x on an AMD EPYC)."""
+    fp32 (an Intel Xeon VM); without AMX it was 7x slower than fp32 (an AMD EPYC with AVX-512 bf16)."""
     procs = _cpuinfo()
     if not procs or "amx_bf16" not in procs[0].get("flags", "").split():
         return False
@@ -94,6 +93,7 @@ def bf16_matrix_units() -> bool:
         return False
 
 
+@lru_cache(maxsize=8)
 def _bandwidth(size_bytes: int, repeats: int, threads: int) -> tuple[float, float, tuple[float, ...]]:
     n = size_bytes // 4
     src = torch.ones(n, dtype=torch.float32)

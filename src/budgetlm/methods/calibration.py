@@ -239,9 +239,9 @@ class Lockstep:
     the same tag, `on_pause(tag)` runs (e.g. quantise that module from the inputs all batches fed it) and the
     batches resume in order. `run` returns the layer's outputs per batch, which become the next layer's inputs
     (the lockstep pass is also the layer's `advance`). Memory: every batch holds its live activations while
-    paused (at a down_proj pause: the residual, the MLP input and the intermediate activations), about twice
-    what a two-pass scheme's inputs and outputs take (measured for GPTQ on SmolLM2 with 16k tokens: +0.95x
-    instead of +0.5x the fp32 model).
+    paused (at a down_proj pause: the residual, the MLP input and the intermediate activations), more than a
+    two-pass scheme's inputs and outputs (measured for GPTQ on SmolLM2 with 16k tokens: +0.52x instead of
+    +0.36-0.41x the fp32 model in peak RSS).
     """
 
     def __init__(self, cal: LayerwiseCalibration, layer: nn.Module) -> None:
