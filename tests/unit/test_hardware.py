@@ -214,6 +214,10 @@ def test_mapped_large_buffers_return_freed_activations_at_once():
     with memory.mapped_large_buffers() as on:
         assert on
         assert _holes_kept() < 8
+        with memory.mapped_large_buffers():  # a nested block leaves the setting to the outer one
+            pass
+        assert _holes_kept() < 8
+    assert _holes_kept() > 24  # restored: heap again
 
 
 # --- speed ------------------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def release_freed_heap() -> bool:
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold on 64-bit
+_MAPPED_DEPTH = 0
 
 
 @contextlib.contextmanager
@@ -95,15 +96,20 @@ def mapped_large_buffers(threshold: int = 1 << 20) -> Iterator[bool]:
     leaves freed holes the RSS keeps: for GPTQ's one-pass calibration of SmolLM2 that was 150-300 MB above
     the live tensors. The cost is a page fault per fresh page of each new buffer. On exit the threshold is set
     to glibc's 32 MiB ceiling, the value its dynamic rule reaches in a process that frees large buffers."""
+    global _MAPPED_DEPTH
     libc = _glibc()
     if libc is None:
         yield False
         return
-    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    if _MAPPED_DEPTH == 0:  # nested blocks (a calibration inside another's loop) leave it to the outermost
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    _MAPPED_DEPTH += 1
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        _MAPPED_DEPTH -= 1
+        if _MAPPED_DEPTH == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
 
 
 class PeakRSS:
