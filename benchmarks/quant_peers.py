@@ -98,14 +98,21 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
             if name == "lobi":
                 # lobi's quantiser: gptq where it is available, whether or not gptq rows are selected
                 quantizer = "gptq" if available_methods(("gptq",))[0] else "rtn"
+                # g64 rows choose bit widths at group 64; with per-channel selected, "g64+pc" rows choose each
+                # Linear's grid too (candidate_groups [64, null]) rather than per channel only
+                grids = ([("g64", 64, None)] if 64 in groups else []) + (
+                    [("g64+pc", 64, [64, None])] if None in groups else []
+                )
                 for target in LOBI_TARGETS:
-                    for g in groups:
+                    for label, g, both in grids:
                         step = budgetlm_step(name, target_bits=target, group_size=g, quantizer=quantizer)
+                        if both:
+                            step["candidate_groups"] = both
                         add(
                             model,
                             "budgetlm",
                             name,
-                            f"target {target:g} bpw {_g(g)} {quantizer}",
+                            f"target {target:g} bpw {label} {quantizer}",
                             int(target),
                             steps=[step],
                         )

@@ -160,6 +160,44 @@ def test_budget_is_met_exactly(base, ctx, target, rank, cands):
     assert f"achieved {bpw:.4f}" in rep.notes[0]
 
 
+def pc_bytes(shape, bits):
+    """Bytes of a per-channel layer written independently: packed codes + one fp16 scale and uint8 zero a row."""
+    out_f, in_f = shape
+    return out_f * in_f * bits // 8 + out_f * 3
+
+
+def test_candidate_groups_mix_grids_under_the_budget(base, ctx):
+    """candidate_groups [64, null]: every Linear chooses a bit width and a grid. At exactly the bits of 3-bit
+    per channel everywhere, the only feasible choice without 2-bit is 3-bit per channel (3-bit g64 costs 0.375
+    bpw more), so with candidates [3, 4] every Linear must hold per-channel 3-bit rtn codes."""
+    h = fresh(base)
+    shapes = {n: tuple(m.weight.shape) for n, m in linears(h.model).items()}
+    weights = {n: m.weight.detach().clone() for n, m in linears(h.model).items()}
+    total = sum(pc_bytes(sh, 3) for sh in shapes.values())
+    target = (total + 0.5) * 8 / sum(o * i for o, i in shapes.values())  # half a byte of slack for float rounding
+    step = {"method": "lobi", "target_bits": target, "candidates": [3, 4], "candidate_groups": [64, None]}
+    rep = apply_steps(h, [step], ctx)[0]
+    mods = dict(h.model.named_modules())
+    for n, shape in shapes.items():
+        q = mods[n]
+        assert (q.bits, q.group_size) == (3, shape[1]) and rep.stats[n]["group_size"] is None
+        assert torch.equal(q.dequantized_weight().double(), ref_rtn(weights[n], 3, shape[1]))
+        assert set(rep.stats[n]["sensitivity_by_bits"]) == {"3 g64", "4 g64", "3 per-channel", "4 per-channel"}
+    assert achieved_bpw(h.model, shapes)[1] == total
+    assert "3-bit per-channel × " in rep.notes[1]
+    # a looser budget buys g64 or 4-bit grids for some Linears, never past the budget
+    h = fresh(base)
+    rep = apply_steps(h, [step | {"target_bits": 3.5, "candidates": [2, 3, 4]}], ctx)[0]
+    bpw, stored, _ = achieved_bpw(h.model, shapes)
+    assert bpw <= 3.5
+    expect = 0
+    for n, shape in shapes.items():
+        q = h.model.get_submodule(n)
+        expect += pc_bytes(shape, q.bits) if q.group_size == shape[1] else steps_bytes(shape, q.bits, 0)
+    assert stored == expect
+    assert len({(s["bits"], s["group_size"]) for s in rep.stats.values()}) > 1
+
+
 def test_target_outside_the_range_is_one_line_and_changes_nothing(base, ctx):
     h = fresh(base)
     x = torch.randint(0, 250, (1, 8))
@@ -175,7 +213,15 @@ def test_target_outside_the_range_is_one_line_and_changes_nothing(base, ctx):
 
 
 def test_bad_settings_are_one_line(base, ctx):
-    for bad in [{"candidates": [5]}, {"candidates": []}, {"target_bits": -1}, {"rank": -2}, {"sensitivity": "x"}]:
+    for bad in [
+        {"candidates": [5]},
+        {"candidates": []},
+        {"target_bits": -1},
+        {"rank": -2},
+        {"sensitivity": "x"},
+        {"candidate_groups": []},
+        {"candidate_groups": [0]},
+    ]:
         with pytest.raises(ConfigError) as e:
             parse_config("lobi", bad)
         assert "\n" not in str(e.value)

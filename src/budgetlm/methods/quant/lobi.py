@@ -66,6 +66,10 @@ class LoBi(GridConfig):
     target_bits: float = 3.0  # average stored bits per targeted weight, scales/zeros/correction included
     candidates: list[int] = [2, 3, 4, 8]
     group_size: int | None = 64  # None: one scale per output channel
+    # the grids a Linear may get: every candidate bit width at each of these group sizes (None: per channel);
+    # unset: group_size only. Per-channel grids cost ~0.03 bpw of scales where g64 costs 0.375, so a budget such
+    # as 3.0 bpw can keep every Linear at 3 bits per channel instead of mixing 2- and 3-bit g64
+    candidate_groups: list[int | None] | None = None
     symmetric: bool = False
     sensitivity: Literal["output", "kl"] = "output"
     quantizer: Literal["rtn", "gptq"] = "rtn"
@@ -86,6 +90,20 @@ class LoBi(GridConfig):
         if not v or bad:
             raise ValueError(f"candidates must be a non-empty list of bit widths from {list(SUPPORTED_BITS)}")
         return sorted(set(v))
+
+    @field_validator("candidate_groups")
+    @classmethod
+    def _groups(cls, v: list[int | None] | None) -> list[int | None] | None:
+        if v is None:
+            return v
+        if not v or any(g is not None and g <= 0 for g in v):
+            raise ValueError("candidate_groups must be a non-empty list of group sizes > 0 or null (per channel)")
+        return list(dict.fromkeys(v))
+
+    def grids(self) -> list[tuple[int, int | None]]:
+        """The (bits, group size) options every Linear chooses from."""
+        groups = self.candidate_groups if self.candidate_groups is not None else [self.group_size]
+        return [(b, g) for g in groups for b in self.candidates]
 
     @field_validator("rank")
     @classmethod
@@ -188,9 +206,9 @@ def allocate(
 # ----------------------------------------------------------------------------------------------- quantisation
 
 
-def storage_bytes(in_features: int, out_features: int, bits: int, cfg: LoBi) -> int:
+def storage_bytes(in_features: int, out_features: int, bits: int, cfg: LoBi, group: int | None) -> int:
     """The exact storage_bytes() of the QuantLinear lobi writes (built on the meta device: nothing allocated)."""
-    g = cfg.group_size or in_features
+    g = group or in_features
     with torch.device("meta"):
         layer = QuantLinear(in_features, out_features, bits, g, cfg.symmetric, False, False, cfg.rank)
     return layer.storage_bytes()
@@ -222,14 +240,15 @@ def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 class _Quantised:
     """One Linear quantised at one width: codes/grid/perm to store, the correction, and the weight it computes."""
 
-    def __init__(self, w, bits, cfg: LoBi, H: torch.Tensor | None, gptq_layer=None):
+    def __init__(self, w, option: tuple[int, int | None], cfg: LoBi, H: torch.Tensor | None, gptq_layer=None):
         w = w.detach().float()
+        bits, group = option
         if cfg.quantizer == "gptq":
             codes, grid, perm, _ = gptq_layer(
-                w.clone(), H.clone(), bits, cfg.group_size, cfg.symmetric, damp=0.01, block_size=128
+                w.clone(), H.clone(), bits, group, cfg.symmetric, damp=0.01, block_size=128
             )
         else:
-            grid = find_grid(w, bits, cfg.group_size, cfg.symmetric)
+            grid = find_grid(w, bits, group, cfg.symmetric)
             codes, perm = quantize(w, grid), None
         deq = dequantize(codes, stored_grid(grid))
         if perm is not None:
@@ -329,6 +348,15 @@ def _gptq():
     return gptq_layer
 
 
+def _label(option: tuple[int, int | None], multi: bool, unit: str = "") -> str:
+    """'3' (or '3-bit'), with the grid when Linears choose between group sizes: '3 g64', '3-bit per-channel'."""
+    b, g = option
+    out = f"{b}-{unit}" if unit else str(b)
+    if multi:
+        out += " " + ("per-channel" if g is None else f"g{g}")
+    return out
+
+
 def _fmt(x: float, up: bool) -> str:
     """4 decimals, rounded so that a target typed as shown is inside the range."""
     return f"{(math.ceil if up else math.floor)(x * 1e4) / 1e4:.4f}"
@@ -341,15 +369,18 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     model = handle.model
     targets = select_linears(model, cfg)
     block_of = _block_index(model, targets)
+    options = cfg.grids()
+    groups = list(dict.fromkeys(g for _, g in options))
+    multi = len(groups) > 1
     for name, lin in targets:
-        check_group(name, lin.in_features, cfg.group_size)
+        for g in groups:
+            check_group(name, lin.in_features, g)
         if cfg.rank > min(lin.in_features, lin.out_features):
             raise ConfigError(
                 f"lobi rank {cfg.rank} exceeds {name}'s smaller dimension "
                 f"{min(lin.in_features, lin.out_features)}; choose a rank such as 8 or 16"
             )
-    bits = cfg.candidates
-    cost = [[storage_bytes(lin.in_features, lin.out_features, b, cfg) for b in bits] for _, lin in targets]
+    cost = [[storage_bytes(lin.in_features, lin.out_features, b, cfg, g) for b, g in options] for _, lin in targets]
     n_weights = sum(lin.weight.numel() for _, lin in targets)
     budget = math.floor(Fraction(cfg.target_bits) * n_weights / 8)
     lo, hi = sum(min(c) for c in cost), sum(max(c) for c in cost)
@@ -358,7 +389,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         raise ConfigError(
             f"lobi target_bits {cfg.target_bits} is outside the achievable range {_fmt(lo_bpw, True)}–"
             f"{_fmt(hi_bpw, False)} bits per weight for this model's {len(targets)} targeted Linears "
-            f"(candidates {bits}, group_size {cfg.group_size}, rank {cfg.rank}, scales/zeros/correction "
+            f"(candidates {cfg.candidates}, group sizes {groups}, rank {cfg.rank}, scales/zeros/correction "
             "included); choose a target in that range"
         )
     gptq_layer = _gptq() if cfg.quantizer == "gptq" else None
@@ -383,8 +414,8 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         for name, lin in mods.items():
             H = hs[name].H if need_h else None
             row = []
-            for b in bits:
-                q = _Quantised(lin.weight, b, cfg, H, gptq_layer)
+            for option in options:
+                q = _Quantised(lin.weight, option, cfg, H, gptq_layer)
                 if probe is None:
                     row.append(q.output_error(H))
                     continue
@@ -407,7 +438,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
 
     # allocation
     choice, how = allocate([sens[n] for n in names], cost, budget)
-    chosen = {n: bits[k] for n, k in zip(names, choice, strict=True)}
+    chosen = {n: options[k] for n, k in zip(names, choice, strict=True)}
 
     # pass 2: quantise at the chosen widths
     t0 = time.perf_counter()
@@ -438,17 +469,18 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     for (name, _lin), k in zip(targets, choice, strict=True):
         layer = layers[name]
         stats[name] = {
-            "bits": bits[k],
+            "bits": options[k][0],
+            "group_size": options[k][1],
             "bits_per_weight": layer.storage_bytes() * 8 / (layer.in_features * layer.out_features),
             "sensitivity": sens[name][k],
-            "sensitivity_by_bits": {str(b): s for b, s in zip(bits, sens[name], strict=True)},
+            "sensitivity_by_bits": {_label(o, multi): s for o, s in zip(options, sens[name], strict=True)},
         }
-    hist = {b: sum(1 for v in chosen.values() if v == b) for b in bits}
+    hist = {o: sum(1 for v in chosen.values() if v == o) for o in options}
     unit = "KL (nats/token)" if cfg.sensitivity == "kl" else "tr(ΔW H ΔWᵀ)"
     notes = [
         f"achieved {achieved:.4f} bits per weight over {len(targets)} Linears (target {cfg.target_bits}; "
         f"achievable {lo_bpw:.4f}–{hi_bpw:.4f}); {stored} B stored",
-        "bits chosen: " + ", ".join(f"{b}-bit × {c}" for b, c in hist.items()),
+        "bits chosen: " + ", ".join(f"{_label(o, multi, 'bit')} × {c}" for o, c in hist.items()),
         f"sensitivity {cfg.sensitivity} [{unit}] with {cfg.quantizer}"
         + (f" + rank-{cfg.rank} correction" if cfg.rank else "")
         + f": total {sum(sens[n][k] for n, k in zip(names, choice, strict=True)):.6g}{kl_path}",
