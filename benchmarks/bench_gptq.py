@@ -86,7 +86,7 @@ def main() -> None:
         "--calibration-dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="gptq's calibration_dtype (auto: bfloat16 where the CPU has AMX, else float32)",
+        help="gptq's calibration_dtype (auto: bfloat16 where a bf16 matmul measures >= 2x faster, else float32)",
     )
     ap.add_argument(
         "--heap-buffers",

@@ -79,7 +79,7 @@ def budgetlm_step(name: str, **values) -> dict:
             step[k] = v
     if "symmetric" in fields:
         step["symmetric"] = False
-    if "calibration_dtype" in fields:  # the same numerics on every machine (auto is bf16 on CPUs with AMX)
+    if "calibration_dtype" in fields:  # the same numerics on every machine (auto is bf16 on CPUs where bf16 is fast)
         step["calibration_dtype"] = "float32"
     if "true_sequential" in fields:  # gptq's rows in the table ran in its true-sequential one-pass order
         step["true_sequential"] = True

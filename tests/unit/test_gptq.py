@@ -415,11 +415,12 @@ def test_bad_input_is_one_line_and_changes_nothing(tiny, step, ctx, words):
     assert _no_quant(tiny) and not tiny.provenance
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_calibration_dtype_is_bf16_only_with_amx(monkeypatch, amx):
-    """calibration_dtype auto (the default): the layer passes run under bf16 autocast exactly when the CPU has
-    AMX bf16 units, and the step's notes say which dtype ran and why."""
-    monkeypatch.setattr(gptq_mod, "bf16_matrix_units", lambda: amx)
+@pytest.mark.parametrize("speedup", [5.8, 2.0, 1.9, 0.15])
+def test_auto_calibration_dtype_is_bf16_only_where_bf16_matmuls_measure_fast(monkeypatch, speedup):
+    """calibration_dtype auto (the default): the layer passes run under bf16 autocast exactly when a bf16 matmul
+    measured at least 2x faster than float32 here, and the step's notes say which dtype ran and why."""
+    amx = speedup >= 2.0
+    monkeypatch.setattr(gptq_mod, "bf16_matmul_speedup", lambda: speedup)
     seen = []
     original = gptq_mod.LayerwiseCalibration.layer_output
 
@@ -434,6 +435,7 @@ def test_auto_calibration_dtype_is_bf16_only_with_amx(monkeypatch, amx):
     assert seen and all(s == want for s in seen), seen
     note = rep.notes[1]
     assert note.startswith(f"calibration passes in {'bfloat16' if amx else 'float32'} (auto: "), note
+    assert f"measured {speedup:.1f}x faster" in note if amx else f"measured {speedup:.2f}x the speed" in note
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])

@@ -163,33 +163,26 @@ def test_peak_rss_sampler_alone_and_without_hwm_reset(monkeypatch):
     assert later.delta_bytes < 50 * MB
 
 
-def test_bf16_matrix_units_needs_the_flag_and_the_os_grant(monkeypatch):
+def test_bf16_matmul_speedup_is_the_measured_time_ratio_once_per_process(monkeypatch):
     from budgetlm.hardware import host
 
-    def check(flags, tile=True, grant=True, broken=False):
-        monkeypatch.setattr(host, "_cpuinfo", lambda: [{"flags": flags}])
+    calls = []
 
-        def probe(value):
-            def f():
-                if broken:
-                    raise RuntimeError("no probe")
-                return value
+    def fake(dtype, **_):
+        calls.append(dtype)
+        return {torch.float32: 0.024, torch.bfloat16: 0.004}[dtype]
 
-            return f
-
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", probe(tile))
-        monkeypatch.setattr(torch._C._cpu, "_init_amx", probe(grant))
-        host.bf16_matrix_units.cache_clear()
-        try:
-            return host.bf16_matrix_units()
-        finally:
-            host.bf16_matrix_units.cache_clear()
-
-    assert check("fpu avx512f amx_tile amx_bf16 amx_int8")
-    assert not check("fpu avx512f avx512_bf16")  # bf16 vector instructions are not matrix units
-    assert not check("amx_tile amx_bf16", grant=False)  # the OS (or VM) refuses the tile state
-    assert not check("amx_tile amx_bf16", tile=False)
-    assert not check("amx_tile amx_bf16", broken=True)
+    monkeypatch.setattr(host, "_matmul_seconds", fake)
+    host.bf16_matmul_speedup.cache_clear()
+    try:
+        assert host.bf16_matmul_speedup() == pytest.approx(6.0)
+        assert host.bf16_matmul_speedup() == pytest.approx(6.0)
+        assert calls == [torch.float32, torch.bfloat16]  # measured once per process
+    finally:
+        host.bf16_matmul_speedup.cache_clear()
+    # the real timing: a best-of-n wall time of a matmul that really ran in that dtype
+    seconds = host._matmul_seconds(torch.bfloat16, tokens=64, d_in=32, d_out=48, repeats=2)
+    assert 0 < seconds < 1
 
 
 def _holes_kept(n: int = 32, size: int = 2 * MB) -> float:

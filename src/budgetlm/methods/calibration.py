@@ -90,8 +90,8 @@ class LayerwiseCalibration:
         tokens = require_calibration(tokens, method)
         self.model = model
         # compute_dtype (e.g. torch.bfloat16): the layer passes run their matmuls under CPU autocast in that
-        # dtype (activations between layers stay in the model's dtype); much faster where the CPU has bf16
-        # matrix units (AMX), at the cost of rounding the activations the statistics are taken from
+        # dtype (activations between layers stay in the model's dtype); much faster where the CPU runs bf16
+        # natively (AMX, AVX-512 bf16), at the cost of rounding the activations the statistics are taken from
         self.compute_dtype = compute_dtype
         self.blocks = decoder_layers(model)
         self.batches = list(torch.split(tokens, batch_size))

@@ -11,13 +11,13 @@ grad_accum = 2 of batch b has the gradient of one batch of 2b (the mean over the
 two per-batch means. A `loss_fn(model, batch) -> scalar` replaces it (distillation plugs in its KD loss);
 its value is taken as the micro-batch's mean and weighted by 1 / grad_accum.
 
-Options. Gradient checkpointing uses transformers' gradient_checkpointing_enable (non-reentrant, so frozen
-inputs need no requires_grad hack) and is switched off again at the end. bf16 autocast is off by default:
-on CPUs without AMX (this project's VMs) bf16 matmuls run ~7x slower than fp32. Evaluation every
-`eval_every` steps (and at the end) goes through the evaluation harness on `eval_tasks` with `eval_limit`
-items, in eval mode, with the RNGs saved and restored around it so evaluating never changes the training
-trajectory; the model is presented to the harness as derived (a provenance entry "train"), so text-ppl
-compares against the base model's reference rather than writing one from the half-trained model.
+Options. Gradient checkpointing uses transformers' gradient_checkpointing_enable (non-reentrant, so frozen inputs
+need no requires_grad hack) and is switched off again at the end. bf16 autocast is off by default: on some CPUs
+bf16 matmuls run ~7x slower than fp32 (on others, with AMX or native AVX-512 bf16, 6-11x faster). Evaluation every
+`eval_every` steps (and at the end) goes through the evaluation harness on `eval_tasks` with `eval_limit` items, in
+eval mode, with the RNGs saved and restored around it so evaluating never changes the training trajectory; the
+model is presented to the harness as derived (a provenance entry "train"), so text-ppl compares against the base
+model's reference rather than writing one from the half-trained model.
 
 Checkpoints and resume (checkpoint.py). With out_dir, a checkpoint is written every `save_every` steps and
 at the end. `resume=True` restores the newest complete one (trainable tensors, AdamW state, scheduler,

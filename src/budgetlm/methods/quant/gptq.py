@@ -53,7 +53,7 @@ import torch
 from pydantic import field_validator
 
 from budgetlm.errors import ConfigError
-from budgetlm.hardware.host import bf16_matrix_units
+from budgetlm.hardware.host import bf16_matmul_speedup
 from budgetlm.hardware.memory import release_freed_heap
 from budgetlm.methods.base import (
     MethodConfig,
@@ -78,6 +78,9 @@ from budgetlm.models.handle import ModelHandle
 
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
 MAX_DAMP_RETRIES = 8
+# calibration_dtype auto takes bfloat16 where a bf16 matmul measures at least this many times faster than float32
+# (the Hessians and the sweep stay float32, so a smaller matmul gain barely shows in the step's time)
+BF16_PAYS = 2.0
 
 
 @register_method("gptq")
@@ -95,10 +98,11 @@ class GPTQ(GridConfig):
     # one lockstep pass per layer (faster, more accurate, ~1.4x the extra memory); False: every Hessian from the
     # layer as it is, then an advance pass
     true_sequential: bool = False
-    # the calibration passes' matmuls: bfloat16 (CPU autocast) is several times faster on CPUs with AMX; the
-    # Hessians are then taken from bf16-rounded activations (the column sweep itself is always float32). auto:
-    # bfloat16 where torch can use AMX bf16 tiles (hardware.host.bf16_matrix_units), float32 elsewhere (where
-    # bf16 is emulated and slower); the step's notes say which one ran
+    # the calibration passes' matmuls: bfloat16 (CPU autocast) is several times faster on CPUs with AMX or native
+    # AVX-512 bf16; the Hessians are then taken from bf16-rounded activations (the column sweep itself is always
+    # float32). auto: bfloat16 where a bf16 matmul measures >= BF16_PAYS x faster than float32 here
+    # (hardware.host.bf16_matmul_speedup), float32 elsewhere (where bf16 is emulated and slower); the step's notes
+    # say which one ran and the measured speed-up
     calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     needs_calibration = True
@@ -791,12 +795,14 @@ def compress_layerwise(
 
 
 def calibration_dtype(setting: str) -> tuple[str, str]:
-    """The dtype the calibration passes run in for a `calibration_dtype` setting, and why."""
+    """The dtype the calibration passes run in for a `calibration_dtype` setting, and why. auto: bfloat16 where
+    a bf16 matmul measures at least BF16_PAYS times faster than float32 on this CPU, float32 elsewhere."""
     if setting != "auto":
         return setting, "as configured"
-    if bf16_matrix_units():
-        return "bfloat16", "auto: this CPU has AMX bf16 matrix units"
-    return "float32", "auto: no AMX bf16 matrix units here"
+    speed = bf16_matmul_speedup()
+    if speed >= BF16_PAYS:
+        return "bfloat16", f"auto: a bf16 matmul measured {speed:.1f}x faster than float32 on this CPU"
+    return "float32", f"auto: a bf16 matmul measured {speed:.2f}x the speed of float32 on this CPU"
 
 
 @implements(GPTQ)
