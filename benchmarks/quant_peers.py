@@ -103,19 +103,24 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
                 grids = ([("g64", 64, None)] if 64 in groups else []) + (
                     [("g64+pc", 64, [64, None])] if None in groups else []
                 )
+                # sensitivity: the Linear's raw output error, and its diagonal-Fisher KL estimate ("fisher" rows)
                 for target in LOBI_TARGETS:
-                    for label, g, both in grids:
-                        step = budgetlm_step(name, target_bits=target, group_size=g, quantizer=quantizer)
-                        if both:
-                            step["candidate_groups"] = both
-                        add(
-                            model,
-                            "budgetlm",
-                            name,
-                            f"target {target:g} bpw {label} {quantizer}",
-                            int(target),
-                            steps=[step],
-                        )
+                    for sensitivity in ("output", "fisher"):
+                        for label, g, both in grids:
+                            step = budgetlm_step(
+                                name, target_bits=target, group_size=g, quantizer=quantizer, sensitivity=sensitivity
+                            )
+                            if both:
+                                step["candidate_groups"] = both
+                            suffix = "" if sensitivity == "output" else f" {sensitivity}"
+                            add(
+                                model,
+                                "budgetlm",
+                                name,
+                                f"target {target:g} bpw {label} {quantizer}{suffix}",
+                                int(target),
+                                steps=[step],
+                            )
                 continue
             bits_list = (3, 4) if name == "awq" else (2, 3, 4)
             for bits in bits_list:

@@ -7,6 +7,8 @@ import math
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -185,8 +187,13 @@ def test_bf16_matmul_speedup_is_the_measured_time_ratio_once_per_process(monkeyp
     assert 0 < seconds < 1
 
 
-def _holes_kept(n: int = 32, size: int = 2 * MB) -> float:
-    """Allocate n buffers of `size` between small ones, free every other one; the RSS that stays (MB)."""
+_HOLES_SCRIPT = """
+import json, torch
+from budgetlm.hardware import memory
+MB = 1 << 20
+
+def holes_kept(n=32, size=2 * MB):
+    # allocate n buffers of `size` between small ones, free every other one: the RSS that stays (MB)
     bufs = [(torch.ones(size // 4), torch.ones(16)) for _ in range(n)]
     before = memory.rss_bytes()
     del bufs[::2]
@@ -194,23 +201,34 @@ def _holes_kept(n: int = 32, size: int = 2 * MB) -> float:
     del bufs
     return n // 2 * size / MB - kept
 
+big = torch.ones(16 * MB // 4)  # a mapped block freed: glibc's dynamic threshold rises above 2 MB
+del big
+memory.release_freed_heap()
+out = {"heap": holes_kept()}
+memory.release_freed_heap()
+with memory.mapped_large_buffers() as on:
+    out["on"] = on
+    out["inside"] = holes_kept()
+    with memory.mapped_large_buffers():  # a nested block leaves the setting to the outer one
+        pass
+    out["after_nested"] = holes_kept()
+out["restored"] = holes_kept()
+print(json.dumps(out))
+"""
+
 
 @pytest.mark.skipif(memory._glibc() is None, reason="glibc's mallopt is needed")
 def test_mapped_large_buffers_return_freed_activations_at_once():
     """Freed multi-MB buffers between live ones: from the heap (glibc's threshold raised by an earlier free, or
-    left at 32 MiB by an earlier block) their memory stays in the RSS; inside the block it is unmapped."""
-    big = torch.ones(16 * MB // 4)  # a mapped block freed: glibc's dynamic threshold rises above 2 MB
-    del big
-    memory.release_freed_heap()
-    assert _holes_kept() > 24  # of 32 MB freed as holes
-    memory.release_freed_heap()
-    with memory.mapped_large_buffers() as on:
-        assert on
-        assert _holes_kept() < 8
-        with memory.mapped_large_buffers():  # a nested block leaves the setting to the outer one
-            pass
-        assert _holes_kept() < 8
-    assert _holes_kept() > 24  # restored: heap again
+    left at 32 MiB by an earlier block) their memory stays in the RSS; inside the block it is unmapped. In a
+    fresh process: in a long-lived one, free chunks already in the heap's bins are reused before any mapping."""
+    run = subprocess.run([sys.executable, "-c", _HOLES_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["on"] is True
+    assert got["heap"] > 24  # of 32 MB freed as holes
+    assert got["inside"] < 8 and got["after_nested"] < 8
+    assert got["restored"] > 24  # restored: heap again
 
 
 # --- speed ------------------------------------------------------------------------------------------------------

@@ -308,7 +308,7 @@ class HessianStat(InputStat):
     """H = (2/n) Σ x xᵀ over the n calibration tokens (GPTQ, SparseGPT), kept as that running mean.
 
     H is symmetric, so for wide inputs only its upper block triangle is accumulated (blocks of `block` features:
-    (k+1)/2k of the full product's work for k blocks) and mirrored when H is read."""
+    (k+1)/2k of the full product's work for k blocks); its upper triangle is mirrored when H is read."""
 
     block = 384  # inputs wider than this are accumulated in blocks of this many features
 
@@ -326,6 +326,7 @@ class HessianStat(InputStat):
         beta = self.n / (self.n + m)  # the running mean's old part, rescaled as tokens come in
         self.n += m
         alpha = 2 / self.n
+        self._mirrored = False
         if d <= self.block:
             self._H.addmm_(x.T, x, beta=beta, alpha=alpha)
             return
@@ -335,15 +336,19 @@ class HessianStat(InputStat):
             for b0, b1 in zip(edges, edges[1:]):
                 if b0 >= a0:
                     self._H[a0:a1, b0:b1].addmm_(xa, x[:, b0:b1], beta=beta, alpha=alpha)
-        self._mirrored = False
 
     @property
     def H(self) -> torch.Tensor | None:
-        if not self._mirrored:  # the diagonal blocks are whole; copy each block row's right part below it
+        """H, exactly symmetric: the upper triangle as accumulated, mirrored below the diagonal (a BLAS need not
+        round the two halves of a product XᵀX alike: AMD's path did not)."""
+        if not self._mirrored:
             H, d = self._H, self._H.shape[0]
-            for a0 in range(0, d - self.block, self.block):
-                a1 = a0 + self.block
-                H[a1:, a0:a1] = H[a0:a1, a1:].T
+            for a0 in range(0, d, self.block):
+                a1 = min(a0 + self.block, d)
+                diag = H[a0:a1, a0:a1]
+                low = torch.tril_indices(a1 - a0, a1 - a0, -1)
+                diag[low[0], low[1]] = diag[low[1], low[0]]
+                H[a1:, a0:a1] = H[a0:a1, a1:].T  # each block row's right part, below it
             self._mirrored = True
         return self._H
 

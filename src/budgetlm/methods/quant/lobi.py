@@ -8,6 +8,14 @@ low-rank correction of the quantisation error.
    Hessian) and, with rank r > 0, add the correction below; then measure
    - "output": the Hessian-weighted output error tr(ΔW H ΔWᵀ), ΔW = W − Ŵ_b, H = (2/n) Σ x xᵀ over the
      layer's calibration inputs (HessianStat), i.e. 2× the mean squared output error per token; or
+   - "fisher": the second-order estimate of that Linear's KL below, ¼ Σ_i F_i (ΔW H ΔWᵀ)_ii, where F_i is
+     the mean over tokens of the squared gradient of Σ_t log p(ŷ_t) with respect to output channel i of the
+     Linear, ŷ_t sampled from the float model's own next-token distribution (so E[g gᵀ] is the Fisher
+     information, the Hessian of the summed KL at ΔW = 0), taken in one forward/backward pass over
+     `fisher_sequences` calibration sequences for all Linears at once. Assuming the Fisher diagonal (per
+     channel) and gradients independent of the error across tokens, KL ≈ ½ Σ_i F_i · mean_t δy_ti² with
+     mean_t δy_ti² = (ΔW H ΔWᵀ)_ii / 2: nats per token, comparable across layers and architectures (a
+     post-norm that rescales a block's output rescales its gradients the other way), at ~3 forwards' cost;
    - "kl": the mean per-token KL(p_float ‖ p_b) of the model's next-token distribution on `kl_sequences`
      calibration sequences with only that one Linear quantised. This costs one forward pass (over those
      sequences) per Linear per candidate: 210 Linears × 4 candidates = 840 passes for SmolLM2-135M. Passes
@@ -73,10 +81,11 @@ class LoBi(GridConfig):
     # as 3.0 bpw can keep every Linear at 3 bits per channel instead of mixing 2- and 3-bit g64
     candidate_groups: list[int | None] | None = None
     symmetric: bool = False
-    sensitivity: Literal["output", "kl"] = "output"
+    sensitivity: Literal["output", "kl", "fisher"] = "output"
     quantizer: Literal["rtn", "gptq"] = "rtn"
     rank: int = 0  # low-rank correction rank (0: none)
     kl_sequences: int = 4  # calibration sequences per KL measurement (sensitivity "kl")
+    fisher_sequences: int = 16  # calibration sequences of the Fisher pass (sensitivity "fisher")
 
     @field_validator("target_bits")
     @classmethod
@@ -114,11 +123,11 @@ class LoBi(GridConfig):
             raise ValueError("rank must be >= 0 (0: no low-rank correction)")
         return v
 
-    @field_validator("kl_sequences")
+    @field_validator("kl_sequences", "fisher_sequences")
     @classmethod
-    def _kl_seq(cls, v: int) -> int:
+    def _n_seq(cls, v: int, info) -> int:
         if v < 1:
-            raise ValueError("kl_sequences must be >= 1")
+            raise ValueError(f"{info.field_name} must be >= 1")
         return v
 
     needs_calibration = True
@@ -266,6 +275,11 @@ class _Quantised:
         """tr(ΔW H ΔWᵀ)."""
         return float(((self.err @ H) * self.err).sum(dtype=torch.float64))
 
+    def fisher_kl(self, H: torch.Tensor, fisher: torch.Tensor) -> float:
+        """¼ Σ_i F_i (ΔW H ΔWᵀ)_ii: the diagonal-Fisher estimate of the KL (nats/token) this error causes."""
+        rows = ((self.err @ H) * self.err).sum(1, dtype=torch.float64)
+        return 0.25 * float(rows @ fisher.double())
+
     def layer(self, bias) -> QuantLinear:
         return QuantLinear.from_codes(self.codes, self.grid, bias, perm=self.perm, correction=self.correction)
 
@@ -323,6 +337,54 @@ class _KLProbe:
         for lq, lp in zip(logits, self.ref, strict=True):
             total += float(F.kl_div(F.log_softmax(lq, -1), lp, log_target=True, reduction="sum"))
         return total / self.n_tokens
+
+
+@torch.no_grad()
+def fisher_diagonals(model, tokens: torch.Tensor, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per named Linear, the mean over tokens of g_ti², g = ∂ Σ_t log p(ŷ_t) / ∂(Linear output)_t, ŷ_t sampled
+    from the model's own next-token distribution: the diagonal of the Fisher information with respect to that
+    Linear's output channels (sum over positions, per token). One sequence per forward/backward; no parameter
+    gradients are computed (only activation gradients, from the embedding output on)."""
+    mods = dict(model.named_modules())
+    acc = {n: torch.zeros(mods[n].out_features, dtype=torch.float64) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    hooks = []
+
+    def on_output(name):
+        def record(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            acc[name].add_(g.detach().double().pow(2).flatten(0, -2).sum(0))
+
+        def hook(_m, _args, out):
+            if out.requires_grad:
+                out.register_hook(record)
+
+        return hook
+
+    def grad_from_here(_m, _args, out):
+        return out.detach().requires_grad_(True)
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        hooks.append(model.get_input_embeddings().register_forward_hook(grad_from_here))
+        hooks += [mods[n].register_forward_hook(on_output(n)) for n in names]
+        with torch.enable_grad():
+            for seq in tokens:
+                logits = model(input_ids=seq[None], use_cache=False).logits[0].float()
+                logp = F.log_softmax(logits, -1)
+                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                logp.gather(-1, y).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    n_tokens = tokens.numel()
+    return {n: (a / n_tokens).float() for n, a in acc.items()}
 
 
 def _block_index(model, targets) -> dict[str, int]:
@@ -404,7 +466,12 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     for name, lin in targets:
         by_block.setdefault(block_of[name], []).append((name, lin))
     sens: dict[str, list[float]] = {}
-    need_h = cfg.sensitivity == "output" or cfg.quantizer == "gptq"
+    need_h = cfg.sensitivity in ("output", "fisher") or cfg.quantizer == "gptq"
+    t_fisher = time.perf_counter()
+    fisher = None
+    if cfg.sensitivity == "fisher":
+        fisher = fisher_diagonals(model, tokens[: cfg.fisher_sequences], names, ctx.seed)
+    t_fisher = time.perf_counter() - t_fisher
     probe = _KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
     cal = LayerwiseCalibration(model, tokens, method="lobi") if need_h else None
     last = max(by_block)
@@ -418,6 +485,9 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
             row = []
             for option in options:
                 q = _Quantised(lin.weight, option, cfg, H, gptq_layer)
+                if fisher is not None:
+                    row.append(q.fisher_kl(H, fisher[name]))
+                    continue
                 if probe is None:
                     row.append(q.output_error(H))
                     continue
@@ -478,7 +548,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
             "sensitivity_by_bits": {_label(o, multi): s for o, s in zip(options, sens[name], strict=True)},
         }
     hist = {o: sum(1 for v in chosen.values() if v == o) for o in options}
-    unit = "KL (nats/token)" if cfg.sensitivity == "kl" else "tr(ΔW H ΔWᵀ)"
+    unit = {"kl": "KL (nats/token)", "fisher": "estimated KL (nats/token)"}.get(cfg.sensitivity, "tr(ΔW H ΔWᵀ)")
     notes = [
         f"achieved {achieved:.4f} bits per weight over {len(targets)} Linears (target {cfg.target_bits}; "
         f"achievable {lo_bpw:.4f}–{hi_bpw:.4f}); {stored} B stored",
@@ -487,6 +557,8 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         + (f" + rank-{cfg.rank} correction" if cfg.rank else "")
         + f": total {sum(sens[n][k] for n, k in zip(names, choice, strict=True)):.6g}{kl_path}",
         f"allocation: {how}",
-        f"time: sensitivity {t_sens:.1f} s, quantisation {t_quant:.1f} s, total {time.perf_counter() - t_start:.1f} s",
+        f"time: sensitivity {t_sens:.1f} s"
+        + (f" (Fisher pass {t_fisher:.1f} s)" if fisher is not None else "")
+        + f", quantisation {t_quant:.1f} s, total {time.perf_counter() - t_start:.1f} s",
     ]
     return StepReport("lobi", cfg.model_dump(), stats=stats, notes=notes)
