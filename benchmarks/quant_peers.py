@@ -112,7 +112,7 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
                             )
                             if both:
                                 step["candidate_groups"] = both
-                            suffix = "" if sensitivity == "output" else f" {sensitivity}"
+                            suffix = f" {sensitivity}"
                             add(
                                 model,
                                 "budgetlm",

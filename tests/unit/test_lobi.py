@@ -252,7 +252,7 @@ def test_output_sensitivity_matches_independent_hessian_error(base, ctx):
     X = torch.cat(xs)
     H = 2 * X.T @ X / X.shape[0]
     w = lin.weight.detach().clone()
-    rep = apply_steps(h, [{"method": "lobi"}], ctx)[0]
+    rep = apply_steps(h, [{"method": "lobi", "sensitivity": "output"}], ctx)[0]
     for b in CANDS:
         dw = w.double() - ref_rtn(w, b, 64)
         ref = float(torch.trace(dw @ H @ dw.T))
@@ -334,7 +334,7 @@ def test_fisher_sensitivity_estimates_the_kl_each_linear_causes(base, ctx):
     ratio = e / m
     assert 0.5 < ratio.median() < 2 and ratio.min() > 0.1 and ratio.max() < 10, ratio
     # the raw output error tr(ΔW H ΔWᵀ) is no such estimate: its ratio to the KL varies far more across Linears
-    out = apply_steps(fresh(base), [{"method": "lobi"}], ctx)[0]
+    out = apply_steps(fresh(base), [{"method": "lobi", "sensitivity": "output"}], ctx)[0]
     raw = torch.tensor([out.stats[n]["sensitivity_by_bits"]["8"] for n in mods]) / m
     assert raw.max() / raw.min() > 10 * ratio.max() / ratio.min()
     assert "estimated KL (nats/token)" in rep.notes[2] and "Fisher pass" in rep.notes[-1]
@@ -348,7 +348,7 @@ def test_more_sensitive_layers_get_more_bits(base, ctx):
         h = fresh(base)
         mlp = h.model.model.layers[1].mlp
         mlp.up_proj.weight.data = 10 * mlp.gate_proj.weight.data
-        rep = apply_steps(h, [{"method": "lobi", "target_bits": target}], ctx)[0]
+        rep = apply_steps(h, [{"method": "lobi", "target_bits": target, "sensitivity": "output"}], ctx)[0]
         up, gate = rep.stats["model.layers.1.mlp.up_proj"], rep.stats["model.layers.1.mlp.gate_proj"]
         for b in CANDS:
             ratio = up["sensitivity_by_bits"][str(b)] / gate["sensitivity_by_bits"][str(b)]
@@ -389,7 +389,8 @@ def test_gptq_quantizer_meets_budget_with_lower_error_than_rtn(base, ctx):
     reps = {}
     for qz in ("rtn", "gptq"):
         h = fresh(base)
-        reps[qz] = apply_steps(h, [{"method": "lobi", "quantizer": qz, "target_bits": 3.0}], ctx)[0]
+        step = {"method": "lobi", "quantizer": qz, "target_bits": 3.0, "sensitivity": "output"}
+        reps[qz] = apply_steps(h, [step], ctx)[0]
         assert achieved_bpw(h.model, linears(base.model))[0] <= 3.0
     for b in ("2", "3"):
         tot = {qz: sum(s["sensitivity_by_bits"][b] for s in r.stats.values()) for qz, r in reps.items()}

@@ -7,15 +7,17 @@ low-rank correction of the quantisation error.
    ~0.03 instead of 0.375 bits per weight) — quantise the weight on that grid (rtn, or GPTQ with the layer's
    Hessian) and, with rank r > 0, add the correction below; then measure
    - "output": the Hessian-weighted output error tr(ΔW H ΔWᵀ), ΔW = W − Ŵ_b, H = (2/n) Σ x xᵀ over the
-     layer's calibration inputs (HessianStat), i.e. 2× the mean squared output error per token; or
-   - "fisher": the second-order estimate of that Linear's KL below, ¼ Σ_i F_i (ΔW H ΔWᵀ)_ii, where F_i is
-     the mean over tokens of the squared gradient of Σ_t log p(ŷ_t) with respect to output channel i of the
-     Linear, ŷ_t sampled from the float model's own next-token distribution (so E[g gᵀ] is the Fisher
-     information, the Hessian of the summed KL at ΔW = 0), taken in one forward/backward pass over
-     `fisher_sequences` calibration sequences for all Linears at once. Assuming the Fisher diagonal (per
-     channel) and gradients independent of the error across tokens, KL ≈ ½ Σ_i F_i · mean_t δy_ti² with
-     mean_t δy_ti² = (ΔW H ΔWᵀ)_ii / 2: nats per token, comparable across layers and architectures (a
-     post-norm that rescales a block's output rescales its gradients the other way), at ~3 forwards' cost;
+     layer's calibration inputs (HessianStat), i.e. 2× the mean squared output error per token. Cheap, but
+     in each Linear's own units: an error in q_proj and one in down_proj of equal size do not cost the model
+     alike, so the allocation can starve the Linears that matter (SmolLM2 at 3.0 bpw: KL 3.28);
+   - "fisher" (the default): the second-order estimate of that Linear's KL below, ¼ Σ_i F_i (ΔW H ΔWᵀ)_ii, where F_i
+     is the mean over tokens of the squared gradient of Σ_t log p(ŷ_t) with respect to output channel i of the
+     Linear, ŷ_t sampled from the float model's own next-token distribution (so E[g gᵀ] is the Fisher information,
+     the Hessian of the summed KL at ΔW = 0), taken in one forward/backward pass over `fisher_sequences` calibration
+     sequences for all Linears at once. Assuming the Fisher diagonal (per channel) and gradients independent of the
+     error across tokens, KL ≈ ½ Σ_i F_i · mean_t δy_ti² with mean_t δy_ti² = (ΔW H ΔWᵀ)_ii / 2: nats per token,
+     comparable across layers and architectures (a post-norm that rescales a block's output rescales its gradients
+     the other way), at ~3 forwards' cost;
    - "kl": the mean per-token KL(p_float ‖ p_b) of the model's next-token distribution on `kl_sequences`
      calibration sequences with only that one Linear quantised. This costs one forward pass (over those
      sequences) per Linear per candidate: 210 Linears × 4 candidates = 840 passes for SmolLM2-135M. Passes
@@ -81,7 +83,9 @@ class LoBi(GridConfig):
     # as 3.0 bpw can keep every Linear at 3 bits per channel instead of mixing 2- and 3-bit g64
     candidate_groups: list[int | None] | None = None
     symmetric: bool = False
-    sensitivity: Literal["output", "kl", "fisher"] = "output"
+    # fisher (default): each Linear's KL estimated from the Fisher diagonal of its outputs, comparable across
+    # layers; output: the raw Hessian-weighted output error; kl: the KL measured by a forward per Linear and grid
+    sensitivity: Literal["fisher", "output", "kl"] = "fisher"
     quantizer: Literal["rtn", "gptq"] = "rtn"
     rank: int = 0  # low-rank correction rank (0: none)
     kl_sequences: int = 4  # calibration sequences per KL measurement (sensitivity "kl")
