@@ -104,8 +104,8 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
                     [("g64+pc", 64, [64, None])] if None in groups else []
                 )
                 # sensitivity: the Linear's raw output error, and its diagonal-Fisher KL estimate ("fisher" rows)
-                for target in LOBI_TARGETS:
-                    for sensitivity in ("output", "fisher"):
+                for sensitivity in ("fisher", "output"):  # lobi's default first
+                    for target in LOBI_TARGETS:
                         for label, g, both in grids:
                             step = budgetlm_step(
                                 name, target_bits=target, group_size=g, quantizer=quantizer, sensitivity=sensitivity
