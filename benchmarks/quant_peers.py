@@ -112,12 +112,11 @@ def plan(models: list[str], groups: list[int | None], selected: set[str], budget
                             )
                             if both:
                                 step["candidate_groups"] = both
-                            suffix = f" {sensitivity}"
                             add(
                                 model,
                                 "budgetlm",
                                 name,
-                                f"target {target:g} bpw {label} {quantizer}{suffix}",
+                                f"target {target:g} bpw {label} {quantizer} {sensitivity}",
                                 int(target),
                                 steps=[step],
                             )

@@ -419,7 +419,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tiny, step, ctx, words):
 def test_auto_calibration_dtype_is_bf16_only_where_bf16_matmuls_measure_fast(monkeypatch, speedup):
     """calibration_dtype auto (the default): the layer passes run under bf16 autocast exactly when a bf16 matmul
     measured at least 2x faster than float32 here, and the step's notes say which dtype ran and why."""
-    amx = speedup >= 2.0
+    bf16 = speedup >= 2.0
     monkeypatch.setattr(gptq_mod, "bf16_matmul_speedup", lambda: speedup)
     seen = []
     original = gptq_mod.LayerwiseCalibration.layer_output
@@ -431,11 +431,11 @@ def test_auto_calibration_dtype_is_bf16_only_where_bf16_matmuls_measure_fast(mon
     monkeypatch.setattr(gptq_mod.LayerwiseCalibration, "layer_output", spy)
     h = load("tiny-random")
     rep = apply_steps(h, [{"method": "gptq"}], StepContext(n_calibration=4, calibration_len=16))[0]
-    want = torch.bfloat16 if amx else None
+    want = torch.bfloat16 if bf16 else None
     assert seen and all(s == want for s in seen), seen
     note = rep.notes[1]
-    assert note.startswith(f"calibration passes in {'bfloat16' if amx else 'float32'} (auto: "), note
-    assert f"measured {speedup:.1f}x faster" in note if amx else f"measured {speedup:.2f}x the speed" in note
+    assert note.startswith(f"calibration passes in {'bfloat16' if bf16 else 'float32'} (auto: "), note
+    assert f"measured {speedup:.1f}x faster" in note if bf16 else f"measured {speedup:.2f}x the speed" in note
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])

@@ -100,8 +100,8 @@ def _matmul_seconds(
 @lru_cache(maxsize=1)
 def bf16_matmul_speedup() -> float:
     """How many times faster a bfloat16 matmul runs than a float32 one on this CPU, measured once per process
-    (~0.1 s). It depends on the CPU more than on its flags: ~11x on an Intel Xeon with AMX tiles, ~5.8x on an
-    AMD EPYC (Zen) with native AVX-512 bf16 dot products, ~1/7 on an AMD EPYC where torch emulated bf16."""
+    (~0.15 s). It depends on the CPU more than on its flags: ~11x on an Intel Xeon with AMX tiles, 3.9-5.8x on an
+    AMD EPYC with native AVX-512 bf16 dot products, ~1/7 on an earlier AMD EPYC where torch emulated bf16."""
     return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
 
 

@@ -97,8 +97,8 @@ def mapped_large_buffers(threshold: int = 1 << 20) -> Iterator[bool]:
     the live tensors. The cost is a page fault per fresh page of each new buffer. glibc still serves a request
     from a free chunk already in the heap's bins before it maps anything, so in a long-lived process that has
     fragmented its heap some buffers come from there (the CLI and each benchmark row start a fresh process).
-    On exit the threshold is set
-    to glibc's 32 MiB ceiling, the value its dynamic rule reaches in a process that frees large buffers."""
+    On exit the threshold is set to glibc's 32 MiB ceiling, the value its dynamic rule reaches in a process
+    that frees large buffers."""
     global _MAPPED_DEPTH
     libc = _glibc()
     if libc is None:
