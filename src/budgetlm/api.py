@@ -36,11 +36,14 @@ def measure(handle: ModelHandle, **kwargs) -> dict[str, dict[str, Metric]]:
     return _measure(handle, **kwargs)
 
 
-def run(recipe: str | Path | None = None, out: str | Path | None = None, progress: bool = False) -> Path:
-    """Run a study (None: the bundled quickstart); returns its folder."""
+def run(
+    recipe: str | Path | None = None, out: str | Path | None = None, progress: bool = False, force: bool = False
+) -> Path:
+    """Run a study (None: the bundled quickstart); returns its folder. An existing study at `out` is resumed; with
+    `force`, it (or anything else there) is moved aside and the study starts afresh."""
     from budgetlm.experiments.study import run_study
 
-    return run_study(recipe, out, progress=progress)
+    return run_study(recipe, out, progress=progress, force=force)
 
 
 def report(directory: str | Path) -> dict[str, Path]:
@@ -70,7 +73,12 @@ def train(
 
 
 def export(
-    handle: ModelHandle, path: str | Path, gguf_type: str = "Q8_0", requantize: bool = False, pure: bool = False
+    handle: ModelHandle,
+    path: str | Path,
+    gguf_type: str = "Q8_0",
+    requantize: bool = False,
+    pure: bool = False,
+    aside: bool = False,
 ):
     """Write the model as a GGUF file llama.cpp runs (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).
 
@@ -78,4 +86,4 @@ def export(
     ConfigError names the types that do, unless `requantize`. Returns budgetlm.export.gguf.ExportReport."""
     from budgetlm.export.gguf import export_gguf
 
-    return export_gguf(handle, path, gguf_type, requantize=requantize, pure=pure)
+    return export_gguf(handle, path, gguf_type, requantize=requantize, pure=pure, aside=aside)

@@ -2,24 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
-from budgetlm.errors import BudgetLMError, ConfigError
+from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
 from budgetlm.utils import yaml_load
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags without a value, no box drawing cut at 80 columns in a pipe
     help="Put language models on a budget: compress, evaluate, measure and compare them on your own hardware.",
 )
+FORCE_HELP = "replace an earlier budgetlm output at --out; anything else there is moved aside (kept), never deleted"
+# what `interrupted: ...` says, per command (set by the command that runs)
+_on_interrupt = ["nothing was written"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"budgetlm {version('budgetlm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Put language models on a budget: compress, evaluate, measure and compare them on your own hardware."""
+
+
+class StepsCommand(typer.core.TyperCommand):
+    """A command whose method steps (--method NAME [--set key=value ...], repeated, in order) are parsed from its
+    extra arguments; its help lists them with the options."""
+
+    def format_options(self, ctx, formatter) -> None:
+        super().format_options(ctx, formatter)
+        with formatter.section("Method steps (repeat for a pipeline; applied in order)"):
+            formatter.write_dl(
+                [
+                    ("--method NAME", "a method from `budgetlm methods`"),
+                    ("--set key=value", "a setting of the --method before it (YAML value: --set bits=4)"),
+                ]
+            )
+
 
 ModelArg = Annotated[str, typer.Argument(help="bundled name (see `budgetlm models`), GGUF file or model folder")]
 
@@ -95,8 +135,11 @@ def eval_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="folder for eval.json and per-item logs")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="local dataset files in the hub's schema")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="rows per forward pass (default: by token budget)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="rows per forward pass (default: by token budget)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print {task: {metric: value}} on stdout")] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Evaluate a model on tasks (see `budgetlm tasks`)."""
     from budgetlm.api import evaluate, load
@@ -106,18 +149,40 @@ def eval_cmd(
     resolve_tasks(names)
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of items (got {limit})")
-    handle = load(model)
-    results = evaluate(
-        handle,
-        names,
-        limit=limit,
-        seed=seed,
-        out_dir=out,
-        data_dir=data_dir,
-        batch_size=batch_size,
-        progress=not as_json,
-    )
+    _check_data_dir(data_dir)
+    with _output_folder(out, "an evaluation", "eval.json", force) as folder:
+        handle = load(model)
+        results = evaluate(
+            handle,
+            names,
+            limit=limit,
+            seed=seed,
+            out_dir=folder,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            progress=not as_json,
+        )
     _print_results(results, as_json)
+
+
+def _check_data_dir(data_dir: Path | None) -> None:
+    if data_dir is not None and not data_dir.is_dir():
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise ConfigError(f"--data-dir {data_dir} {what}; give the folder holding <task>/<split>.jsonl files")
+
+
+@contextlib.contextmanager
+def _output_folder(out: Path | None, what: str, marker: str, force: bool):
+    """Check --out before any work, then yield a temporary folder that replaces --out only when the command
+    succeeds (None when there is no --out): a failed or interrupted command leaves nothing behind."""
+    if out is None:
+        yield None
+        return
+    from budgetlm.utils import atomic_dir, check_output
+
+    check_output(out, what, marker=marker, force=force)
+    with atomic_dir(out, marker=marker, aside=force) as tmp:
+        yield tmp
 
 
 @app.command()
@@ -127,24 +192,27 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     decode_tokens: Annotated[int, typer.Option(min=1)] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Measure size, peak memory, prefill/decode speed and energy (when RAPL is readable)."""
     from budgetlm.api import load, measure
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.results import Metric
-    from budgetlm.utils import atomic_write_json
 
-    with PeakRSS("load") as rss_load:
-        handle = load(model)
-    folder = model if Path(model).is_dir() else None
-    with PeakRSS("benchmark") as rss_bench:
-        results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=folder)
-    results["memory"] = {
-        "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
-        "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
-    }
-    if out is not None:
-        atomic_write_json(out / "bench.json", {p: {k: m.to_dict() for k, m in ms.items()} for p, ms in results.items()})
+    with _output_folder(out, "a benchmark", "bench.json", force) as folder:
+        with PeakRSS("load") as rss_load:
+            handle = load(model)
+        model_folder = model if Path(model).is_dir() else None
+        with PeakRSS("benchmark") as rss_bench:
+            results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=model_folder)
+        results["memory"] = {
+            "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
+            "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
+        }
+        if folder is not None:
+            (folder / "bench.json").write_text(
+                json.dumps({p: {k: m.to_dict() for k, m in ms.items()} for p, ms in results.items()}, indent=2)
+            )
     _print_results(results, as_json)
 
 
@@ -183,39 +251,52 @@ def parse_steps(args: list[str]) -> list[dict]:
 GGUF_HELP = "GGUF tensor type: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(cls=StepsCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def compress(
     ctx: typer.Context,
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="folder to write the compressed model to")],
+    out: Annotated[Path, typer.Option(help="folder to write the compressed model to (new or empty)")],
     seed: Annotated[int, typer.Option()] = 0,
     gguf: Annotated[
         str | None, typer.Option("--gguf", help=GGUF_HELP + "; also export the result to <out>.<TYPE>.gguf")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Apply method steps in order: --method NAME [--set key=value ...] [--method NAME2 ...] --out DIR."""
     from budgetlm.api import apply, load
-    from budgetlm.methods.base import parse_config
+    from budgetlm.methods.base import StepContext, parse_config
+    from budgetlm.models.handle import MANIFEST
+    from budgetlm.utils import check_output
 
     steps = parse_steps(list(ctx.args))
     for s in steps:  # validate everything before loading the model
         parse_config(s["method"], {k: v for k, v in s.items() if k != "method"})
+    check_output(out, "a compressed model", marker=MANIFEST, force=force)
+    gguf_path = None
     if gguf is not None:
-        from budgetlm.export.gguf import parse_type
+        from budgetlm.export.gguf import is_budgetlm_gguf, parse_type
 
         gguf = parse_type(gguf)
-    from budgetlm.methods.base import StepContext
-
+        gguf_path = out.parent / f"{out.name}.{gguf}.gguf"
+        check_output(gguf_path, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False, flag="--gguf file")
     handle = load(model)
-    reports = apply(handle, steps, StepContext(seed=seed))
-    handle.save(out)
+    reports = apply(handle, steps, StepContext(seed=seed, progress=True))
     for r in reports:
         print(f"{r.method}: {r.seconds:.1f} s; " + "; ".join(r.notes))
-    print(f"saved {out}")
-    if gguf is not None:
+    export_report = None
+    if gguf_path is not None:  # first: a type that cannot hold the codes fails before anything is written
         from budgetlm.api import export as run_export
 
-        _print_export(run_export(handle, out.parent / f"{out.name}.{gguf}.gguf", gguf))
+        export_report = run_export(handle, gguf_path, gguf, aside=force)
+    try:
+        handle.save(out, aside=force)
+    except BaseException:
+        if gguf_path is not None:
+            gguf_path.unlink(missing_ok=True)  # this command's own file: all or nothing
+        raise
+    print(f"saved {out}")
+    if export_report is not None:
+        _print_export(export_report)
 
 
 TRAIN_HELP = (
@@ -245,7 +326,9 @@ def split_train_settings(settings: dict) -> tuple[dict, dict]:
     return method, train
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, help=TRAIN_HELP)
+@app.command(
+    cls=StepsCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, help=TRAIN_HELP
+)
 def train(
     ctx: typer.Context,
     model: ModelArg,
@@ -323,22 +406,25 @@ def export_cmd(
     gguf: Annotated[str, typer.Option("--gguf", help=GGUF_HELP)],
     out: Annotated[Path, typer.Option(help="the .gguf file to write")],
     requantize: Annotated[
-        bool, typer.Option(help="round quantised layers again when the type cannot hold their codes exactly")
+        bool,
+        typer.Option("--requantize", help="round quantised layers again when the type cannot hold their codes exactly"),
     ] = False,
     pure: Annotated[
-        bool, typer.Option(help="write the output matrix in TYPE too (by default 4/5-bit types keep it at Q8_0)")
+        bool,
+        typer.Option("--pure", help="write the output matrix in TYPE too (by default 4/5-bit types keep it at Q8_0)"),
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Write a model as a GGUF file that llama.cpp runs (tokenizer and metadata included)."""
     from budgetlm.api import export as run_export
     from budgetlm.api import load
-    from budgetlm.export.gguf import parse_type
+    from budgetlm.export.gguf import is_budgetlm_gguf, parse_type
+    from budgetlm.utils import check_output
 
     gguf = parse_type(gguf)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the .gguf file to write")
+    check_output(out, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False)
     handle = load(model)
-    _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure))
+    _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure, aside=force))
 
 
 @app.command()
@@ -348,6 +434,9 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="validate the recipe and list its cells; run nothing")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="start afresh: an existing study or other files at --out are moved aside")
+    ] = False,
 ) -> None:
     """Run a study: every model x pipeline cell is compressed, evaluated and measured; resumes if interrupted."""
     from budgetlm.experiments.study import run_study, summary_table
@@ -355,7 +444,8 @@ def run(
     if dry_run:
         _print_plan(recipe)
         return
-    folder = run_study(recipe, out, progress=True)
+    _on_interrupt[0] = "finished cells are kept; rerun the same command to resume"
+    folder = run_study(recipe, out, progress=True, force=force)
     _console().print(summary_table(folder))
     print(f"results in {folder}; `budgetlm report {folder}` writes report.md, results.csv and pareto.png")
 
@@ -399,27 +489,82 @@ def compare(
     print(format_table(run_compare(dir_a, dir_b)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: every user error ends as one `error: ...` line on stderr and exit code 2; SIGINT
+    and SIGTERM as one `interrupted: ...` line and exit 130 / 143."""
+    _quiet_libraries()
+    _on_interrupt[0] = "nothing was written"
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = app(args=argv, prog_name="budgetlm", standalone_mode=False)
+    except BudgetLMError as exc:
+        _fail(f"error: {exc}", 2)
+    except Interrupted as exc:
+        _fail(f"interrupted ({exc}): {_on_interrupt[0]}", exc.exit_code)
+    except (typer.Abort, EOFError):
+        _fail(f"interrupted: {_on_interrupt[0]}", 130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the reader left: exit quietly
+        sys.exit(1)
+    except _CLICK_ERROR as exc:
+        _fail(f"error: {exc.format_message()}" + _usage_hint(exc), 2)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        _fail(f"error: {_os_message(exc)}", 2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if code == 130:  # a KeyboardInterrupt the framework caught itself
+        _fail(f"interrupted: {_on_interrupt[0]}", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _quiet_libraries() -> None:
+    """The libraries' own log lines and progress bars (transformers' "Loading weights", datasets' warnings) would
+    turn a one-line error into several: silence them through their environment variables before they are imported,
+    and through their APIs when they already are (the CLI called in-process)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    try:
-        app(standalone_mode=False)
-    except BudgetLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished results are kept; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
+    if "transformers" in sys.modules:
+        import transformers
 
-        if isinstance(exc, click.exceptions.ClickException):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.utils.disable_progress_bars()
+
+
+# the usage-error base class of the click typer runs on (typer 0.29 ships its own copy of click)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _fail(line: str, code: int) -> None:
+    print(" ".join(line.split()), file=sys.stderr)
+    sys.exit(code)
+
+
+def _usage_hint(exc) -> str:
+    ctx = getattr(exc, "ctx", None)
+    name = ctx.command_path if ctx is not None else "budgetlm"
+    return f" (see `{name} --help`)"
+
+
+def _os_message(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot use{where}: {exc.strerror or type(exc).__name__}"
 
 
 if __name__ == "__main__":

@@ -37,3 +37,15 @@ def suggest(name: str, choices) -> str:
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     choices = sorted(choices)
     return UnknownNameError(f"unknown {kind} '{name}'{suggest(name, choices)}; available: {', '.join(choices)}")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: raised by budgetlm's signal handlers so that cleanups run on the way out. A
+    BaseException, like KeyboardInterrupt, but not one: the CLI framework would turn that into a bare exit code."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from budgetlm.data.tasks.base import Task, tasks
+from budgetlm.data.tasks.base import Item, Task, TaskData, tasks
 from budgetlm.errors import BudgetLMError
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import RESULT
@@ -28,11 +28,18 @@ class FakeQuant(MethodConfig):
     bits: int = 8
 
 
+class FakeTask(Task):
+    """Loads one item (the driver loads every task once before it writes anything); the fake runner scores it."""
+
+    def load(self, ctx):
+        return TaskData([Item("only", {})], "fake")
+
+
 @pytest.fixture(autouse=True)
 def registries(monkeypatch):
     monkeypatch.setitem(methods._items, "fake-quant", FakeQuant)
-    monkeypatch.setitem(tasks._items, "t-acc", Task())
-    monkeypatch.setitem(tasks._items, "t-ppl", Task())
+    monkeypatch.setitem(tasks._items, "t-acc", FakeTask())
+    monkeypatch.setitem(tasks._items, "t-ppl", FakeTask())
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from budgetlm.data.tasks.base import TaskContext
 from budgetlm.data.tasks.offline import arith
-from budgetlm.errors import ConfigError, DataError, UnknownNameError
+from budgetlm.errors import ConfigError, DataError
 from budgetlm.models.sources import tiny_tokenizer
 from budgetlm.train.config import DataConfig
 from budgetlm.train.data import IGNORE, DataOrder, Example, arith_pairs, build_data, collate, encode_pair
@@ -173,8 +174,8 @@ def test_errors(tok, tmp_path):
         build_data(tok, DataConfig(task="arith", chat=True, limit=2), 64, 0)
     with pytest.raises(ConfigError, match="corpus.*calibration"):
         build_data(tok, DataConfig(task="corpus", split="heldout"), 64, 0)
-    with pytest.raises(UnknownNameError, match="did you mean: arith"):
-        build_data(tok, DataConfig(task="arithh"), 64, 0)
+    with pytest.raises(ValidationError, match="unknown task 'arithh' \\(did you mean: arith"):
+        DataConfig(task="arithh")  # the config itself refuses it, before any run folder is written
     with pytest.raises(DataError, match="boolq"):  # nothing local, nothing cached, hub offline
         build_data(tok, DataConfig(task="boolq", data_dir=str(tmp_path)), 64, 0)
     with pytest.raises(DataError, match="no training examples"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetlm.errors import ConfigError, DataError, UnknownNameError
+from budgetlm.errors import ConfigError, DataError
 from budgetlm.models.sources import load
 from budgetlm.train import TrainConfig, fit
 from budgetlm.train.config import lr_factor
@@ -245,8 +245,10 @@ def test_bad_input_fails_before_training(arith_data):
         with pytest.raises(ConfigError) as e:
             fit(h, cfg, data=arith_data)
         assert str(e.value).startswith(msg), str(e.value)
-    with pytest.raises(UnknownNameError, match="did you mean: arith"):
+    with pytest.raises(ConfigError, match=r"train: eval_tasks: unknown task 'arith2' \(did you mean: arith"):
         fit(h, {"steps": 1, "eval_tasks": ["arith2"]}, data=arith_data)
+    with pytest.raises(ConfigError, match=r"train: data.task: unknown task 'arth' \(did you mean: arith"):
+        fit(h, {"steps": 1, "data": "arth"}, data=arith_data)
     for p in h.model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="no parameter of the model requires grad"):

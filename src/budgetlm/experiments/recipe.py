@@ -132,6 +132,9 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
+    if data_dir is not None and not Path(data_dir).is_dir():
+        what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+        raise ConfigError(f"{origin}: data_dir {recipe.data_dir} {what}; give the folder holding <task>/<split>.jsonl")
     return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
 
 
@@ -207,7 +210,7 @@ def _describe(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> 
     loc = _join(prefix, _format_loc(err["loc"]))
     if any(part in _UNION_TAGS for part in err["loc"]):  # a pipeline step that is neither a mapping nor a name
         return f"{loc}: a step is a mapping like {{method: rtn, bits: 8}} or a method name, not {err['input']!r}"
-    return f"{loc or 'value'}: {err['msg']}{more}"
+    return f"{loc or 'value'}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
 def _join(prefix: str, loc: str) -> str:

@@ -37,6 +37,25 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 _ROW_COLUMNS = ("cell_id", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source", "extra_json")
 
 
+def is_study(directory: str | Path) -> bool:
+    """True when the folder holds a results store; a results.sqlite that is not one is a one-line error. Reads only
+    (nothing is created or changed), so it can check an --out folder before a study starts."""
+    path = Path(directory) / FILENAME
+    if not path.is_file():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise BudgetLMError(
+            f"{path} is not a budgetlm results store ({exc}); move it away, or give another study folder"
+        ) from None
+    return {"rows", "cells", "meta"} <= tables
+
+
 class Store:
     """A thin wrapper over the SQLite file. Open with Store(dir) (creates it) or Store.open(dir) (must exist)."""
 
@@ -45,13 +64,21 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=DELETE")
-        self.conn.executescript(_SCHEMA)
+        try:
+            self.conn.execute("PRAGMA journal_mode=DELETE")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise BudgetLMError(
+                f"{self.path} is not a budgetlm results store ({exc}); move it away, or give another study folder"
+            ) from None
 
     @classmethod
     def open(cls, directory: str | Path) -> Store:
         if not (Path(directory) / FILENAME).is_file():
             raise BudgetLMError(f"{directory} has no {FILENAME}: it is not a study folder; run `budgetlm run` first")
+        if not is_study(directory):
+            raise BudgetLMError(f"{Path(directory) / FILENAME} holds no budgetlm results; give a study folder")
         return cls(directory)
 
     def close(self) -> None:

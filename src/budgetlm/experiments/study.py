@@ -27,13 +27,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from budgetlm.errors import BudgetLMError
+from budgetlm.errors import BudgetLMError, Interrupted
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
-from budgetlm.utils import atomic_write_text
+from budgetlm.utils import atomic_write_text, check_output, move_aside
 
+LOCK = ".lock"
 Runner = Callable[[Path, Callable[[str], None]], None]  # (cell folder, status callback); raises CellFailed
 
 
@@ -47,13 +48,21 @@ def run_study(
     progress: bool = True,
     *,
     runner: Runner | None = None,
+    force: bool = False,
 ) -> Path:
-    """Run every unfinished cell of the recipe (None: the bundled quickstart); returns the study folder."""
+    """Run every unfinished cell of the recipe (None: the bundled quickstart); returns the study folder.
+
+    Everything is checked before the folder is touched: the recipe, the folder (a study folder is resumed; anything
+    else is refused, or with `force` moved aside, as is an existing study), and every task's data (loaded once)."""
     rec = parse_recipe(recipe, "recipe") if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
+    check_output(out, "a study", marker=_is_study, force=force, resume=True)
+    cells = plan(rec)
+    check_task_data(rec)
+    if force and out.is_dir() and any(out.iterdir()):
+        move_aside(out)
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
-    cells = plan(rec)
     runner = runner or subprocess_runner
     failed: list[tuple[Cell, str]] = []
     with study_lock(out), st.Store(out) as store, _terminate_as_interrupt():
@@ -76,6 +85,25 @@ def run_study(
         names = "; ".join(f"{c.label}: {err}" for c, err in failed)
         raise BudgetLMError(f"{len(failed)} of {len(cells)} cells failed in {out}: {names}")
     return out
+
+
+def _is_study(folder: Path) -> bool:
+    """A study folder, or one a driver locked and was killed in before it wrote its store."""
+    return st.is_study(folder) or {f.name for f in folder.iterdir()} == {LOCK}
+
+
+def check_task_data(rec: Recipe) -> None:
+    """Load every task's items once, as the cells will, so that a missing or malformed data file is a one-line
+    error before the study folder is written, not a failure in every cell."""
+    from budgetlm.data.tasks import tasks as registry
+    from budgetlm.data.tasks.base import TaskContext
+    from budgetlm.errors import DataError
+
+    ctx = TaskContext(seed=rec.seed, data_dir=Path(rec.data_dir) if rec.data_dir else None)
+    for name in rec.tasks:
+        data = registry.get(name).load(ctx)
+        if not data.items:
+            raise DataError(f"task '{name}' has no items ({data.source}); check the data file")
 
 
 def _run_one(cell: Cell, out: Path, store: st.Store, runner: Runner, on_status) -> str | None:
@@ -180,7 +208,7 @@ def study_lock(out: Path):
     """One driver per study folder: a second `budgetlm run` on the same folder stops at once."""
     import fcntl
 
-    with open(out / ".lock", "w") as f:
+    with open(out / LOCK, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -195,13 +223,13 @@ def study_lock(out: Path):
 
 @contextmanager
 def _terminate_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt while the driver runs, so the running cell is marked and stopped."""
+    """Turn SIGTERM into an Interrupted exception while the driver runs, so the running cell is marked and stopped."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -618,6 +618,21 @@ def _writer(path: Path | None, arch: str):
     return Writer(None if path is None else str(path), arch)
 
 
+QUANTIZED_BY = "general.quantized_by"
+WRITER = "budgetlm"
+
+
+def is_budgetlm_gguf(path: Path) -> bool:
+    """A GGUF file this project wrote (its general.quantized_by says budgetlm); False for anything unreadable."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get(QUANTIZED_BY)
+        return field is not None and bytes(field.parts[field.data[0]]).decode() == WRITER
+    except Exception:  # noqa: BLE001 - not a GGUF file, or a damaged one: not ours
+        return False
+
+
 def _general(w, handle: ModelHandle, kv: dict, type_name: str) -> None:
     import gguf
 
@@ -625,7 +640,7 @@ def _general(w, handle: ModelHandle, kv: dict, type_name: str) -> None:
     if "general.name" in kv:
         name = kv["general.name"][0].decode("utf-8", "replace")
     own = {"general.architecture", "general.name", "general.type", "general.file_type", "general.alignment"}
-    own.add("general.quantization_version")
+    own |= {"general.quantization_version", QUANTIZED_BY}
     for key, (value, vtype, sub) in kv.items():  # descriptive fields of the source file: license, organisation...
         if key.startswith("general.") and key not in own:
             w.add_key_value(
@@ -636,6 +651,7 @@ def _general(w, handle: ModelHandle, kv: dict, type_name: str) -> None:
         name += " (budgetlm: " + " + ".join(methods) + ")"
     w.add_name(name)
     w.add_type("model")
+    w.add_string(QUANTIZED_BY, WRITER)
     w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[type_name]]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -649,8 +665,10 @@ def export_gguf(
     gguf_type: str = "Q8_0",
     requantize: bool = False,
     pure: bool = False,
+    aside: bool = False,
 ) -> ExportReport:
-    """Write `handle` to `path` as a GGUF file of tensor type `gguf_type` (atomically: all of it or nothing)."""
+    """Write `handle` to `path` as a GGUF file of tensor type `gguf_type` (atomically: all of it or nothing). A file
+    already at `path` is replaced, or with `aside` first moved aside (kept)."""
     from budgetlm.utils import atomic_file
 
     type_name = parse_type(gguf_type)
@@ -679,7 +697,7 @@ def export_gguf(
         report.tokenizer = "written from the Hugging Face tokenizer (gpt2 byte-level BPE)"
 
     offset_err: list[np.ndarray] = []
-    with torch.no_grad(), atomic_file(path) as tmp:
+    with torch.no_grad(), atomic_file(path, aside=aside) as tmp:
         w = _writer(tmp, spec.gguf_arch)
         for key, value in meta.kv_data[0].items():
             if key not in w.kv_data[0]:

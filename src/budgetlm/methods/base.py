@@ -118,7 +118,9 @@ def parse_config(name: str, values: dict) -> MethodConfig:
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(k for k in cls.model_fields)
             raise ConfigError(f"method '{name}': unknown setting '{loc}' (allowed: {allowed})") from None
-        raise ConfigError(f"method '{name}': {loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise ConfigError(
+            f"method '{name}': {loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+        ) from None
 
 
 def select_linears(

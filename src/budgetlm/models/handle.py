@@ -62,12 +62,14 @@ class ModelHandle:
                 out[name] = {"kind": kind, **mod.layer_meta()}
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the folder atomically (to a temporary sibling, then rename)."""
+    def save(self, path: str | os.PathLike, aside: bool = False) -> Path:
+        """Write the folder atomically (to a temporary sibling, then rename). A budgetlm model folder already at
+        `path` is replaced; anything else there is moved aside with `aside` and refused otherwise (see
+        utils.atomic_dir)."""
         from safetensors.torch import save_model
 
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=MANIFEST, aside=aside) as tmp:
             self.model.config.save_pretrained(tmp)
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:
@@ -83,19 +85,33 @@ class ModelHandle:
         return path
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def is_budgetlm_folder(path: Path) -> bool:
     return (path / MANIFEST).is_file() and (path / WEIGHTS).is_file()
 
 
 def load_folder(path: Path) -> ModelHandle:
     """Load a folder written by ModelHandle.save: build from config, rebuild replaced modules, load tensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    manifest = json.loads((path / MANIFEST).read_text())
-    provenance = json.loads((path / PROVENANCE).read_text()) if (path / PROVENANCE).exists() else []
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        provenance = json.loads((path / PROVENANCE).read_text(encoding="utf-8")) if (path / PROVENANCE).exists() else []
+        if not isinstance(manifest, dict) or not isinstance(provenance, list):
+            raise ValueError(f"{MANIFEST} is not a mapping or {PROVENANCE} not a list")
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelError(
+            f"budgetlm model folder {path} is damaged: {first_line(exc)}; re-create it with `budgetlm compress`"
+        ) from None
     for kind, meta in manifest.get("parts", {}).items():
         model_parts.get(kind)(model, meta)
     for name, meta in manifest.get("modules", {}).items():
@@ -108,7 +124,13 @@ def load_folder(path: Path) -> ModelHandle:
         if not any(p.requires_grad for p in old.parameters()):  # frozen by a part (the base under an adapter)
             new.requires_grad_(False)
         setattr(parent, child, new)
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as exc:  # a damaged file, or tensors the config does not fit
+        raise ModelError(
+            f"budgetlm model folder {path}: cannot load {WEIGHTS}: {first_line(exc)}; re-create it with "
+            "`budgetlm compress`"
+        ) from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from budgetlm.errors import ModelError, suggest
-from budgetlm.models.handle import ModelHandle, is_budgetlm_folder, load_folder
+from budgetlm.models.handle import ModelHandle, first_line, is_budgetlm_folder, load_folder
 
 
 def cache_dir() -> Path:
@@ -83,20 +83,19 @@ def load_dir(path: Path) -> ModelHandle:
         return load_folder(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"folder {path} is not a model: it has no config.json; pass a Hugging Face model folder")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"cannot load model folder {path}: {_first_line(exc)}") from None
+    except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:
+        problem = first_line(exc)
+        if "mismatched_sizes" in problem:  # transformers points at a report it printed (suppressed here)
+            problem = "its weights do not have the shapes its config.json gives (hidden_size, layers, ...)"
+        raise ModelError(f"cannot load model folder {path}: {problem}") from None
     model.eval()
     return ModelHandle(model, tok, str(path.resolve()), [], str(path.resolve()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _check_gguf(path: Path) -> str:
@@ -109,9 +108,7 @@ def _check_gguf(path: Path) -> str:
         arch = bytes(field.parts[field.data[0]]).decode()
         end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
-        raise ModelError(
-            f"cannot read GGUF file {path}: {_first_line(exc)}; the file is truncated or corrupt"
-        ) from None
+        raise ModelError(f"cannot read GGUF file {path}: {first_line(exc)}; the file is truncated or corrupt") from None
     if end > path.stat().st_size:
         raise ModelError(f"GGUF file {path} is truncated ({path.stat().st_size} bytes, tensors need {end})")
     return arch
@@ -134,7 +131,7 @@ def load_gguf(path: Path) -> ModelHandle:
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelError(
-            f"cannot load GGUF file {path} (architecture '{arch}'): {_first_line(exc)}; "
+            f"cannot load GGUF file {path} (architecture '{arch}'): {first_line(exc)}; "
             "transformers supports llama, mistral, qwen2, gemma3, phi3 and a few more"
         ) from None
     model.eval()

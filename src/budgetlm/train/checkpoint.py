@@ -166,7 +166,7 @@ def save_checkpoint(
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{snap.step:06d}"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, marker="state.json") as tmp:
         save_file({k: p.detach().contiguous() for k, p in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = _split_optimizer(optimizer)
         torch_rng, rng = rng_state()

@@ -17,11 +17,12 @@ and the last update (s = T - 1) uses a factor just above m.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from budgetlm.errors import ConfigError
+from budgetlm.errors import ConfigError, suggest
 
 CORPUS = "corpus"
 
@@ -36,6 +37,30 @@ class DataConfig(BaseModel):
     limit: int | None = Field(None, ge=1)  # examples drawn with the seed (stratified by label); None: all
     data_dir: str | None = None  # folder with <task>/<split>.jsonl in the hub's schema
     chat: bool | None = None  # wrap prompts in the chat template; None: for generation tasks of instruct models
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task != CORPUS:
+            _check_task_name(task, extra=[CORPUS])
+        return task
+
+    @field_validator("data_dir")
+    @classmethod
+    def _existing_dir(cls, data_dir: str | None) -> str | None:
+        if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+            raise ValueError(f"{data_dir} is not a folder; give the folder holding <task>/<split>.jsonl files")
+        return data_dir
+
+
+def _check_task_name(name: str, extra: list[str] = ()) -> None:
+    """A registered task (membership only: resolving a lazy task would import its dependencies); else a
+    ValueError naming the close names."""
+    from budgetlm.data.tasks import tasks
+
+    if name not in tasks:
+        choices = sorted([*tasks.names(), *extra])
+        raise ValueError(f"unknown task '{name}'{suggest(name, choices)}; available: {', '.join(choices)}")
 
 
 class TrainConfig(BaseModel):
@@ -72,6 +97,13 @@ class TrainConfig(BaseModel):
         if isinstance(values, dict) and isinstance(values.get("data"), str):
             values = {**values, "data": {"task": values["data"]}}
         return values
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_eval_tasks(cls, names: list[str]) -> list[str]:
+        for name in names:
+            _check_task_name(name)
+        return names
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

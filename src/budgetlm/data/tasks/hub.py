@@ -17,6 +17,7 @@ ARC-Easy test (cache)").
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +61,47 @@ def _quiet_datasets():
     import datasets
 
     was_disabled = datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.utils.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log lines would make a one-line error several
     try:
         yield datasets
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.utils.enable_progress_bars()
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are a one-line DataError naming the file and the place."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def check_json(path: Path, text: str) -> None:
+    """A .jsonl file holds one JSON object per line, a .json file JSON: the first bad line is a one-line DataError
+    (``datasets`` only says that generating the dataset failed)."""
+    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(None, text)]
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            where = f" line {lineno}" if lineno else ""
+            raise DataError(f"data file {path}{where} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if lineno and not isinstance(value, dict):
+            raise DataError(f"data file {path} line {lineno} is not a JSON object; write one row object per line")
+
+
 def read_local(path: Path) -> list[dict]:
     """Rows of a .jsonl/.json/.parquet file, read through ``datasets``; empty or unreadable -> DataError."""
-    if path.stat().st_size == 0 or (path.suffix != ".parquet" and not path.read_text(encoding="utf-8").strip()):
+    if path.stat().st_size == 0 or (path.suffix != ".parquet" and not read_text(path).strip()):
         raise DataError(f"data file {path} is empty; write the task's rows into it, one JSON object per line")
+    if path.suffix != ".parquet":
+        check_json(path, read_text(path))
     builder = "parquet" if path.suffix == ".parquet" else "json"
     try:
         with _quiet_datasets() as datasets:
@@ -324,7 +354,7 @@ class Winogrande(HubMultipleChoice):
 def parse_logiqa_txt(path: Path) -> list[dict]:
     """The original LogiQA release (Train/Eval/Test.txt): blank-line separated records of an answer letter,
     the passage, the question and four 'A.'-prefixed options; text normalised as the hub copy is."""
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path).strip()
     if not text:
         raise DataError(f"data file {path} is empty; write the LogiQA records into it")
 

@@ -1,0 +1,494 @@
+"""The bad-input corpus: the ways a user hands budgetlm bad input, and what must happen each time: exactly one line
+on stderr (naming the problem, and the fix), exit code 2 (130 / 143 for SIGINT / SIGTERM), and nothing written,
+changed or removed in the folder the command ran in (caches under $BUDGETLM_CACHE aside).
+
+    .venv/bin/python benchmarks/bad_inputs.py [-k SUBSTRING] [--subprocess] [-v]
+
+prints one line per case that does not hold and the count of those that do. Cases run in this process (one import
+of torch for all) unless they need a real process (signals) or --subprocess is given. tests/unit/test_bad_inputs.py
+runs every case as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Setup = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: tuple[str, ...]  # budgetlm's arguments; "{fx}" expands to the fixtures folder
+    setup: tuple[Setup, ...] = ()  # lay out files in the folder the command runs in
+    needle: str = ""  # a piece of the error line (case-sensitive)
+    code: int = 2
+    signal: int | None = None  # sent once `wait_for` (a glob under the folder) exists (the case runs as a process)
+    wait_for: str = ""
+    keeps_writes: bool = False  # an interrupted study keeps what it finished (to resume): writes are allowed
+
+
+@dataclass
+class Outcome:
+    case: Case
+    code: int | str
+    stderr: list[str]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+# Built once per process in a temporary folder (a tiny-random budgetlm folder, the same as a plain Hugging Face
+# folder, and as a GGUF file); a case copies what it needs into the folder it runs in.
+
+_FIXTURES: Path | None = None
+
+
+def fixtures() -> Path:
+    global _FIXTURES
+    if _FIXTURES is None:
+        root = Path(tempfile.mkdtemp(prefix="budgetlm-bad-inputs-"))
+        os.environ.setdefault("BUDGETLM_CACHE", str(root / "cache"))
+        from budgetlm.api import export, load
+
+        tiny = load("tiny-random")
+        tiny.save(root / "tiny")
+        tiny.model.save_pretrained(root / "tiny-hf")
+        tiny.tokenizer.save_pretrained(root / "tiny-hf")
+        export(tiny, root / "tiny.gguf", "F32")
+        _FIXTURES = root
+    return _FIXTURES
+
+
+def copy(name: str, to: str) -> Setup:
+    def setup(root: Path) -> None:
+        src = fixtures() / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / to)
+
+    setup.__name__ = f"copy({name}->{to})"
+    return setup
+
+
+def write(rel: str, data: str | bytes) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    return setup
+
+
+def edit_json(rel: str, change: Callable[[dict], None]) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / rel
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+
+    return setup
+
+
+def corrupt(rel: str, offset: int = 4096, size: int = 4096) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / rel
+        blob = bytearray(path.read_bytes())
+        start = min(offset, len(blob) - size)
+        blob[start : start + size] = bytes(b ^ 0xFF for b in blob[start : start + size])
+        path.write_bytes(bytes(blob))
+
+    return setup
+
+
+def truncate(rel: str, keep: float = 0.5) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / rel
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    return setup
+
+
+def nan_weight(rel: str, tensor: str) -> Setup:
+    """Set one value of `tensor` in rel/model.safetensors to NaN (the file stays valid safetensors)."""
+
+    def setup(root: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = root / rel / "model.safetensors"
+        tensors = load_file(str(path))
+        t = tensors[tensor].clone()
+        t.view(-1)[0] = float("nan")
+        tensors[tensor] = t
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    return setup
+
+
+def remove(rel: str) -> Setup:
+    def setup(root: Path) -> None:
+        (root / rel).unlink()
+
+    return setup
+
+
+USER = write("mine/notes.txt", "a user's own file\n")  # a folder budgetlm did not write
+ARC_ROW = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
+ARC_ROW["answerKey"] = "B"
+ARC = write("data/arc_easy/test.jsonl", json.dumps(ARC_ROW) + "\n")
+TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
+
+
+def recipe(text: str, name: str = "r.yaml") -> Setup:
+    return write(name, text)
+
+
+# ------------------------------------------------------------------------------------------------ the corpus
+
+E = "eval"
+T = ("tiny-random",)
+TR = ("train", "tiny-random", "--method", "lora", "--out", "run")
+TRS = ("--set", "train.steps=2")
+
+# fmt: off
+CASES: list[Case] = [
+    # --- the command line itself
+    Case("unknown command", ("evaluate", "tiny-random"), needle="No such command"),
+    Case("unknown option", (E, *T, "--bogus"), needle="--bogus"),
+    Case("unknown top-level option", ("--bogus",), needle="--bogus"),
+    Case("missing model argument", (E,), needle="model"),
+    Case("extra argument to models", ("models", "extra"), needle="extra"),
+    Case("--limit not a number", (E, *T, "--limit", "abc"), needle="--limit"),
+    Case("--limit 0", (E, *T, "--limit", "0"), needle="--limit"),
+    Case("--limit negative", (E, *T, "--limit", "-5"), needle="--limit"),
+    Case("--seed not a number", (E, *T, "--seed", "x"), needle="--seed"),
+    Case("--batch-size 0", (E, *T, "--batch-size", "0"), needle="--batch-size"),
+    Case("--batch-size not a number", (E, *T, "--batch-size", "two"), needle="--batch-size"),
+    Case("--limit without a value", (E, *T, "--limit"), needle="--limit"),
+    # --- models
+    Case("missing model path", (E, "no/such/model", "--tasks", "text-ppl"), needle="not found"),
+    Case("bundled name typo", (E, "smollm2-135", "--tasks", "text-ppl"), needle="smollm2-135m"),
+    Case("model file not GGUF", (E, "model.txt"), (write("model.txt", "hello"),), needle=".gguf"),
+    Case("random bytes as GGUF", (E, "m.gguf"), (write("m.gguf", os.urandom(4096)),), needle="GGUF"),
+    Case("truncated GGUF", (E, "t.gguf"), (copy("tiny.gguf", "t.gguf"), truncate("t.gguf")), needle="truncated"),
+    Case("empty GGUF", (E, "e.gguf"), (write("e.gguf", b""),), needle="GGUF"),
+    Case("folder with no config.json", (E, "mine"), (USER,), needle="config.json"),
+    Case("HF folder: config.json not JSON", (E, "hf"), (copy("tiny-hf", "hf"), write("hf/config.json", "{nope")),
+         needle="hf"),
+    Case("HF folder: config without model_type", (E, "hf"),
+         (copy("tiny-hf", "hf"), edit_json("hf/config.json", lambda d: d.pop("model_type"))), needle="hf"),
+    Case("HF folder: config without hidden_size", (E, "hf"),
+         (copy("tiny-hf", "hf"), edit_json("hf/config.json", lambda d: d.pop("hidden_size"))), needle="hf"),
+    Case("HF folder: no weights", (E, "hf"), (copy("tiny-hf", "hf"), remove("hf/model.safetensors")), needle="hf"),
+    Case("budgetlm folder: config.json not JSON", (E, "m"), (copy("tiny", "m"), write("m/config.json", "{nope")),
+         needle="damaged"),
+    Case("budgetlm folder: config without model_type", (E, "m"),
+         (copy("tiny", "m"), edit_json("m/config.json", lambda d: d.pop("model_type"))), needle="damaged"),
+    Case("budgetlm folder: config without hidden_size", (E, "m"),
+         (copy("tiny", "m"), edit_json("m/config.json", lambda d: d.pop("hidden_size"))), needle="m"),
+    Case("budgetlm folder: budgetlm.json not JSON", (E, "m"), (copy("tiny", "m"), write("m/budgetlm.json", "[")),
+         needle="damaged"),
+    Case("budgetlm folder: weights of random bytes", (E, "m"),
+         (copy("tiny", "m"), write("m/model.safetensors", os.urandom(2048))), needle="model.safetensors"),
+    Case("budgetlm folder: weights truncated", (E, "m"), (copy("tiny", "m"), truncate("m/model.safetensors")),
+         needle="model.safetensors"),
+    Case("budgetlm folder: a NaN weight", (E, "m", "--tasks", "text-ppl"),
+         (copy("tiny", "m"), nan_weight("m", "model.layers.0.mlp.down_proj.weight")), needle="down_proj"),
+    # --- eval
+    Case("unknown task", (E, *T, "--tasks", "text-ppll"), needle="text-ppl"),
+    Case("no task", (E, *T, "--tasks", ","), needle="task"),
+    Case("--data-dir missing", (E, *T, "--tasks", "arc_easy", "--data-dir", "nodata"), needle="--data-dir"),
+    Case("--data-dir is a file", (E, *T, "--tasks", "arc_easy", "--data-dir", "f"), (write("f", "x"),),
+         needle="--data-dir"),
+    Case("data file not UTF-8", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
+         (write("data/arc_easy/test.jsonl", b'{"id": "\xff\xfe"}\n'),), needle="test.jsonl"),
+    Case("data file not JSON", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
+         (write("data/arc_easy/test.jsonl", "{not json\n"),), needle="test.jsonl line 1"),
+    Case("data file: a line not an object", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
+         (write("data/arc_easy/test.jsonl", "[1, 2]\n"),), needle="line 1"),
+    Case("data file empty", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
+         (write("data/arc_easy/test.jsonl", ""),), needle="empty"),
+    Case("data file missing columns", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
+         (write("data/arc_easy/test.jsonl", '{"id": "a"}\n'),), needle="column"),
+    Case("eval --out holds user files", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "mine"), (USER,),
+         needle="--force"),
+    Case("eval --out is a file", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "f"), (write("f", "x"),),
+         needle="file"),
+    Case("eval --out is the current folder", (E, *T, "--tasks", "text-cloze", "--out", "."), (USER,),
+         needle="current folder"),
+    Case("eval --out under a file", (E, *T, "--tasks", "text-cloze", "--out", "f/sub"), (write("f", "x"),),
+         needle="f"),
+    Case("eval --out not writable", (E, *T, "--tasks", "text-cloze", "--out", "/proc/budgetlm/out"),
+         needle="not writable"),
+    Case("eval --out holds an earlier evaluation", (E, *T, "--tasks", "text-cloze", "--out", "ev"),
+         (write("ev/eval.json", "{}"),), needle="--force"),
+    # --- bench
+    Case("bench --repeats 0", ("bench", *T, "--repeats", "0"), needle="--repeats"),
+    Case("bench --repeats not a number", ("bench", *T, "--repeats", "many"), needle="--repeats"),
+    Case("bench --decode-tokens 0", ("bench", *T, "--decode-tokens", "0"), needle="--decode-tokens"),
+    Case("bench missing model", ("bench", "nothing/here"), needle="not found"),
+    Case("bench --out holds user files", ("bench", *T, "--out", "mine"), (USER,), needle="--force"),
+    Case("bench --out is a file", ("bench", *T, "--out", "f"), (write("f", "x"),), needle="file"),
+    # --- compress
+    Case("compress: unknown method", ("compress", *T, "--method", "rtnn", "--out", "q"), needle="rtn"),
+    Case("compress: no method", ("compress", *T, "--out", "q"), needle="--method"),
+    Case("compress: --set before --method", ("compress", *T, "--set", "bits=4", "--out", "q"), needle="--set"),
+    Case("compress: --set without =", ("compress", *T, "--method", "rtn", "--set", "bits", "--out", "q"),
+         needle="key=value"),
+    Case("compress: --method without a value", ("compress", *T, "--out", "q", "--method"), needle="--method"),
+    Case("compress: unsupported bits", ("compress", *T, "--method", "rtn", "--set", "bits=7", "--out", "q"),
+         needle="bits"),
+    Case("compress: bits not a number", ("compress", *T, "--method", "rtn", "--set", "bits=four", "--out", "q"),
+         needle="bits"),
+    Case("compress: unknown setting", ("compress", *T, "--method", "rtn", "--set", "bitz=4", "--out", "q"),
+         needle="bitz"),
+    Case("compress: group size 0", ("compress", *T, "--method", "rtn", "--set", "group_size=0", "--out", "q"),
+         needle="group_size"),
+    Case("compress: group size not dividing", ("compress", *T, "--method", "rtn", "--set", "bits=4",
+         "--set", "group_size=48", "--out", "q"), needle="48"),
+    Case("compress: targets match nothing", ("compress", *T, "--method", "rtn", "--set", "targets=[nothing*]",
+         "--out", "q"), needle="nothing"),
+    Case("compress: N:M with N > M", ("compress", *T, "--method", "wanda", "--set", "pattern=4:2", "--out", "q"),
+         needle="4:2"),
+    Case("compress: sparsity above 1", ("compress", *T, "--method", "magnitude", "--set", "sparsity=1.5",
+         "--out", "q"), needle="sparsity"),
+    Case("compress: shortgpt removes every layer", ("compress", *T, "--method", "shortgpt", "--set", "n_layers=2",
+         "--out", "q"), needle="layer"),
+    Case("compress: missing --out", ("compress", *T, "--method", "rtn"), needle="--out"),
+    Case("compress --out .", ("compress", *T, "--method", "rtn", "--out", "."), (USER,), needle="current folder"),
+    Case("compress --out ..", ("compress", *T, "--method", "rtn", "--out", ".."), needle="current folder"),
+    Case("compress --out holds user files", ("compress", *T, "--method", "rtn", "--out", "mine"), (USER,),
+         needle="--force"),
+    Case("compress --out holds a model, no --force", ("compress", *T, "--method", "rtn", "--out", "m"),
+         (copy("tiny", "m"),), needle="--force"),
+    Case("compress --out is a file", ("compress", *T, "--method", "rtn", "--out", "f"), (write("f", "x"),),
+         needle="file"),
+    Case("compress --out not writable", ("compress", *T, "--method", "rtn", "--out", "/proc/budgetlm"),
+         needle="not writable"),
+    Case("compress: unknown GGUF type", ("compress", *T, "--method", "rtn", "--out", "q", "--gguf", "Q3_K"),
+         needle="Q3_K"),
+    Case("compress: GGUF type cannot hold the codes", ("compress", *T, "--method", "rtn", "--set", "bits=8",
+         "--out", "q", "--gguf", "Q4_0"), needle="Q4_0"),
+    Case("compress: GGUF file exists (not budgetlm's)", ("compress", *T, "--method", "rtn", "--out", "q",
+         "--gguf", "Q8_0"), (write("q.Q8_0.gguf", "mine"),), needle="--force"),
+    Case("compress: corrupt model", ("compress", "m.gguf", "--method", "rtn", "--out", "q"),
+         (write("m.gguf", os.urandom(1000)),), needle="GGUF"),
+    # --- export
+    Case("export: unknown type", ("export", *T, "--gguf", "Q9", "--out", "m.gguf"), needle="Q9"),
+    Case("export: missing --gguf", ("export", *T, "--out", "m.gguf"), needle="--gguf"),
+    Case("export: --out is a folder", ("export", *T, "--gguf", "Q8_0", "--out", "mine"), (USER,), needle="folder"),
+    Case("export: --out is a user's file", ("export", *T, "--gguf", "Q8_0", "--out", "m.gguf"),
+         (write("m.gguf", "mine"),), needle="--force"),
+    Case("export: --out is an earlier export", ("export", *T, "--gguf", "Q8_0", "--out", "m.gguf"),
+         (copy("tiny.gguf", "m.gguf"),), needle="--force"),
+    Case("export: --out not writable", ("export", *T, "--gguf", "Q8_0", "--out", "/proc/m.gguf"),
+         needle="not writable"),
+    Case("export: missing model", ("export", "none", "--gguf", "Q8_0", "--out", "m.gguf"), needle="not found"),
+    # --- train
+    Case("train: unknown method", ("train", *T, "--method", "loraa", "--out", "run", *TRS), needle="lora"),
+    Case("train: not an adapter", ("train", *T, "--method", "rtn", "--out", "run", *TRS), needle="adapter"),
+    Case("train: no training settings", TR, needle="train"),
+    Case("train: two methods", (*TR, "--method", "dora", *TRS), needle="one --method"),
+    Case("train: steps 0", (*TR, "--set", "train.steps=0"), needle="steps"),
+    Case("train: lr not a number", (*TR, *TRS, "--set", "train.lr=fast"), needle="lr"),
+    Case("train: unknown train key", (*TR, *TRS, "--set", "train.stepz=3"), needle="stepz"),
+    Case("train: unknown data task", (*TR, *TRS, "--set", "train.data.task=nosuch"), needle="nosuch"),
+    Case("train: unknown adapter setting", (*TR, *TRS, "--set", "rank=4"), needle="rank"),
+    Case("train: --train-config missing", (*TR, "--train-config", "nope.yaml"), needle="nope.yaml"),
+    Case("train: --train-config invalid YAML", (*TR, "--train-config", "t.yaml"), (write("t.yaml", "steps: [1"),),
+         needle="t.yaml"),
+    Case("train: --train-config not a mapping", (*TR, "--train-config", "t.yaml"), (write("t.yaml", "- 1\n"),),
+         needle="t.yaml"),
+    Case("train: --train-config not UTF-8", (*TR, "--train-config", "t.yaml"), (write("t.yaml", b"steps: \xff\n"),),
+         needle="t.yaml"),
+    Case("train: --out holds user files", ("train", *T, "--method", "lora", "--out", "mine", *TRS), (USER,),
+         needle="--force"),
+    Case("train: --out is a file", ("train", *T, "--method", "lora", "--out", "f", *TRS), (write("f", "x"),),
+         needle="file"),
+    Case("train: --out .", ("train", *T, "--method", "lora", "--out", ".", *TRS), (USER,), needle="current folder"),
+    Case("train: missing model", ("train", "none", "--method", "lora", "--out", "run", *TRS), needle="not found"),
+    # --- run (studies)
+    Case("run: recipe missing", ("run", "nope.yaml", "--out", "s"), needle="nope.yaml"),
+    Case("run: recipe empty", ("run", "r.yaml", "--out", "s"), (recipe(""),), needle="empty"),
+    Case("run: recipe invalid YAML", ("run", "r.yaml", "--out", "s"), (recipe("tasks: [a"),), needle="YAML"),
+    Case("run: recipe not UTF-8", ("run", "r.yaml", "--out", "s"), (recipe(b"name: \xff\n"),), needle="r.yaml"),
+    Case("run: recipe a list", ("run", "r.yaml", "--out", "s"), (recipe("- a\n"),), needle="mapping"),
+    Case("run: unknown key", ("run", "r.yaml", "--out", "s"), (recipe(TINY_RECIPE + "bogus_key: 1\n"),),
+         needle="bogus_key"),
+    Case("run: key given twice", ("run", "r.yaml", "--out", "s"), (recipe(TINY_RECIPE + "limit: 3\n"),),
+         needle="twice"),
+    Case("run: unknown method in a step", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE + "pipelines: {q: [{method: rtnn}]}\n"),), needle="rtnn"),
+    Case("run: bad step value", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE + "pipelines: {q: [{method: rtn, bits: 7}]}\n"),), needle="bits"),
+    Case("run: step that does not fit the model", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE + "pipelines: {q: [{method: rtn, bits: 4, group_size: 48}]}\n"),), needle="48"),
+    Case("run: unknown task", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [text-pl]\n"),), needle="text-pl"),
+    Case("run: model path missing", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [no/model]\ntasks: [text-ppl]\n"),), needle="no/model"),
+    Case("run: data_dir missing", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE + "data_dir: nodata\n"),), needle="data_dir"),
+    Case("run: malformed data file", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [arc_easy]\ndata_dir: data\n"),
+          write("data/arc_easy/test.jsonl", "{broken\n")), needle="test.jsonl"),
+    Case("run: limit 0", ("run", "r.yaml", "--out", "s"), (recipe("models: [tiny-random]\nlimit: 0\n"),),
+         needle="limit"),
+    Case("run: --out holds user files", ("run", "r.yaml", "--out", "mine"), (recipe(TINY_RECIPE), USER),
+         needle="--force"),
+    Case("run: --out is a file", ("run", "r.yaml", "--out", "f"), (recipe(TINY_RECIPE), write("f", "x")),
+         needle="file"),
+    Case("run: --out .", ("run", "r.yaml", "--out", "."), (recipe(TINY_RECIPE),), needle="current folder"),
+    Case("run: results.sqlite of random bytes", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE), write("s/results.sqlite", os.urandom(4096))), needle="results.sqlite"),
+    # --- report and compare
+    Case("report: not a study folder", ("report", "mine"), (USER,), needle="study"),
+    Case("report: missing folder", ("report", "nowhere"), needle="nowhere"),
+    Case("report: results.sqlite of random bytes", ("report", "s"), (write("s/results.sqlite", os.urandom(4096)),),
+         needle="results.sqlite"),
+    Case("compare: missing folders", ("compare", "a", "b"), needle="a"),
+    Case("compare: no per-item logs", ("compare", "mine", "mine"), (USER,), needle="items"),
+    Case("compare: a bad log line", ("compare", "a", "a"), (write("a/items/t.jsonl", "{oops\n"),), needle="line 1"),
+    Case("compare: no task in common", ("compare", "a", "b"),
+         (write("a/items/x.jsonl", '{"id": 1, "acc": 1}\n'), write("b/items/y.jsonl", '{"id": 1, "acc": 0}\n')),
+         needle="share no task"),
+    # --- signals (real processes)
+    Case("SIGINT during eval", (E, *T, "--tasks", "arith", "--out", "ev"), needle="interrupted", code=130,
+         signal=signal.SIGINT, wait_for=".ev.*"),
+    Case("SIGTERM during eval", (E, *T, "--tasks", "arith", "--out", "ev"), needle="interrupted", code=143,
+         signal=signal.SIGTERM, wait_for=".ev.*"),
+    Case("SIGTERM during run", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [arith]\nbench: {enabled: false}\n"),), needle="resume",
+         code=143, signal=signal.SIGTERM, wait_for="s/cells/*/log.txt", keeps_writes=True),
+]
+# fmt: on
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root with its kind and content hash (files) — what a command must leave as it found."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "link:" + os.readlink(p)
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def _in_process(args: list[str]) -> tuple[int | str, str]:
+    from budgetlm import cli
+
+    err = io.StringIO()
+    code: int | str = 0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            cli.main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - a traceback is exactly what the corpus catches
+            code = "traceback"
+            err.write(traceback.format_exc())
+    return code, err.getvalue()
+
+
+def _as_process(args: list[str], root: Path, case: Case) -> tuple[int | str, str]:
+    cmd = [sys.executable, "-m", "budgetlm.cli", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if case.signal is not None:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not any(root.glob(case.wait_for)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(case.signal)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        return "timeout", err
+    return proc.returncode, err
+
+
+def run_case(case: Case, root: Path, in_process: bool = True) -> Outcome:
+    """Lay out the case in `root` (an empty folder), run it, and check the three promises."""
+    fx = str(fixtures())
+    root.mkdir(parents=True, exist_ok=True)
+    for setup in case.setup:
+        setup(root)
+    before = snapshot(root)
+    args = [a.replace("{fx}", fx) for a in case.args]
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        if in_process and case.signal is None:
+            code, err = _in_process(args)
+        else:
+            code, err = _as_process(args, root, case)
+    finally:
+        os.chdir(cwd)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    out = Outcome(case, code, lines)
+    if code != case.code:
+        out.problems.append(f"exit {code}, expected {case.code}")
+    if len(lines) != 1:
+        out.problems.append(f"{len(lines)} stderr lines: " + " | ".join(lines[-3:])[:300])
+    elif case.needle and case.needle not in lines[0]:
+        out.problems.append(f"the line does not name {case.needle!r}: {lines[0][:200]}")
+    after = snapshot(root)
+    if after != before and not case.keeps_writes:
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+        out.problems.append(f"the folder changed: added {added[:4]}, removed {removed[:4]}, changed {changed[:4]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default="", help="run only the cases whose name contains this")
+    ap.add_argument("--subprocess", action="store_true", help="run every case as its own `budgetlm` process")
+    ap.add_argument("-v", action="store_true", help="print every case's stderr line")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    cases = [c for c in CASES if args.k in c.name]
+    held = 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="budgetlm-corpus-") as tmp:
+        for i, case in enumerate(cases):
+            out = run_case(case, Path(tmp) / f"case{i:03d}", in_process=not args.subprocess)
+            held += out.ok
+            if not out.ok:
+                print(f"FAIL  {case.name}: {'; '.join(out.problems)}", flush=True)
+            elif args.v:
+                print(f"ok    {case.name}: {out.stderr[0]}", flush=True)
+    print(f"{held}/{len(cases)} bad inputs answered with one line, the right exit code and nothing written "
+          f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return 0 if held == len(cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

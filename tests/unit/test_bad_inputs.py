@@ -1,0 +1,57 @@
+"""Every case of the bad-input corpus (benchmarks/bad_inputs.py) as a test: one stderr line naming the problem,
+exit code 2 (130 / 143 for SIGINT / SIGTERM), and the folder the command ran in left exactly as it was."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "bad_inputs", Path(__file__).resolve().parents[2] / "benchmarks" / "bad_inputs.py"
+)
+corpus = sys.modules.setdefault("bad_inputs", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(corpus)
+
+# cases whose fix lands with work in progress elsewhere (run them with -k to see where they stand)
+PENDING: set[str] = {
+    "budgetlm folder: a NaN weight",
+    "train: --train-config invalid YAML",
+    "train: --train-config not UTF-8",
+    "train: --out holds user files",
+    "train: --out is a file",
+    "train: --out .",
+    "train: missing model",
+    "run: step that does not fit the model",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BUDGETLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.mark.parametrize("case", corpus.CASES, ids=[c.name for c in corpus.CASES])
+def test_bad_input(case, tmp_path):
+    if case.name in PENDING:
+        pytest.xfail("pending")
+    out = corpus.run_case(case, tmp_path / "here")
+    assert out.ok, f"{case.name}: {'; '.join(out.problems)}"
+
+
+def test_the_corpus_catches_what_it_should(tmp_path):
+    """The checker itself fails a command that succeeds, writes, or prints more than one line."""
+    wrote = corpus.Case("writes", ("compress", "tiny-random", "--method", "rtn", "--out", "q"))
+    out = corpus.run_case(wrote, tmp_path / "a")
+    assert not out.ok
+    assert any("exit 0, expected 2" in p for p in out.problems)
+    assert any("the folder changed: added ['q'" in p for p in out.problems)
+    assert any("0 stderr lines" in p for p in out.problems)
+    named = corpus.Case("wrong needle", ("eval", "tiny-random", "--limit", "0"), needle="no such words")
+    out = corpus.run_case(named, tmp_path / "b")
+    assert out.problems == [f"the line does not name 'no such words': {out.stderr[0]}"]
