@@ -272,13 +272,16 @@ def compress(
     for s in steps:  # validate everything before loading the model
         parse_config(s["method"], {k: v for k, v in s.items() if k != "method"})
     check_output(out, "a compressed model", marker=MANIFEST, force=force)
-    gguf_path = None
+    gguf_path, gguf_aside = None, False
     if gguf is not None:
         from budgetlm.export.gguf import is_budgetlm_gguf, parse_type
 
         gguf = parse_type(gguf)
         gguf_path = out.parent / f"{out.name}.{gguf}.gguf"
-        check_output(gguf_path, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False, flag="--gguf file")
+        ours = check_output(
+            gguf_path, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False, flag="--gguf file"
+        )
+        gguf_aside = force and not ours
     handle = load(model)
     reports = apply(handle, steps, StepContext(seed=seed, progress=True))
     for r in reports:
@@ -287,7 +290,7 @@ def compress(
     if gguf_path is not None:  # first: a type that cannot hold the codes fails before anything is written
         from budgetlm.api import export as run_export
 
-        export_report = run_export(handle, gguf_path, gguf, aside=force)
+        export_report = run_export(handle, gguf_path, gguf, aside=gguf_aside)
     try:
         handle.save(out, aside=force)
     except BaseException:
@@ -422,9 +425,9 @@ def export_cmd(
     from budgetlm.utils import check_output
 
     gguf = parse_type(gguf)
-    check_output(out, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False)
+    ours = check_output(out, "a GGUF file", marker=is_budgetlm_gguf, force=force, folder=False)
     handle = load(model)
-    _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure, aside=force))
+    _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure, aside=force and not ours))
 
 
 @app.command()

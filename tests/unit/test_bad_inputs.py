@@ -24,7 +24,6 @@ PENDING: set[str] = {
     "train: --out is a file",
     "train: --out .",
     "train: missing model",
-    "run: step that does not fit the model",
 }
 
 

@@ -58,6 +58,7 @@ def run_study(
     out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
     check_output(out, "a study", marker=_is_study, force=force, resume=True)
     cells = plan(rec)
+    check_pipelines(rec)
     check_task_data(rec)
     if force and out.is_dir() and any(out.iterdir()):
         move_aside(out)
@@ -90,6 +91,24 @@ def run_study(
 def _is_study(folder: Path) -> bool:
     """A study folder, or one a driver locked and was killed in before it wrote its store."""
     return st.is_study(folder) or {f.name for f in folder.iterdir()} == {LOCK}
+
+
+def check_pipelines(rec: Recipe) -> None:
+    """Check the first step of every pipeline against every model's modules (a weightless copy, see
+    MethodConfig.check): a group size that does not divide a width, or targets that match nothing, is a one-line
+    error before anything is written, not a failed cell. Later steps see a changed model and are left to the cell."""
+    from budgetlm.methods.base import parse_config
+    from budgetlm.models.sources import skeleton
+
+    firsts = {name: steps[0] for name, steps in rec.pipelines.items() if steps}
+    for spec in rec.models if firsts else []:
+        model = skeleton(spec)
+        for name, step in firsts.items() if model is not None else []:
+            cfg = parse_config(step["method"], {k: v for k, v in step.items() if k != "method"})
+            try:
+                cfg.check(model)
+            except BudgetLMError as exc:
+                raise type(exc)(f"pipelines.{name}[0] on {model_label(spec)}: {exc}") from None
 
 
 def check_task_data(rec: Recipe) -> None:

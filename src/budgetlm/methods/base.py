@@ -59,6 +59,12 @@ class MethodConfig(BaseModel):
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise a one-line ConfigError when this config cannot apply to `model` (targets that match nothing, a group
+        size that does not divide a width, more layers removed than exist). Reads only module names and shapes, so it
+        also runs on a weightless copy (meta device) before a study writes anything; `apply` calls it first. The
+        default checks nothing."""
+
 
 def register_method(name: str):
     def deco(cls: type[MethodConfig]) -> type[MethodConfig]:

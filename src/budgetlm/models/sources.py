@@ -114,11 +114,41 @@ def _check_gguf(path: Path) -> str:
     return arch
 
 
-def load_gguf(path: Path) -> ModelHandle:
-    path = Path(path).resolve()
+def _converted(path: Path) -> Path:
+    """Where the budgetlm folder converted from this GGUF file is cached (keyed by path, size and mtime)."""
     st = path.stat()
     key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "models" / f"{path.stem}-{key}"
+    return cache_dir() / "models" / f"{path.stem}-{key}"
+
+
+def skeleton(spec: str | os.PathLike) -> torch.nn.Module | None:
+    """The model's modules with no weights (on the meta device), built from its config alone: the names and shapes
+    a pipeline is checked against before a study writes anything (MethodConfig.check). None when the config cannot
+    be read without loading the model (loading it then reports the problem)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = str(spec)
+    try:
+        if spec == "tiny-random":
+            config = tiny_config()
+        else:
+            path = BUNDLED[spec][1]() if spec in BUNDLED else Path(spec).expanduser().resolve()
+            if path.is_file() and is_budgetlm_folder(_converted(path)):
+                path = _converted(path)
+            config = (
+                AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+                if path.is_file()
+                else AutoConfig.from_pretrained(path)
+            )
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - anything unreadable here is reported by the real load
+        return None
+
+
+def load_gguf(path: Path) -> ModelHandle:
+    path = Path(path).resolve()
+    cached = _converted(path)
     if is_budgetlm_folder(cached):
         return load_folder(cached)
     arch = _check_gguf(path)
@@ -155,11 +185,12 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_random(seed: int = 0) -> ModelHandle:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config():
+    """The tiny test Llama's config: 2 layers, hidden 128, the byte-level tokenizer's 259 tokens."""
+    from transformers import LlamaConfig
 
     tok = tiny_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=256,
@@ -172,7 +203,13 @@ def tiny_random(seed: int = 0) -> ModelHandle:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def tiny_random(seed: int = 0) -> ModelHandle:
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_config()).eval()
     name = "tiny-random" if seed == 0 else f"tiny-random (seed {seed})"
     return ModelHandle(model, tok, name, [], name)

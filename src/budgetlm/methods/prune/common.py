@@ -29,7 +29,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from budgetlm.errors import ConfigError
-from budgetlm.methods.base import MethodConfig, set_module
+from budgetlm.methods.base import MethodConfig, select_linears, set_module
 from budgetlm.methods.prune.sparse import SparseLinear
 
 MAX_M = 16  # positions of an N:M group are stored in ceil(log2 M) <= 4 bits
@@ -62,6 +62,9 @@ class PruneConfig(MethodConfig):
     sparsity: float = 0.5  # fraction of each row's weights zeroed (unstructured)
     pattern: str | None = None  # "N:M": N zeroed in every M consecutive inputs; sparsity then N/M
     storage: Literal["auto", "dense", "bitmask", "nm"] = "auto"
+
+    def check(self, model: nn.Module) -> None:
+        check_targets(select_linears(model, self), self)
 
     @field_validator("sparsity")
     @classmethod

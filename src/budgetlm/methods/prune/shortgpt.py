@@ -49,6 +49,10 @@ class ShortGPT(MethodConfig):
     """ShortGPT: remove the decoder layers with the lowest Block Influence (1 − cos(in, out)) on calibration text."""
 
     n_layers: int | None = None  # how many layers to remove
+
+    def check(self, model: nn.Module) -> None:
+        removable(self, model)
+
     fraction: float | None = None  # or which fraction of them (default 0.25 when neither is set)
     metric: Literal["bi"] = "bi"
 
@@ -166,10 +170,8 @@ def _candidates(model: nn.Module, cfg: ShortGPT, n_total: int) -> list[int]:
     return out
 
 
-@implements(ShortGPT)
-@torch.no_grad()
-def apply(handle: ModelHandle, cfg: ShortGPT, ctx: StepContext) -> StepReport:
-    model = handle.model
+def removable(cfg: ShortGPT, model: nn.Module) -> tuple[int, int, list[int]]:
+    """(layers in all, layers to remove, removable layers); one-line ConfigErrors when the config does not fit."""
     n_total = len(decoder_layers(model))
     n_remove = layers_to_remove(cfg, n_total)
     candidates = _candidates(model, cfg, n_total)
@@ -178,6 +180,14 @@ def apply(handle: ModelHandle, cfg: ShortGPT, ctx: StepContext) -> StepReport:
             f"method 'shortgpt': targets {cfg.targets} (ignore {cfg.ignore}) leave {len(candidates)} removable "
             f"decoder layers but {n_remove} are to be removed; widen targets or remove fewer"
         )
+    return n_total, n_remove, candidates
+
+
+@implements(ShortGPT)
+@torch.no_grad()
+def apply(handle: ModelHandle, cfg: ShortGPT, ctx: StepContext) -> StepReport:
+    model = handle.model
+    n_total, n_remove, candidates = removable(cfg, model)
     prefixes = [layer_prefix(model, i) for i in range(n_total)]
     bi = block_influence(model, ctx.calibration(handle.tokenizer))
     ranked = sorted(candidates, key=lambda i: (float(bi[i]), i))  # lowest BI first, ties to the lower index

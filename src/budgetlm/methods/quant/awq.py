@@ -60,7 +60,7 @@ from budgetlm.methods.base import (
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
-from budgetlm.methods.quant.rtn import GridConfig, check_group
+from budgetlm.methods.quant.rtn import GridConfig
 from budgetlm.models.handle import ModelHandle
 
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
@@ -524,9 +524,8 @@ def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     # everything that can fail is checked before the model changes
     tokens = require_calibration(ctx.calibration(handle.tokenizer) if ctx.n_calibration > 0 else None, "awq")
+    cfg.check(model)
     targets = select_linears(model, cfg)
-    for name, lin in targets:
-        check_group(name, lin.in_features, cfg.group_size)
     target_ids = {id(lin): name for name, lin in targets}
     try:
         blocks = decoder_layers(model)

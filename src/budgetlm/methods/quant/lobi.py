@@ -115,6 +115,17 @@ class LoBi(GridConfig):
             raise ValueError("candidate_groups must be a non-empty list of group sizes > 0 or null (per channel)")
         return list(dict.fromkeys(v))
 
+    def check(self, model: torch.nn.Module) -> None:
+        groups = list(dict.fromkeys(g for _, g in self.grids()))
+        for name, lin in select_linears(model, self):
+            for g in groups:
+                check_group(name, lin.in_features, g)
+            if self.rank > min(lin.in_features, lin.out_features):
+                raise ConfigError(
+                    f"lobi rank {self.rank} exceeds {name}'s smaller dimension "
+                    f"{min(lin.in_features, lin.out_features)}; choose a rank such as 8 or 16"
+                )
+
     def grids(self) -> list[tuple[int, int | None]]:
         """The (bits, group size) options every Linear chooses from."""
         groups = self.candidate_groups if self.candidate_groups is not None else [self.group_size]
@@ -433,19 +444,12 @@ def _fmt(x: float, up: bool) -> str:
 def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     t_start = time.perf_counter()
     model = handle.model
+    cfg.check(model)
     targets = select_linears(model, cfg)
     block_of = _block_index(model, targets)
     options = cfg.grids()
     groups = list(dict.fromkeys(g for _, g in options))
     multi = len(groups) > 1
-    for name, lin in targets:
-        for g in groups:
-            check_group(name, lin.in_features, g)
-        if cfg.rank > min(lin.in_features, lin.out_features):
-            raise ConfigError(
-                f"lobi rank {cfg.rank} exceeds {name}'s smaller dimension "
-                f"{min(lin.in_features, lin.out_features)}; choose a rank such as 8 or 16"
-            )
     cost = [[storage_bytes(lin.in_features, lin.out_features, b, cfg, g) for b, g in options] for _, lin in targets]
     n_weights = sum(lin.weight.numel() for _, lin in targets)
     budget = math.floor(Fraction(cfg.target_bits) * n_weights / 8)

@@ -38,6 +38,10 @@ class GridConfig(MethodConfig):
             raise ValueError("group_size must be a positive integer (or null for per-channel)")
         return v
 
+    def check(self, model: torch.nn.Module) -> None:
+        for name, lin in select_linears(model, self):
+            check_group(name, lin.in_features, self.group_size)
+
 
 @register_method("rtn")
 class RTN(GridConfig):
@@ -59,9 +63,8 @@ def check_group(name: str, in_features: int, group_size: int | None) -> None:
 @implements(RTN)
 @torch.no_grad()
 def apply(handle: ModelHandle, cfg: RTN, ctx: StepContext) -> StepReport:
+    cfg.check(handle.model)
     targets = select_linears(handle.model, cfg)
-    for name, lin in targets:
-        check_group(name, lin.in_features, cfg.group_size)
     stats = {}
     for name, lin in targets:
         w = lin.weight.data
