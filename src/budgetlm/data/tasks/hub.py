@@ -17,6 +17,7 @@ ARC-Easy test (cache)").
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -132,6 +133,23 @@ def _hub_offline():
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (once per process): without it, ``datasets`` spends ~30 s in retries
+    before it gives up on a machine with no network."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub_constants
+
+    url = urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_is_offline() -> bool:
     import datasets.config
 
@@ -149,7 +167,7 @@ def read_hub(task: str, sources: tuple[HubSource, ...], split: str, hint: str) -
                 except Exception:  # not cached under this id: try the next
                     continue
         problem = "not cached and the hub is unreachable"
-        if not _hub_is_offline():
+        if not _hub_is_offline() and hub_reachable():
             for s in sources:
                 try:
                     rows = datasets.load_dataset(s.path, s.name, split=split).to_list()
