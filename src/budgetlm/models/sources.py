@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from budgetlm.errors import ModelError, suggest
-from budgetlm.models.handle import ModelHandle, is_budgetlm_folder, load_folder
+from budgetlm.models.handle import ModelHandle, check_finite, is_budgetlm_folder, load_folder
 
 
 def cache_dir() -> Path:
@@ -91,6 +91,7 @@ def load_dir(path: Path) -> ModelHandle:
     except (ValueError, KeyError, OSError) as exc:
         raise ModelError(f"cannot load model folder {path}: {_first_line(exc)}") from None
     model.eval()
+    check_finite(model, f"model folder {path}")
     return ModelHandle(model, tok, str(path.resolve()), [], str(path.resolve()))
 
 
@@ -138,6 +139,7 @@ def load_gguf(path: Path) -> ModelHandle:
             "transformers supports llama, mistral, qwen2, gemma3, phi3 and a few more"
         ) from None
     model.eval()
+    check_finite(model, f"GGUF file {path} (tensor names after conversion)")  # before the cache keeps it
     handle = ModelHandle(model, tok, str(path), [], str(path))
     handle.save(cached)
     return load_folder(cached)
