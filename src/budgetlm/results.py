@@ -31,21 +31,9 @@ class Metric:
         return asdict(self)
 
 
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean and the standard error of the mean (sample sd / sqrt(n)), as lm-eval reports it."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def ratio_stderr(num: list[float], den: list[float]) -> tuple[float, float]:
     """sum(num) / sum(den) and its delta-method standard error, items being the sampling unit (with every
-    den 1 this is the mean and sample sd / sqrt(n))."""
+    den 1 this is the mean and the standard error of the mean, sample sd / sqrt(n), as lm-eval reports it)."""
     n, total = len(num), sum(den)
     r = sum(num) / total if total else float("nan")
     if n < 2 or not total:

@@ -1,7 +1,8 @@
 """The offline default suite: tasks built by the project itself, needing no download.
 
 - `text-ppl`: perplexity, bits per byte, KL divergence to the base model and top-1 agreement with it, on
-  chunks of the held-out split of `pydoc_data.topics` (see budgetlm.data.corpus).
+  chunks of the held-out split of `pydoc_data.topics` (see budgetlm.data.corpus); token-weighted over the
+  chunks. A perplexity above the vocabulary size (worse than a uniform guess) gets extra["warning"].
 - `text-cloze`: pick the true next sentence of a held-out prose passage among 4 (3 distractors are sentences
   of similar length from other topics of the held-out split); acc and acc_norm as lm-eval defines them.
 - `arith`: arithmetic problems from reasoning-gym's generators, answered through the chat template and
@@ -38,7 +39,7 @@ from budgetlm.data.tasks.base import (
     reference_file,
 )
 from budgetlm.errors import DataError
-from budgetlm.results import Aggregate, Metric, ratio_stderr  # noqa: F401 - ratio_stderr re-exported
+from budgetlm.results import Aggregate, Metric
 from budgetlm.utils import atomic_file
 
 TOPK = 32
