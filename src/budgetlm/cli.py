@@ -64,17 +64,27 @@ def _ordered(metrics: dict) -> list[str]:
 
 def _print_results(results: dict, as_json: bool) -> None:
     """The human table on stdout (or {task: {metric: raw value}} with --json); a metric's warning (an
-    implausible perplexity, say) as one `warning: ...` line on stderr either way."""
-    from budgetlm.hardware.contention import contended
+    implausible perplexity, say) as one `warning: ...` line on stderr after it either way."""
     from budgetlm.results import flatten
 
-    for task, ms in results.items():
-        for name, m in ms.items():
-            if m.extra.get("warning"):
-                print(f"warning: {task} {name}: {m.extra['warning']}", file=sys.stderr)
+    warnings = [
+        f"warning: {task} {name}: {m.extra['warning']}"
+        for task, ms in results.items()
+        for name, m in ms.items()
+        if m.extra.get("warning")
+    ]
     if as_json:
         print(json.dumps(flatten(results), indent=2))
-        return
+    else:
+        _print_table(results)
+    sys.stdout.flush()
+    for line in warnings:
+        print(line, file=sys.stderr)
+
+
+def _print_table(results: dict) -> None:
+    from budgetlm.hardware.contention import contended
+
     rows = [
         [t, LABELS.get(k, k), _fmt(ms[k]), f"{ms[k].n:,}" if ms[k].n else ""]
         for t, ms in results.items()
