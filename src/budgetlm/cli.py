@@ -81,21 +81,59 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     _console().print(table)
 
 
+# metric -> what the human table calls it; --json keeps the metric names
+LABELS = {"bpw": "bpw, whole model", "linear_bpw": "bpw, Linear layers"}
+SIDE_BY_SIDE = {"bpw": "linear_bpw"}  # shown right after the first
+
+
 def _fmt(m) -> str:
-    v = f"{m.value:.4g}"
-    if m.stderr is not None and m.stderr == m.stderr:
-        v += f" ± {m.stderr:.2g}"
-    return v + (f" {m.unit}" if m.unit else "")
+    """A metric for people (MB, s / min, thousands), '*' when its speed was measured on a busy machine."""
+    from budgetlm.hardware.contention import contended
+    from budgetlm.units import format_value
+
+    return format_value(m.value, m.stderr, m.unit) + (" *" if contended([m.extra]) else "")
+
+
+def _ordered(metrics: dict) -> list[str]:
+    pos = {k: float(i) for i, k in enumerate(metrics)}
+    for first, second in SIDE_BY_SIDE.items():
+        if first in pos and second in pos:
+            pos[second] = pos[first] + 0.5
+    return sorted(metrics, key=pos.__getitem__)
 
 
 def _print_results(results: dict, as_json: bool) -> None:
+    """The human table on stdout (or {task: {metric: raw value}} with --json); a metric's warning (an
+    implausible perplexity, say) as one `warning: ...` line on stderr after it either way."""
     from budgetlm.results import flatten
 
+    warnings = [
+        f"warning: {task} {name}: {m.extra['warning']}"
+        for task, ms in results.items()
+        for name, m in ms.items()
+        if m.extra.get("warning")
+    ]
     if as_json:
         print(json.dumps(flatten(results), indent=2))
-        return
-    rows = [[t, k, _fmt(m), str(m.n or "")] for t, ms in results.items() for k, m in ms.items()]
+    else:
+        _print_table(results)
+    sys.stdout.flush()
+    for line in warnings:
+        print(line, file=sys.stderr)
+
+
+def _print_table(results: dict) -> None:
+    from budgetlm.hardware.contention import contended
+
+    rows = [
+        [t, LABELS.get(k, k), _fmt(ms[k]), f"{ms[k].n:,}" if ms[k].n else ""]
+        for t, ms in results.items()
+        for k in _ordered(ms)
+    ]
     _table("results", ["task/phase", "metric", "value", "n"], rows)
+    busy = contended([m.extra for ms in results.values() for m in ms.values()])
+    if busy:
+        print(f"* measured on a busy machine ({busy}): speed figures are low and noisy; rerun when it is idle")
 
 
 @app.command()

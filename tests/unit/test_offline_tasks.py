@@ -17,7 +17,6 @@ from budgetlm.data.tasks.offline import (
     extract_answer,
     kl_topk,
     numbers_equal,
-    ratio_stderr,
     register_offline_tasks,
     text_cloze,
     text_ppl,
@@ -26,6 +25,7 @@ from budgetlm.data.tasks.offline import (
 )
 from budgetlm.errors import DataError
 from budgetlm.registry import Registry
+from budgetlm.results import ratio_stderr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -124,6 +124,11 @@ def write_eval(folder: Path, items: dict[str, list[dict]], summary: dict) -> Pat
     return folder
 
 
+MEAN = {"extra": {"aggregate": {"of": "acc"}}}
+PPL = {"extra": {"aggregate": {"of": "nll", "per": "tokens", "finish": "exp"}}}
+KLD = {"extra": {"aggregate": {"of": "kld_sum", "per": "tokens"}}}
+
+
 @pytest.fixture()
 def two_runs(tmp_path):
     rng = np.random.default_rng(0)
@@ -135,23 +140,31 @@ def two_runs(tmp_path):
         acc_a[i], acc_b[i] = False, True
     arc_a = [{"id": f"q{i}", "acc": float(acc_a[i]), "acc_norm": 1.0, "pred": 2, "target": 1} for i in range(40)]
     arc_b = [{"id": f"q{i}", "acc": float(acc_b[i]), "acc_norm": 1.0, "pred": 0, "target": 1} for i in range(2, 45)]
-    nll = rng.uniform(100, 140, size=20)
-    tok = rng.integers(40, 50, size=20)
-    ppl_a = [{"id": i, "nll": float(nll[i]), "tokens": int(tok[i]), "kld": 0.0} for i in range(20)]
-    ppl_b = [
-        {"id": i, "nll": float(nll[i] * 1.1), "tokens": int(tok[i]), "kld": 0.05 + 0.01 * (i % 3)} for i in range(20)
-    ]
-    summary = {"arc_easy": {"acc": {"value": 0.5}, "acc_norm": {"value": 1.0}}, "text-ppl": {"ppl": {"value": 17.0}}}
+    tok = rng.integers(10, 90, size=20)  # unequal lengths: token-weighted and item-weighted means differ
+    nll = tok * rng.uniform(2.5, 3.5, size=20)
+    kl = [0.001 * float(t) for t in tok]  # B's per-token KL in item i, higher in longer items
+
+    def ppl_item(i, scale, kld):
+        n = int(tok[i])
+        return {"id": i, "nll": float(nll[i] * scale), "tokens": n, "bytes": 4 * n, "kld_sum": kld * n, "kld": kld}
+
+    ppl_a = [ppl_item(i, 1.0, 0.0) for i in range(20)]
+    ppl_b = [ppl_item(i, 1.1, kl[i]) for i in range(20)]
+    summary = {
+        "arc_easy": {"acc": MEAN, "acc_norm": {"extra": {"aggregate": {"of": "acc_norm"}}}},
+        "text-ppl": {"ppl": PPL, "kld": KLD, "seconds": {"value": 3.0}},
+    }
     a = write_eval(tmp_path / "a", {"arc_easy": arc_a, "text-ppl": ppl_a}, summary)
     b = write_eval(tmp_path / "b", {"arc_easy": arc_b, "text-ppl": ppl_b}, summary)
-    return a, b, acc_a, acc_b, nll, tok
+    return a, b, acc_a, acc_b, nll, tok, kl
 
 
 def test_compare_two_folders(two_runs):
-    a, b, acc_a, acc_b, nll, tok = two_runs
+    a, b, acc_a, acc_b, nll, tok, kl = two_runs
     rows = compare(a, b, n_boot=2000)
     by = {(r["task"], r["metric"]): r for r in rows}
-    assert set(by) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("text-ppl", "kld"), ("text-ppl", "ppl")}
+    # only the metrics eval.json declares: no row for kld_sum, bytes, tokens or seconds
+    assert list(by) == [("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("text-ppl", "ppl"), ("text-ppl", "kld")]
     acc = by[("arc_easy", "acc")]
     matched = range(2, 40)  # A has q0..q39, B has q2..q44
     assert (acc["n"], acc["matched"], acc["n_a"], acc["n_b"]) == (38, 38, 40, 43)
@@ -163,10 +176,10 @@ def test_compare_two_folders(two_runs):
     assert acc["diff"] == pytest.approx(np.mean([acc_b[i] for i in matched]) - acc["a"])
     assert acc["ci_low"] < acc["diff"] < acc["ci_high"]
     assert by[("arc_easy", "acc_norm")]["p"] == 1.0
-    kld = by[("text-ppl", "kld")]
-    assert kld["test"] == "bootstrap" and kld["diff"] == pytest.approx(
-        np.mean([0.05 + 0.01 * (i % 3) for i in range(20)])
-    )
+    kld = by[("text-ppl", "kld")]  # token-weighted as eval computes it, not the mean of the items' kld
+    token_weighted = sum(k * t for k, t in zip(kl, tok)) / tok.sum()
+    assert kld["test"] == "bootstrap" and kld["a"] == 0.0 and kld["b"] == pytest.approx(token_weighted)
+    assert abs(token_weighted - np.mean(kl)) > 1e-4
     ppl = by[("text-ppl", "ppl")]  # named as eval.json names it; from per-item nll and tokens
     assert ppl["a"] == pytest.approx(math.exp(nll.sum() / tok.sum()))
     assert ppl["b"] == pytest.approx(math.exp(1.1 * nll.sum() / tok.sum()))
@@ -175,6 +188,19 @@ def test_compare_two_folders(two_runs):
     assert table.splitlines()[0].split() == ["task", "metric", "n", "A", "B", "B-A", "95%", "CI", "test", "p"]
     assert "arc_easy: 38 items matched by id (A has 40, B has 43)" in table
     assert any(line.startswith("text-ppl") and " ppl " in line and "bootstrap" in line for line in table.splitlines())
+
+
+def test_compare_an_eval_json_without_declarations_uses_the_registered_task(two_runs):
+    """eval.json written before metrics declared their aggregation: text-ppl's own declaration applies (kld
+    token-weighted; bits_per_byte from nll and bytes), for the metrics that eval.json lists."""
+    a, b, _, _, nll, tok, kl = two_runs
+    old = {"text-ppl": {"kld": {"value": 0.0}, "bits_per_byte": {"value": 1.0}}, "arc_easy": {"acc": {"value": 0.5}}}
+    for folder in (a, b):
+        (folder / "eval.json").write_text(json.dumps(old))
+    by = {(r["task"], r["metric"]): r for r in compare(a, b, n_boot=200)}
+    assert set(by) == {("text-ppl", "kld"), ("text-ppl", "bits_per_byte"), ("arc_easy", "acc")}
+    assert by[("text-ppl", "kld")]["b"] == pytest.approx(sum(k * t for k, t in zip(kl, tok)) / tok.sum())
+    assert by[("text-ppl", "bits_per_byte")]["a"] == pytest.approx(nll.sum() / (4 * tok.sum()) / math.log(2))
 
 
 def test_compare_errors(tmp_path, two_runs):

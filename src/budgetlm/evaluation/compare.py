@@ -1,12 +1,17 @@
 """`budgetlm compare DIR_A DIR_B`: item-by-item comparison of two evaluation output folders.
 
-An evaluation folder holds items/<task>.jsonl (one JSON record per item: "id" and that item's metric
-values) and eval.json ({task: {metric: {value, stderr, n, ...}}}). Items are matched by id within each
-task both folders have; every metric both record per item is compared on the matched items:
+An evaluation folder holds items/<task>.jsonl (one JSON record per item: "id" and that item's fields) and
+eval.json ({task: {metric: {value, stderr, n, extra}}}). Items are matched by id within each task both
+folders have. Every metric of A's eval.json that declares how it aggregates its items (extra["aggregate"],
+see results.Aggregate; a folder written before that falls back to the registered task's declaration) is
+recomputed on the matched items exactly as eval computed it, so A's value equals eval.json's when all items
+match. Per-item fields that are no metric (token counts, sums) never become rows.
 
-- 0/1 metrics (acc, acc_norm, exact_match*): McNemar's test, with a paired-bootstrap 95% interval of B - A;
-- continuous metrics (kld, rougeL, ...): paired bootstrap of the mean difference;
-- per-item "nll" with "tokens": perplexity exp(sum nll / sum tokens), paired bootstrap of its difference.
+- means of 0/1 values (acc, acc_norm, exact_match*): McNemar's test, with a paired-bootstrap 95% interval
+  of B - A;
+- other means (rouge_l, ...): paired bootstrap of the mean difference;
+- ratios (perplexity = exp(sum nll / sum tokens), kld = sum kld_sum / sum tokens, ...): paired bootstrap of
+  the ratio's difference.
 """
 
 from __future__ import annotations
@@ -16,22 +21,8 @@ import math
 from pathlib import Path
 
 from budgetlm.errors import DataError
-from budgetlm.evaluation.stats import mcnemar, paired_bootstrap, perplexity
-
-NOT_METRICS = {"id", "target", "pred", "label", "index", "tokens", "nll", "n_tokens"}
-PERPLEXITY_NAMES = ("perplexity", "ppl", "word_perplexity")
-
-
-def _is_binary_name(metric: str) -> bool:
-    return metric in ("acc", "acc_norm") or metric.startswith("exact_match")
-
-
-def _number(v) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, int | float) and math.isfinite(float(v)):
-        return float(v)
-    return None
+from budgetlm.evaluation.stats import mcnemar, paired_bootstrap
+from budgetlm.results import Aggregate
 
 
 def read_items(folder: Path) -> dict[str, dict[str, dict]]:
@@ -62,39 +53,47 @@ def read_items(folder: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
-def read_metric_order(folder: Path) -> dict[str, list[str]]:
-    """Metric names per task in eval.json's order ({} when there is no readable eval.json)."""
+def read_aggregations(folder: Path) -> dict[str, dict[str, Aggregate | None]]:
+    """{task: {metric: its declared Aggregate, or None}} in eval.json's order ({} without a readable eval.json)."""
     try:
         data = json.loads((Path(folder) / "eval.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    return {task: list(metrics) for task, metrics in data.items() if isinstance(metrics, dict)}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, dict[str, Aggregate | None]] = {}
+    for task, metrics in data.items():
+        if isinstance(metrics, dict):
+            out[task] = {
+                m: Aggregate.from_dict((row.get("extra") or {}).get("aggregate")) if isinstance(row, dict) else None
+                for m, row in metrics.items()
+            }
+    return out
 
 
-def _metric_names(recs_a: list[dict], recs_b: list[dict], order: list[str]) -> list[str]:
-    names = set()
-    for recs in (recs_a, recs_b):
-        for r in recs:
-            names |= {k for k, v in r.items() if k not in NOT_METRICS and _number(v) is not None}
-    common = {m for m in names if any(m in r for r in recs_a) and any(m in r for r in recs_b)}
-    return [m for m in order if m in common] + sorted(common - set(order))
+def task_aggregations(task: str, declared: dict[str, Aggregate | None]) -> dict[str, Aggregate]:
+    """The metrics to compare: eval.json's declarations; for an eval.json without any (written by an older
+    budgetlm), the registered task's own declaration of the metrics eval.json lists."""
+    found = {m: a for m, a in declared.items() if a is not None}
+    if found:
+        return found
+    from budgetlm.data.tasks import tasks as registry
+
+    if task not in registry.names():
+        return {}
+    own = registry.get(task).aggregations()
+    return {m: own[m] for m in (declared or own) if m in own}
 
 
-def _compare_metric(task, metric, pairs, n_boot, seed) -> dict:
-    a = [x for x, _ in pairs]
-    b = [y for _, y in pairs]
-    boot = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
-    row = {
-        "task": task,
-        "metric": metric,
-        "n": len(pairs),
-        "a": boot["a"],
-        "b": boot["b"],
-        "diff": boot["diff"],
-        "ci_low": boot["ci_low"],
-        "ci_high": boot["ci_high"],
-    }
-    if _is_binary_name(metric) and all(v in (0.0, 1.0) for v in a + b):
+def _compare_metric(task: str, metric: str, agg: Aggregate, rows_a: list, rows_b: list, n_boot: int, seed: int):
+    if agg.is_mean:
+        a, b = [x for x, _ in rows_a], [y for y, _ in rows_b]
+        boot = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+    else:
+        boot = paired_bootstrap(rows_a, rows_b, n_boot=n_boot, seed=seed, stat_fn=_statistic(agg))
+    row = {"task": task, "metric": metric, "n": len(rows_a)}
+    row |= {k: boot[k] for k in ("a", "b", "diff", "ci_low", "ci_high")}
+    if agg.is_mean and all(v in (0.0, 1.0) for v in a + b):
         test = mcnemar(a, b)
         row.update(test="mcnemar", p=test["p"], b01=test["b01"], b10=test["b10"])
     else:
@@ -102,37 +101,16 @@ def _compare_metric(task, metric, pairs, n_boot, seed) -> dict:
     return row
 
 
-def _compare_perplexity(task, name, matched, ra, rb, n_boot, seed) -> dict | None:
-    rows_a, rows_b = [], []
-    for i in matched:
-        va = (_number(ra[i].get("nll")), _number(ra[i].get("tokens")))
-        vb = (_number(rb[i].get("nll")), _number(rb[i].get("tokens")))
-        if None not in va and None not in vb:
-            rows_a.append(va)
-            rows_b.append(vb)
-    if not rows_a or sum(t for _, t in rows_a) <= 0 or sum(t for _, t in rows_b) <= 0:
-        return None
-    boot = paired_bootstrap(rows_a, rows_b, n_boot=n_boot, seed=seed, stat_fn=perplexity)
-    return {
-        "task": task,
-        "metric": name,
-        "n": len(rows_a),
-        "a": boot["a"],
-        "b": boot["b"],
-        "diff": boot["diff"],
-        "ci_low": boot["ci_low"],
-        "ci_high": boot["ci_high"],
-        "test": "bootstrap",
-        "p": boot["p"],
-    }
+def _statistic(agg: Aggregate):
+    return lambda rows: agg.value(float(rows[:, 0].sum()), float(rows[:, 1].sum()))
 
 
 def compare(dir_a: Path, dir_b: Path, n_boot: int = 10000, seed: int = 0) -> list[dict]:
-    """Rows {task, metric, n, a, b, diff, test, p, ci_low, ci_high, matched, n_a, n_b} for every task and
-    metric both folders log per item: n items compared (matched by id and valued in both), matched items
-    of the task, n_a and n_b items in A and in B; McNemar rows also carry b01 and b10."""
+    """Rows {task, metric, n, a, b, diff, test, p, ci_low, ci_high, matched, n_a, n_b} for every task both
+    folders log per item and every metric A's eval.json declares: n items compared (matched by id and valued
+    in both), matched items of the task, n_a and n_b items in A and in B; McNemar rows also carry b01 and b10."""
     items_a, items_b = read_items(Path(dir_a)), read_items(Path(dir_b))
-    order_a = read_metric_order(Path(dir_a))
+    declared = read_aggregations(Path(dir_a))
     tasks = [t for t in items_a if t in items_b]
     if not tasks:
         raise DataError(f"{dir_a} and {dir_b} share no task: A has {', '.join(items_a)}; B has {', '.join(items_b)}")
@@ -144,19 +122,13 @@ def compare(dir_a: Path, dir_b: Path, n_boot: int = 10000, seed: int = 0) -> lis
         total_matched += len(matched)
         if not matched:
             continue
-        recs_a, recs_b = [ra[i] for i in matched], [rb[i] for i in matched]
         sizes = {"matched": len(matched), "n_a": len(ra), "n_b": len(rb)}
-        order = order_a.get(task, [])
-        for metric in _metric_names(recs_a, recs_b, order):
-            pairs = [(_number(x.get(metric)), _number(y.get(metric))) for x, y in zip(recs_a, recs_b)]
+        for metric, agg in task_aggregations(task, declared.get(task, {})).items():
+            pairs = [(agg.row(ra[i]), agg.row(rb[i])) for i in matched]
             pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
             if pairs:
-                rows.append({**_compare_metric(task, metric, pairs, n_boot, seed), **sizes})
-        if any("nll" in r and "tokens" in r for r in recs_a):
-            name = next((m for m in order if m in PERPLEXITY_NAMES), "perplexity")
-            row = _compare_perplexity(task, name, matched, ra, rb, n_boot, seed)
-            if row is not None:
-                rows.append({**row, **sizes})
+                rows_a, rows_b = [x for x, _ in pairs], [y for _, y in pairs]
+                rows.append({**_compare_metric(task, metric, agg, rows_a, rows_b, n_boot, seed), **sizes})
     if total_matched == 0:
         raise DataError(
             f"no item ids match between {dir_a} and {dir_b} (tasks {', '.join(tasks)}); "
@@ -168,6 +140,8 @@ def compare(dir_a: Path, dir_b: Path, n_boot: int = 10000, seed: int = 0) -> lis
 def _num(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if x != 0 and abs(x) < 0.01:
+        return f"{x:.3g}"  # a small kld keeps its digits
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
 
 

@@ -354,21 +354,29 @@ class _Display:
 
 
 def summary_table(directory: str | Path):
-    """A rich Table: one row per cell with size, bits/weight, the main metric of each task and speed."""
+    """A rich Table: one row per cell with size (in the unit that fits the largest), bits per weight over the
+    Linears and over the whole model, the main metric of each task and speed ('*' where the load average
+    during the benchmark exceeded the CPU count: hardware/contention.py)."""
     from rich.table import Table
+
+    from budgetlm.hardware.contention import contended
+    from budgetlm.units import byte_unit
 
     with st.Store.open(directory) as store:
         cells = store.plan_cells()
         rows = st.by_cell(store.rows([c["cell_id"] for c in cells]))
     tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
     several_models = len({c["model"] for c in cells}) > 1
+    sizes = [st.value(rows.get(c["cell_id"], {}), "size", "stored_bytes") for c in cells]
+    scale, unit = byte_unit(max((s for s in sizes if s), default=0))
     table = Table(title=f"study {Path(directory)}")
     if several_models:
         table.add_column("model")
     table.add_column("pipeline")
     table.add_column("status")
-    table.add_column("stored MB", justify="right")
-    table.add_column("bpw", justify="right")
+    table.add_column(f"stored {unit}", justify="right")
+    table.add_column("bpw Linears", justify="right")
+    table.add_column("bpw model", justify="right")
     mains = {}
     for t in tasks:
         metrics = [m for c in cells for m in rows.get(c["cell_id"], {}).get(t, {})]
@@ -376,21 +384,29 @@ def summary_table(directory: str | Path):
         table.add_column(f"{t} {mains[t] or ''}".strip(), justify="right")
     table.add_column("decode ms/tok", justify="right")
     table.add_column("prefill tok/s", justify="right")
-    for c in cells:
+    flagged = False
+    for c, size in zip(cells, sizes):
         phases = rows.get(c["cell_id"], {})
-        size = st.value(phases, "size", "stored_bytes")
         line = [model_label(c["model"])] if several_models else []
-        line += [c["pipeline"], c["status"] or "", _fmt(size / 1e6 if size else None, 1)]
+        line += [c["pipeline"], c["status"] or "", _fmt(size / scale if size else None, 1)]
+        line.append(_fmt(st.value(phases, "size", "linear_bpw"), 2))
         line.append(_fmt(st.value(phases, "size", "bpw"), 2))
         for t in tasks:
             line.append(_task_cell(phases.get(t, {}), mains[t]))
-        line.append(_fmt(st.value(phases, "speed", "decode_ms_per_token"), 1))
+        busy = contended([r.get("extra") for r in phases.get("speed", {}).values()], (c.get("env") or {}).get("cores"))
+        mark = " *" if busy else ""
+        flagged = flagged or bool(busy)
+        line.append(_fmt(st.value(phases, "speed", "decode_ms_per_token"), 1) + mark)
         prefill = st.prefill_metrics(phases)
-        line.append(" / ".join(_fmt(st.value(phases, "speed", p), 0) for p in prefill) or "-")
+        line.append((" / ".join(_fmt(st.value(phases, "speed", p), 0) for p in prefill) or "-") + mark)
         table.add_row(*line)
+    notes = []
     prefill_names = {p.split("@")[1] for c in cells for p in st.prefill_metrics(rows.get(c["cell_id"], {}))}
     if prefill_names:
-        table.caption = f"prefill at {' / '.join(sorted(prefill_names, key=int))} tokens; recovery % of baseline"
+        notes.append(f"prefill at {' / '.join(sorted(prefill_names, key=int))} tokens; recovery % of baseline")
+    if flagged:
+        notes.append("* measured while the load average exceeded the CPU count: speed figures low and noisy")
+    table.caption = "; ".join(notes) or None
     return table
 
 

@@ -82,7 +82,7 @@ def measure(
         stderr=tok_s["stderr"],
         n=dec.n,
         unit="tok/s",
-        extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats"},
+        extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
     )
     read = size["read_bytes_per_token"].value
     roof = decode_roofline_ms(read, bw.value)
@@ -123,5 +123,11 @@ def _energy_metric(m: Metric) -> Metric:
             "scope": "whole CPU package during the timed regions (other processes included)",
             "threads": m.extra["threads"],
             "dtype": m.extra["dtype"],
+            **_load(m),
         },
     )
+
+
+def _load(m: Metric) -> dict:
+    """The load average and CPU count a figure was measured with, for one derived from it (contention.py)."""
+    return {k: m.extra[k] for k in ("loadavg_before", "loadavg_after", "cpus") if k in m.extra}

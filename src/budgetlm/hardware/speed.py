@@ -8,7 +8,8 @@ work of a dense model), batch 1 unless asked, everything under torch.inference_m
   timed; value = ms per token.
 Each Metric carries the mean over repeats as value, the standard error of that mean as stderr (schema
 convention), and in extra: sd, median, every repeat, threads, dtype, CPU model, batch size, load average before
-and after (a busy machine slows 2-thread torch 10x: read the load average before trusting a figure).
+and after and the CPUs usable (a busy machine slows 2-thread torch 10x: hardware/contention.py flags a figure
+measured with a load average above the CPU count).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from budgetlm.hardware.contention import usable_cpus
 from budgetlm.hardware.energy import EnergyMeter
 from budgetlm.hardware.host import cpu_model
 from budgetlm.results import Metric
@@ -65,6 +67,7 @@ def run_info(model: torch.nn.Module, batch_size: int = 1) -> dict:
         "replaced_layers": _kinds(model),
         "torch": torch.__version__,
         "loadavg_before": list(os.getloadavg()),
+        "cpus": usable_cpus(),
     }
 
 

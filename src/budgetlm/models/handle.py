@@ -3,6 +3,8 @@
 A handle saves to a folder (model.safetensors + config.json + tokenizer + provenance.json +
 budgetlm.json) and loads back without unpickling anything. Modules that a method replaced (a packed
 quantised Linear, say) are listed in budgetlm.json with the registered layer kind that rebuilds them.
+Every load checks the loaded tensors for NaN and infinity (`check_finite`), so a corrupt file is refused
+with the tensor's name instead of being scored.
 """
 
 from __future__ import annotations
@@ -141,5 +143,26 @@ def load_folder(path: Path) -> ModelHandle:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
+    check_finite(model, f"model folder {path} ({WEIGHTS})")
     tok = AutoTokenizer.from_pretrained(path)
     return ModelHandle(model, tok, manifest.get("source", str(path)), provenance, manifest.get("base"))
+
+
+@torch.no_grad()
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """ModelError naming the first floating-point tensor of the model's state that holds NaN or infinity:
+    weights, biases, norms, the scales and zeros of packed quantised layers, adapter matrices, buffers; shared
+    tensors once. One pass: a tensor's sum is finite exactly when all its values are, unless the sum overflows,
+    and only then (or to count the bad values) is the tensor looked at element by element."""
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.numel() == 0 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ModelError(
+            f"{where}: tensor '{name}' holds {nan} NaN and {inf} infinite values (of {t.numel():,}); the file is "
+            "corrupt or a method wrote broken weights: re-create it from the original model"
+        )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from budgetlm.errors import ModelError, suggest
-from budgetlm.models.handle import ModelHandle, first_line, is_budgetlm_folder, load_folder
+from budgetlm.models.handle import ModelHandle, check_finite, first_line, is_budgetlm_folder, load_folder
 
 
 def cache_dir() -> Path:
@@ -95,6 +95,7 @@ def load_dir(path: Path) -> ModelHandle:
             problem = "its weights do not have the shapes its config.json gives (hidden_size, layers, ...)"
         raise ModelError(f"cannot load model folder {path}: {problem}") from None
     model.eval()
+    check_finite(model, f"model folder {path}")
     return ModelHandle(model, tok, str(path.resolve()), [], str(path.resolve()))
 
 
@@ -165,6 +166,7 @@ def load_gguf(path: Path) -> ModelHandle:
             "transformers supports llama, mistral, qwen2, gemma3, phi3 and a few more"
         ) from None
     model.eval()
+    check_finite(model, f"GGUF file {path} (tensor names after conversion)")  # before the cache keeps it
     handle = ModelHandle(model, tok, str(path), [], str(path))
     handle.save(cached)
     return load_folder(cached)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from budgetlm.experiments import store as st
 from budgetlm.experiments.plan import model_label
+from budgetlm.hardware.contention import contended, recorded_load
 from budgetlm.report.plots import Panel, Point, pareto_plot
 
 CSV_COLUMNS = ["cell_id", "model", "pipeline", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source",
@@ -161,14 +162,17 @@ def cost_table(cells: list[dict]) -> list[str]:
         line.append(energy)
         if reason:
             reasons.add(reason)
-        load = (ph.get("speed", {}).get("decode_pct_roofline") or {}).get("extra", {}).get("loadavg")
-        line.append(f"{load[0]:.2f}" if load else "-")
+        extras = [r.get("extra") for r in ph.get("speed", {}).values()]
+        load = recorded_load(extras)
+        busy = contended(extras, (c.get("env") or {}).get("cores"))
+        line.append("-" if load is None else f"{load:.2f}" + (" (contended)" if busy else ""))
         lines.append("| " + " | ".join(line) + " |")
     bw = next((st.value(c["phases"], "host", "mem_bandwidth_gb_s") for c in cells if "host" in c["phases"]), None)
     notes = [
         "",
         "Sizes count the bytes of the stored state; peak RSS is sampled per phase of the cell's process. Speed is "
-        "batch 1; a load average above the core count while benchmarking means the figures are contended.",
+        "batch 1; a load average above the CPU count while benchmarking (the highest 1-minute figure recorded) "
+        "means other work competed: those figures are marked contended.",
     ]
     if bw:
         notes.append(f"Roofline: bytes read per decoded token / measured memory bandwidth ({bw:.1f} GB/s).")

@@ -3,8 +3,10 @@ loglikelihood, acc and acc_norm as lm-eval defines them), generation (greedy unt
 scored per item), and custom runs (perplexity, KL to the base model) that drive the LM themselves.
 
 A task loads its items (from the hub, the local cache, local files or a generator) and states where
-they came from; the harness samples --limit items with the seed (stratified by label) and aggregates
-per-item metrics into mean and standard error.
+they came from; the harness samples --limit items with the seed (stratified by label). Every metric a task
+reports is declared in `aggregations()` (results.Aggregate: the mean of a per-item field, or a ratio of two
+fields' sums), computed from the per-item records by that declaration, and recorded with it in eval.json so
+that `budgetlm compare` recomputes exactly the same statistic.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlm.registry import Registry
-from budgetlm.results import Metric, mean_stderr
+from budgetlm.results import Aggregate, Metric
 
 tasks: Registry[Any] = Registry("task")  # name -> Task instance or "module:attr" (lazy)
 
@@ -60,6 +62,10 @@ class Task:
     def run(self, lm, items: list[Item], ctx: TaskContext) -> TaskResult:
         raise NotImplementedError
 
+    def aggregations(self) -> dict[str, Aggregate]:
+        """{metric: how it is computed from the per-item records} for every metric `run` reports."""
+        return {}
+
 
 def reference_file(path, suffix: str) -> Path:
     """The file a task keeps its base-model reference in: the harness's path plus the task's suffix."""
@@ -67,14 +73,14 @@ def reference_file(path, suffix: str) -> Path:
     return path.parent / f"{path.name}{suffix}"
 
 
-def aggregate(records: list[dict], metrics: list[str], unit: str = "") -> dict[str, Metric]:
-    """Mean and standard error of each per-item metric."""
-    out = {}
-    for m in metrics:
-        vals = [float(r[m]) for r in records if r.get(m) is not None]
-        mean, se = mean_stderr(vals)
-        out[m] = Metric(mean, se, len(vals), unit)
-    return out
+def means(names) -> dict[str, Aggregate]:
+    """Metrics that are the mean of the per-item field of the same name."""
+    return {m: Aggregate(m) for m in names}
+
+
+def aggregate(records: list[dict], aggregations: dict[str, Aggregate], unit: str = "") -> dict[str, Metric]:
+    """Each declared metric (value, stderr over items, n) from the per-item records."""
+    return {name: agg.metric(records, unit) for name, agg in aggregations.items()}
 
 
 class MultipleChoiceTask(Task):
@@ -123,7 +129,10 @@ class MultipleChoiceTask(Task):
                     "loglikelihoods": lls,
                 }
             )
-        return TaskResult(aggregate(records, ["acc", "acc_norm"]), records)
+        return TaskResult(aggregate(records, self.aggregations()), records)
+
+    def aggregations(self) -> dict[str, Aggregate]:
+        return means(["acc", "acc_norm"])
 
 
 class GenerateTask(Task):
@@ -148,4 +157,7 @@ class GenerateTask(Task):
         records = []
         for it, g in zip(items, gens):
             records.append({"id": it.id, **self.score(it.doc, g), "generation": g})
-        return TaskResult(aggregate(records, list(self.metric_names)), records)
+        return TaskResult(aggregate(records, self.aggregations()), records)
+
+    def aggregations(self) -> dict[str, Aggregate]:
+        return means(self.metric_names)

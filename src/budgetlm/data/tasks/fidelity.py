@@ -12,7 +12,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from budgetlm.data.tasks.base import Item, Task, TaskContext, TaskData, TaskResult, aggregate, reference_file
+from budgetlm.data.tasks.base import (
+    Item,
+    Task,
+    TaskContext,
+    TaskData,
+    TaskResult,
+    aggregate,
+    means,
+    reference_file,
+)
 from budgetlm.errors import DataError
 from budgetlm.evaluation.scorers import BERTSCORE_BACKBONE, bertscore, rouge_l
 from budgetlm.utils import atomic_write_text
@@ -123,10 +132,13 @@ class Fidelity(Task):
             rec = {"id": it.id, "rouge_l": rl, "bertscore_f1_minilm": bs["f"], "bertscore_p": bs["p"]}
             rec |= {"bertscore_r": bs["r"], "identical": float(g == ref), "generation": g, "reference": ref}
             records.append(rec)
-        metrics = aggregate(records, ["rouge_l", "bertscore_f1_minilm", "identical"])
-        metrics["bertscore_f1_minilm"].extra = {"backbone": BERTSCORE_BACKBONE}
-        metrics["rouge_l"].extra = {"variant": "ROUGE-L F1, rouge-score tokenizer, no stemming"}
+        metrics = aggregate(records, self.aggregations())
+        metrics["bertscore_f1_minilm"].extra["backbone"] = BERTSCORE_BACKBONE
+        metrics["rouge_l"].extra["variant"] = "ROUGE-L F1, rouge-score tokenizer, no stemming"
         return TaskResult(metrics, records)
+
+    def aggregations(self):
+        return means(["rouge_l", "bertscore_f1_minilm", "identical"])
 
 
 fidelity = Fidelity()

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate
+from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate, means
 from budgetlm.errors import DataError
 
 FORMATS = (".jsonl", ".json", ".parquet")
@@ -260,7 +260,10 @@ class HubMultipleChoice(MultipleChoiceTask):
                 norm = [ll / n for ll, n in zip(rec["loglikelihoods"], lens)]
                 rec["acc_norm"] = float(max(range(len(norm)), key=norm.__getitem__) == rec["target"])
             records.append(rec)
-        return TaskResult(aggregate(records, list(self.reported)), records)
+        return TaskResult(aggregate(records, self.aggregations()), records)
+
+    def aggregations(self):
+        return means(self.reported)
 
 
 class Arc(HubMultipleChoice):

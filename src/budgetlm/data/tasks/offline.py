@@ -1,7 +1,8 @@
 """The offline default suite: tasks built by the project itself, needing no download.
 
 - `text-ppl`: perplexity, bits per byte, KL divergence to the base model and top-1 agreement with it, on
-  chunks of the held-out split of `pydoc_data.topics` (see budgetlm.data.corpus).
+  chunks of the held-out split of `pydoc_data.topics` (see budgetlm.data.corpus); token-weighted over the
+  chunks. A perplexity above the vocabulary size (worse than a uniform guess) gets extra["warning"].
 - `text-cloze`: pick the true next sentence of a held-out prose passage among 4 (3 distractors are sentences
   of similar length from other topics of the held-out split); acc and acc_norm as lm-eval defines them.
 - `arith`: arithmetic problems from reasoning-gym's generators, answered through the chat template and
@@ -38,7 +39,7 @@ from budgetlm.data.tasks.base import (
     reference_file,
 )
 from budgetlm.errors import DataError
-from budgetlm.results import Metric
+from budgetlm.results import Aggregate, Metric
 from budgetlm.utils import atomic_file
 
 TOPK = 32
@@ -82,16 +83,6 @@ def top1_agree(ids: torch.Tensor, logp_model: torch.Tensor) -> torch.Tensor:
     """Per position: 1 where the base's most likely token is also a most likely token of the model."""
     at_base = logp_model.gather(-1, ids[:, :1].long()).squeeze(-1)
     return (at_base >= logp_model.max(-1).values).float()
-
-
-def ratio_stderr(num: list[float], den: list[float]) -> tuple[float, float]:
-    """sum(num) / sum(den) and its delta-method standard error, items being the sampling unit."""
-    n, total = len(num), sum(den)
-    r = sum(num) / total if total else float("nan")
-    if n < 2 or not total:
-        return r, float("nan")
-    resid = sum((a - r * b) ** 2 for a, b in zip(num, den))
-    return r, math.sqrt(resid / (n * (n - 1))) / (total / n)
 
 
 def _ref_file(path) -> Path:
@@ -192,8 +183,9 @@ class TextPerplexity(Task):
         finally:
             if tmpdir is not None:
                 tmpdir.cleanup()
-        records = []
+        records, vocab_size = [], 0
         for it, seq, (ids, lp, tail), logp in zip(items, seqs, refs, lm.token_logprobs(seqs)):
+            vocab_size = logp.shape[-1]
             target = torch.tensor(seq[1:]).unsqueeze(1)
             nll = -float(logp.gather(1, target).sum())
             kl = kl_topk(ids, lp, tail, logp)
@@ -203,25 +195,42 @@ class TextPerplexity(Task):
             rec |= {"kld_sum": float(kl.sum()), "agree_count": float(agree.sum()), "nll_per_token": nll / n}
             rec |= {"kld": float(kl.mean()), "top1_agreement": float(agree.mean())}
             records.append(rec)
-        return TaskResult(self._metrics(records), records)
+        return TaskResult(self._metrics(records, vocab_size), records)
 
-    def _metrics(self, records: list[dict]) -> dict[str, Metric]:
-        nll = [r["nll"] for r in records]
-        tokens = [r["tokens"] for r in records]
-        n, total = len(records), sum(tokens)
-        info = {"stderr_method": "delta method, items (text chunks) as the sampling unit", "tokens": total}
-        mean_nll, se_nll = ratio_stderr(nll, tokens)
-        ppl = math.exp(mean_nll)
-        bpb, se_bpb = ratio_stderr([x / math.log(2) for x in nll], [r["bytes"] for r in records])
-        kld, se_kld = ratio_stderr([r["kld_sum"] for r in records], tokens)
-        agr, se_agr = ratio_stderr([r["agree_count"] for r in records], tokens)
-        kl_info = {**info, "kld_estimator": KLD_ESTIMATOR}
+    def aggregations(self) -> dict[str, Aggregate]:
+        """Token-weighted over the chunks (bits per byte byte-weighted): a long chunk counts for its tokens."""
         return {
-            "perplexity": Metric(ppl, ppl * se_nll, n, "", extra=info),
-            "bits_per_byte": Metric(bpb, se_bpb, n, "bits/byte", extra=info),
-            "kld": Metric(kld, se_kld, n, "nats/token", extra=kl_info),
-            "top1_agreement": Metric(agr, se_agr, n, "", extra=info),
+            "perplexity": Aggregate("nll", "tokens", "exp"),
+            "bits_per_byte": Aggregate("nll", "bytes", "bits"),
+            "kld": Aggregate("kld_sum", "tokens"),
+            "top1_agreement": Aggregate("agree_count", "tokens"),
         }
+
+    def _metrics(self, records: list[dict], vocab_size: int) -> dict[str, Metric]:
+        info = {"stderr_method": "delta method, items (text chunks) as the sampling unit"}
+        info["tokens"] = sum(r["tokens"] for r in records)
+        units = {"bits_per_byte": "bits/byte", "kld": "nats/token"}
+        out = {}
+        for name, agg in self.aggregations().items():
+            extra = {**info, "kld_estimator": KLD_ESTIMATOR} if name == "kld" else info
+            out[name] = agg.metric(records, units.get(name, ""), extra)
+        warning = implausible_perplexity(out["perplexity"].value, vocab_size)
+        if warning:
+            out["perplexity"].extra["warning"] = warning
+        return out
+
+
+def implausible_perplexity(ppl: float, vocab_size: int) -> str | None:
+    """A warning when a perplexity is no model's: not a number, or above the vocabulary size (a uniform guess
+    over the vocabulary scores exactly the vocabulary size, so the model is worse than no model at all)."""
+    if math.isnan(ppl):
+        return "perplexity is not a number: the model produced non-finite log-probabilities; check its weights"
+    if ppl > vocab_size:
+        return (
+            f"perplexity {ppl:.4g} is above the vocabulary size ({vocab_size}), worse than a uniform guess: "
+            "the model's weights are likely corrupt or broken by compression"
+        )
+    return None
 
 
 # --- text-cloze -------------------------------------------------------------------------------------------
