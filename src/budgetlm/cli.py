@@ -218,6 +218,7 @@ def compress(
         _print_export(run_export(handle, out.parent / f"{out.name}.{gguf}.gguf", gguf))
 
 
+FLAG = ""  # the metavar of a boolean flag: typer 0.29 would show `<bool>` as if it took a value
 TRAIN_HELP = (
     "Train an adapter or the whole model: --method NAME (an adapter, or full) [--set key=value ...] "
     "[--set train.key=value ...] --out DIR; checkpoints go to DIR/checkpoints, the trained adapter to DIR in "
@@ -255,13 +256,16 @@ def train(
         Path | None, typer.Option("--train-config", help="YAML file of TrainConfig keys (steps, lr, data, ...)")
     ] = None,
     merge: Annotated[
-        bool, typer.Option("--merge", help="save the merged full model (adapter folded in) instead of the adapter")
+        bool,
+        typer.Option("--merge", metavar=FLAG, help="save the merged full model (adapter folded in), not the adapter"),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="continue the run in --out from its newest checkpoint")
+        bool, typer.Option("--resume", metavar=FLAG, help="continue the run in --out from its newest checkpoint")
     ] = False,
     seed: Annotated[int, typer.Option(help="seeds the adapter's initialisation (the training seed is train.seed)")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="print {phase: {metric: value}} on stdout")
+    ] = False,
 ) -> None:
     from budgetlm.api import train as run_train
     from budgetlm.results import Metric
