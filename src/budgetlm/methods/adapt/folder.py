@@ -257,27 +257,30 @@ def remove_adapter(folder: str | Path) -> None:
 
 def load_adapter_folder(path: str | Path) -> ModelHandle:
     """Load an adapter folder: its base (the input model, or the quantised base in path/base), then the adapter
-    (through peft where every adapted layer is an nn.Linear, else as budgetlm's own pairs)."""
+    (through peft where every adapted layer is an nn.Linear, else as budgetlm's own pairs). The adapted layers are
+    the base's modules peft's config matches (peft may shorten many names to suffixes such as `q_proj`)."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     path = Path(path)
     record = read_record(path)
     try:
-        config = json.loads((path / CONFIG).read_text())
-        targets = list(config["target_modules"])
+        config = PeftConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"adapter folder {path}: cannot read {CONFIG} ({_first_line(exc)}); train it again") from None
     handle = load_base(path, record)
     model = handle.model
-    missing = [n for n in targets if not _has_module(model, n)]
-    if missing:
+    targets = [n for n, _ in model.named_modules() if n and check_target_module_exists(config, n)]
+    if not targets:
         raise ModelError(
-            f"adapter folder {path}: its base {base_label(record['base'])} has no module {missing[0]}; the base "
-            "changed since training: restore it or train again"
+            f"adapter folder {path}: no module of its base {base_label(record['base'])} matches the adapter's "
+            "targets; the base changed since training: restore it or train again"
         )
     try:
         if all(isinstance(model.get_submodule(n), nn.Linear) for n in targets):
             peft_adapters.load_peft_adapter(handle, path, record["method"])
         else:
-            attach_pairs(handle, path, config, record["method"])
+            attach_pairs(handle, path, config, targets, record["method"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(
             f"adapter folder {path}: cannot attach the adapter to its base ({_first_line(exc)}); train it again"
@@ -325,32 +328,25 @@ def load_base(path: Path, record: dict) -> ModelHandle:
 
 
 @torch.no_grad()
-def attach_pairs(handle: ModelHandle, path: Path, config: dict, method: str) -> None:
-    """Attach the LoRA of adapter_model.safetensors as budgetlm's pairs (onto layers peft cannot wrap)."""
+def attach_pairs(handle: ModelHandle, path: Path, config, targets: list[str], method: str) -> None:
+    """Attach the LoRA of adapter_model.safetensors to `targets` as budgetlm's pairs (layers peft cannot wrap; only
+    budgetlm's own adapters, written by `write_lora` with exact module names in alpha_pattern, get here)."""
     from safetensors.torch import load_file
 
     from budgetlm.methods.adapt.lobi_lora import LoBiPair
 
     tensors = load_file(str(path / WEIGHTS))
     cls = LoBiPair if method == "lobi_lora" else LoRAPair
-    alphas = config.get("alpha_pattern") or {}
+    alphas = config.alpha_pattern or {}
     deltas: dict[str, Delta] = {}
-    for name in config["target_modules"]:
+    for name in targets:
         a, b = tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"]
         r = a.shape[0]
-        pair = cls(a.shape[1], b.shape[0], r, alphas.get(name, config["lora_alpha"]) / r, gen=torch.Generator())
+        pair = cls(a.shape[1], b.shape[0], r, alphas.get(name, config.lora_alpha) / r, gen=torch.Generator())
         pair.A.weight.copy_(a)
         pair.B.weight.copy_(b)
         deltas[name] = pair
-    attach(handle.model, method, deltas, config.get("lora_dropout") or 0.0)
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+    attach(handle.model, method, deltas, config.lora_dropout or 0.0)
 
 
 def _first_line(exc: BaseException) -> str:
