@@ -9,7 +9,8 @@ from budgetlm.results import Metric
 
 
 def load(spec: str = "smollm2-135m", seed: int = 0) -> ModelHandle:
-    """A bundled model name, a GGUF file, a Hugging Face or budgetlm model folder, or 'tiny-random'."""
+    """A bundled model name, a GGUF file, a Hugging Face or budgetlm model folder, an adapter folder (`budgetlm
+    train`'s output: the adapter on its base), or 'tiny-random'."""
     from budgetlm.models.sources import load as _load
 
     return _load(spec, seed=seed)
@@ -62,14 +63,16 @@ def train(
     resume: bool = False,
     seed: int = 0,
     progress: bool = False,
+    merge: bool = False,
 ):
     """Attach adapter `method` (or 'full' fine-tuning) with `settings`, train it with the TrainConfig `train`,
-    checkpointing under out/checkpoints, and save the model into `out`; see budgetlm.train.run. Returns
-    (handle, TrainResult, notes)."""
+    checkpointing under out/checkpoints, and save into `out` the adapter in peft's format (`load(out)` reads it
+    back onto its base), or with `merge` the merged model as a budgetlm model folder; see budgetlm.train.run.
+    Returns (handle, TrainResult, notes)."""
     from budgetlm.train.run import plan_run, train_run
 
     run = plan_run(model, method, settings or {}, train or {}, seed)
-    return train_run(run, out, resume=resume, progress=progress)
+    return train_run(run, out, resume=resume, progress=progress, merge=merge)
 
 
 def export(

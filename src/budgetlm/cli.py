@@ -340,9 +340,11 @@ def compress(
         _print_export(export_report)
 
 
+FLAG = ""  # the metavar of a boolean flag: typer 0.29 would show `<bool>` as if it took a value
 TRAIN_HELP = (
     "Train an adapter or the whole model: --method NAME (an adapter, or full) [--set key=value ...] "
-    "[--set train.key=value ...] --out DIR; checkpoints go to DIR/checkpoints, the trained model to DIR."
+    "[--set train.key=value ...] --out DIR; checkpoints go to DIR/checkpoints, the trained adapter to DIR in "
+    "peft's format (with --merge: the merged model as a budgetlm model folder). `budgetlm eval DIR` evaluates it."
 )
 
 
@@ -373,17 +375,25 @@ def split_train_settings(settings: dict) -> tuple[dict, dict]:
 def train(
     ctx: typer.Context,
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="run folder: checkpoints/, train.json and the trained model")],
+    out: Annotated[Path, typer.Option(help="run folder: train.json, checkpoints/ and the trained adapter")],
     train_config: Annotated[
         Path | None, typer.Option("--train-config", help="YAML file of TrainConfig keys (steps, lr, data, ...)")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", metavar=FLAG, help="save the merged full model (adapter folded in), not the adapter"),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", metavar=FLAG, help="continue the run in --out from its newest checkpoint")
+    ] = False,
     seed: Annotated[int, typer.Option(help="seeds the adapter's initialisation (the training seed is train.seed)")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar=FLAG, help="print {phase: {metric: value}} on stdout")
+    ] = False,
 ) -> None:
     from budgetlm.api import train as run_train
     from budgetlm.results import Metric
-    from budgetlm.train.run import check_out_dir, plan_run
+    from budgetlm.train.run import check_run, plan_run
 
     steps = parse_steps(list(ctx.args))
     if len(steps) != 1:
@@ -401,8 +411,10 @@ def train(
         if not isinstance(base, dict):
             raise ConfigError(f"--train-config {train_config}: expected a mapping of TrainConfig keys (steps, lr, ...)")
     run = plan_run(model, method, settings, _deep_merge(base, train_settings), seed)
-    check_out_dir(run, out, resume)  # before loading anything
-    _, result, notes = run_train(model, method, out, settings, run.train.resolved(), resume, seed, not as_json)
+    check_run(run, out, resume, merge)  # before loading or writing anything
+    _, result, notes = run_train(
+        model, method, out, settings, run.train.resolved(), resume, seed, progress=not as_json, merge=merge
+    )
     losses = result.losses
     phases = {
         "train": {
@@ -421,7 +433,6 @@ def train(
     if not as_json:
         for note in notes:
             print(f"note: {note}")
-        print(f"saved {out} (checkpoints in {out / 'checkpoints'})")
     _print_results(phases, as_json)
 
 

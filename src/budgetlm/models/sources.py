@@ -1,7 +1,10 @@
-"""Where models come from: bundled names, a GGUF file, a Hugging Face folder, or tiny-random.
+"""Where models come from: bundled names, a GGUF file, a Hugging Face folder, a budgetlm model or adapter folder,
+or tiny-random.
 
 GGUF files load through transformers (dequantised to float32). Parsing GGUF metadata in Python takes
-seconds, so the first load converts to a budgetlm folder in the cache and later loads read that.
+seconds, so the first load converts to a budgetlm folder in the cache and later loads read that. An adapter
+folder (what `budgetlm train` saves: peft's files plus budgetlm's record of the base) loads its base, then the
+adapter onto it (methods/adapt/folder.py, a layer above: reached through the lazy `folder_loaders` entry).
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ import torch
 
 from budgetlm.errors import ModelError, suggest
 from budgetlm.models.handle import ModelHandle, check_finite, first_line, is_budgetlm_folder, load_folder
+from budgetlm.registry import Registry
+
+ADAPTER_RECORD = "budgetlm_adapter.json"  # marks an adapter folder: its base, method and how it was written
+folder_loaders: Registry[Callable[[Path], ModelHandle]] = Registry("folder kind")
+folder_loaders.add("adapter", "budgetlm.methods.adapt.folder:load_adapter_folder")
 
 
 def cache_dir() -> Path:
@@ -81,6 +89,13 @@ def load(spec: str | os.PathLike = DEFAULT_MODEL, seed: int = 0) -> ModelHandle:
 def load_dir(path: Path) -> ModelHandle:
     if is_budgetlm_folder(path):
         return load_folder(path)
+    if (path / ADAPTER_RECORD).is_file():
+        return folder_loaders.get("adapter")(path)
+    if (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"folder {path} is a peft adapter without budgetlm's record of its base ({ADAPTER_RECORD}); load the "
+            f"base model and attach it with peft.PeftModel.from_pretrained(base_model, '{path}')"
+        )
     if not (path / "config.json").is_file():
         raise ModelError(f"folder {path} is not a model: it has no config.json; pass a Hugging Face model folder")
     from safetensors import SafetensorError

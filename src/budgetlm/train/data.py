@@ -63,14 +63,39 @@ class TrainData:
 HUB_TRAINABLE = "arc_easy, arc_challenge, boolq, hellaswag, winogrande, logiqa, piqa, gsm8k"
 
 
+def check_split(task: str, split: str) -> None:
+    if task == "arith" and split != "train":
+        raise ConfigError(f"data: task 'arith' generates its training problems; use split 'train' (got '{split}')")
+    if task == CORPUS and split not in ("train", "calibration"):
+        raise ConfigError(f"data: corpus trains on its calibration split; use split 'train' (got '{split}')")
+
+
+def trainable_task(name: str):
+    """The hub task `name`, if it has a training split and a multiple-choice or generation form."""
+    task = task_registry.get(name)  # unknown names get close-match suggestions
+    if not hasattr(task, "sources"):
+        raise ConfigError(f"data: task '{name}' has no training split; train on arith, corpus or {HUB_TRAINABLE}")
+    if not isinstance(task, (MultipleChoiceTask, GenerateTask)):
+        raise ConfigError(f"data: task '{name}' is neither multiple choice nor generation; it cannot train")
+    return task
+
+
+def check_data(cfg: DataConfig) -> None:
+    """What build_data checks before reading any data: the task exists and can train, the split fits it. A run
+    calls this before it writes anything."""
+    if cfg.task in ("arith", CORPUS):
+        check_split(cfg.task, cfg.split)
+    else:
+        trainable_task(cfg.task)
+
+
 def arith_pairs(split: str, limit: int | None, seed: int, eval_seed: int) -> tuple[list[tuple[str, str]], str]:
     """Fresh arith problems (the evaluation task's generators and prompt), none in its evaluation set."""
     import reasoning_gym
 
     from budgetlm.data.tasks.offline import ARITH_GENERATORS, arith
 
-    if split != "train":
-        raise ConfigError(f"data: task 'arith' generates its training problems; use split 'train' (got '{split}')")
+    check_split("arith", split)
     held_out = {it.doc["question"] for it in arith.load(TaskContext(seed=eval_seed)).items}
     per_gen = -(-limit // len(ARITH_GENERATORS)) if limit else 1000
     train_seed = 1_000_003 + seed
@@ -102,18 +127,14 @@ def task_pairs(cfg: DataConfig, seed: int) -> tuple[list[tuple[str, str]], str, 
     from budgetlm.data.tasks.hub import load_rows, make_items
     from budgetlm.evaluation.harness import sample_items
 
-    task = task_registry.get(cfg.task)
-    if not hasattr(task, "sources"):
-        raise ConfigError(f"data: task '{cfg.task}' has no training split; train on arith, corpus or {HUB_TRAINABLE}")
+    task = trainable_task(cfg.task)
     ctx = TaskContext(seed=seed, data_dir=Path(cfg.data_dir) if cfg.data_dir else None)
     rows, where = load_rows(task, ctx, cfg.split)
     items: list[Item] = sample_items(make_items(task, rows, where), cfg.limit, seed)
     if isinstance(task, MultipleChoiceTask):
         pairs = [task.requests(it.doc)[task.doc_to_target(it.doc)] for it in items]
-    elif isinstance(task, GenerateTask):
-        pairs = [(task.doc_to_text(it.doc), target_text(task, it.doc)) for it in items]
     else:
-        raise ConfigError(f"data: task '{cfg.task}' is neither multiple choice nor generation; it cannot train")
+        pairs = [(task.doc_to_text(it.doc), target_text(task, it.doc)) for it in items]
     return pairs, where, task.kind
 
 
@@ -145,8 +166,7 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_len: int) -> Example:
 
 def corpus_examples(tokenizer, split: str, limit: int | None, max_len: int, seed: int) -> tuple[list[Example], str]:
     """Consecutive windows of max_len tokens of the calibration text; a window's every token is a target."""
-    if split not in ("train", "calibration"):
-        raise ConfigError(f"data: corpus trains on its calibration split; use split 'train' (got '{split}')")
+    check_split(CORPUS, split)
     stream = corpus.calibration_tokens(tokenizer)
     windows = [stream[i : i + max_len] for i in range(0, len(stream) - max_len + 1, max_len)]
     if limit is not None and limit < len(windows):

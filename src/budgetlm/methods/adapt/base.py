@@ -17,8 +17,9 @@ modules registered on the block, referenced by the deltas that use it.
 Saving: the adapter's tensors are part of the model's state dict (model.safetensors) and the model lists the
 adapter's structure in `budgetlm_parts` (models/handle.py), so a saved folder reloads to the same outputs bit
 for bit: `reattach` re-creates the wrappers and shared modules on the fresh model before the tensors load.
-peft-backed adapters do the same with peft's own layers (peft_adapters.py) and can also be exported in peft's
-format.
+peft-backed adapters do the same with peft's own layers (peft_adapters.py). Every adapter can also be written in
+peft's format (folder.py: what `budgetlm train` saves): peft's adapters as peft writes them, budgetlm's as a plain
+LoRA through each delta's `lora_factors`.
 
 Merging (`merge`) folds ΔW into the base weight, so the model is a plain model again. For a quantised base the
 weight is dequantised, ΔW added, and the sum re-quantised on the same grid (the layer's stored scales / zeros or
@@ -50,6 +51,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DEFAULT_TARGETS = [f"*.{p}" for p in PROJECTIONS]
 LINEAR_LIKE: tuple[type, ...] = (nn.Linear, QuantLinear, NF4Linear)
 PART = "adapter"  # key of budgetlm's adapters in model.budgetlm_parts (peft's: "peft_adapter")
+ATTACHED_ONLY = "attached only (no train config): the adapter is at its initialisation"
 
 # kind -> class with from_meta(meta, shared modules by name): the deltas and shared modules an adapter rebuilds
 adapter_modules: Registry[Any] = Registry("adapter module")
@@ -65,6 +67,8 @@ class AdapterConfig(MethodConfig):
     train: TrainConfig | None = None  # None: attach only
 
     identity_at_attach: ClassVar[bool] = True  # a freshly attached adapter leaves the outputs unchanged
+    quantises_base: ClassVar[str | None] = None  # the step quantises its base first (its base is not the input model)
+    cannot_merge: ClassVar[str | None] = None  # why `merge` would not give the trained model (None: it does)
 
     @field_validator("train")
     @classmethod
@@ -139,6 +143,10 @@ class Delta(nn.Module):
         """`base` with this delta folded in (default: ΔW added to its weight, see `fold`)."""
         return fold(base, self.delta_weight())
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [r, in], B [out, r], s) with forward(x) = s · B A x: the delta as a plain LoRA (peft's format)."""
+        raise NotImplementedError
+
     def meta(self) -> dict:
         raise NotImplementedError
 
@@ -186,6 +194,9 @@ class LoRAPair(Delta):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B.weight.float() @ self.A.weight.float()) * self.out_scale
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.A.weight.detach(), self.B.weight.detach(), self.out_scale
 
     def meta(self) -> dict:
         out_f, in_f = self.B.weight.shape[0], self.A.weight.shape[1]
@@ -275,7 +286,7 @@ def finish(handle: ModelHandle, cfg: AdapterConfig, ctx: StepContext, names: lis
         if losses:
             notes.append(f"trained {cfg.train.steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     else:
-        notes.append("attached only (no train config): the adapter is at its initialisation")
+        notes.append(ATTACHED_ONLY)
     return StepReport(cfg.method_name, cfg.model_dump(), stats=stats, notes=notes)
 
 
@@ -326,12 +337,12 @@ def merge(handle: ModelHandle) -> StepReport:
         notes = merge_peft(model)
     else:
         part = model.budgetlm_parts[PART]
-        quantised = []
+        quantised, corrections = [], []
         for name in part["modules"]:
             layer = model.get_submodule(name)
             base = layer.base_layer
-            if isinstance(base, (QuantLinear, NF4Linear)) and layer.delta.requantises_on_merge:
-                quantised.append(name)
+            if isinstance(base, (QuantLinear, NF4Linear)):
+                (quantised if layer.delta.requantises_on_merge else corrections).append(name)
             set_module(model, name, layer.delta.merge_into(base))
         for name in part["shared"]:
             parent, _, child = name.rpartition(".")
@@ -341,6 +352,11 @@ def merge(handle: ModelHandle) -> StepReport:
             notes.append(
                 f"{len(quantised)} quantised bases were dequantised, merged and re-quantised on their grids: the "
                 "accuracy before and after the merge must be measured (merge_and_compare)"
+            )
+        if corrections:
+            notes.append(
+                f"{len(corrections)} quantised bases kept their codes and store the pair as their fp16 low-rank "
+                "correction: the outputs change by the fp16 rounding of the pair"
             )
     parts = dict(model.budgetlm_parts)
     parts.pop(kind)

@@ -48,6 +48,7 @@ class LoBiLoRA(AdapterConfig, lobi.LoBi):
 
     alpha: float | None = None  # not used: the pair is applied unscaled (see the module docstring)
     identity_at_attach = False  # the quantisation changes the outputs (the pair only corrects them)
+    quantises_base = "lobi"
 
     @field_validator("rank")
     @classmethod

@@ -73,6 +73,11 @@ class XSDelta(Delta):
     def delta_weight(self) -> torch.Tensor:
         return self.B.weight.float() @ self.R.weight.float() @ self.A.weight.float() * self.scale
 
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A' = R·A (in fp64, stored fp32) and B: the same update scale · B R A as a plain LoRA."""
+        return (self.R.weight.double() @ self.A.weight.double()).float(), self.B.weight.detach(), self.scale
+
     def meta(self) -> dict:
         return {"in": self.A.in_features, "out": self.B.out_features, "r": self.r, "scale": self.scale}
 

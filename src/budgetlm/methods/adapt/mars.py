@@ -114,6 +114,13 @@ class MarsDelta(Delta):
         sh = self.shared
         return self.up.weight.float() @ self._mix_rows().float() @ sh.down.weight.float() * self.out_scale
 
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A' = M_p·D (this projection's rows of the shared mixing times the shared down-projection; fp64, stored
+        fp32) and B = U_p: the same update as a plain LoRA of rank r."""
+        a = self._mix_rows().double() @ self.shared.down.weight.double()
+        return a.float(), self.up.weight.detach(), self.out_scale
+
     def meta(self) -> dict:
         return {"shared": self.shared_name, "index": self.index, "out": self.up.out_features}
 

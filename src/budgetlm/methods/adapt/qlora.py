@@ -39,6 +39,8 @@ class _NF4Base(AdapterConfig):
     double_quant: bool = True  # 8-bit double quantisation of the absmax constants
 
     identity_at_attach = False  # the NF4 quantisation changes the outputs
+    quantises_base = "NF4"
+    cannot_merge = "merging re-rounds the trained update onto the NF4 4-bit grid, which changes the model"
 
 
 @register_method("qlora")
