@@ -64,15 +64,17 @@ def train(
     seed: int = 0,
     progress: bool = False,
     merge: bool = False,
+    force: bool = False,
 ):
     """Attach adapter `method` (or 'full' fine-tuning) with `settings`, train it with the TrainConfig `train`,
     checkpointing under out/checkpoints, and save into `out` the adapter in peft's format (`load(out)` reads it
     back onto its base), or with `merge` the merged model as a budgetlm model folder; see budgetlm.train.run.
-    Returns (handle, TrainResult, notes)."""
+    With `force`, what `out` holds (an earlier run, other files) is moved aside first. Returns (handle, TrainResult,
+    notes)."""
     from budgetlm.train.run import plan_run, train_run
 
     run = plan_run(model, method, settings or {}, train or {}, seed)
-    return train_run(run, out, resume=resume, progress=progress, merge=merge)
+    return train_run(run, out, resume=resume, progress=progress, merge=merge, force=force)
 
 
 def export(

@@ -277,7 +277,7 @@ def parse_steps(args: list[str]) -> list[dict]:
                 k, eq, v = value.partition("=")
                 if not eq or not k:
                     raise ConfigError(f"--set {value}: expected key=value, e.g. --set bits=4")
-                steps[-1][k] = yaml_load(v) if v else None
+                steps[-1][k] = _yaml_value(value, v)
         else:
             raise ConfigError(f"unexpected argument '{arg}'; use --method NAME [--set key=value ...] --out DIR")
         i += 1
@@ -340,7 +340,6 @@ def compress(
         _print_export(export_report)
 
 
-FLAG = ""  # the metavar of a boolean flag: typer 0.29 would show `<bool>` as if it took a value
 TRAIN_HELP = (
     "Train an adapter or the whole model: --method NAME (an adapter, or full) [--set key=value ...] "
     "[--set train.key=value ...] --out DIR; checkpoints go to DIR/checkpoints, the trained adapter to DIR in "
@@ -381,15 +380,16 @@ def train(
     ] = None,
     merge: Annotated[
         bool,
-        typer.Option("--merge", metavar=FLAG, help="save the merged full model (adapter folded in), not the adapter"),
+        typer.Option("--merge", help="save the merged full model (adapter folded in), not the adapter"),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", metavar=FLAG, help="continue the run in --out from its newest checkpoint")
+        bool, typer.Option("--resume", help="continue the run in --out from its newest checkpoint")
     ] = False,
     seed: Annotated[int, typer.Option(help="seeds the adapter's initialisation (the training seed is train.seed)")] = 0,
-    as_json: Annotated[
-        bool, typer.Option("--json", metavar=FLAG, help="print {phase: {metric: value}} on stdout")
+    force: Annotated[
+        bool, typer.Option("--force", help="start afresh: an earlier run or other files at --out are moved aside")
     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
 ) -> None:
     from budgetlm.api import train as run_train
     from budgetlm.results import Metric
@@ -407,13 +407,13 @@ def train(
     if train_config is not None:
         if not train_config.is_file():
             raise ConfigError(f"--train-config {train_config}: no such file")
-        base = yaml_load(train_config.read_text(encoding="utf-8")) or {}
+        base = _read_yaml(train_config, "--train-config")
         if not isinstance(base, dict):
             raise ConfigError(f"--train-config {train_config}: expected a mapping of TrainConfig keys (steps, lr, ...)")
     run = plan_run(model, method, settings, _deep_merge(base, train_settings), seed)
-    check_run(run, out, resume, merge)  # before loading or writing anything
+    check_run(run, out, resume, merge, force)  # before loading or writing anything
     _, result, notes = run_train(
-        model, method, out, settings, run.train.resolved(), resume, seed, progress=not as_json, merge=merge
+        model, method, out, settings, run.train.resolved(), resume, seed, progress=not as_json, merge=merge, force=force
     )
     losses = result.losses
     phases = {
@@ -434,6 +434,35 @@ def train(
         for note in notes:
             print(f"note: {note}")
     _print_results(phases, as_json)
+
+
+def _yaml_value(setting: str, text: str):
+    """The value of --set key=TEXT as YAML (`4` is a number, `[32, null]` a list); empty is null."""
+    import yaml
+
+    try:
+        return yaml_load(text) if text else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"--set {setting}: the value is not valid YAML; quote it, e.g. --set 'targets=[\"*proj\"]'"
+        ) from None
+
+
+def _read_yaml(path: Path, flag: str):
+    """A YAML file a user names; unreadable text or invalid YAML is a one-line ConfigError naming the file."""
+    import yaml
+
+    try:
+        return yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{flag} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{flag} {path}: invalid YAML{where}: {problem}") from None
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -16,15 +16,7 @@ corpus = sys.modules.setdefault("bad_inputs", importlib.util.module_from_spec(_s
 _spec.loader.exec_module(corpus)
 
 # cases whose fix lands with work in progress elsewhere (run them with -k to see where they stand)
-PENDING: set[str] = {
-    "budgetlm folder: a NaN weight",
-    "train: --train-config invalid YAML",
-    "train: --train-config not UTF-8",
-    "train: --out holds user files",
-    "train: --out is a file",
-    "train: --out .",
-    "train: missing model",
-}
+PENDING: set[str] = set()
 
 
 @pytest.fixture(scope="module", autouse=True)

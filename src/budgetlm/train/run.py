@@ -98,26 +98,30 @@ def plan_run(model: str, method: str, settings: dict, train: dict | TrainConfig,
     return TrainRun(str(model), method, config, cfg, seed)
 
 
-def check_run(run: TrainRun, out: Path, resume: bool, merge: bool = False) -> None:
+def check_run(run: TrainRun, out: Path, resume: bool, merge: bool = False, force: bool = False) -> None:
     """Everything that can be refused before a file is written or the model loads (see the module docstring)."""
-    check_out_dir(run, out, resume)
+    check_out_dir(run, out, resume, force)
     if merge:
         check_merge(run)
 
 
-def check_out_dir(run: TrainRun, out: Path, resume: bool) -> None:
-    """Refuse an out path that is a file, a folder of files budgetlm train did not write, or a folder that holds
-    another run (or any checkpoints without resume)."""
+def check_out_dir(run: TrainRun, out: Path, resume: bool, force: bool = False) -> None:
+    """The out folder must be new, empty or an earlier run (utils.check_output: never a file, the current folder or
+    a folder of other files, unless `force` moves it aside); an earlier run is continued only with `resume` (from
+    the same config) and started afresh only with `force`."""
+    from budgetlm.utils import check_output
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the run (a new one, or a run to --resume)")
-    if out.is_dir() and not (out / RUN_FILE).is_file() and any(out.iterdir()):
+    if resume and force:
+        raise ConfigError("--resume continues the run in --out and --force moves it aside to start afresh; pass one")
+    ours = check_output(out, "a training run", marker=RUN_FILE, force=force, resume=True)
+    if ours and not resume and not force:
         raise ConfigError(
-            f"--out {out} holds files that budgetlm train did not write (it has no {RUN_FILE}); use a new or empty "
-            "folder"
+            f"--out {out} holds a training run; pass --resume to continue it, --force to start afresh (the old run is "
+            "moved aside), or choose another --out"
         )
-    if not resume and ckpt.list_checkpoints(out):
-        raise ConfigError(f"{out} already holds checkpoints of a run; pass --resume to continue it or use a new --out")
+    if force:
+        return
     saved = out / RUN_FILE
     if resume and saved.is_file():
         diffs = ckpt.config_differences(json.loads(saved.read_text()), run.to_dict())
@@ -188,14 +192,23 @@ def prepare(handle: ModelHandle, run: TrainRun, progress: bool = False) -> list[
 
 
 def train_run(
-    run: TrainRun, out: str | Path, resume: bool = False, progress: bool = True, merge: bool = False
+    run: TrainRun,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    merge: bool = False,
+    force: bool = False,
 ) -> tuple[ModelHandle, TrainResult, list[str]]:
     """Load, prepare, train with checkpoints under out/checkpoints, save the adapter (or, with merge, the merged
-    model) into out. Returns (handle, result, notes: what trained, what ran, what was saved where, how to load)."""
+    model) into out. Returns (handle, result, notes: what trained, what ran, what was saved where, how to load).
+    With `force`, whatever is in out (an earlier run, other files) is first moved aside, never deleted."""
     from budgetlm.models.sources import load
+    from budgetlm.utils import move_aside
 
     out = Path(out)
-    check_run(run, out, resume, merge)
+    check_run(run, out, resume, merge, force)
+    if force and out.is_dir() and any(out.iterdir()):
+        move_aside(out)
     created = None if out.exists() else out
     if created is None and not (out / RUN_FILE).exists():
         created = out / RUN_FILE
