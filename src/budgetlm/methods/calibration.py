@@ -92,8 +92,7 @@ class LayerwiseCalibration:
     ):
         tokens = require_calibration(tokens, method)
         self.model = model
-        # progress: a bar (a line per layer off a terminal) titled `title` (default: the method) while layers() runs
-        self.progress, self.title = progress, title or method
+        self.progress, self.title = progress, title or method  # a bar titled `title` while layers() runs
         self._bar: Progress | None = None
         # compute_dtype (e.g. torch.bfloat16): the layer passes run their matmuls under CPU autocast in that
         # dtype (activations between layers stay in the model's dtype); much faster where the CPU runs bf16
@@ -160,14 +159,13 @@ class LayerwiseCalibration:
         return self._kwargs[(index, batch_size)]
 
     def layers(self, last: int | None = None) -> Iterator[tuple[int, nn.Module]]:
-        """(index, layer) in order up to layer `last` (default: every layer); the caller changes the layer and
-        calls `advance` before the next one. A layer counts as done (progress) when the caller asks for the next
-        one. Between layers the heap freed by the last one is returned to the OS (else the RSS creeps up layer by
-        layer), after collecting the young generations only: cycles made while calibrating are young, and a full
-        collection of a process holding a loaded model, tokenizer and libraries takes 0.3-0.4 s, 10 s over 30
-        layers. While the layers run, buffers of 1 MiB and more are mapped one by one
-        (hardware.memory.mapped_large_buffers), so the activations a pass frees leave the RSS at once instead of
-        as holes in the heap."""
+        """(index, layer) up to layer `last` (default: all); the caller changes the layer and calls `advance`
+        before the next one (a layer counts as done, for progress, when the next one is asked for). Between layers
+        the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer), after
+        collecting the young generations only: cycles made while calibrating are young, and a full collection of
+        a process holding a loaded model, tokenizer and libraries takes 0.3-0.4 s, 10 s over 30 layers. While the
+        layers run, buffers of 1 MiB and more are mapped one by one (hardware.memory.mapped_large_buffers), so the
+        activations a pass frees leave the RSS at once instead of as holes in the heap."""
         n = len(self.blocks) if last is None else last + 1
         with mapped_large_buffers(), Progress(self.title, n, enabled=self.progress, throttled=True) as bar:
             self._bar = bar
