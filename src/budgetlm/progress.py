@@ -108,6 +108,7 @@ class Progress:
         self.throttled, self.every, self.transient = throttled, max(1, every), transient
         self.started, self._start_count = _now(), completed
         self.mode = "off" if not enabled else "relay" if _relay is not None else "bar" if on_terminal() else "lines"
+        self._sink = _relay  # kept: a line the timer writes late still goes where this Progress was made to write
         self._task = None
         if self.mode == "bar":
             self._open_bar()
@@ -177,7 +178,7 @@ class Progress:
 
     def _write(self, text: str) -> None:
         if self.mode == "relay":
-            _relay(text)
+            self._sink(text)
         else:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
