@@ -111,6 +111,16 @@ def test_throttled_lines_wait_their_turn_and_the_newest_wins(capsys, clock, sche
     ]
 
 
+def test_the_timer_writes_the_waiting_line(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "MIN_INTERVAL", 0.5)
+    monkeypatch.setattr(progress, "_last_line", float("-inf"))
+    with Progress("lobi", 2, throttled=True) as p:
+        p.status("layer 1/2: 8 candidate grids")
+        p.status("layer 1/2: the long part")  # within 0.5 s of the first: waits for the timer
+        progress._timer.join()  # the timer thread writes it (no sleeping, no timing assertion)
+        assert err_lines(capsys) == ["lobi: layer 1/2: 8 candidate grids", "lobi: layer 1/2: the long part"]
+
+
 def test_a_closed_progress_drops_its_waiting_line(capsys, clock, scheduled):
     with Progress("rtn", 5, throttled=True) as p:
         p.advance("a")
