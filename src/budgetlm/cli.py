@@ -65,9 +65,12 @@ ModelArg = Annotated[str, typer.Argument(help="bundled name (see `budgetlm model
 
 
 def _console():
+    """Console for results on stdout: on a terminal its width; in a file or a pipe wide enough that no table is
+    cut or wrapped (rich would assume 80 columns). Progress goes to stderr (budgetlm.progress)."""
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    return console if console.is_terminal else Console(width=100_000)
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -198,7 +201,7 @@ def eval_cmd(
             out_dir=folder,
             data_dir=data_dir,
             batch_size=batch_size,
-            progress=not as_json,
+            progress=True,  # on stderr: stdout stays the table or the --json document
         )
     _print_results(results, as_json)
 
@@ -242,7 +245,7 @@ def bench(
             handle = load(model)
         model_folder = model if Path(model).is_dir() else None
         with PeakRSS("benchmark") as rss_bench:
-            results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=model_folder)
+            results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=model_folder, progress=True)
         results["memory"] = {
             "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
             "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from budgetlm.data.tasks import tasks as task_registry
@@ -22,6 +23,7 @@ from budgetlm.data.tasks.base import Item, Task, TaskContext
 from budgetlm.errors import BudgetLMError, DataError
 from budgetlm.models.handle import ModelHandle
 from budgetlm.models.lm import HFLM
+from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
 from budgetlm.results import Metric
 from budgetlm.utils import atomic_write_json, atomic_write_jsonl
 
@@ -64,23 +66,38 @@ def reference_path(ref_dir: Path, task: Task, items: list[Item]) -> Path:
     return ref_dir / f"{task.name}-{digest}"
 
 
-def ensure_reference(task: Task, lm: HFLM, items: list[Item], ctx: TaskContext, path: Path) -> None:
+def ensure_reference(
+    task: Task, lm: HFLM, items: list[Item], ctx: TaskContext, path: Path, status: Callable[[str], None] | None = None
+) -> None:
     """The base model's outputs for these items: written by this model if it is the base, otherwise by a
-    separate process that loads the base, so two models never sit in memory together."""
+    separate process that loads the base, so two models never sit in memory together. `status` hears what is
+    being done, including the separate process's progress lines."""
+    status = status or (lambda _text: None)
     if path.exists() or any(path.parent.glob(path.name + ".*")):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     if ctx.is_base:
+        status(f"{task.name}: writing the base model's reference (this model is the base)")
         task.write_reference(lm, items, path)
         return
+    status(f"{task.name}: computing the base model's reference with {ctx.base_id} (separate process)")
     ids_file = path.parent / f".{path.name}.ids.json"
     ids_file.write_text(json.dumps([it.id for it in items]))
     cmd = [sys.executable, "-m", "budgetlm.evaluation.reference", ctx.base_id, task.name, str(path), str(ids_file)]
     cmd += ["--seed", str(ctx.seed)] + (["--data-dir", str(ctx.data_dir)] if ctx.data_dir else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    ids_file.unlink(missing_ok=True)
+    tail: list[str] = []
+    try:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line.startswith(PROGRESS_PREFIX):
+                    status(f"{task.name}: base-model reference: {line[len(PROGRESS_PREFIX) :]}")
+                elif line.strip():
+                    tail = [*tail[-4:], line]
+    finally:
+        ids_file.unlink(missing_ok=True)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = tail[-1] if tail else "no output"
         raise BudgetLMError(f"could not compute the base model's reference for {task.name} ({ctx.base_id}): {last}")
 
 
@@ -110,34 +127,34 @@ def evaluate(
     lm = HFLM(handle, batch_size=batch_size)
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
-    bar = _Progress(progress, len(resolved))
-    for task in resolved:
-        bar.start(task.name)
-        t0 = time.perf_counter()
-        data = task.load(ctx)
-        if not data.items:
-            raise DataError(f"task '{task.name}' has no items ({data.source}); check the data file")
-        items = sample_items(data.items, limit, seed)
-        task_ctx = TaskContext(**{**ctx.__dict__, "extra": {}})
-        if getattr(task, "needs_reference", False):
-            path = reference_path(ref_dir, task, items)
-            ensure_reference(task, lm, items, task_ctx, path)
-            task_ctx.extra["reference"] = path
-        res = task.run(lm, items, task_ctx)
-        seconds = time.perf_counter() - t0
-        for m in res.metrics.values():
-            m.extra = {
-                **m.extra,
-                "data": data.source,
-                "items_used": len(items),
-                "items_available": len(data.items),
-                "sampling": f"seed {seed}, stratified by label" if limit and limit < len(data.items) else "all",
-            }
-        res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
-        results[task.name] = res.metrics
-        records[task.name] = res.records
-        bar.done()
-    bar.close()
+    with Progress("eval", len(resolved), enabled=progress) as bar:
+        for task in resolved:
+            bar.status(f"{task.name}: loading the items", line=False)  # a bad data file: its error, no line
+            t0 = time.perf_counter()
+            data = task.load(ctx)
+            if not data.items:
+                raise DataError(f"task '{task.name}' has no items ({data.source}); check the data file")
+            items = sample_items(data.items, limit, seed)
+            task_ctx = TaskContext(**{**ctx.__dict__, "extra": {}})
+            if getattr(task, "needs_reference", False):
+                path = reference_path(ref_dir, task, items)
+                ensure_reference(task, lm, items, task_ctx, path, bar.status)
+                task_ctx.extra["reference"] = path
+            bar.status(f"{task.name}: scoring {len(items)} items")
+            res = task.run(lm, items, task_ctx)
+            seconds = time.perf_counter() - t0
+            for m in res.metrics.values():
+                m.extra = {
+                    **m.extra,
+                    "data": data.source,
+                    "items_used": len(items),
+                    "items_available": len(data.items),
+                    "sampling": f"seed {seed}, stratified by label" if limit and limit < len(data.items) else "all",
+                }
+            res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
+            results[task.name] = res.metrics
+            records[task.name] = res.records
+            bar.advance(f"{task.name} done in {duration(seconds)}")
     if out_dir is not None:
         write_outputs(Path(out_dir), results, records)
     return results
@@ -147,28 +164,3 @@ def write_outputs(out: Path, results: dict[str, dict[str, Metric]], records: dic
     for name, recs in records.items():
         atomic_write_jsonl(out / "items" / f"{name}.jsonl", recs)
     atomic_write_json(out / "eval.json", {t: {m: v.to_dict() for m, v in ms.items()} for t, ms in results.items()})
-
-
-class _Progress:
-    """A rich progress bar over tasks, only on a terminal."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("evaluating", total=total)
-
-    def start(self, name: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=f"evaluating {name}")
-
-    def done(self) -> None:
-        if self.bar:
-            self.bar.advance(self.task)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.stop()

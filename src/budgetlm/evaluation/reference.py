@@ -1,5 +1,7 @@
 """Compute the base model's reference outputs for one task in a process of its own:
-python -m budgetlm.evaluation.reference BASE TASK PATH IDS_JSON [--seed S] [--data-dir D]"""
+python -m budgetlm.evaluation.reference BASE TASK PATH IDS_JSON [--seed S] [--data-dir D]
+
+What it is doing goes to stderr as "progress: ..." lines, which the evaluation relays to its own progress."""
 
 from __future__ import annotations
 
@@ -24,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     from budgetlm.data.tasks.base import TaskContext
     from budgetlm.models.lm import HFLM
     from budgetlm.models.sources import load
+    from budgetlm.progress import relay_lines, say
 
     try:
         task = tasks.get(a.task)
         ctx = TaskContext(seed=a.seed, data_dir=Path(a.data_dir) if a.data_dir else None, is_base=True)
         by_id = {it.id: it for it in task.load(ctx).items}
         items = [by_id[i] for i in json.loads(Path(a.ids).read_text())]
+        say(f"loading {a.base}", sys.stderr)
         handle = load(a.base)
-        task.write_reference(HFLM(handle), items, Path(a.path))
+        say(f"scoring {len(items)} items with {a.base}", sys.stderr)
+        with relay_lines(sys.stderr):
+            task.write_reference(HFLM(handle), items, Path(a.path))
     except (BudgetLMError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ Reads CELL_DIR/config.json (written by the driver), then
   bench  size, prefill and decode speed, energy          (peak RSS "benchmark")
 and writes env.json, steps.json and finally result.json = {"phases": {task_or_phase: {metric: Metric}}}
 (atomically, last: a cell folder without result.json is unfinished). The driver alone writes the store.
-Progress goes to stdout as "status: ..." lines; a failure ends with one "error: ..." line on stderr.
+Progress goes to stdout as "status: ..." lines (the phases) and "progress: ..." lines (layers, tasks, benchmark
+runs); a failure ends with one "error: ..." line on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from budgetlm.errors import BudgetLMError
+from budgetlm.progress import relay_lines
 from budgetlm.results import Metric
 from budgetlm.utils import atomic_write_json
 
@@ -30,11 +32,13 @@ CONFIG = "config.json"
 
 
 def status(text: str) -> None:
-    print(f"status: {text}", flush=True)
+    sys.stdout.write(f"status: {text}\n")  # one write: progress lines come from a timer thread too
+    sys.stdout.flush()
 
 
-def run_cell(cell_dir: Path) -> dict:
-    """Run the cell described by cell_dir/config.json; returns what it writes to result.json."""
+def run_cell(cell_dir: Path, progress: bool = False) -> dict:
+    """Run the cell described by cell_dir/config.json; returns what it writes to result.json. `progress`: the
+    steps, the evaluation and the benchmark report their progress (main() relays it as "progress: ..." lines)."""
     cell_dir = Path(cell_dir)
     cfg = read_config(cell_dir)
 
@@ -57,7 +61,7 @@ def run_cell(cell_dir: Path) -> dict:
         reports = []
         if cfg["steps"]:
             status(f"applying {' -> '.join(s['method'] for s in cfg['steps'])}")
-            reports = apply_steps(handle, cfg["steps"], StepContext(seed=cfg["seed"], progress=False))
+            reports = apply_steps(handle, cfg["steps"], StepContext(seed=cfg["seed"], progress=progress))
     memory["peak_rss_load"] = peak.metric()
     seconds["seconds_load"] = Metric(time.perf_counter() - t0, unit="s")
     step_dicts = [r.to_dict() for r in reports]
@@ -87,7 +91,7 @@ def run_cell(cell_dir: Path) -> dict:
                 reference_dir=reference_dir,
                 out_dir=cell_dir,
                 batch_size=cfg["eval_batch_size"],
-                progress=False,
+                progress=progress,
             )
         memory["peak_rss_evaluation"] = peak.metric()
         seconds["seconds_evaluation"] = Metric(time.perf_counter() - t0, unit="s")
@@ -107,6 +111,7 @@ def run_cell(cell_dir: Path) -> dict:
                 repeats=bench["repeats"],
                 warmup=bench["warmup"],
                 folder=model_folder,
+                progress=progress,
             )
         memory["peak_rss_benchmark"] = peak.metric()
         seconds["seconds_benchmark"] = Metric(time.perf_counter() - t0, unit="s")
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: usage: python -m budgetlm.experiments.cell CELL_DIR (a folder with {CONFIG})", file=sys.stderr)
         return 2
     try:
-        run_cell(Path(argv[0]))
+        with relay_lines():  # the layers, tasks and benchmark runs, as "progress: ..." lines for the driver
+            run_cell(Path(argv[0]), progress=True)
     except BudgetLMError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -32,6 +32,7 @@ from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
 LOCK = ".lock"
@@ -189,6 +190,8 @@ def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
                 line = line.strip()
                 if line.startswith("status: "):
                     on_status(line[len("status: ") :])
+                elif line.startswith(PROGRESS_PREFIX):  # the cell's work in detail (a layer, a task, a phase)
+                    on_status(line[len(PROGRESS_PREFIX) :])
                 elif line.startswith("error: "):
                     last_error = line[len("error: ") :]
                 if line:
@@ -303,51 +306,34 @@ def update_recovery(store: st.Store, cells: list[Cell], model: str) -> None:
 
 
 class _Display:
-    """A rich bar over the cells and a status line for the running one, only on a terminal."""
+    """Progress over the cells (budgetlm.progress, on stderr): on a terminal a bar whose description follows the
+    running cell (its phase and, relayed from the cell's process, its layer, task or benchmark run) and a line
+    per finished cell; elsewhere a plain line per cell start and finish and per status of the running cell."""
 
     def __init__(self, total: int, completed: int, enabled: bool):
-        self.enabled = enabled and sys.stdout.isatty()
-        self.total, self.completed = total, completed
-        self.progress = None
+        self.total, self.completed, self.enabled = total, completed, enabled
+        self.bar: Progress | None = None
 
     def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(),
-            )  # fmt: skip
-            self.progress.__enter__()
-            self.task = self.progress.add_task("cells", total=self.total, completed=self.completed)
+        self.bar = Progress("run", self.total, enabled=self.enabled, completed=self.completed, transient=False)
         return self
 
     def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.update(self.task, description="cells")
-            self.progress.__exit__(*exc)
+        self.bar.status("finished" if exc[0] is None else "stopped", line=False)
+        self.bar.close()
 
     def start(self, cell: Cell) -> None:
         self.cell = cell
-        self.status("starting")
+        self.number = self.bar.completed + 1
+        self.bar.status(f"cell {self.number}/{self.total} {cell.label}: started")
 
     def status(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, description=f"{self.cell.label}: {text}")
+        if text != "done":  # the cell's last status: finish() says it with the time
+            self.bar.status(f"cell {self.number}/{self.total} {self.cell.label}: {text}")
 
     def finish(self, cell: Cell, error: str | None, seconds: float) -> None:
-        if self.progress is None:
-            return
-        mark = "[green]done[/]" if error is None else f"[red]failed[/]: {error}"
-        self.progress.console.print(f"{cell.label} {mark} ({seconds:.0f} s)", highlight=False)
-        self.progress.advance(self.task)
+        outcome = "done" if error is None else f"failed: {error}"
+        self.bar.advance(f"cell {self.number}/{self.total} {cell.label}: {outcome} in {duration(seconds)}", log=True)
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from budgetlm.hardware.energy import energy_available
 from budgetlm.hardware.host import cpu_profile, decode_roofline_ms, memory_bandwidth
 from budgetlm.hardware.size import model_size
 from budgetlm.hardware.speed import context_limit, decode_speed, prefill_speed, summarize
+from budgetlm.progress import Progress
 from budgetlm.results import Metric
 
 
@@ -54,62 +56,82 @@ def measure(
     decode_prompt: int = 32,
     seed: int = 0,
     energy: bool = True,
+    progress: bool = False,
 ) -> dict[str, dict[str, Metric]]:
-    """Size, host bandwidth, prefill/decode speed (with % of roofline) and, where RAPL is readable, energy."""
+    """Size, host bandwidth, prefill/decode speed (with % of roofline) and, where RAPL is readable, energy.
+    `progress`: a bar, e.g. "bench: prefill 512 tokens, repeat 2/3" (off a terminal a line per phase and run, at
+    most one a second)."""
     model = _module(handle)
     limit = context_limit(model)
-    size = model_size(handle, folder)
-    bw = memory_bandwidth()
-    host = {"mem_bandwidth_gb_s": bw}
-    host["mem_bandwidth_gb_s"].extra["cpu"] = cpu_profile()
+    lengths = prefill_lengths(prefill, limit)
+    joule = " + RAPL energy" if energy and energy_available()[0] else ""
+    with Progress("bench", 3 + len(lengths), enabled=progress, throttled=True) as bar:
+        bar.status("size of the weights")
+        size = model_size(handle, folder)
+        bar.advance("size done")
+        bar.status("host memory bandwidth")
+        bw = memory_bandwidth()
+        host = {"mem_bandwidth_gb_s": bw}
+        host["mem_bandwidth_gb_s"].extra["cpu"] = cpu_profile()
+        bar.advance("host memory bandwidth done")
 
-    speed: dict[str, Metric] = {}
-    joules: dict[str, Metric] = {}
-    for used, asked in prefill_lengths(prefill, limit):
-        m = prefill_speed(model, used, repeats, warmup, seed=seed, energy=energy)
-        if used != asked:
-            m.extra["requested"] = asked
-        speed[f"prefill_tok_s@{used}"] = m
-        if "joules_per_token" in m.extra:
-            joules[f"prefill_j_per_token@{used}"] = _energy_metric(m)
+        speed: dict[str, Metric] = {}
+        joules: dict[str, Metric] = {}
+        for used, asked in lengths:
+            what = f"prefill {used} tokens{joule}"
+            m = prefill_speed(model, used, repeats, warmup, seed=seed, energy=energy, status=_say(bar, what))
+            bar.advance(f"{what} done")
+            if used != asked:
+                m.extra["requested"] = asked
+            speed[f"prefill_tok_s@{used}"] = m
+            if "joules_per_token" in m.extra:
+                joules[f"prefill_j_per_token@{used}"] = _energy_metric(m)
 
-    prompt = max(1, min(decode_prompt, limit - decode_tokens)) if limit else decode_prompt
-    dec = decode_speed(model, decode_tokens, prompt, repeats, warmup, seed=seed, energy=energy)
-    speed["decode_ms_per_token"] = dec
-    tok_s = summarize([1e3 / ms for ms in dec.extra["repeats"]])
-    speed["decode_tok_s"] = Metric(
-        tok_s["mean"],
-        stderr=tok_s["stderr"],
-        n=dec.n,
-        unit="tok/s",
-        extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
-    )
-    read = size["read_bytes_per_token"].value
-    roof = decode_roofline_ms(read, bw.value)
-    speed["decode_roofline_ms"] = Metric(
-        roof,
-        unit="ms/token",
-        source="projected",
-        extra={"bytes_per_token": read, "bandwidth_gb_s": bw.value, "formula": "read_bytes_per_token / bandwidth"},
-    )
-    speed["decode_pct_roofline"] = Metric(
-        roof / dec.value * 100,
-        n=dec.n,
-        unit="%",
-        extra={
-            "median": roof / dec.extra["median"] * 100,
-            "roofline_ms": roof,
-            "decode_ms_per_token": dec.value,
-            "loadavg": list(os.getloadavg()),
-        },
-    )
-    if "joules_per_token" in dec.extra:
-        joules["decode_j_per_token"] = _energy_metric(dec)
+        prompt = max(1, min(decode_prompt, limit - decode_tokens)) if limit else decode_prompt
+        what = f"decode {decode_tokens} tokens after a {prompt}-token prompt{joule}"
+        dec = decode_speed(
+            model, decode_tokens, prompt, repeats, warmup, seed=seed, energy=energy, status=_say(bar, what)
+        )
+        bar.advance(f"{what} done")
+        speed["decode_ms_per_token"] = dec
+        tok_s = summarize([1e3 / ms for ms in dec.extra["repeats"]])
+        speed["decode_tok_s"] = Metric(
+            tok_s["mean"],
+            stderr=tok_s["stderr"],
+            n=dec.n,
+            unit="tok/s",
+            extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
+        )
+        read = size["read_bytes_per_token"].value
+        roof = decode_roofline_ms(read, bw.value)
+        speed["decode_roofline_ms"] = Metric(
+            roof,
+            unit="ms/token",
+            source="projected",
+            extra={"bytes_per_token": read, "bandwidth_gb_s": bw.value, "formula": "read_bytes_per_token / bandwidth"},
+        )
+        speed["decode_pct_roofline"] = Metric(
+            roof / dec.value * 100,
+            n=dec.n,
+            unit="%",
+            extra={
+                "median": roof / dec.extra["median"] * 100,
+                "roofline_ms": roof,
+                "decode_ms_per_token": dec.value,
+                "loadavg": list(os.getloadavg()),
+            },
+        )
+        if "joules_per_token" in dec.extra:
+            joules["decode_j_per_token"] = _energy_metric(dec)
 
-    out = {"size": size, "host": host, "speed": speed}
-    if joules:
-        out["energy"] = joules
-    return out
+        out = {"size": size, "host": host, "speed": speed}
+        if joules:
+            out["energy"] = joules
+        return out
+
+
+def _say(bar: Progress, what: str):
+    return lambda text: bar.status(f"{what}, {text}")
 
 
 def _energy_metric(m: Metric) -> Metric:

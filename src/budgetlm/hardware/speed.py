@@ -20,6 +20,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -28,6 +29,10 @@ from budgetlm.hardware.contention import usable_cpus
 from budgetlm.hardware.energy import EnergyMeter
 from budgetlm.hardware.host import cpu_model
 from budgetlm.results import Metric
+
+
+def _quiet(_text: str) -> None:
+    pass
 
 
 def _module(model) -> torch.nn.Module:
@@ -152,8 +157,11 @@ def prefill_speed(
     batch_size: int = 1,
     seed: int = 0,
     energy: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> Metric:
-    """Prefill throughput in tokens/s (batch_size x n_tokens per pass)."""
+    """Prefill throughput in tokens/s (batch_size x n_tokens per pass). `status` hears "warm-up 1/1",
+    "repeat 2/3" before each run (outside the timed region)."""
+    status = status or _quiet
     model = _module(model)
     _check(n_tokens, "prefill length", context_limit(model))
     ids = _tokens(model, batch_size, n_tokens, seed)
@@ -161,9 +169,11 @@ def prefill_speed(
     info = run_info(model, batch_size)
     rates, meters = [], []
     with _gc_paused():
-        for _ in range(warmup):
+        for w in range(warmup):
+            status(f"warm-up {w + 1}/{warmup}")
             model(input_ids=ids, use_cache=True, **kw)
-        for _ in range(repeats):
+        for r in range(repeats):
+            status(f"repeat {r + 1}/{repeats}")
             meter = EnergyMeter() if energy else None
             with meter or nullcontext():
                 t0 = time.perf_counter()
@@ -186,8 +196,11 @@ def decode_speed(
     *,
     seed: int = 0,
     energy: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> Metric:
-    """Greedy decode latency in ms per token at batch 1 with a KV cache; only the decode steps are timed."""
+    """Greedy decode latency in ms per token at batch 1 with a KV cache; only the decode steps are timed.
+    `status` hears "warm-up 1/1", "repeat 2/3" before each run (outside the timed region)."""
+    status = status or _quiet
     model = _module(model)
     _check(n_new, "decode tokens", None)
     _check(prompt_len + n_new, "prompt + decode tokens", context_limit(model))
@@ -212,9 +225,11 @@ def decode_speed(
 
     per_token, all_steps, meters = [], [], []
     with _gc_paused():
-        for _ in range(warmup):
+        for w in range(warmup):
+            status(f"warm-up {w + 1}/{warmup}")
             one_run(None)
-        for _ in range(repeats):
+        for r in range(repeats):
+            status(f"repeat {r + 1}/{repeats}")
             meter = EnergyMeter() if energy else None
             ms, steps = one_run(meter)
             if meter is not None:

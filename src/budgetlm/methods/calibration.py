@@ -35,6 +35,7 @@ from torch import nn
 
 from budgetlm.errors import ConfigError, ModelError
 from budgetlm.hardware.memory import mapped_large_buffers, release_freed_heap
+from budgetlm.progress import Progress
 
 
 class _Stop(Exception):
@@ -86,9 +87,13 @@ class LayerwiseCalibration:
         batch_size: int = 8,
         method: str = "calibration",
         compute_dtype: torch.dtype | None = None,
+        progress: bool = False,
+        title: str | None = None,
     ):
         tokens = require_calibration(tokens, method)
         self.model = model
+        self.progress, self.title = progress, title or method  # a bar titled `title` while layers() runs
+        self._bar: Progress | None = None
         # compute_dtype (e.g. torch.bfloat16): the layer passes run their matmuls under CPU autocast in that
         # dtype (activations between layers stay in the model's dtype); much faster where the CPU runs bf16
         # natively (AMX, AVX-512 bf16), at the cost of rounding the activations the statistics are taken from
@@ -153,20 +158,33 @@ class LayerwiseCalibration:
     def kwargs(self, index: int, batch_size: int) -> dict:
         return self._kwargs[(index, batch_size)]
 
-    def layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """(index, layer) in order; the caller changes the layer and calls `advance` before the next one. Between
-        layers the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer), after
+    def layers(self, last: int | None = None) -> Iterator[tuple[int, nn.Module]]:
+        """(index, layer) up to layer `last` (default: all); the caller changes the layer and calls `advance`
+        before the next one (a layer counts as done, for progress, when the next one is asked for). Between layers
+        the heap freed by the last one is returned to the OS (else the RSS creeps up layer by layer), after
         collecting the young generations only: cycles made while calibrating are young, and a full collection of
         a process holding a loaded model, tokenizer and libraries takes 0.3-0.4 s, 10 s over 30 layers. While the
         layers run, buffers of 1 MiB and more are mapped one by one (hardware.memory.mapped_large_buffers), so the
         activations a pass frees leave the RSS at once instead of as holes in the heap."""
-        with mapped_large_buffers():
-            for i, layer in enumerate(self.blocks):
-                if i:
-                    gc.collect(1)
-                    release_freed_heap()
-                self._index = i
-                yield i, layer
+        n = len(self.blocks) if last is None else last + 1
+        with mapped_large_buffers(), Progress(self.title, n, enabled=self.progress, throttled=True) as bar:
+            self._bar = bar
+            try:
+                for i, layer in enumerate(self.blocks[:n]):
+                    if i:
+                        gc.collect(1)
+                        release_freed_heap()
+                    self._index = i
+                    bar.status(f"layer {i + 1}/{n}", line=False)  # off a terminal: the method's own steps
+                    yield i, layer
+                    bar.advance(f"layer {i + 1}/{n} done")
+            finally:
+                self._bar = None
+
+    def status(self, text: str) -> None:
+        """Say what is being done to the current layer (e.g. "column sweep"): "gptq: layer 7/30: column sweep"."""
+        if self._bar is not None:
+            self._bar.status(f"layer {self._index + 1}/{self._bar.total}: {text}")
 
     def compute(self) -> contextlib.AbstractContextManager:
         """The context the layer passes run in: autocast to compute_dtype, or nothing."""

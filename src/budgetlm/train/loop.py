@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,11 +44,13 @@ import torch.nn.functional as F
 
 from budgetlm.errors import ConfigError, DataError
 from budgetlm.models.handle import ModelHandle
+from budgetlm.progress import Progress
 from budgetlm.train import checkpoint as ckpt
 from budgetlm.train.config import TrainConfig, lr_factor
 from budgetlm.train.data import IGNORE, DataOrder, TrainData, build_data, collate
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+LINES_PER_RUN = 20  # off a terminal, progress writes a line every steps/LINES_PER_RUN steps (and at the end)
 
 
 @dataclass
@@ -133,28 +134,6 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> t
         if g["params"]
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
-class _Bar:
-    """A rich progress bar with the loss, only on a terminal."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self.bar = Progress(*cols, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("training", total=total, completed=done)
-
-    def update(self, loss: float, lr: float) -> None:
-        if self.bar:
-            self.bar.update(self.task, advance=1, description=f"training loss {loss:.4f} lr {lr:.2e}")
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.stop()
 
 
 def _evaluate(handle: ModelHandle, cfg: TrainConfig, step: int) -> dict:
@@ -244,7 +223,10 @@ def fit(
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    bar = _Bar(progress, cfg.steps, step)
+    # a bar with the loss on a terminal; elsewhere a line every steps/LINES_PER_RUN steps, at most one a second
+    bar = Progress(
+        "train", cfg.steps, enabled=progress, completed=step, throttled=True, every=cfg.steps // LINES_PER_RUN
+    )
     resumed_from = step if start is not None else None
     try:
         with PeakRSS("train") as mem:
@@ -265,7 +247,7 @@ def fit(
                 seconds = time.perf_counter() - t0
                 for key, val in zip(history, (loss, lr, norm, seconds)):
                     history[key].append(val)
-                bar.update(loss, lr)
+                bar.advance(f"step {step}: loss {loss:.4f}, lr {lr:.2e}")
                 if cfg.eval_tasks and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     evals[step] = _evaluate(handle, cfg, step)
                 written = None

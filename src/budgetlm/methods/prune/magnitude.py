@@ -26,6 +26,7 @@ from budgetlm.methods.prune.common import (
     store_pruned,
 )
 from budgetlm.models.handle import ModelHandle
+from budgetlm.progress import track
 
 
 @register_method("magnitude")
@@ -70,7 +71,7 @@ def apply(handle: ModelHandle, cfg: Magnitude, ctx: StepContext) -> StepReport:
     if cfg.scope == "global":
         masks = global_masks({n: lin.weight.detach().abs().float() for n, lin in targets}, cfg.sparsity)
     stats = {}
-    for name, lin in targets:
+    for name, lin in track(targets, "magnitude", label=lambda _, t: t[0], enabled=ctx.progress, throttled=True):
         w = lin.weight.detach()
         mask = masks.pop(name) if masks is not None else prune_mask(w.abs().float(), cfg)
         layer = store_pruned(model, name, w.masked_fill(mask, 0), lin.bias, cfg)

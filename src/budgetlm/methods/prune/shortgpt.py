@@ -102,10 +102,14 @@ def layers_to_remove(cfg: ShortGPT, n_total: int) -> int:
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def block_influence(
+    model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
     """BI_i = 1 − mean over the calibration tokens of cos(x_in, x_out) for every decoder layer i (float64 [L]),
     from one layer-by-layer pass of `tokens` through the unchanged model."""
-    cal = LayerwiseCalibration(model, tokens, batch_size=batch_size, method="shortgpt")
+    cal = LayerwiseCalibration(
+        model, tokens, batch_size=batch_size, method="shortgpt", progress=progress, title="shortgpt block influence"
+    )
     out = torch.empty(len(cal.blocks), dtype=torch.float64)
     for i, layer in cal.layers():
         outputs = cal.run(layer)
@@ -189,7 +193,7 @@ def apply(handle: ModelHandle, cfg: ShortGPT, ctx: StepContext) -> StepReport:
     model = handle.model
     n_total, n_remove, candidates = removable(cfg, model)
     prefixes = [layer_prefix(model, i) for i in range(n_total)]
-    bi = block_influence(model, ctx.calibration(handle.tokenizer))
+    bi = block_influence(model, ctx.calibration(handle.tokenizer), progress=ctx.progress)
     ranked = sorted(candidates, key=lambda i: (float(bi[i]), i))  # lowest BI first, ties to the lower index
     removed = sorted(ranked[:n_remove])
     previous = list(getattr(model.config.get_text_config(decoder=True), REMOVED_KEY, None) or [])

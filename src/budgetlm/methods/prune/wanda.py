@@ -53,11 +53,11 @@ def apply(handle: ModelHandle, cfg: Wanda, ctx: StepContext) -> StepReport:
     del targets
     tokens = require_calibration(ctx.calibration(handle.tokenizer), "wanda")
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
-    cal = LayerwiseCalibration(model, tokens, method="wanda")
+    cal = LayerwiseCalibration(model, tokens, method="wanda", progress=ctx.progress)
 
     stats: dict[str, dict] = {}
     never: list[str] = []
-    for i, layer in cal.layers():
+    for i, layer in cal.layers(last):
         mods = per_layer[i][1]
         if mods:
             norms = cal.collect(layer, mods, NormStat)
@@ -71,10 +71,6 @@ def apply(handle: ModelHandle, cfg: Wanda, ctx: StepContext) -> StepReport:
             cal.advance(layer)  # the pruned layer's outputs feed the next layer
         for name, lin in mods.items():
             stats[name] = pruned_stats(store_pruned(model, name, lin.weight, lin.bias, cfg))
-        if ctx.progress:
-            print(f"wanda: layer {i + 1}/{last + 1} done", flush=True)
-        if i >= last:
-            break
     del cal
 
     notes = [f"wanda pruning, {cfg.label}, per output row, on {tokens.numel():,} calibration tokens"]

@@ -470,6 +470,7 @@ def _awq_layer(
     li = lay.linears
     search_view = copy.copy(cal)  # the same calibration state, limited to the sequences the α search uses
     search_view.inputs = cal.inputs[:n_attn]
+    cal.status("capturing the groups' inputs")
     attn_x, attn_kw = search_view.capture_inputs(layer, lay.attn)
     kept = cal.collect(layer, {"qkv": li["q"], "gate_up": li["gate"], "o": li["o"], "down": li["down"]}, _Keep)
     inputs = {g: kept.pop(g).cat() for g in GROUPS}  # each group's input over all calibration tokens
@@ -484,6 +485,7 @@ def _awq_layer(
         if not any(quant) or (group == "o" and not lay.scale_o):
             continue
         x_all = inputs[group]
+        cal.status(f"scale search for {group}")
         if group in ("qkv", "o"):
             block = attn_block
         else:
@@ -503,6 +505,7 @@ def _awq_layer(
 
     shrinks: dict[str, torch.Tensor] = {}
     if cfg.clip:
+        cal.status("clipping search")
         for group, members in GROUPS.items():
             clipped = [m for m in members if names[m] is not None and m not in ("q", "k")]
             if clipped:
@@ -542,7 +545,7 @@ def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
     searches: dict[str, list[ScaleSearch]] = {g: [] for g in GROUPS}
     if len(plain) < len(targets):
         gen = torch.Generator().manual_seed(ctx.seed)
-        cal = LayerwiseCalibration(model, tokens, method="awq")
+        cal = LayerwiseCalibration(model, tokens, method="awq", progress=ctx.progress)
         first = cal.inputs[0]
         check_folding(layouts[0], blocks[0], first, cal.kwargs(0, first.shape[0]), model_type)
         n_attn = max(1, min(len(cal.inputs), math.ceil(cfg.search_tokens / (first.shape[0] * first.shape[1]))))

@@ -721,14 +721,16 @@ def compress_layerwise(
     per_layer = assign_layers(model, targets, method)
     del targets  # hold no reference to a replaced Linear, so its fp32 weight is freed as the step goes
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
-    cal = LayerwiseCalibration(model, ctx.calibration(handle.tokenizer), method=method, compute_dtype=compute_dtype)
+    cal = LayerwiseCalibration(
+        model, ctx.calibration(handle.tokenizer), method=method, compute_dtype=compute_dtype, progress=ctx.progress
+    )
 
     notes: list[str] = []
     never_called: list[str] = []
     seconds = {"hessians": 0.0, method: 0.0, "forward": 0.0}
     passes = _Hessians()
     plan: dict[str, list[str]] | None = None
-    for i, layer in cal.layers():
+    for i, layer in cal.layers(last):
         prefix, remaining = per_layer[i][0], per_layer[i][1]
         per_layer[i] = (prefix, {})
         done: dict[str, torch.nn.Module] | None = None
@@ -736,6 +738,7 @@ def compress_layerwise(
             t0, spent = time.perf_counter(), seconds["hessians"] + seconds[method]
             # predicted input groups: the previous layer's, or a probe of this one; then none (each target
             # compressed as it is reached, sharers with the Hessian of the tensor they share)
+            cal.status("one pass: hessians and column sweeps")
             for attempt in (plan or "probe", None):
                 one = _OnePass(cal, model, layer, prefix, remaining, compress, None)
                 one.plan = one.probe() if attempt == "probe" else attempt
@@ -760,6 +763,7 @@ def compress_layerwise(
             done = {}
             while remaining:
                 t0 = time.perf_counter()
+                cal.status(f"hessians of {len(remaining)} Linears")
                 groups, never, hessians = passes.collect(cal, model, layer, prefix, remaining)
                 if true_sequential and groups:
                     groups = groups[:1]
@@ -768,6 +772,7 @@ def compress_layerwise(
                     groups += [[n] for n in never]
                 release_freed_heap()  # the pass's activations: keep the RSS at the live memory
                 t1 = time.perf_counter()
+                cal.status("column sweep")
                 for group in groups:
                     for n, (stand_in, final) in compress(group, remaining, hessians).items():
                         set_module(model, n, stand_in)  # later passes over this layer see an exact stand-in
@@ -777,14 +782,11 @@ def compress_layerwise(
                 seconds[method] += time.perf_counter() - t1
             if i < last:
                 t0 = time.perf_counter()
+                cal.status("forward to the next layer")
                 cal.advance(layer)
                 seconds["forward"] += time.perf_counter() - t0
             for n, final in done.items():
                 set_module(model, n, final)
-        if ctx.progress:
-            print(f"{method}: layer {i + 1}/{last + 1} done", flush=True)
-        if i >= last:
-            break
     del cal
     if never_called:
         notes.append(f"{', '.join(never_called)} never ran on the calibration text: {method} used H = I for them")

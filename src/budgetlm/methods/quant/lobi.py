@@ -67,6 +67,7 @@ from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
 from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
+from budgetlm.progress import Progress, track
 
 MAX_STATES = 200_000  # DP states (budget units) above which increments are rounded to a coarser unit
 
@@ -476,17 +477,27 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     t_fisher = time.perf_counter()
     fisher = None
     if cfg.sensitivity == "fisher":
-        fisher = fisher_diagonals(model, tokens[: cfg.fisher_sequences], names, ctx.seed)
+        with Progress("lobi", enabled=ctx.progress) as bar:
+            n_seq = min(cfg.fisher_sequences, tokens.shape[0])
+            bar.status(f"Fisher diagonals from {n_seq} calibration sequences (one forward and backward pass)")
+            fisher = fisher_diagonals(model, tokens[: cfg.fisher_sequences], names, ctx.seed)
     t_fisher = time.perf_counter() - t_fisher
     probe = _KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
-    cal = LayerwiseCalibration(model, tokens, method="lobi") if need_h else None
     last = max(by_block)
-    for i, layer in cal.layers() if need_h else enumerate(decoder_layers(model)):
-        if i > last:
-            break
+    title = f"lobi {cfg.sensitivity} sensitivity"
+    if need_h:
+        cal = LayerwiseCalibration(model, tokens, method="lobi", progress=ctx.progress, title=title)
+        walk = cal.layers(last)
+    else:
+        blocks = decoder_layers(model)[: last + 1]
+        name_layer = lambda i, _: f"layer {i + 1}/{last + 1}"  # noqa: E731
+        cal, walk = None, enumerate(track(blocks, title, label=name_layer, enabled=ctx.progress, throttled=True))
+    for i, layer in walk:
         mods = dict(by_block.get(i, []))
         hs = cal.collect(layer, mods, HessianStat) if mods and need_h else {}
         for name, lin in mods.items():
+            if cal is not None:
+                cal.status(f"{name.rpartition('.')[2]}: {len(options)} candidate grids")
             H = hs[name].H if need_h else None
             row = []
             for option in options:
@@ -511,7 +522,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         if probe is None
         else ("; KL forwards start at each Linear's layer" if probe.fast else "; KL uses full forwards")
     )
-    del cal, probe
+    del cal, probe, walk
     t_sens = time.perf_counter() - t0
 
     # allocation
@@ -522,10 +533,8 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     t0 = time.perf_counter()
     layers: dict[str, QuantLinear] = {}
     if cfg.quantizer == "gptq":
-        cal = LayerwiseCalibration(model, tokens, method="lobi")
-        for i, layer in cal.layers():
-            if i > last:
-                break
+        cal = LayerwiseCalibration(model, tokens, method="lobi", progress=ctx.progress, title="lobi quantise")
+        for i, layer in cal.layers(last):
             mods = dict(by_block.get(i, []))
             if mods:
                 hs = cal.collect(layer, mods, HessianStat)

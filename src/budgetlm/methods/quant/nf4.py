@@ -43,6 +43,7 @@ from budgetlm.methods.base import (
     set_module,
 )
 from budgetlm.models.handle import ModelHandle
+from budgetlm.progress import track
 
 # QLoRA's NormalFloat-4 codebook: quantiles of N(0, 1) (8 positive, 7 negative, an exact zero), scaled to [-1, 1].
 NF4_CODEBOOK = torch.tensor(
@@ -289,7 +290,7 @@ def apply(handle: ModelHandle, cfg: NF4, ctx: StepContext) -> StepReport:
     targets = select_linears(handle.model, cfg)
     stats = {}
     total_bytes = total_weights = 0
-    for name, lin in targets:
+    for name, lin in track(targets, "nf4", label=lambda _, t: t[0], enabled=ctx.progress, throttled=True):
         w = lin.weight.data.float()
         layer = to_nf4_linear(lin, cfg.block_size, cfg.double_quant)
         err = (layer.dequantized_weight() - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-12)

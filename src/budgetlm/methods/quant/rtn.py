@@ -18,6 +18,7 @@ from budgetlm.methods.base import (
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, dequantize, find_grid, quantize
 from budgetlm.models.handle import ModelHandle
+from budgetlm.progress import track
 
 
 class GridConfig(MethodConfig):
@@ -66,7 +67,7 @@ def apply(handle: ModelHandle, cfg: RTN, ctx: StepContext) -> StepReport:
     cfg.check(handle.model)
     targets = select_linears(handle.model, cfg)
     stats = {}
-    for name, lin in targets:
+    for name, lin in track(targets, "rtn", label=lambda _, t: t[0], enabled=ctx.progress, throttled=True):
         w = lin.weight.data
         grid = find_grid(w, cfg.bits, cfg.group_size, cfg.symmetric)
         codes = quantize(w, grid)
