@@ -310,8 +310,7 @@ def compress(
     from budgetlm.utils import check_output
 
     steps = parse_steps(list(ctx.args))
-    for s in steps:  # validate everything before loading the model
-        parse_config(s["method"], {k: v for k, v in s.items() if k != "method"})
+    configs = [parse_config(s["method"], {k: v for k, v in s.items() if k != "method"}) for s in steps]
     check_output(out, "a compressed model", marker=MANIFEST, force=force)
     gguf_path, gguf_aside = None, False
     if gguf is not None:
@@ -324,6 +323,14 @@ def compress(
         )
         gguf_aside = force and not ours
     handle = load(model)
+    if gguf_path is not None:  # the grids the steps will make must fit the type: refuse now, not after the work
+        from budgetlm.export.gguf import BLOCK_TYPES, cannot_hold, planned_exact_types
+
+        exact = planned_exact_types(handle.model, configs) if gguf in BLOCK_TYPES else None
+        if exact is not None and gguf not in exact:
+            what = " -> ".join(s["method"] for s in steps)
+            fix = f"or compress without --gguf, then `budgetlm export {out} --gguf {gguf} --out F.gguf --requantize`"
+            raise cannot_hold(gguf, f"the codes {what} makes", exact, fix)
     reports = apply(handle, steps, StepContext(seed=seed, progress=True))
     for r in reports:
         print(f"{r.method}: {r.seconds:.1f} s; " + "; ".join(r.notes))

@@ -318,6 +318,40 @@ def test_grids_a_type_cannot_hold(tmp_path):
     assert np.array_equal(got, expected_weights(h)["blk.1.ffn_down.weight"].astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [{"method": "rtn", "bits": 8}],
+        [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}],
+        [{"method": "rtn", "bits": 3, "group_size": 64, "symmetric": False}],
+        [{"method": "rtn", "bits": 4, "group_size": 16}],
+        [{"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}],
+        [{"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": True}],
+        [{"method": "awq", "bits": 4, "group_size": 64}],
+        [{"method": "lobi", "target_bits": 6.0, "candidates": [4, 8], "group_size": 32}],
+        [{"method": "lobi", "target_bits": 4.0, "candidates": [2, 4], "rank": 4}],
+        [{"method": "wanda", "pattern": "2:4"}, {"method": "rtn", "bits": 4, "group_size": 32}],
+        [{"method": "nf4"}],
+    ],
+    ids=lambda steps: "+".join(f"{s['method']}{s.get('bits', '')}" for s in steps),
+)
+def test_planned_types_are_the_types_the_result_fits(steps):
+    """compress --gguf refuses a type before the work from the configs alone: the prediction must be exactly what
+    the export's own check finds in the quantised model (every type that holds every layer, and no other)."""
+    from budgetlm.export.gguf import BLOCK_TYPES, exact_types, planned_exact_types
+    from budgetlm.methods.base import parse_config
+
+    h = load("tiny-random")
+    configs = [parse_config(s["method"], {k: v for k, v in s.items() if k != "method"}) for s in steps]
+    planned = planned_exact_types(h.model, configs)
+    apply(h, steps)
+    actual = set(BLOCK_TYPES)
+    for mod in h.model.modules():
+        if getattr(mod, "layer_kind", None) in ("quant_linear", "nf4_linear"):
+            actual &= exact_types(mod)
+    assert planned == actual
+
+
 def test_tokenizer_copied_from_the_source_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
     first = tmp_path / "first.gguf"

@@ -139,16 +139,52 @@ def grid_name(mod) -> str:
 
 def exact_types(mod) -> set[str]:
     """Block types that hold this replaced layer's codes with no second rounding (floats always can)."""
-    if not _is_quant_linear(mod) or mod.rank:
+    if not _is_quant_linear(mod):
         return set()
-    grouped = mod.group_size != mod.in_features
-    if (mod.perm is not None and grouped) or mod.in_features % BLOCK or (grouped and mod.group_size % BLOCK):
+    return grid_exact_types(mod.bits, mod.symmetric, mod.group_size, mod.in_features, mod.perm is not None, mod.rank)
+
+
+def grid_exact_types(
+    bits: int, symmetric: bool, group_size: int | None, in_features: int, permuted: bool = False, rank: int = 0
+) -> set[str]:
+    """Block types that hold the codes of such a grid exactly (group_size None: per channel)."""
+    grouped = group_size is not None and group_size != in_features
+    if rank or (permuted and grouped) or in_features % BLOCK or (grouped and group_size % BLOCK):
         return set()
-    b = mod.bits
-    lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if mod.symmetric else (-(2**b - 1), 2**b - 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (-(2**bits - 1), 2**bits - 1)
     out = {t for t, (a, z) in _SIGNED_RANGE.items() if a <= lo and hi <= z}
-    out |= {t for t, qmax in _AFFINE_QMAX.items() if 2**b - 1 <= qmax}
+    out |= {t for t, qmax in _AFFINE_QMAX.items() if 2**bits - 1 <= qmax}
     return out
+
+
+NO_CODES = ("magnitude", "wanda", "shortgpt")  # steps that leave float weights (pruned or removed)
+
+
+def planned_exact_types(model: torch.nn.Module, configs: list) -> set[str] | None:
+    """Before a pipeline runs: the block types that will hold the codes of every Linear it quantises, from each
+    step's grid settings (bits or candidate bits, group size(s), symmetry, act-order with groups, a low-rank
+    correction) and the model's widths. None when a step's outcome cannot be told from its config (an adapter,
+    say): the export's own check after the work then decides."""
+    from budgetlm.methods.base import select_linears
+
+    common = set(BLOCK_TYPES)
+    for cfg in configs:
+        name = cfg.method_name
+        if name in NO_CODES or (hasattr(cfg, "bits") and cfg.bits is None):
+            continue
+        if name == "nf4":
+            return set()  # NF4 indices are no ggml block type
+        bits = getattr(cfg, "candidates", None) or ([cfg.bits] if hasattr(cfg, "bits") else None)
+        if bits is None or not (hasattr(cfg, "group_size") and hasattr(cfg, "symmetric")):
+            return None
+        groups = getattr(cfg, "candidate_groups", None) or [cfg.group_size]
+        permuted = getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False)
+        rank = getattr(cfg, "rank", 0)
+        for _, lin in select_linears(model, cfg):
+            for b in bits:
+                for g in groups:
+                    common &= grid_exact_types(b, cfg.symmetric, g, lin.in_features, permuted, rank)
+    return common
 
 
 def _integer_grid(mod) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,6 +348,14 @@ def _shape(t: _Tensor) -> tuple[int, ...]:
     return (t.source.out_features, t.source.in_features)
 
 
+def cannot_hold(type_name: str, what: str, common: set[str], fix: str) -> ConfigError:
+    fits = [x for x in BLOCK_TYPES if x in common] + list(FLOAT_TYPES)
+    return ConfigError(
+        f"{what} cannot be written as {type_name} without rounding the weights again; types that hold every "
+        f"quantised layer of this model: {', '.join(fits)} (floats dequantised); {fix}"
+    )
+
+
 def common_exact(tensors: list[_Tensor]) -> set[str]:
     """Block types that hold every quantised layer among `tensors` exactly."""
     common = set(BLOCK_TYPES)
@@ -331,13 +375,10 @@ def _plan(tensors: list[_Tensor], type_name: str, requantize: bool, pure: bool) 
     if type_name in BLOCK_TYPES and quantised and not requantize:
         bad = [t for t in quantised if type_name not in exact_types(t.source)]
         if bad:
-            common = common_exact(quantised)
-            fits = [x for x in BLOCK_TYPES if x in common] + list(FLOAT_TYPES)
             extra = f" and {len(bad) - 1} more layers" if len(bad) > 1 else ""
-            raise ConfigError(
-                f"{bad[0].hf_name}{extra} ({grid_name(bad[0].source)}) cannot be written as {type_name} without "
-                f"rounding the weights again; types that hold every quantised layer of this model: "
-                f"{', '.join(fits)} (floats dequantised); or pass --requantize to round them to {type_name}"
+            what = f"{bad[0].hf_name}{extra} ({grid_name(bad[0].source)})"
+            raise cannot_hold(
+                type_name, what, common_exact(quantised), f"or pass --requantize to round them to {type_name}"
             )
     fallback = []
     for t in tensors:
