@@ -1,6 +1,7 @@
 """The bad-input corpus: the ways a user hands budgetlm bad input, and what must happen each time: exactly one line
 on stderr (naming the problem, and the fix), exit code 2 (130 / 143 for SIGINT / SIGTERM), and nothing written,
-changed or removed in the folder the command ran in (caches under $BUDGETLM_CACHE aside).
+changed or removed in the folder the command ran in (caches under $BUDGETLM_CACHE aside). A signal arrives while
+work is under way, so the progress lines of that work may come first; the `interrupted` line must be the last.
 
     .venv/bin/python benchmarks/bad_inputs.py [-k SUBSTRING] [--subprocess] [-v]
 
@@ -38,7 +39,9 @@ class Case:
     setup: tuple[Setup, ...] = ()  # lay out files in the folder the command runs in
     needle: str = ""  # a piece of the error line (case-sensitive)
     code: int = 2
-    signal: int | None = None  # sent once `wait_for` (a glob under the folder) exists (the case runs as a process)
+    # sent once `wait_for` (a glob under the folder) exists (the case runs as a process); progress lines of the work
+    # under way may then come before the one `interrupted` line, which must be the last
+    signal: int | None = None
     wait_for: str = ""
     keeps_writes: bool = False  # an interrupted study keeps what it finished (to resume): writes are allowed
 
@@ -459,6 +462,9 @@ def run_case(case: Case, root: Path, in_process: bool = True) -> Outcome:
     out = Outcome(case, code, lines)
     if code != case.code:
         out.problems.append(f"exit {code}, expected {case.code}")
+    if case.signal is not None:  # work was under way: its progress lines may come first, the answer is the last
+        answers = [ln for ln in lines if ln.startswith(("error", "interrupted")) or "Traceback" in ln]
+        lines = answers if answers and answers == lines[-len(answers) :] else lines
     if len(lines) != 1:
         out.problems.append(f"{len(lines)} stderr lines: " + " | ".join(lines[-3:])[:300])
     elif case.needle and case.needle not in lines[0]:

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -41,3 +42,21 @@ def input_hessian():
         return 2 / X.shape[0] * X.T @ X
 
     return hessian
+
+
+@pytest.fixture
+def run_main(capsys):
+    """`budgetlm ARGS` through cli.main in this process (no interpreter start-up): the command's own parsing, exit
+    code, stdout and stderr, as subprocess.CompletedProcess(args, returncode, stdout, stderr)."""
+    from budgetlm import cli
+
+    def run(*args):
+        code = 0
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run

@@ -44,22 +44,9 @@ def cli(*args, timeout=300):
 
 
 @pytest.fixture
-def run_main(monkeypatch, capsys):
-    """`budgetlm train tiny-random ARGS` through cli.main in this process (no interpreter start-up): the same
-    parsing, exit codes and stderr as the command."""
-    from budgetlm import cli as cli_module
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["budgetlm", "train", "tiny-random", *args])
-        code = 0
-        try:
-            cli_module.main()
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
+def train_main(run_main):
+    """`budgetlm train tiny-random ARGS` in this process (see conftest.train_main)."""
+    return lambda *args: run_main("train", "tiny-random", *args)
 
 
 def test_split_train_settings_nests_dotted_keys():
@@ -90,7 +77,7 @@ def test_full_fine_tuning_trains_every_parameter(tmp_path):
     assert all(not torch.equal(p, before[n]) for n, p in handle.model.named_parameters() if "norm" not in n)
 
 
-def test_resume_after_kill_is_bitwise_equal(tmp_path, run_main):
+def test_resume_after_kill_is_bitwise_equal(tmp_path, train_main):
     args = ["--method", "lora", "--set", "r=4", *TINY, "--set", "train.steps=50", "--set", "train.save_every=1"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -111,18 +98,18 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path, run_main):
     done = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*"))
     assert 1 <= done < 50
 
-    resumed = run_main(*args, "--out", str(killed), "--resume", "--json")  # in this process: start-up is slow
+    resumed = train_main(*args, "--out", str(killed), "--resume", "--json")  # in this process: start-up is slow
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["train"]["resumed_from_step"] >= 1
-    ref = run_main(*args, "--out", str(full), "--json")
+    ref = train_main(*args, "--out", str(full), "--json")
     assert ref.returncode == 0, ref.stderr
     a, b = load_file(str(killed / "adapter_model.safetensors")), load_file(str(full / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)  # it trained
 
 
-def test_bad_input_is_one_line_with_exit_2(tmp_path, run_main):
-    cli = run_main
+def test_bad_input_is_one_line_with_exit_2(tmp_path, train_main):
+    cli = train_main
     out = str(tmp_path / "x")
     assert_one_line_error(cli("--method", "lorra", "--set", "train.steps=1", "--out", out), "lora")
     assert_one_line_error(cli("--method", "rtn", "--set", "train.steps=1", "--out", out), "not an adapter")
@@ -132,8 +119,8 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path, run_main):
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
-def test_resume_from_another_config_is_refused(tmp_path, run_main):
-    cli = run_main
+def test_resume_from_another_config_is_refused(tmp_path, train_main):
+    cli = train_main
     cfg = tmp_path / "train.yaml"
     cfg.write_text("steps: 2\nbatch_size: 2\nmax_len: 32\ndata: {task: corpus, limit: 4}\n")
     train("tiny-random", "lora", tmp_path / "run", {"r": 4}, {"steps": 2, **TINY_TRAIN, "data": {"task": "corpus",
@@ -144,4 +131,4 @@ def test_resume_from_another_config_is_refused(tmp_path, run_main):
                 "--out", str(tmp_path / "run"), "--resume")  # fmt: skip
     assert_one_line_error(other, "another config", "config.r (4 -> 2)", "train.lr (0.0001 -> 0.01)")
     again = cli("--method", "lora", "--set", "r=4", "--train-config", str(cfg), "--out", str(tmp_path / "run"))
-    assert_one_line_error(again, "already holds checkpoints", "--resume")
+    assert_one_line_error(again, "holds a training run; pass --resume to continue it, --force to start afresh")

@@ -1,8 +1,6 @@
 """GGUF export: files read back with gguf's own reader and dequantiser, compared with budgetlm's weights; transformers
 reloads them to the same logits; quantised codes are written without a second rounding; bad input fails cleanly."""
 
-import sys
-
 import gguf
 import numpy as np
 import pytest
@@ -367,23 +365,14 @@ def test_tokenizer_copied_from_the_source_gguf(tmp_path, monkeypatch):
         assert a.fields[k].contents() == b.fields[k].contents() and a.fields[k].types == b.fields[k].types, k
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run `budgetlm ARGS` in this process (the CLI's own entry point, which turns errors into one line)."""
-    from budgetlm.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["budgetlm", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(run_main, *args) -> tuple[int, str, str]:
+    proc = run_main(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_cli(tmp_path, monkeypatch, capsys):
+def test_cli(tmp_path, run_main):
     out = tmp_path / "m.gguf"
-    code, stdout, err = cli(monkeypatch, capsys, "export", "tiny-random", "--gguf", "q8_0", "--out", str(out))
+    code, stdout, err = cli(run_main, "export", "tiny-random", "--gguf", "q8_0", "--out", str(out))
     assert code == 0, err
     assert "wrote" in stdout and gguf.GGUFReader(str(out)).tensors
     missing = str(tmp_path / "no" / "model")
@@ -392,12 +381,11 @@ def test_cli(tmp_path, monkeypatch, capsys):
         ([missing, "--gguf", "Q8_0", "--out", str(tmp_path / "y.gguf")], "not found"),
         (["tiny-random", "--gguf", "Q8_0", "--out", str(tmp_path)], "is a folder"),
     ):
-        code, _, err = cli(monkeypatch, capsys, "export", *args)
+        code, _, err = cli(run_main, "export", *args)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], err
     code, stdout, err = cli(
-        monkeypatch,
-        capsys,
+        run_main,
         "compress",
         "tiny-random",
         "--method",

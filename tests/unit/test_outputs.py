@@ -4,28 +4,25 @@ fails. The refusals themselves are cases of the bad-input corpus (test_bad_input
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from budgetlm import cli
 from budgetlm.errors import ConfigError
 from budgetlm.utils import atomic_dir, atomic_file, check_output, move_aside
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            cli.main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+@pytest.fixture
+def run(run_main):
+    """(exit code, stdout, stderr) of `budgetlm ARGS` in this process."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        proc = run_main(*args)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return call
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -116,7 +113,7 @@ def test_move_aside_never_overwrites_an_earlier_aside(here):
 # ------------------------------------------------------------------------------------------- through the CLI
 
 
-def test_compress_force_replaces_its_model_and_moves_user_files_aside(here):
+def test_compress_force_replaces_its_model_and_moves_user_files_aside(here, run):
     code, _, err = run("compress", "tiny-random", "--method", "rtn", "--out", "q")
     assert code == 0, err
     first = tree(here / "q")
@@ -135,7 +132,7 @@ def test_compress_force_replaces_its_model_and_moves_user_files_aside(here):
     assert (here / "mine" / "budgetlm.json").is_file()
 
 
-def test_compress_with_an_impossible_gguf_writes_nothing(here):
+def test_compress_with_an_impossible_gguf_writes_nothing(here, run):
     code, _, err = run("compress", "tiny-random", "--method", "rtn", "--out", "q", "--gguf", "Q4_0")
     assert code == 2 and "Q4_0" in err and len(err.strip().splitlines()) == 1
     assert tree(here) == {}
@@ -144,7 +141,7 @@ def test_compress_with_an_impossible_gguf_writes_nothing(here):
     assert sorted(tree(here)) == sorted([*(f"q/{f}" for f in tree(here / "q")), "q.Q8_0.gguf"])
 
 
-def test_export_knows_its_own_files(here):
+def test_export_knows_its_own_files(here, run):
     from budgetlm.export.gguf import is_budgetlm_gguf
 
     code, _, err = run("export", "tiny-random", "--gguf", "F16", "--out", "m.gguf")
@@ -161,7 +158,7 @@ def test_export_knows_its_own_files(here):
     assert aside.read_bytes() == b"GGUF but not budgetlm's"
 
 
-def test_eval_out_is_written_whole_and_replaced_only_with_force(here):
+def test_eval_out_is_written_whole_and_replaced_only_with_force(here, run):
     args = ("eval", "tiny-random", "--tasks", "text-cloze", "--limit", "4", "--out", "ev", "--json")
     code, out, err = run(*args)
     assert code == 0, err
@@ -177,7 +174,7 @@ def test_eval_out_is_written_whole_and_replaced_only_with_force(here):
     assert sorted(p.name for p in here.iterdir() if p.name != ".cache") == ["ev"]
 
 
-def test_run_force_starts_afresh_and_keeps_the_old_study(here):
+def test_run_force_starts_afresh_and_keeps_the_old_study(here, run):
     (here / "r.yaml").write_text("models: [tiny-random]\ntasks: [text-cloze]\nlimit: 2\nbench: {enabled: false}\n")
     code, _, err = run("run", "r.yaml", "--out", "s")
     assert code == 0, err
@@ -190,7 +187,7 @@ def test_run_force_starts_afresh_and_keeps_the_old_study(here):
     assert (old / "results.sqlite").is_file() and (here / "s" / "results.sqlite").is_file()
 
 
-def test_version_and_help():
+def test_version_and_help(run):
     from importlib.metadata import version
 
     code, out, _ = run("--version")

@@ -4,8 +4,6 @@ the trained model's logits), with --merge the merged model (the unmerged model's
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,24 +31,6 @@ def peft_load(folder, seed=0):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load("tiny-random", seed=seed).model, str(folder))
-
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """`budgetlm ARGS` through cli.main in this process: the command's parsing, exit codes and stderr."""
-    from budgetlm import cli as cli_module
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["budgetlm", *args])
-        code = 0
-        try:
-            cli_module.main()
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
 
 
 # --- the default: an adapter folder in peft's format ---------------------------------------------------------------
@@ -180,7 +160,7 @@ def test_bad_out_and_data_leave_nothing_behind(tmp_path):
     with pytest.raises(ConfigError, match="did not write"):
         train("tiny-random", "lora", user, {"r": 4}, TRAIN)
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(ConfigError, match="is an existing file; give a folder"):
         train("tiny-random", "lora", user / "thesis.tex", {"r": 4}, TRAIN)
     with pytest.raises(Exception, match="unknown task 'arith2'"):
         train("tiny-random", "lora", tmp_path / "new", {"r": 4}, {**TRAIN, "data": {"task": "arith2"}})
