@@ -464,7 +464,7 @@ def run_case(case: Case, root: Path, in_process: bool = True) -> Outcome:
         out.problems.append(f"exit {code}, expected {case.code}")
     if case.signal is not None:  # work was under way: its progress lines may come first, the answer is the last
         answers = [ln for ln in lines if ln.startswith(("error", "interrupted")) or "Traceback" in ln]
-        lines = answers if answers and answers == lines[-len(answers) :] else lines
+        lines = out.stderr = answers if answers and answers == lines[-len(answers) :] else lines
     if len(lines) != 1:
         out.problems.append(f"{len(lines)} stderr lines: " + " | ".join(lines[-3:])[:300])
     elif case.needle and case.needle not in lines[0]:

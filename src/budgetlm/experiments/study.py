@@ -36,6 +36,7 @@ from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
 LOCK = ".lock"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 Runner = Callable[[Path, Callable[[str], None]], None]  # (cell folder, status callback); raises CellFailed
 
 
@@ -174,15 +175,21 @@ def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     last_error, tail = None, deque(maxlen=5)
     with open(folder / "log.txt", "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            bufsize=1,
-            preexec_fn=_die_with_parent,  # only sets the parent-death signal: safe after fork
-        )
+        # SIGINT/SIGTERM wait while the child starts (one arriving inside Popen's fork could be lost) and are
+        # handled right after, with `proc` known; the child unblocks them before its exec (_die_with_parent)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                bufsize=1,
+                preexec_fn=_die_with_parent,  # only signal settings: safe after fork
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -206,8 +213,10 @@ def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child: ask Linux to send SIGTERM when the driver dies, so a killed study leaves no orphan
-    cell writing into a folder the rerun will clean."""
+    """In the child: unblock SIGINT/SIGTERM (blocked by the driver while it starts the child) and ask Linux to send
+    SIGTERM when the driver dies, so a killed study leaves no orphan cell writing into a folder the rerun will
+    clean."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         import ctypes
 
