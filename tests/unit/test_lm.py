@@ -111,3 +111,20 @@ def test_generate_until_matches_unbatched_greedy_and_stops(tiny):
         stop = full[1]
         cut = lm.generate_until([(prompts[1], GenArgs(until=[stop], max_gen_toks=8))])[0]
         assert cut == full[: full.index(stop)]
+
+
+def test_chunks_bound_padding_and_budget():
+    """Rows sorted longest first: every chunk stays within the token budget and wastes at most PAD_SLACK of its
+    padded size on padding (or is a single row); every row appears once, in order; a batch size is a row count."""
+    import random
+
+    from budgetlm.models.lm import PAD_SLACK, _chunks_by_budget
+
+    rng = random.Random(0)
+    lengths = sorted((rng.choice([1, 2, 3, 5, 8, 14, 30, 95]) for _ in range(400)), reverse=True)
+    chunks = list(_chunks_by_budget(lengths, None, 256))
+    assert [i for c in chunks for i in c] == list(range(len(lengths)))
+    for c in chunks:
+        padded, real = max(lengths[i] for i in c) * len(c), sum(lengths[i] for i in c)
+        assert len(c) == 1 or (padded <= 256 and padded <= (1 + PAD_SLACK) * real)
+    assert [len(c) for c in _chunks_by_budget(lengths, 7, 256)] == [7] * 57 + [1]

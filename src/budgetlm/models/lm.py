@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from budgetlm.models.handle import ModelHandle
 
 TOKEN_BUDGET = 1024  # tokens per forward pass when no batch size is given (fastest measured on 2 cores)
+PAD_SLACK = 0.25  # at most this fraction of a chunk's padded tokens are padding (GEMMs of 256+ rows run as fast)
 
 
 @dataclass
@@ -27,18 +28,21 @@ class GenArgs:
 
 
 def _chunks_by_budget(lengths: list[int], batch_size: int | None, budget: int) -> Iterator[list[int]]:
-    """Consecutive index chunks whose padded size (rows x longest) stays within the budget."""
+    """Consecutive index chunks whose padded size (rows x longest) stays within the budget and wastes at most
+    PAD_SLACK of it on padding (lengths sorted longest first: a short row joins a chunk of long ones only while the
+    padding stays small). With a batch size, chunks of that many rows."""
     chunk: list[int] = []
-    longest = 0
+    longest = real = 0
     for i, n in enumerate(lengths):
         new_longest = max(longest, n)
+        padded = new_longest * (len(chunk) + 1)
         full = batch_size is not None and len(chunk) >= batch_size
-        over = batch_size is None and chunk and new_longest * (len(chunk) + 1) > budget
+        over = batch_size is None and chunk and (padded > budget or padded > (1 + PAD_SLACK) * (real + n))
         if full or over:
             yield chunk
-            chunk, new_longest = [], n
+            chunk, new_longest, real = [], n, 0
         chunk.append(i)
-        longest = new_longest
+        longest, real = new_longest, real + n
     if chunk:
         yield chunk
 
