@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
 from budgetlm.utils import YamlLoader
@@ -51,11 +51,30 @@ class Recipe(_Strict):
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
     pipelines: dict[str, list[dict[str, Any] | str]] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=lambda: list(OFFLINE_SUITE))
-    limit: PositiveInt | dict[str, PositiveInt | None] | None = None  # items per task (a mapping: per task name)
+    limit: int | dict[str, int | None] | None = None  # items per task: one number, or {task: number} (absent: all)
     seed: int = 0
     data_dir: str | None = None
     bench: BenchSettings = Field(default_factory=BenchSettings)
     eval_batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit(cls, v: Any) -> Any:
+        """One positive number for every task, or a mapping of task names to positive numbers (or null: all)."""
+        if isinstance(v, dict):
+            for task, n in v.items():
+                if n is not None:
+                    _positive(n, f"{task}: ")
+            return v
+        return v if v is None else _positive(v, "")
+
+
+def _positive(n: Any, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"{where}Input should be a valid integer (or a mapping of task names to integers)")
+    if n < 1:
+        raise ValueError(f"{where}Input should be greater than or equal to 1")
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- loading
