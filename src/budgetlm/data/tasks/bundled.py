@@ -121,7 +121,7 @@ def boolq_row(row: dict) -> dict:
 # -- reading ------------------------------------------------------------------------------------------------
 def read_saved(folder: Path) -> list[dict]:
     """Rows of a `datasets.save_to_disk` folder (class labels as integers, as `load_dataset` gives them)."""
-    from budgetlm.data.tasks.hub import quiet_datasets
+    from budgetlm.data.tasks.loading import quiet_datasets
 
     with quiet_datasets() as datasets:
         return datasets.load_from_disk(str(folder)).to_list()
