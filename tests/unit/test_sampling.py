@@ -1,7 +1,7 @@
 from collections import Counter
 
 from budgetlm.data.tasks.base import Item
-from budgetlm.evaluation.harness import sample_items
+from budgetlm.evaluation.harness import sample_items, sampling
 
 
 def items(n_per_label):
@@ -30,3 +30,9 @@ def test_rounding_fills_exactly_the_limit():
 def test_no_limit_or_large_limit_keeps_all():
     data = items({0: 3})
     assert len(sample_items(data, None, 0)) == 3 and len(sample_items(data, 10, 0)) == 3
+
+
+def test_the_result_says_how_items_were_chosen():
+    assert sampling(20, 100, seed=3) == "seed 3, stratified by label"
+    assert sampling(None, 100, seed=3) == sampling(100, 100, seed=3) == "all"
+    assert sampling(5000, 2376, seed=0) == "all 2,376 items (fewer than the limit of 5,000)"

@@ -124,14 +124,15 @@ def test_hub_multiple_choice_train_split_from_data_dir(tmp_path):
     tok = tiny_tokenizer()
     tok.chat_template = CHAT  # multiple choice is scored without the template, so trained without it too
     write_jsonl(tmp_path / "arc_easy" / "train.jsonl", ARC)
-    data = build_data(tok, DataConfig(task="arc_easy", data_dir=str(tmp_path)), max_len=256, seed=0)
+    cfg = DataConfig(task="arc_easy", split="train", data_dir=str(tmp_path))  # unset: ARC trains on validation
+    data = build_data(tok, cfg, max_len=256, seed=0)
     assert data.source == f"local {tmp_path / 'arc_easy' / 'train.jsonl'}"
     got = sorted(split_example(tok, ex) for ex in data.examples)
     want = sorted(
         (f"Question: {r['question']}\nAnswer:", " " + r["choices"]["text"]["ABC".index(r["answerKey"])]) for r in ARC
     )
     assert got == want
-    few = build_data(tok, DataConfig(task="arc_easy", data_dir=str(tmp_path), limit=3), max_len=256, seed=0)
+    few = build_data(tok, cfg.model_copy(update={"limit": 3}), max_len=256, seed=0)
     assert len(few.examples) == 3
 
 
@@ -176,7 +177,7 @@ def test_errors(tok, tmp_path):
         build_data(tok, DataConfig(task="corpus", split="heldout"), 64, 0)
     with pytest.raises(ValidationError, match="unknown task 'arithh' \\(did you mean: arith"):
         DataConfig(task="arithh")  # the config itself refuses it, before any run folder is written
-    with pytest.raises(DataError, match="boolq"):  # nothing local, nothing cached, hub offline
-        build_data(tok, DataConfig(task="boolq", data_dir=str(tmp_path)), 64, 0)
+    with pytest.raises(DataError, match="logiqa"):  # nothing local, not bundled, nothing cached, hub offline
+        build_data(tok, DataConfig(task="logiqa", data_dir=str(tmp_path)), 64, 0)
     with pytest.raises(DataError, match="no training examples"):
         DataOrder(0, 0)

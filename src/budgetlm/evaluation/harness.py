@@ -20,7 +20,8 @@ from pathlib import Path
 
 from budgetlm.data.tasks import tasks as task_registry
 from budgetlm.data.tasks.base import Item, Task, TaskContext
-from budgetlm.errors import BudgetLMError, DataError
+from budgetlm.data.tasks.folds import overlap, trained_on
+from budgetlm.errors import BudgetLMError, ConfigError, DataError
 from budgetlm.models.handle import ModelHandle
 from budgetlm.models.lm import HFLM
 from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
@@ -46,11 +47,31 @@ def sample_items(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     return chosen
 
 
-def resolve_tasks(names: list[str]) -> list[Task]:
-    """Look up every task before running any, so a typo fails at once."""
+def resolve_tasks(names: list[str], provenance: list[dict] = ()) -> list[Task]:
+    """Look up every task before running any, so a typo fails at once; a task whose items the model (by its
+    provenance) was trained on is refused."""
     if not names:
         raise BudgetLMError("no tasks given; pass --tasks with names from `budgetlm tasks`")
-    return [task_registry.get(n) for n in names]
+    resolved = [task_registry.get(n) for n in names]
+    for train_task, split in trained_on(list(provenance)):
+        for name in names:
+            if reason := overlap(train_task, split, name):
+                raise ConfigError(f"the model was fine-tuned on {train_task}: {reason}")
+    return resolved
+
+
+def sampling(limit: int | None, available: int, seed: int) -> str:
+    """How the items were chosen, for the result: a seeded sample, or all (also when --limit asked for more)."""
+    if limit is not None and limit < available:
+        return f"seed {seed}, stratified by label"
+    if limit is not None and limit > available:
+        return f"all {available:,} items (fewer than the limit of {limit:,})"
+    return "all"
+
+
+def task_limit(limit: int | dict[str, int | None] | None, task: str) -> int | None:
+    """The item limit of one task: one number for every task, or a recipe's {task: number} (absent: all)."""
+    return limit.get(task) if isinstance(limit, dict) else limit
 
 
 def default_reference_dir(base_id: str) -> Path:
@@ -105,7 +126,7 @@ def evaluate(
     handle: ModelHandle,
     tasks: list[str],
     *,
-    limit: int | None = None,
+    limit: int | dict[str, int | None] | None = None,
     seed: int = 0,
     data_dir: str | Path | None = None,
     reference_dir: str | Path | None = None,
@@ -113,7 +134,7 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, Metric]]:
-    resolved = resolve_tasks(tasks)
+    resolved = resolve_tasks(tasks, handle.provenance)
     is_base = not handle.provenance and handle.base_id == handle.source
     ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
     ctx = TaskContext(
@@ -134,7 +155,8 @@ def evaluate(
             data = task.load(ctx)
             if not data.items:
                 raise DataError(f"task '{task.name}' has no items ({data.source}); check the data file")
-            items = sample_items(data.items, limit, seed)
+            n = task_limit(limit, task.name)
+            items = sample_items(data.items, n, seed)
             task_ctx = TaskContext(**{**ctx.__dict__, "extra": {}})
             if getattr(task, "needs_reference", False):
                 path = reference_path(ref_dir, task, items)
@@ -149,7 +171,7 @@ def evaluate(
                     "data": data.source,
                     "items_used": len(items),
                     "items_available": len(data.items),
-                    "sampling": f"seed {seed}, stratified by label" if limit and limit < len(data.items) else "all",
+                    "sampling": sampling(n, len(data.items), seed),
                 }
             res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
             results[task.name] = res.metrics

