@@ -50,6 +50,7 @@ class _MMLUPrompt(HubMultipleChoice):
     """lm-eval's MMLU prompt and scoring for a doc that carries its subject and its shots."""
 
     split = "test"
+    train_split = "validation"  # fine-tuning reads the validation split (the test split is evaluated, dev gives shots)
     fewshot_split = "dev"
     num_fewshot = 5
     columns = ("question", "choices", "answer")

