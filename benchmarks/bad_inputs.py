@@ -161,6 +161,9 @@ PIQA_ROW = json.dumps({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "f
 BOOLQ_TRAINED = edit_json(
     "m/provenance.json", lambda d: d.append({"method": "train", "config": {"data": {"task": "boolq"}}})
 )
+MMLU_ROW = {"question": "Which is a bone?", "subject": "anatomy", "choices": ["femur", "lung", "skin", "eye"]}
+MMLU_ROW["answer"] = 0
+COPA_ROW = {"premise": "It rained.", "choice1": "A.", "choice2": "B.", "question": "why", "idx": 0, "label": 0}
 TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
 
 
@@ -244,6 +247,12 @@ CASES: list[Case] = [
     Case("unknown task option", (E, *T, "--tasks", "piqa:test"), needle=":eval-fold"),
     Case("eval of a model on items it was fine-tuned on", (E, "m", "--tasks", "boolq"),
          (copy("tiny", "m"), BOOLQ_TRAINED), needle="boolq:eval-fold"),
+    Case("unknown mmlu subject", (E, *T, "--tasks", "mmlu_anatomyy"), needle="closest: mmlu_anatomy"),
+    Case("mmlu: fewer dev rows than shots", (E, *T, "--tasks", "mmlu_anatomy", "--data-dir", "data"),
+         (write("data/mmlu_anatomy/test.jsonl", json.dumps(MMLU_ROW) + "\n"),
+          write("data/mmlu_anatomy/dev.jsonl", json.dumps(MMLU_ROW) + "\n")), needle="needs 5"),
+    Case("copa: a question neither cause nor effect", (E, *T, "--tasks", "copa", "--data-dir", "data"),
+         (write("data/copa/validation.jsonl", json.dumps(COPA_ROW) + "\n"),), needle="neither 'cause' nor 'effect'"),
     Case("eval --out holds user files", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "mine"), (USER,),
          needle="--force"),
     Case("eval --out is a file", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "f"), (write("f", "x"),),
@@ -374,6 +383,8 @@ CASES: list[Case] = [
          (recipe(TINY_RECIPE + "pipelines: {q: [{method: rtn, bits: 4, group_size: 48}]}\n"),), needle="48"),
     Case("run: unknown task", ("run", "r.yaml", "--out", "s"),
          (recipe("models: [tiny-random]\ntasks: [text-pl]\n"),), needle="text-pl"),
+    Case("run: unknown mmlu subject", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [mmlu_anatomyy]\n"),), needle="closest: mmlu_anatomy"),
     Case("run: model path missing", ("run", "r.yaml", "--out", "s"),
          (recipe("models: [no/model]\ntasks: [text-ppl]\n"),), needle="no/model"),
     Case("run: data_dir missing", ("run", "r.yaml", "--out", "s"),

@@ -2,9 +2,13 @@
 
 from budgetlm.data.tasks.base import tasks
 from budgetlm.data.tasks.hub import register_hub_tasks
+from budgetlm.data.tasks.mmlu import register_mmlu_tasks
+from budgetlm.data.tasks.more_mc import register_more_mc_tasks
 from budgetlm.data.tasks.offline import register_offline_tasks
 
 register_offline_tasks(tasks)
 register_hub_tasks(tasks)
+register_more_mc_tasks(tasks)
+register_mmlu_tasks(tasks)
 
 __all__ = ["tasks"]
