@@ -131,6 +131,7 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
+        _check_overlap(pipelines[name], recipe.tasks, f"{origin}: pipelines.{name}")
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
@@ -169,6 +170,14 @@ def _check_task(name: str, where: str, origin: str) -> None:
             tasks.get(name)
         except UnknownNameError as exc:
             raise UnknownNameError(f"{origin}: {where}: {exc}") from None
+
+
+def _check_overlap(steps: list[dict], tasks: list[str], where: str) -> None:
+    """A pipeline that trains on data made from a study task's test items (data/tasks/overlap.py) is refused."""
+    from budgetlm.data.tasks import overlap
+
+    fix = "remove {eval} from tasks or train this pipeline on other data"
+    overlap.check(overlap.trained_tasks(steps), tasks, where, fix)
 
 
 def _check_model(spec: str, i: int, origin: str) -> str:

@@ -1,7 +1,8 @@
 """Real benchmarks under lm-evaluation-harness's names, with its prompts and scoring, so numbers compare.
 
 arc_easy, arc_challenge, hellaswag, boolq, winogrande, logiqa and piqa live here; gsm8k (generation with
-few-shot examples) lives in reasoning.py and shares the loading code below.
+few-shot examples) lives in reasoning.py, triviaqa and nq_open in openqa.py, and they share the loading code
+below (gsm_symbolic, in gsm_symbolic.py, generates its items).
 
 Where items come from, in this order:
 1. ``--data-dir DIR`` holding a file for the task in the Hugging Face hub's schema (same column names):
@@ -468,6 +469,9 @@ HUB_TASKS = {
     "logiqa": "budgetlm.data.tasks.hub:logiqa",
     "piqa": "budgetlm.data.tasks.hub:piqa",
     "gsm8k": "budgetlm.data.tasks.reasoning:gsm8k",
+    "gsm_symbolic": "budgetlm.data.tasks.gsm_symbolic:gsm_symbolic",
+    "triviaqa": "budgetlm.data.tasks.openqa:triviaqa",
+    "nq_open": "budgetlm.data.tasks.openqa:nq_open",
 }
 
 
