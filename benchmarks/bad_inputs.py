@@ -155,6 +155,7 @@ USER = write("mine/notes.txt", "a user's own file\n")  # a folder budgetlm did n
 ARC_ROW = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
 ARC_ROW["answerKey"] = "B"
 ARC = write("data/arc_easy/test.jsonl", json.dumps(ARC_ROW) + "\n")
+GSM_SYMBOLIC_TRAINING = {"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}
 TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
 
 
@@ -229,6 +230,15 @@ CASES: list[Case] = [
          (write("data/arc_easy/test.jsonl", ""),), needle="empty"),
     Case("data file missing columns", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
          (write("data/arc_easy/test.jsonl", '{"id": "a"}\n'),), needle="column"),
+    Case("nq_open row without answers", (E, *T, "--tasks", "nq_open", "--data-dir", "data"),
+         (write("data/nq_open/validation.jsonl", '{"question": "who", "answer": []}\n'),),
+         needle="row 0 does not fit task 'nq_open'"),
+    Case("triviaqa file without answers", (E, *T, "--tasks", "triviaqa", "--data-dir", "data"),
+         (write("data/triviaqa/validation.jsonl", '{"question": "who", "question_id": "q1"}\n'),),
+         needle="has no column 'answer'"),
+    Case("eval: gsm8k of a model trained on gsm_symbolic", (E, "m", "--tasks", "gsm8k", "--out", "ev"),
+         (copy("tiny", "m"), write("m/provenance.json", json.dumps([GSM_SYMBOLIC_TRAINING]))),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("eval --out holds user files", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "mine"), (USER,),
          needle="--force"),
     Case("eval --out is a file", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "f"), (write("f", "x"),),
@@ -315,6 +325,8 @@ CASES: list[Case] = [
     Case("train: unknown train key", (*TR, *TRS, "--set", "train.stepz=3"), needle="stepz"),
     Case("train: unknown data task", (*TR, *TRS, "--set", "train.data.task=nosuch"), needle="nosuch"),
     Case("train: unknown adapter setting", (*TR, *TRS, "--set", "rank=4"), needle="rank"),
+    Case("train: gsm8k among eval_tasks after gsm_symbolic", (*TR, *TRS, "--set", "train.data.task=gsm_symbolic",
+         "--set", "train.eval_tasks=[gsm8k]"), needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("train: --train-config missing", (*TR, "--train-config", "nope.yaml"), needle="nope.yaml"),
     Case("train: --train-config invalid YAML", (*TR, "--train-config", "t.yaml"), (write("t.yaml", "steps: [1"),),
          needle="t.yaml"),
@@ -357,6 +369,10 @@ CASES: list[Case] = [
     Case("run: malformed data file", ("run", "r.yaml", "--out", "s"),
          (recipe("models: [tiny-random]\ntasks: [arc_easy]\ndata_dir: data\n"),
           write("data/arc_easy/test.jsonl", "{broken\n")), needle="test.jsonl"),
+    Case("run: a pipeline trains on gsm_symbolic, the tasks include gsm8k", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
+                 "gsm_symbolic}}]}\n"),),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("run: limit 0", ("run", "r.yaml", "--out", "s"), (recipe("models: [tiny-random]\nlimit: 0\n"),),
          needle="limit"),
     Case("run: --out holds user files", ("run", "r.yaml", "--out", "mine"), (recipe(TINY_RECIPE), USER),

@@ -172,7 +172,7 @@ def _contamination(handle: ModelHandle, names: list[str], allowed: bool) -> dict
     trained = overlap.trained_tasks(handle.provenance)
     if not allowed:
         fix = "leave {eval} out, or pass --allow-contamination to score it marked as contaminated"
-        overlap.check(trained, names, f"eval of {handle.source} (its provenance)", fix)
+        overlap.check(trained, names, "eval (from the model's provenance)", fix)
         return {}
     notes = {}
     for name in names:
