@@ -119,3 +119,15 @@ def test_cli_eval_of_a_trained_adapter(tmp_path, run_main, monkeypatch):
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: eval (from the model's provenance): evaluating gsm8k ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_recipe_refuses_a_model_folder_trained_on_gsm_symbolic(tmp_path, tiny):
+    from budgetlm.experiments.recipe import parse_recipe
+
+    tiny.provenance = [{"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}]
+    tiny.save(tmp_path / "m")
+    with pytest.raises(ConfigError) as e:
+        parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["gsm8k"]}, "recipe r.yaml")
+    assert str(e.value).startswith("recipe r.yaml: models[0] (its provenance): evaluating gsm8k after training on ")
+    assert str(e.value).endswith("; remove gsm8k from tasks or use a model not trained on gsm_symbolic")
+    assert parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["gsm_symbolic"]}).tasks == ["gsm_symbolic"]

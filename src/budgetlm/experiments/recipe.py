@@ -115,6 +115,9 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
             f"{origin}: name '{recipe.name}' must be letters, digits, '-', '_' or '.' (it names the run folder)"
         )
     models = [_check_model(m, i, origin) for i, m in enumerate(recipe.models)]
+    for i, model in enumerate(models):
+        fix = "remove {eval} from tasks or use a model not trained on {train}"
+        _check_overlap(_recorded_training(model), recipe.tasks, f"{origin}: models[{i}] (its provenance)", fix)
     _no_duplicates(models, "models", origin)
     _no_duplicates(recipe.tasks, "tasks", origin)
     for i, task in enumerate(recipe.tasks):
@@ -131,7 +134,8 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
-        _check_overlap(pipelines[name], recipe.tasks, f"{origin}: pipelines.{name}")
+        fix = "remove {eval} from tasks or train this pipeline on other data"
+        _check_overlap(pipelines[name], recipe.tasks, f"{origin}: pipelines.{name}", fix)
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
@@ -172,12 +176,32 @@ def _check_task(name: str, where: str, origin: str) -> None:
             raise UnknownNameError(f"{origin}: {where}: {exc}") from None
 
 
-def _check_overlap(steps: list[dict], tasks: list[str], where: str) -> None:
-    """A pipeline that trains on data made from a study task's test items (data/tasks/overlap.py) is refused."""
+def _check_overlap(record: list, tasks: list[str], where: str, fix: str) -> None:
+    """Training recorded in steps or a provenance on data made from a study task's test items is refused
+    (data/tasks/overlap.py)."""
     from budgetlm.data.tasks import overlap
 
-    fix = "remove {eval} from tasks or train this pipeline on other data"
-    overlap.check(overlap.trained_tasks(steps), tasks, where, fix)
+    overlap.check(overlap.trained_tasks(record), tasks, where, fix)
+
+
+def _recorded_training(model: str) -> list:
+    """What a model folder records of its making (a budgetlm folder's provenance.json, an adapter folder's record),
+    read as JSON without loading the model; [] for bundled names, files, and records that do not parse (loading
+    the model reports those)."""
+    import json
+
+    from budgetlm.models.handle import PROVENANCE
+    from budgetlm.models.sources import ADAPTER_RECORD
+
+    found = []
+    for name in (PROVENANCE, ADAPTER_RECORD):
+        path = Path(model) / name
+        if path.is_file():
+            try:
+                found.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+    return found
 
 
 def _check_model(spec: str, i: int, origin: str) -> str:

@@ -4,7 +4,8 @@ test questions, so a model trained on gsm_symbolic must not be scored on gsm8k.
 
 Three places apply it, all through `check`:
 - a training run (train/config.py): `data.task` against its own `eval_tasks`;
-- a recipe (experiments/recipe.py): every pipeline's training steps against the study's tasks;
+- a recipe (experiments/recipe.py): every pipeline's training steps, and what each model folder records of
+  its training, against the study's tasks (before the study writes anything);
 - an evaluation (evaluation/harness.py): the training recorded in the model folder's provenance against the
   tasks asked for; `budgetlm eval --allow-contamination` evaluates anyway and marks the score.
 """
