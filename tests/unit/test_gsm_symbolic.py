@@ -117,3 +117,21 @@ def test_training_pairs_exclude_the_evaluation_set(seed0):
         "reasoning_gym 0.1.25 gsm_symbolic (templates from GSM8K test questions), seed 1000000007, 300 items "
         "(gsm_symbolic's eval set, seed 0, excluded)"
     )
+
+
+def test_build_data_trains_on_it_and_only_on_its_train_split():
+    from budgetlm.errors import ConfigError
+    from budgetlm.models.sources import tiny_tokenizer
+    from budgetlm.train.config import DataConfig
+    from budgetlm.train.data import IGNORE, build_data, check_data
+
+    tok = tiny_tokenizer()
+    data = build_data(tok, DataConfig(task="gsm_symbolic", limit=4), max_len=512, seed=0)
+    assert len(data.examples) == 4 and data.source.startswith("reasoning_gym 0.1.25 gsm_symbolic")
+    pairs, _ = training_pairs(4, seed=0, eval_seed=0)
+    first = data.examples[0]
+    answer = [t for t, lab in zip(first.input_ids, first.labels) if lab != IGNORE]
+    assert tok.decode(answer).strip() == (pairs[0][1] + tok.eos_token).strip()  # the worked answer, then EOS
+    with pytest.raises(ConfigError) as e:
+        check_data(DataConfig(task="gsm_symbolic", split="test"))
+    assert str(e.value) == "data: task 'gsm_symbolic' generates its training problems; use split 'train' (got 'test')"

@@ -131,3 +131,15 @@ def test_recipe_refuses_a_model_folder_trained_on_gsm_symbolic(tmp_path, tiny):
     assert str(e.value).startswith("recipe r.yaml: models[0] (its provenance): evaluating gsm8k after training on ")
     assert str(e.value).endswith("; remove gsm8k from tasks or use a model not trained on gsm_symbolic")
     assert parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["gsm_symbolic"]}).tasks == ["gsm_symbolic"]
+
+
+def test_training_a_model_trained_on_gsm_symbolic_with_gsm8k_evals_is_refused_before_it_starts(tiny):
+    from budgetlm.train.loop import fit
+
+    tiny.provenance = [{"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}]
+    for p in tiny.model.parameters():
+        p.requires_grad_(True)
+    before = [p.detach().clone() for p in tiny.model.parameters()]
+    with pytest.raises(ConfigError, match=r"^train \(the model's provenance\): evaluating gsm8k after training on "):
+        fit(tiny, {"steps": 1, "data": "arith", "eval_tasks": ["gsm8k"]}, progress=False)
+    assert all(bool((p == b).all()) for p, b in zip(tiny.model.parameters(), before))

@@ -2,8 +2,9 @@
 training items are made from the evaluation's test items. Today one pair: gsm_symbolic's templates are GSM8K's
 test questions, so a model trained on gsm_symbolic must not be scored on gsm8k.
 
-Three places apply it, all through `check`:
-- a training run (train/config.py): `data.task` against its own `eval_tasks`;
+The places that apply it, all through `check`:
+- a training run (train/config.py): `data.task` against its own `eval_tasks`; and (train/loop.py, before the
+  first step) the training the model's provenance records against those `eval_tasks`;
 - a recipe (experiments/recipe.py): every pipeline's training steps, and what each model folder records of
   its training, against the study's tasks (before the study writes anything);
 - an evaluation (evaluation/harness.py): the training recorded in the model folder's provenance against the
