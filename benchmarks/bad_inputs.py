@@ -155,12 +155,14 @@ USER = write("mine/notes.txt", "a user's own file\n")  # a folder budgetlm did n
 ARC_ROW = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
 ARC_ROW["answerKey"] = "B"
 ARC = write("data/arc_easy/test.jsonl", json.dumps(ARC_ROW) + "\n")
-GSM_SYMBOLIC_TRAINING = {"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}
 TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
 
 
 def recipe(text: str, name: str = "r.yaml") -> Setup:
     return write(name, text)
+
+
+GSM_SYMBOLIC_TRAINED = '[{"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}]'
 
 
 # ------------------------------------------------------------------------------------------------ the corpus
@@ -230,15 +232,6 @@ CASES: list[Case] = [
          (write("data/arc_easy/test.jsonl", ""),), needle="empty"),
     Case("data file missing columns", (E, *T, "--tasks", "arc_easy", "--data-dir", "data"),
          (write("data/arc_easy/test.jsonl", '{"id": "a"}\n'),), needle="column"),
-    Case("nq_open row without answers", (E, *T, "--tasks", "nq_open", "--data-dir", "data"),
-         (write("data/nq_open/validation.jsonl", '{"question": "who", "answer": []}\n'),),
-         needle="row 0 does not fit task 'nq_open'"),
-    Case("triviaqa file without answers", (E, *T, "--tasks", "triviaqa", "--data-dir", "data"),
-         (write("data/triviaqa/validation.jsonl", '{"question": "who", "question_id": "q1"}\n'),),
-         needle="has no column 'answer'"),
-    Case("eval: gsm8k of a model trained on gsm_symbolic", (E, "m", "--tasks", "gsm8k", "--out", "ev"),
-         (copy("tiny", "m"), write("m/provenance.json", json.dumps([GSM_SYMBOLIC_TRAINING]))),
-         needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("eval --out holds user files", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "mine"), (USER,),
          needle="--force"),
     Case("eval --out is a file", (E, *T, "--tasks", "text-cloze", "--limit", "2", "--out", "f"), (write("f", "x"),),
@@ -251,6 +244,15 @@ CASES: list[Case] = [
          needle="not writable"),
     Case("eval --out holds an earlier evaluation", (E, *T, "--tasks", "text-cloze", "--out", "ev"),
          (write("ev/eval.json", "{}"),), needle="--force"),
+    Case("nq_open row without answers", (E, *T, "--tasks", "nq_open", "--data-dir", "data"),
+         (write("data/nq_open/validation.jsonl", '{"question": "who", "answer": []}\n'),),
+         needle="row 0 does not fit task 'nq_open'"),
+    Case("triviaqa file without answers", (E, *T, "--tasks", "triviaqa", "--data-dir", "data"),
+         (write("data/triviaqa/validation.jsonl", '{"question": "who", "question_id": "q1"}\n'),),
+         needle="has no column 'answer'"),
+    Case("eval: gsm8k of a model trained on gsm_symbolic", (E, "m", "--tasks", "gsm8k", "--out", "ev"),
+         (copy("tiny", "m"), write("m/provenance.json", GSM_SYMBOLIC_TRAINED)),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- bench
     Case("bench --repeats 0", ("bench", *T, "--repeats", "0"), needle="--repeats"),
     Case("bench --repeats not a number", ("bench", *T, "--repeats", "many"), needle="--repeats"),
@@ -325,8 +327,6 @@ CASES: list[Case] = [
     Case("train: unknown train key", (*TR, *TRS, "--set", "train.stepz=3"), needle="stepz"),
     Case("train: unknown data task", (*TR, *TRS, "--set", "train.data.task=nosuch"), needle="nosuch"),
     Case("train: unknown adapter setting", (*TR, *TRS, "--set", "rank=4"), needle="rank"),
-    Case("train: gsm8k among eval_tasks after gsm_symbolic", (*TR, *TRS, "--set", "train.data.task=gsm_symbolic",
-         "--set", "train.eval_tasks=[gsm8k]"), needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("train: --train-config missing", (*TR, "--train-config", "nope.yaml"), needle="nope.yaml"),
     Case("train: --train-config invalid YAML", (*TR, "--train-config", "t.yaml"), (write("t.yaml", "steps: [1"),),
          needle="t.yaml"),
@@ -344,6 +344,8 @@ CASES: list[Case] = [
          needle="--merge"),
     Case("train: --out .", ("train", *T, "--method", "lora", "--out", ".", *TRS), (USER,), needle="current folder"),
     Case("train: missing model", ("train", "none", "--method", "lora", "--out", "run", *TRS), needle="not found"),
+    Case("train: gsm8k among eval_tasks after gsm_symbolic", (*TR, *TRS, "--set", "train.data.task=gsm_symbolic",
+         "--set", "train.eval_tasks=[gsm8k]"), needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- run (studies)
     Case("run: recipe missing", ("run", "nope.yaml", "--out", "s"), needle="nope.yaml"),
     Case("run: recipe empty", ("run", "r.yaml", "--out", "s"), (recipe(""),), needle="empty"),
@@ -369,10 +371,6 @@ CASES: list[Case] = [
     Case("run: malformed data file", ("run", "r.yaml", "--out", "s"),
          (recipe("models: [tiny-random]\ntasks: [arc_easy]\ndata_dir: data\n"),
           write("data/arc_easy/test.jsonl", "{broken\n")), needle="test.jsonl"),
-    Case("run: a pipeline trains on gsm_symbolic, the tasks include gsm8k", ("run", "r.yaml", "--out", "s"),
-         (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
-                 "gsm_symbolic}}]}\n"),),
-         needle="evaluating gsm8k after training on gsm_symbolic"),
     Case("run: limit 0", ("run", "r.yaml", "--out", "s"), (recipe("models: [tiny-random]\nlimit: 0\n"),),
          needle="limit"),
     Case("run: --out holds user files", ("run", "r.yaml", "--out", "mine"), (recipe(TINY_RECIPE), USER),
@@ -382,6 +380,10 @@ CASES: list[Case] = [
     Case("run: --out .", ("run", "r.yaml", "--out", "."), (recipe(TINY_RECIPE),), needle="current folder"),
     Case("run: results.sqlite of random bytes", ("run", "r.yaml", "--out", "s"),
          (recipe(TINY_RECIPE), write("s/results.sqlite", os.urandom(4096))), needle="results.sqlite"),
+    Case("run: a pipeline trains on gsm_symbolic, the tasks include gsm8k", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
+                 "gsm_symbolic}}]}\n"),),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- report and compare
     Case("report: not a study folder", ("report", "mine"), (USER,), needle="study"),
     Case("report: missing folder", ("report", "nowhere"), needle="nowhere"),

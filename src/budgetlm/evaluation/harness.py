@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from budgetlm.data.tasks import overlap
 from budgetlm.data.tasks import tasks as task_registry
 from budgetlm.data.tasks.base import Item, Task, TaskContext
 from budgetlm.errors import BudgetLMError, DataError
@@ -115,11 +114,7 @@ def evaluate(
     progress: bool = False,
     allow_contamination: bool = False,
 ) -> dict[str, dict[str, Metric]]:
-    """Each task's metrics (and, with out_dir, eval.json and items/). A model whose provenance records training
-    on data made from a task's test items (data/tasks/overlap.py) is refused for that task unless
-    allow_contamination, which scores it with a "contamination" note in every metric's extra."""
     resolved = resolve_tasks(tasks)
-    contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
     is_base = not handle.provenance and handle.base_id == handle.source
     ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
     ctx = TaskContext(
@@ -130,6 +125,8 @@ def evaluate(
         base_id=handle.base_id,
         batch_size=batch_size,
     )
+    # training recorded in the provenance on data made from a task's test items: refused, or allowed and marked
+    contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
     lm = HFLM(handle, batch_size=batch_size)
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
@@ -156,10 +153,11 @@ def evaluate(
                     "items_used": len(items),
                     "items_available": len(data.items),
                     "sampling": f"seed {seed}, stratified by label" if limit and limit < len(data.items) else "all",
-                    **({"contamination": contamination[task.name]} if task.name in contamination else {}),
                 }
             res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
             results[task.name] = res.metrics
+            for m in res.metrics.values() if task.name in contamination else ():
+                m.extra["contamination"] = contamination[task.name]
             records[task.name] = res.records
             bar.advance(f"{task.name} done in {duration(seconds)}")
     if out_dir is not None:
@@ -168,17 +166,19 @@ def evaluate(
 
 
 def _contamination(handle: ModelHandle, names: list[str], allowed: bool) -> dict[str, str]:
-    """{task: note} for the tasks the model's recorded training contaminates (allowed), else the refusal."""
-    trained = overlap.trained_tasks(handle.provenance)
+    """{task: note} for the tasks the model's recorded training contaminates (data/tasks/contamination.py) when
+    allowed; otherwise the first such task is refused."""
+    from budgetlm.data.tasks import contamination
+
+    trained = contamination.trained_tasks(handle.provenance)
     if not allowed:
         fix = "leave {eval} out, or pass --allow-contamination to score it marked as contaminated"
-        overlap.check(trained, names, "eval (from the model's provenance)", fix)
+        contamination.check(trained, names, "eval (from the model's provenance)", fix)
         return {}
     notes = {}
     for name in names:
-        found = overlap.overlap(trained, [name])
-        if found:
-            notes[name] = f"evaluated after training on {found[0]} ({found[2]}); allowed by --allow-contamination"
+        if found := contamination.first(trained, [name]):
+            notes[name] = f"evaluated after training on {found[0]}: {found[2]}; allowed by --allow-contamination"
     return notes
 
 

@@ -117,7 +117,7 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     models = [_check_model(m, i, origin) for i, m in enumerate(recipe.models)]
     for i, model in enumerate(models):
         fix = "remove {eval} from tasks or use a model not trained on {train}"
-        _check_overlap(_recorded_training(model), recipe.tasks, f"{origin}: models[{i}] (its provenance)", fix)
+        _check_contamination(_recorded_training(model), recipe.tasks, f"{origin}: models[{i}] (its provenance)", fix)
     _no_duplicates(models, "models", origin)
     _no_duplicates(recipe.tasks, "tasks", origin)
     for i, task in enumerate(recipe.tasks):
@@ -134,12 +134,13 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
-        fix = "remove {eval} from tasks or train this pipeline on other data"
-        _check_overlap(pipelines[name], recipe.tasks, f"{origin}: pipelines.{name}", fix)
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
         raise ConfigError(f"{origin}: data_dir {recipe.data_dir} {what}; give the folder holding <task>/<split>.jsonl")
+    for name, steps in pipelines.items():
+        fix = "remove {eval} from tasks or train this pipeline on other data"
+        _check_contamination(steps, recipe.tasks, f"{origin}: pipelines.{name}", fix)
     return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
 
 
@@ -176,12 +177,12 @@ def _check_task(name: str, where: str, origin: str) -> None:
             raise UnknownNameError(f"{origin}: {where}: {exc}") from None
 
 
-def _check_overlap(record: list, tasks: list[str], where: str, fix: str) -> None:
+def _check_contamination(record: list, tasks: list[str], where: str, fix: str) -> None:
     """Training recorded in steps or a provenance on data made from a study task's test items is refused
-    (data/tasks/overlap.py)."""
-    from budgetlm.data.tasks import overlap
+    (data/tasks/contamination.py)."""
+    from budgetlm.data.tasks import contamination
 
-    overlap.check(overlap.trained_tasks(record), tasks, where, fix)
+    contamination.check(contamination.trained_tasks(record), tasks, where, fix)
 
 
 def _recorded_training(model: str) -> list:

@@ -113,10 +113,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"eval_every={self.eval_every} but no eval_tasks; name the tasks to evaluate")
         if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
             raise ValueError(f"betas {self.betas} must lie in [0, 1)")
-        from budgetlm.data.tasks import overlap
+        from budgetlm.data.tasks import contamination
 
         fix = "drop {eval} from eval_tasks or train on other data"
-        overlap.check([self.data.task], self.eval_tasks, "train", fix)  # a ConfigError passes pydantic
+        contamination.check([self.data.task], self.eval_tasks, "train", fix)  # a ConfigError passes pydantic
         return self
 
     @classmethod

@@ -10,7 +10,7 @@ Sources (DataConfig.task):
   example is ("7 + 5 = 12. Answer: 12");
 - `gsm_symbolic`: fresh problems from reasoning-gym's GSM-Symbolic generator minus the evaluation set of
   eval_seed, 0-shot with the worked answer as gsm8k trains (data/tasks/gsm_symbolic.py); a run that also
-  evaluates gsm8k is refused (data/tasks/overlap.py);
+  evaluates gsm8k is refused (data/tasks/contamination.py);
 - `corpus`: the calibration split of data/corpus.py (never the held-out split text-ppl scores) cut into
   windows of max_len tokens, every token a target: task-agnostic distillation and language-model recovery.
 
@@ -66,12 +66,9 @@ class TrainData:
 HUB_TRAINABLE = "arc_easy, arc_challenge, boolq, hellaswag, winogrande, logiqa, piqa, gsm8k"
 
 
-GENERATED = ("arith", "gsm_symbolic")  # tasks whose training problems are generated, not read
-
-
 def check_split(task: str, split: str) -> None:
-    if task in GENERATED and split != "train":
-        raise ConfigError(f"data: task '{task}' generates its training problems; use split 'train' (got '{split}')")
+    if task == "arith" and split != "train":
+        raise ConfigError(f"data: task 'arith' generates its training problems; use split 'train' (got '{split}')")
     if task == CORPUS and split not in ("train", "calibration"):
         raise ConfigError(f"data: corpus trains on its calibration split; use split 'train' (got '{split}')")
 
@@ -80,7 +77,7 @@ def trainable_task(name: str):
     """The hub task `name`, if it has a training split and a multiple-choice or generation form."""
     task = task_registry.get(name)  # unknown names get close-match suggestions
     if not hasattr(task, "sources"):
-        trainable = f"{', '.join(GENERATED)}, corpus or {HUB_TRAINABLE}"
+        trainable = f"arith, gsm_symbolic, corpus or {HUB_TRAINABLE}"
         raise ConfigError(f"data: task '{name}' has no training split; train on {trainable}")
     if not isinstance(task, (MultipleChoiceTask, GenerateTask)):
         raise ConfigError(f"data: task '{name}' is neither multiple choice nor generation; it cannot train")
@@ -90,7 +87,11 @@ def trainable_task(name: str):
 def check_data(cfg: DataConfig) -> None:
     """What build_data checks before reading any data: the task exists and can train, the split fits it. A run
     calls this before it writes anything."""
-    if cfg.task in (*GENERATED, CORPUS):
+    if cfg.task == "gsm_symbolic":
+        from budgetlm.data.tasks.gsm_symbolic import check_train_split
+
+        check_train_split(cfg.split)
+    elif cfg.task in ("arith", CORPUS):
         check_split(cfg.task, cfg.split)
     else:
         trainable_task(cfg.task)
@@ -194,9 +195,9 @@ def build_data(tokenizer, cfg: DataConfig, max_len: int, seed: int, eval_seed: i
         pairs, where = arith_pairs(cfg.split, cfg.limit, seed, eval_seed)
         kind = "generate"
     elif cfg.task == "gsm_symbolic":
-        from budgetlm.data.tasks.gsm_symbolic import training_pairs
+        from budgetlm.data.tasks.gsm_symbolic import check_train_split, training_pairs
 
-        check_split(cfg.task, cfg.split)
+        check_train_split(cfg.split)
         pairs, where = training_pairs(cfg.limit, seed, eval_seed)
         kind = "generate"
     else:

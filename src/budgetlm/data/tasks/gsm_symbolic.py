@@ -3,7 +3,7 @@
 (GSM-Symbolic, Mirzadeh et al. 2024) that draw fresh names and numbers, each with a worked answer in GSM8K's
 style ending "#### N". Labelled as generated, never as GSM8K: every source names the generator, its version
 and the seed. Because the templates are GSM8K's test questions, a model trained on these items must not be
-scored on gsm8k: data/tasks/overlap.py holds that rule and training, recipes and evaluation apply it.
+scored on gsm8k: data/tasks/contamination.py holds that rule and training, recipes and evaluation apply it.
 
 Items: seed s (the evaluation's --seed) draws the generator with seed s * 10,000 and keeps the first 1,000
 distinct questions. Each seed is a fresh set: the generator seeds item i with s * 10,000 + i, so two seeds never
@@ -36,6 +36,7 @@ from importlib.metadata import version
 
 from budgetlm.data.tasks.base import GenerateTask, Item, TaskContext, TaskData
 from budgetlm.data.tasks.reasoning import FLEXIBLE, STRICT, extract, gsm8k, normalise
+from budgetlm.errors import ConfigError
 
 GENERATOR = "gsm_symbolic"
 SUFFIX = " Give the result as your final answer. Do not include units."  # what reasoning-gym appends
@@ -145,6 +146,14 @@ class GSMSymbolic(GenerateTask):
             "answer_flexible": flexible,
             "target": doc["answer"],
         }
+
+
+def check_train_split(split: str | None) -> None:
+    """Training problems are generated: the split is 'train' (or unset)."""
+    if split not in (None, "train"):
+        raise ConfigError(
+            f"data: task '{GENERATOR}' generates its training problems; use split 'train' (got '{split}')"
+        )
 
 
 def training_pairs(limit: int | None, seed: int, eval_seed: int) -> tuple[list[tuple[str, str]], str]:

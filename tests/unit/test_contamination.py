@@ -1,4 +1,4 @@
-"""The one contamination rule (data/tasks/overlap.py: gsm_symbolic's templates are GSM8K's test questions) at its
+"""The one contamination rule (data/tasks/contamination.py: gsm_symbolic's templates are GSM8K's test questions) at its
 three places: a training run's own eval_tasks, a recipe's pipelines against the study's tasks, and an evaluation
 of a model whose provenance records training on gsm_symbolic (refused unless allow_contamination, which marks the
 score). Each refusal is one ConfigError line, raised before any data is read or anything is written."""
@@ -9,22 +9,20 @@ import json
 
 import pytest
 
-from budgetlm.data.tasks import overlap
+from budgetlm.data.tasks import contamination
 from budgetlm.errors import ConfigError
 
 REASON = "gsm_symbolic's templates are GSM8K's test questions, so the gsm8k score would be contaminated"
 
 
 def test_rule_and_message():
-    assert overlap.overlap(["arith", "gsm_symbolic"], ["text-ppl", "gsm8k"]) == (
-        "gsm_symbolic",
-        "gsm8k",
-        "gsm_symbolic's templates are GSM8K's test questions",
-    )
-    assert overlap.overlap(["gsm_symbolic"], ["gsm_symbolic", "arith"]) is None
-    assert overlap.overlap(["gsm8k"], ["gsm_symbolic"]) is None  # GSM8K's train split is not the templates' source
+    assert contamination.first(["arith", "gsm_symbolic"], ["text-ppl", "gsm8k"]) == ("gsm_symbolic", "gsm8k", REASON)
+    assert contamination.reason("gsm_symbolic", "gsm8k:eval-fold").startswith("gsm_symbolic's templates are")
+    assert contamination.reason("gsm_symbolic", "gsm8k_cot") is None
+    assert contamination.first(["gsm_symbolic"], ["gsm_symbolic", "arith"]) is None
+    assert contamination.first(["gsm8k"], ["gsm_symbolic"]) is None  # GSM8K's train split is not the templates' source
     with pytest.raises(ConfigError) as e:
-        overlap.check(["gsm_symbolic"], ["gsm8k"], "here", "drop {eval} or stop training on {train}")
+        contamination.check(["gsm_symbolic"], ["gsm8k"], "here", "drop {eval} or stop training on {train}")
     assert str(e.value) == (
         f"here: evaluating gsm8k after training on gsm_symbolic, but {REASON}; drop gsm8k or stop training on "
         "gsm_symbolic"
@@ -37,9 +35,10 @@ def test_trained_tasks_reads_every_recorded_training():
         {"method": "lora", "config": {"r": 8, "train": {"steps": 2, "data": {"task": "arith", "split": "train"}}}},
         {"method": "train", "config": {"steps": 2, "data": {"task": "gsm_symbolic", "split": "train"}}, "steps": 2},
         {"method": "kd", "config": {"train": {"data": {"task": "gsm_symbolic", "split": "train"}}}},
-        {"method": "other", "config": {"data": {"task": "gsm8k"}}},  # no split: not a training data config
+        {"method": "other", "config": {"data": "gsm8k"}},  # not a data config (a mapping with a task)
+        {"method": "train", "config": {"data": {"task": "boolq", "split": None}}},
     ]
-    assert overlap.trained_tasks(provenance) == ["arith", "gsm_symbolic"]
+    assert contamination.trained_tasks(provenance) == ["arith", "gsm_symbolic", "boolq"]
 
 
 def test_train_config_refuses_gsm8k_after_gsm_symbolic():
@@ -101,8 +100,7 @@ def test_eval_refuses_a_model_trained_on_gsm_symbolic_unless_allowed(tmp_path, t
     (data / "test.jsonl").write_text(json.dumps(GSM_ROW) + "\n")
     res = evaluate(tiny, ["gsm8k"], data_dir=tmp_path / "data", allow_contamination=True)
     assert res["gsm8k"]["exact_match_strict"].extra["contamination"] == (
-        "evaluated after training on gsm_symbolic (gsm_symbolic's templates are GSM8K's test questions); allowed by "
-        "--allow-contamination"
+        f"evaluated after training on gsm_symbolic: {REASON}; allowed by --allow-contamination"
     )
 
 
