@@ -171,6 +171,9 @@ def recipe(text: str, name: str = "r.yaml") -> Setup:
     return write(name, text)
 
 
+GSM_SYMBOLIC_TRAINED = '[{"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}]'
+
+
 # ------------------------------------------------------------------------------------------------ the corpus
 
 E = "eval"
@@ -265,6 +268,15 @@ CASES: list[Case] = [
          needle="not writable"),
     Case("eval --out holds an earlier evaluation", (E, *T, "--tasks", "text-cloze", "--out", "ev"),
          (write("ev/eval.json", "{}"),), needle="--force"),
+    Case("nq_open row without answers", (E, *T, "--tasks", "nq_open", "--data-dir", "data"),
+         (write("data/nq_open/validation.jsonl", '{"question": "who", "answer": []}\n'),),
+         needle="row 0 does not fit task 'nq_open'"),
+    Case("triviaqa file without answers", (E, *T, "--tasks", "triviaqa", "--data-dir", "data"),
+         (write("data/triviaqa/validation.jsonl", '{"question": "who", "question_id": "q1"}\n'),),
+         needle="has no column 'answer'"),
+    Case("eval: gsm8k of a model trained on gsm_symbolic", (E, "m", "--tasks", "gsm8k", "--out", "ev"),
+         (copy("tiny", "m"), write("m/provenance.json", GSM_SYMBOLIC_TRAINED)),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- bench
     Case("bench --repeats 0", ("bench", *T, "--repeats", "0"), needle="--repeats"),
     Case("bench --repeats not a number", ("bench", *T, "--repeats", "many"), needle="--repeats"),
@@ -365,6 +377,8 @@ CASES: list[Case] = [
          needle="--merge"),
     Case("train: --out .", ("train", *T, "--method", "lora", "--out", ".", *TRS), (USER,), needle="current folder"),
     Case("train: missing model", ("train", "none", "--method", "lora", "--out", "run", *TRS), needle="not found"),
+    Case("train: gsm8k among eval_tasks after gsm_symbolic", (*TR, *TRS, "--set", "train.data.task=gsm_symbolic",
+         "--set", "train.eval_tasks=[gsm8k]"), needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- run (studies)
     Case("run: recipe missing", ("run", "nope.yaml", "--out", "s"), needle="nope.yaml"),
     Case("run: recipe empty", ("run", "r.yaml", "--out", "s"), (recipe(""),), needle="empty"),
@@ -409,6 +423,10 @@ CASES: list[Case] = [
     Case("run: --out .", ("run", "r.yaml", "--out", "."), (recipe(TINY_RECIPE),), needle="current folder"),
     Case("run: results.sqlite of random bytes", ("run", "r.yaml", "--out", "s"),
          (recipe(TINY_RECIPE), write("s/results.sqlite", os.urandom(4096))), needle="results.sqlite"),
+    Case("run: a pipeline trains on gsm_symbolic, the tasks include gsm8k", ("run", "r.yaml", "--out", "s"),
+         (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
+                 "gsm_symbolic}}]}\n"),),
+         needle="evaluating gsm8k after training on gsm_symbolic"),
     # --- report and compare
     Case("report: not a study folder", ("report", "mine"), (USER,), needle="study"),
     Case("report: missing folder", ("report", "nowhere"), needle="nowhere"),

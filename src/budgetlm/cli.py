@@ -187,6 +187,14 @@ def eval_cmd(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print {task: {metric: value}} on stdout")] = False,
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+    allow_contamination: Annotated[
+        bool,
+        typer.Option(
+            "--allow-contamination",
+            help="score a task even though the model's provenance records training on data made from its test "
+            "items (gsm8k after gsm_symbolic); the result says so",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model on tasks (see `budgetlm tasks`)."""
     from budgetlm.api import evaluate, load
@@ -208,6 +216,7 @@ def eval_cmd(
             data_dir=data_dir,
             batch_size=batch_size,
             progress=True,  # on stderr: stdout stays the table or the --json document
+            allow_contamination=allow_contamination,
         )
     _print_results(results, as_json)
 

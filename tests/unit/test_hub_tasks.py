@@ -525,7 +525,8 @@ def test_row_that_does_not_fit(tmp_path):
 def test_register_hub_tasks():
     reg = Registry("task")
     register_hub_tasks(reg)
-    names = ["arc_challenge", "arc_easy", "boolq", "gsm8k", "hellaswag", "logiqa", "piqa", "winogrande"]
+    names = ["arc_challenge", "arc_easy", "boolq", "gsm8k", "gsm_symbolic", "hellaswag", "logiqa", "nq_open", "piqa"]
+    names += ["triviaqa", "winogrande"]
     assert reg.names() == names
     for name in names:
         task = reg.get(name)

@@ -133,6 +133,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    allow_contamination: bool = False,
 ) -> dict[str, dict[str, Metric]]:
     resolved = resolve_tasks(tasks, handle.provenance)
     is_base = not handle.provenance and handle.base_id == handle.source
@@ -145,6 +146,8 @@ def evaluate(
         base_id=handle.base_id,
         batch_size=batch_size,
     )
+    # training recorded in the provenance on data made from a task's test items: refused, or allowed and marked
+    contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
     lm = HFLM(handle, batch_size=batch_size)
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
@@ -175,11 +178,30 @@ def evaluate(
                 }
             res.metrics["seconds"] = Metric(seconds, None, len(items), "s")
             results[task.name] = res.metrics
+            for m in res.metrics.values() if task.name in contamination else ():
+                m.extra["contamination"] = contamination[task.name]
             records[task.name] = res.records
             bar.advance(f"{task.name} done in {duration(seconds)}")
     if out_dir is not None:
         write_outputs(Path(out_dir), results, records)
     return results
+
+
+def _contamination(handle: ModelHandle, names: list[str], allowed: bool) -> dict[str, str]:
+    """{task: note} for the tasks the model's recorded training contaminates (data/tasks/contamination.py) when
+    allowed; otherwise the first such task is refused."""
+    from budgetlm.data.tasks import contamination
+
+    trained = contamination.trained_tasks(handle.provenance)
+    if not allowed:
+        fix = "leave {eval} out, or pass --allow-contamination to score it marked as contaminated"
+        contamination.check(trained, names, "eval (from the model's provenance)", fix)
+        return {}
+    notes = {}
+    for name in names:
+        if found := contamination.first(trained, [name]):
+            notes[name] = f"evaluated after training on {found[0]}: {found[2]}; allowed by --allow-contamination"
+    return notes
 
 
 def write_outputs(out: Path, results: dict[str, dict[str, Metric]], records: dict[str, list[dict]]) -> None:

@@ -136,6 +136,9 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
             f"{origin}: name '{recipe.name}' must be letters, digits, '-', '_' or '.' (it names the run folder)"
         )
     models = [_check_model(m, i, origin) for i, m in enumerate(recipe.models)]
+    for i, model in enumerate(models):
+        fix = "remove {eval} from tasks or use a model not trained on {train}"
+        _check_contamination(_recorded_training(model), recipe.tasks, f"{origin}: models[{i}] (its provenance)", fix)
     _no_duplicates(models, "models", origin)
     _no_duplicates(recipe.tasks, "tasks", origin)
     for i, task in enumerate(recipe.tasks):
@@ -164,6 +167,9 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
         raise ConfigError(f"{origin}: data_dir {recipe.data_dir} {what}; give the folder holding <task>/<split>.jsonl")
+    for name, steps in pipelines.items():
+        fix = "remove {eval} from tasks or train this pipeline on other data"
+        _check_contamination(steps, recipe.tasks, f"{origin}: pipelines.{name}", fix)
     return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
 
 
@@ -208,6 +214,34 @@ def _check_task(name: str, where: str, origin: str) -> None:
             tasks.get(name)
         except UnknownNameError as exc:
             raise UnknownNameError(f"{origin}: {where}: {exc}") from None
+
+
+def _check_contamination(record: list, tasks: list[str], where: str, fix: str) -> None:
+    """Training recorded in steps or a provenance on data made from a study task's test items is refused
+    (data/tasks/contamination.py)."""
+    from budgetlm.data.tasks import contamination
+
+    contamination.check(contamination.trained_tasks(record), tasks, where, fix)
+
+
+def _recorded_training(model: str) -> list:
+    """What a model folder records of its making (a budgetlm folder's provenance.json, an adapter folder's record),
+    read as JSON without loading the model; [] for bundled names, files, and records that do not parse (loading
+    the model reports those)."""
+    import json
+
+    from budgetlm.models.handle import PROVENANCE
+    from budgetlm.models.sources import ADAPTER_RECORD
+
+    found = []
+    for name in (PROVENANCE, ADAPTER_RECORD):
+        path = Path(model) / name
+        if path.is_file():
+            try:
+                found.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+    return found
 
 
 def _check_model(spec: str, i: int, origin: str) -> str:

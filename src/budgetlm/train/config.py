@@ -128,6 +128,10 @@ class TrainConfig(BaseModel):
                     raise ValueError(f"eval_tasks: {reason}")
         if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
             raise ValueError(f"betas {self.betas} must lie in [0, 1)")
+        from budgetlm.data.tasks import contamination
+
+        fix = "drop {eval} from eval_tasks or train on other data"
+        contamination.check([self.data.task], self.eval_tasks, "train", fix)  # a ConfigError passes pydantic
         return self
 
     @classmethod

