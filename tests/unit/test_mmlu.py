@@ -22,17 +22,7 @@ from budgetlm.errors import DataError, UnknownNameError
 from budgetlm.evaluation.harness import sample_items
 from budgetlm.registry import Registry
 
-
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def row(subject, question, choices, answer):

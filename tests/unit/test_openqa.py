@@ -45,14 +45,7 @@ NQ_ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch, tmp_path):
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

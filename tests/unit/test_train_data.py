@@ -23,14 +23,7 @@ CHAT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 @pytest.fixture(scope="module")
