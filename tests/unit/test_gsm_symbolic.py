@@ -97,6 +97,7 @@ def test_reasoning_gyms_scorer_would_read_the_first_number():
 def test_run_scores_generations():
     class LM:
         def generate_until(self, reqs):
+            assert all(args.chat is False for _, args in reqs)  # gsm8k's prompt as lm-eval runs it
             return ["#### 7", "#### 8"]
 
     items = [Item("0", {"question": "q", "answer": "7"}), Item("1", {"question": "r", "answer": "9"})]

@@ -426,6 +426,7 @@ def test_gsm8k_one_shot_prompt_and_scores(tmp_path):
     )
     assert args.until == ["Question:", "</s>", "<|im_end|>"]
     assert args.max_gen_toks == 256
+    assert args.chat is False  # lm-eval's default: no chat template, even on an instruct model
     assert [r["exact_match_strict"] for r in res.records] == [1.0, 0.0, 1.0, 0.0]
     assert [r["exact_match_flexible"] for r in res.records] == [1.0, 1.0, 0.0, 1.0]
     assert res.metrics["exact_match_strict"].value == pytest.approx(0.5)

@@ -84,7 +84,7 @@ def test_triviaqa_prompt_targets_and_scores(tmp_path):
     lm = FakeLM([" sunset boulevard", " Seville", "  LIMA PERU "])
     res = triviaqa.run(lm, data.items, ctx)
     _, args = lm.requests[0]
-    assert (args.until, args.max_gen_toks) == (["\n", ".", ","], 256)
+    assert (args.until, args.max_gen_toks, args.chat) == (["\n", ".", ","], 256, False)  # lm-eval: no chat template
     assert [r["exact_match"] for r in res.records] == [1.0, 0.0, 1.0]  # "Lima, Peru" loses its comma
     assert res.metrics["exact_match"].value == pytest.approx(2 / 3)
     assert res.records[2]["answer"] == "LIMA PERU"

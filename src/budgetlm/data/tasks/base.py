@@ -165,6 +165,9 @@ class GenerateTask(Task):
     kind = "generate"
     until: tuple[str, ...] = ("\n\n",)
     max_gen_toks: int = 256
+    # wrap the prompt in the model's chat template where it has one; the lm-eval-named tasks say False, as
+    # lm-eval runs them by default (without --apply_chat_template), so their prompts and scores compare
+    chat: bool = True
     metric_names: tuple[str, ...] = ("exact_match",)
 
     def doc_to_text(self, doc: dict) -> str:
@@ -176,7 +179,7 @@ class GenerateTask(Task):
     def run(self, lm, items: list[Item], ctx: TaskContext) -> TaskResult:
         from budgetlm.models.lm import GenArgs
 
-        args = GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks, chat=True)
+        args = GenArgs(until=list(self.until), max_gen_toks=self.max_gen_toks, chat=self.chat)
         gens = lm.generate_until([(self.doc_to_text(it.doc), args) for it in items])
         records = []
         for it, g in zip(items, gens):

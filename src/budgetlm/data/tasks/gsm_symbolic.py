@@ -98,6 +98,7 @@ def source_label(seed: int, n: int) -> str:
 
 
 class GSMSymbolic(GenerateTask):
+    chat = False  # gsm8k's prompt as lm-eval runs it: no chat template
     name = "gsm_symbolic"
     description = (
         "GSM-Symbolic: reasoning-gym's generated variants of GSM8K test questions (1,000 per seed), 5-shot like "

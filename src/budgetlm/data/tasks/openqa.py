@@ -59,6 +59,7 @@ def exact_match(generation: str, answers: list[str], regexes: tuple[str, ...] = 
 class OpenQA(GenerateTask):
     """A question with a list of accepted answers; process(row) -> {"question", "answers"}."""
 
+    chat = False  # lm-eval's default: no chat template
     sources: tuple[HubSource, ...] = ()
     split = "validation"
     columns: tuple[str, ...] = ("question", "answer")

@@ -56,6 +56,7 @@ def score_generation(generation: str, reference: str) -> dict:
 
 
 class GSM8K(GenerateTask):
+    chat = False  # lm-eval's default: the few-shot prompt as it is, no chat template
     name = "gsm8k"
     description = "GSM8K: grade-school math word problems, 5-shot, exact match of the final number (strict/flexible)"
     sources = (HubSource("openai/gsm8k", "main"), HubSource("gsm8k", "main"))
