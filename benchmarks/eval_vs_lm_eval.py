@@ -45,8 +45,11 @@ LM_EVAL_TASKS = {
 }
 
 
-def sample_rows(task_name: str, items: int | None, seed: int, data_dir: Path | None) -> tuple[list[dict], list, str]:
-    """The rows budgetlm evaluates (its split, sampled as `budgetlm eval --limit` samples), their item ids, source."""
+def sample_rows(
+    task_name: str, items: int | None, seed: int, data_dir: Path | None
+) -> tuple[list[dict], list, str, list[dict]]:
+    """The rows budgetlm evaluates (its split, sampled as `budgetlm eval --limit` samples), their item ids, source,
+    and the split's other rows."""
     from budgetlm.data.tasks import tasks
     from budgetlm.data.tasks.base import TaskContext
     from budgetlm.data.tasks.hub import load_rows, make_items
@@ -57,29 +60,54 @@ def sample_rows(task_name: str, items: int | None, seed: int, data_dir: Path | N
     all_items = make_items(task, rows, where)
     chosen = {it.id for it in sample_items(all_items, items, seed)}
     keep = [i for i, it in enumerate(all_items) if it.id in chosen]
-    return [rows[i] for i in keep], [all_items[i].id for i in keep], where
+    rest = [rows[i] for i, it in enumerate(all_items) if it.id not in chosen]
+    kept = [rows[i] for i in keep]  # ids as budgetlm gives them reading this file (row numbers where the data has none)
+    return kept, [it.id for it in make_items(task, kept, where)], where, rest
 
 
-def write_task(folder: Path, task_name: str, rows: list[dict]) -> str:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def gsm8k_prompts(folder: Path, rows: list[dict], seed: int) -> list[dict]:
+    """The rows with the 5 shots budgetlm gives each (`budgetlm_shots`, lm-eval's own shot format). lm-eval's shot
+    sampler draws from one random stream in document order, so its shots depend on which other items run before; to
+    compare generations on identical prompts, lm-eval is given budgetlm's shots through doc_to_text (num_fewshot 0):
+    its generation, stop sequences and both answer filters stay its own."""
+    from budgetlm.data.tasks import tasks
+    from budgetlm.data.tasks.base import TaskContext
+
+    items = tasks.get("gsm8k").load(TaskContext(seed=seed, data_dir=folder / "data")).items
+    assert [it.doc["question"] for it in items] == [r["question"] for r in rows]
+    shots = ["".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in it.doc["fewshot"]) for it in items]
+    return [{**r, "budgetlm_shots": s} for r, s in zip(rows, shots)]
+
+
+def write_task(folder: Path, task_name: str, rows: list[dict], rest: list[dict], seed: int) -> str:
     """The rows as DIR/<task>/<split>.jsonl (budgetlm's --data-dir layout) and an lm-eval YAML that includes
-    lm-eval's own task and points its evaluated split at that file; returns the lm-eval task name."""
+    lm-eval's own task and points its evaluated split at that file; returns the lm-eval task name. gsm8k's shots
+    come from the split's other rows, written as its train split (never an evaluated item)."""
     import lm_eval
 
     from budgetlm.data.tasks import tasks
 
     split = tasks.get(task_name).split
     data = folder / "data" / task_name / f"{split}.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(data, rows)
     rel, split_key = LM_EVAL_TASKS[task_name]
     own = Path(lm_eval.__file__).parent / "tasks" / rel
     local = f"{task_name}_budgetlm_rows"
-    others = [k for k in ("training_split", "validation_split", "test_split") if k != split_key]
+    if task_name == "gsm8k":
+        write_jsonl(folder / "data" / "gsm8k" / "train.jsonl", rest)
+        data = folder / "lm-eval-data" / "gsm8k" / "test.jsonl"
+        write_jsonl(data, gsm8k_prompts(folder, rows, seed))
+    others = [k for k in ("training_split", "validation_split", "test_split", "fewshot_split") if k != split_key]
     text = f"include: {own}\ntask: {local}\ntag: []\ndataset_path: json\ndataset_name: null\n"
     text += f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{split_key}: {split}\n"
     text += "".join(f"{k}: null\n" for k in others)
-    if task_name == "gsm8k":  # its few-shot examples come from the train split: keep lm-eval's own
-        text = text.replace("training_split: null\n", "")
+    if task_name == "gsm8k":
+        text += 'num_fewshot: 0\ndoc_to_text: "{{budgetlm_shots}}Question: {{question}}\\nAnswer:"\n'
     (folder / f"{local}.yaml").write_text(text, encoding="utf-8")
     return local
 
@@ -113,7 +141,10 @@ def run_lm_eval(model_dir: Path, task: str, folder: Path, batch: int, threads: i
     seconds = timed(cmd, threads, folder / f"lm-eval-{task}-{batch}.log")
     (samples,) = out.rglob(f"samples_{task}_*.jsonl")
     records = [json.loads(line) for line in samples.read_text().splitlines() if line]
-    return seconds, {r["doc_id"]: r for r in records}
+    by_doc: dict = {}
+    for r in records:  # one record per document and filter (gsm8k: strict-match, flexible-extract)
+        by_doc.setdefault(r["doc_id"], {**r, "by_filter": {}})["by_filter"][r.get("filter")] = r["filtered_resps"]
+    return seconds, by_doc
 
 
 def agreement(task: str, ids: list, ours: dict, theirs: dict) -> dict:
@@ -124,7 +155,7 @@ def agreement(task: str, ids: list, ours: dict, theirs: dict) -> dict:
         for i, item_id in enumerate(ids):
             o, t = ours[item_id], theirs[i]
             mine = {"strict": o["answer_strict"], "flexible": o["answer_flexible"]}
-            their = dict(zip(("strict", "flexible"), (f[0] if isinstance(f, list) else f for f in t["filtered_resps"])))
+            their = {k: t["by_filter"][f][0] for k, f in (("strict", "strict-match"), ("flexible", "flexible-extract"))}
             for k in same:
                 same[k] += mine[k] == their[k]
             if mine != their:
@@ -181,8 +212,8 @@ def main() -> None:
         del handle
         for task in a.tasks.split(","):
             n = getattr(a, f"{task}_items", None) or a.items
-            rows, ids, where = sample_rows(task, None if n == "all" else int(n), a.seed, a.data_dir)
-            local = write_task(tmp, task, rows)
+            rows, ids, where, rest = sample_rows(task, None if n == "all" else int(n), a.seed, a.data_dir)
+            local = write_task(tmp, task, rows, rest, a.seed)
             print(f"{task}: {len(rows)} items from {where}; load avg {os.getloadavg()[0]:.1f}", flush=True)
             ours, theirs = {}, {}
             for bs in a.budgetlm_batch.split(","):
