@@ -12,21 +12,20 @@ import pytest
 from budgetlm.data.tasks import contamination
 from budgetlm.errors import ConfigError
 
-REASON = "gsm_symbolic's templates are GSM8K's test questions, so the gsm8k score would be contaminated"
+REASON = "gsm_symbolic's templates are GSM8K's test questions, so the score would be contaminated"
+SYM, ARITH, GSM8K = ("gsm_symbolic", None), ("arith", None), ("gsm8k", None)
 
 
 def test_rule_and_message():
-    assert contamination.first(["arith", "gsm_symbolic"], ["text-ppl", "gsm8k"]) == ("gsm_symbolic", "gsm8k", REASON)
-    assert contamination.reason("gsm_symbolic", "gsm8k:eval-fold").startswith("gsm_symbolic's templates are")
-    assert contamination.reason("gsm_symbolic", "gsm8k_cot") is None
-    assert contamination.first(["gsm_symbolic"], ["gsm_symbolic", "arith"]) is None
-    assert contamination.first(["gsm8k"], ["gsm_symbolic"]) is None  # GSM8K's train split is not the templates' source
+    why = f"evaluating gsm8k after training on gsm_symbolic, but {REASON}"
+    assert contamination.first([ARITH, SYM], ["text-ppl", "gsm8k"]) == (SYM, "gsm8k", why, False)
+    assert contamination.reason(SYM, "gsm8k:eval-fold")[0].endswith(REASON)
+    assert contamination.reason(SYM, "gsm8k_cot") is None
+    assert contamination.first([SYM], ["gsm_symbolic", "arith"]) is None
+    assert contamination.first([GSM8K], ["gsm_symbolic"]) is None  # GSM8K's train split is not the templates' source
     with pytest.raises(ConfigError) as e:
-        contamination.check(["gsm_symbolic"], ["gsm8k"], "here", "drop {eval} or stop training on {train}")
-    assert str(e.value) == (
-        f"here: evaluating gsm8k after training on gsm_symbolic, but {REASON}; drop gsm8k or stop training on "
-        "gsm_symbolic"
-    )
+        contamination.check([SYM], ["gsm8k"], "here", "drop {eval} or stop training on {train}")
+    assert str(e.value) == f"here: {why}; drop gsm8k or stop training on gsm_symbolic"
 
 
 def test_trained_tasks_reads_every_recorded_training():
@@ -38,7 +37,7 @@ def test_trained_tasks_reads_every_recorded_training():
         {"method": "other", "config": {"data": "gsm8k"}},  # not a data config (a mapping with a task)
         {"method": "train", "config": {"data": {"task": "boolq", "split": None}}},
     ]
-    assert contamination.trained_tasks(provenance) == ["arith", "gsm_symbolic", "boolq"]
+    assert contamination.trained_on(provenance) == [("arith", "train"), ("gsm_symbolic", "train"), ("boolq", None)]
 
 
 def test_train_config_refuses_gsm8k_after_gsm_symbolic():
@@ -100,7 +99,7 @@ def test_eval_refuses_a_model_trained_on_gsm_symbolic_unless_allowed(tmp_path, t
     (data / "test.jsonl").write_text(json.dumps(GSM_ROW) + "\n")
     res = evaluate(tiny, ["gsm8k"], data_dir=tmp_path / "data", allow_contamination=True)
     assert res["gsm8k"]["exact_match_strict"].extra["contamination"] == (
-        f"evaluated after training on gsm_symbolic: {REASON}; allowed by --allow-contamination"
+        f"evaluating gsm8k after training on gsm_symbolic, but {REASON}; allowed by --allow-contamination"
     )
 
 
@@ -129,6 +128,19 @@ def test_recipe_refuses_a_model_folder_trained_on_gsm_symbolic(tmp_path, tiny):
     assert str(e.value).startswith("recipe r.yaml: models[0] (its provenance): evaluating gsm8k after training on ")
     assert str(e.value).endswith("; remove gsm8k from tasks or use a model not trained on gsm_symbolic")
     assert parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["gsm_symbolic"]}).tasks == ["gsm_symbolic"]
+
+
+def test_recipe_refuses_a_model_folder_fine_tuned_on_the_items_it_would_score(tmp_path, tiny):
+    """The same rule covers the items themselves: a folder fine-tuned on boolq's train fold, in a study of boolq."""
+    from budgetlm.experiments.recipe import parse_recipe
+
+    tiny.provenance = [{"method": "lora", "config": {"r": 2, "train": {"data": {"task": "boolq", "split": None}}}}]
+    tiny.save(tmp_path / "m")
+    with pytest.raises(ConfigError) as e:
+        parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["boolq"]}, "recipe r.yaml")
+    assert str(e.value).startswith("recipe r.yaml: models[0] (its provenance): training on boolq reads its train-fold")
+    assert str(e.value).endswith("evaluate 'boolq:eval-fold' instead")
+    assert parse_recipe({"models": [str(tmp_path / "m")], "tasks": ["boolq:eval-fold"]}).tasks == ["boolq:eval-fold"]
 
 
 def test_training_a_model_trained_on_gsm_symbolic_with_gsm8k_evals_is_refused_before_it_starts(tiny):

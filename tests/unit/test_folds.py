@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from budgetlm.data.tasks import tasks
 from budgetlm.data.tasks.base import Item, TaskContext
-from budgetlm.data.tasks.folds import EVAL_FOLD, FOLD_SEED, TRAIN_FOLD, fold_items, in_eval_fold, overlap, trained_on
+from budgetlm.data.tasks.contamination import check, trained_on
+from budgetlm.data.tasks.folds import EVAL_FOLD, FOLD_SEED, TRAIN_FOLD, fold_items, in_eval_fold, overlap
 from budgetlm.errors import ConfigError, UnknownNameError
 from budgetlm.models.sources import tiny_tokenizer
 from budgetlm.train.config import DataConfig, TrainConfig
@@ -121,8 +122,9 @@ def test_overlap_rule(train, split, evaluate, refused):
 
 
 def test_refused_in_train_config_recipe_and_eval():
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(ConfigError) as e:
         TrainConfig(data={"task": "boolq"}, eval_tasks=["boolq"])
+    assert str(e.value).startswith("train: training on boolq reads")
     assert "training on boolq reads its train-fold (validation) and evaluating boolq scores all of its validation " in (
         str(e.value)
     )
@@ -133,17 +135,16 @@ def test_refused_in_train_config_recipe_and_eval():
 
     recipe = {"models": ["tiny-random"], "tasks": ["boolq"], "bench": {"enabled": False}}
     recipe["pipelines"] = {"lora": [{"method": "lora", "r": 2, "train": {"steps": 1, "data": {"task": "boolq"}}}]}
-    with pytest.raises(ConfigError, match=r"recipe: pipelines.lora\[0\]: training on boolq reads its train-fold"):
+    with pytest.raises(ConfigError, match=r"recipe: pipelines.lora: training on boolq reads its train-fold"):
         parse_recipe(recipe)
     parse_recipe({**recipe, "tasks": ["boolq:eval-fold"]})
 
-    from budgetlm.evaluation.harness import resolve_tasks
-
+    # a model's provenance (eval reads it through the same check; the corpus runs `budgetlm eval` on such a model)
     provenance = [{"method": "lora", "config": recipe["pipelines"]["lora"][0]}]
     assert trained_on(provenance) == [("boolq", None)]
-    with pytest.raises(ConfigError, match="the model was fine-tuned on boolq: training on boolq reads"):
-        resolve_tasks(["text-ppl", "boolq"], provenance)
-    assert [t.name for t in resolve_tasks(["boolq:eval-fold"], provenance)] == ["boolq:eval-fold"]
+    with pytest.raises(ConfigError, match="^eval: training on boolq reads"):
+        check(trained_on(provenance), ["text-ppl", "boolq"], "eval", "unused: the reason names its fix")
+    check(trained_on(provenance), ["boolq:eval-fold"], "eval", "")
     run = [{"method": "train", "config": {"data": {"task": "arc_easy", "split": "test"}}}]
     with pytest.raises(ConfigError, match="train on its train source, the validation split"):
-        resolve_tasks(["arc_easy"], run)
+        check(trained_on(run), ["arc_easy"], "eval", "")

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from budgetlm.data.tasks import tasks as task_registry
 from budgetlm.data.tasks.base import Item, Task, TaskContext
-from budgetlm.data.tasks.folds import overlap, trained_on
-from budgetlm.errors import BudgetLMError, ConfigError, DataError
+from budgetlm.errors import BudgetLMError, DataError
 from budgetlm.models.handle import ModelHandle
 from budgetlm.models.lm import HFLM
 from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
@@ -47,17 +46,11 @@ def sample_items(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     return chosen
 
 
-def resolve_tasks(names: list[str], provenance: list[dict] = ()) -> list[Task]:
-    """Look up every task before running any, so a typo fails at once; a task whose items the model (by its
-    provenance) was trained on is refused."""
+def resolve_tasks(names: list[str]) -> list[Task]:
+    """Look up every task before running any, so a typo fails at once."""
     if not names:
         raise BudgetLMError("no tasks given; pass --tasks with names from `budgetlm tasks`")
-    resolved = [task_registry.get(n) for n in names]
-    for train_task, split in trained_on(list(provenance)):
-        for name in names:
-            if reason := overlap(train_task, split, name):
-                raise ConfigError(f"the model was fine-tuned on {train_task}: {reason}")
-    return resolved
+    return [task_registry.get(n) for n in names]
 
 
 def sampling(limit: int | None, available: int, seed: int) -> str:
@@ -135,7 +128,7 @@ def evaluate(
     progress: bool = False,
     allow_contamination: bool = False,
 ) -> dict[str, dict[str, Metric]]:
-    resolved = resolve_tasks(tasks, handle.provenance)
+    resolved = resolve_tasks(tasks)
     is_base = not handle.provenance and handle.base_id == handle.source
     ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
     ctx = TaskContext(
@@ -146,7 +139,7 @@ def evaluate(
         base_id=handle.base_id,
         batch_size=batch_size,
     )
-    # training recorded in the provenance on data made from a task's test items: refused, or allowed and marked
+    # training recorded in the provenance on a task's items or on data made from them: refused, or allowed and marked
     contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
     lm = HFLM(handle, batch_size=batch_size)
     results: dict[str, dict[str, Metric]] = {}
@@ -192,15 +185,16 @@ def _contamination(handle: ModelHandle, names: list[str], allowed: bool) -> dict
     allowed; otherwise the first such task is refused."""
     from budgetlm.data.tasks import contamination
 
-    trained = contamination.trained_tasks(handle.provenance)
+    trained = contamination.trained_on(handle.provenance)
     if not allowed:
         fix = "leave {eval} out, or pass --allow-contamination to score it marked as contaminated"
-        contamination.check(trained, names, "eval (from the model's provenance)", fix)
+        where = "eval (from the model's provenance)"
+        contamination.check(trained, names, where, fix)
         return {}
     notes = {}
     for name in names:
         if found := contamination.first(trained, [name]):
-            notes[name] = f"evaluated after training on {found[0]}: {found[2]}; allowed by --allow-contamination"
+            notes[name] = f"{found[2]}; allowed by --allow-contamination"
     return notes
 
 

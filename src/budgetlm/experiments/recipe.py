@@ -161,8 +161,6 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
-        for i, step in enumerate(pipelines[name]):
-            _check_trained_items(step, recipe.tasks, f"{origin}: pipelines.{name}[{i}]")
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
@@ -196,16 +194,6 @@ def _resolve_step(step: dict | str, where: str, origin: str) -> dict:
     return {"method": name, **config.model_dump(mode="json")}
 
 
-def _check_trained_items(step: dict, tasks: list[str], where: str) -> None:
-    """A step that trains on a task's items, in a study that evaluates those same items: refused."""
-    from budgetlm.data.tasks.folds import overlap, trained_on
-
-    for train_task, split in trained_on([{"method": step["method"], "config": step}]):
-        for task in tasks:
-            if reason := overlap(train_task, split, task):
-                raise ConfigError(f"{where}: {reason}")
-
-
 def _check_task(name: str, where: str, origin: str) -> None:
     from budgetlm.data.tasks.base import tasks
 
@@ -217,11 +205,11 @@ def _check_task(name: str, where: str, origin: str) -> None:
 
 
 def _check_contamination(record: list, tasks: list[str], where: str, fix: str) -> None:
-    """Training recorded in steps or a provenance on data made from a study task's test items is refused
+    """Training recorded in steps or a provenance on a study task's items, or on data made from them, is refused
     (data/tasks/contamination.py)."""
     from budgetlm.data.tasks import contamination
 
-    contamination.check(contamination.trained_tasks(record), tasks, where, fix)
+    contamination.check(contamination.trained_on(record), tasks, where, fix)
 
 
 def _recorded_training(model: str) -> list:

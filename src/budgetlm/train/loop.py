@@ -182,7 +182,7 @@ def fit(
         from budgetlm.evaluation.harness import resolve_tasks
 
         resolve_tasks(cfg.eval_tasks)
-        trained = contamination.trained_tasks(handle.provenance)  # refused before training, not at its first eval
+        trained = contamination.trained_on(handle.provenance)  # refused before training, not at its first eval
         fix = "drop {eval} from eval_tasks or train a model not trained on {train}"
         contamination.check(trained, cfg.eval_tasks, "train (the model's provenance)", fix)
     out = Path(out_dir) if out_dir is not None else None

@@ -11,9 +11,9 @@ which other items are present), so the folds are disjoint and the same from any 
 hashed by its content — the document the task reads, as canonical JSON — rather than its row number, which
 depends on the file's order, and identical items land in the same fold.
 
-`overlap` is the rule that refuses training on some items of a task and evaluating the same items: a recipe whose
-pipeline trains on `boolq` (its train fold) while the study evaluates `boolq` (all of validation), a training run
-with such eval_tasks, or `budgetlm eval` of a model whose provenance says it trained so.
+`overlap` says when training on some items of a task and evaluating it would score the same items (a pipeline that
+trains on `boolq`, its train fold, in a study that evaluates `boolq`, all of validation); contamination.py applies
+it, with the other rule on training data, wherever training meets evaluation.
 """
 
 from __future__ import annotations
@@ -134,15 +134,3 @@ def overlap(train_task: str, train_split: str | None, eval_task: str) -> str | N
     else:
         fix = f"train on its train source, the {task.train_split} split (leave data.split unset)"
     return f"training on {base} reads {trained} and evaluating {eval_task} scores {scored}: the same items; {fix}"
-
-
-def trained_on(provenance: list[dict]) -> list[tuple[str, str | None]]:
-    """(task, split) of every training a model's provenance records (adapter steps, distillation, `train`)."""
-    found = []
-    for entry in provenance:
-        config = entry.get("config") or {}
-        train = config if entry.get("method") == "train" else config.get("train")
-        data = train.get("data") if isinstance(train, dict) else None
-        if isinstance(data, dict) and data.get("task"):
-            found.append((data["task"], data.get("split")))
-    return found
