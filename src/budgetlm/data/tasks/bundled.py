@@ -83,26 +83,25 @@ def _labels(n: int, numbered: bool) -> list[str]:
     return [str(i + 1) for i in range(n)] if numbered else list(LETTERS[:n])
 
 
-def arc_row(doc: dict) -> dict:
-    """ai2_arc's hub schema from an oe-eval ARC document."""
-    labels = _labels(len(doc["choices"]), bool(NUMBERED.match(doc["id"])))
+def _lettered_row(doc: dict, question_key: str, numbered: bool) -> dict:
+    """The hub schema of a lettered multiple-choice question from an oe-eval document."""
+    labels = _labels(len(doc["choices"]), numbered)
     return {
         "id": doc["id"],
-        "question": _question(doc),
+        question_key: _question(doc),
         "choices": {"text": list(doc["choices"]), "label": labels},
         "answerKey": labels[doc["gold"]],
     }
+
+
+def arc_row(doc: dict) -> dict:
+    """ai2_arc's hub schema from an oe-eval ARC document."""
+    return _lettered_row(doc, "question", bool(NUMBERED.match(doc["id"])))
 
 
 def openbookqa_row(doc: dict) -> dict:
-    """openbookqa main's hub schema from an oe-eval openbookqa document."""
-    labels = _labels(len(doc["choices"]), numbered=False)
-    return {
-        "id": doc["id"],
-        "question_stem": _question(doc),
-        "choices": {"text": list(doc["choices"]), "label": labels},
-        "answerKey": labels[doc["gold"]],
-    }
+    """openbookqa main's hub schema from an oe-eval openbookqa document (its question is `question_stem`)."""
+    return _lettered_row(doc, "question_stem", numbered=False)
 
 
 def gsm8k_row(doc: dict) -> dict:

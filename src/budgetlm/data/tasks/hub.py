@@ -78,6 +78,17 @@ class HubMultipleChoice(MultipleChoiceTask):
         return means(self.reported)
 
 
+def lettered(row: dict, question_field: str) -> dict:
+    """{question, choices, gold} from the hub schema of a lettered multiple-choice row (ARC, OpenBookQA):
+    choices {text, label} and answerKey, the gold choice's label."""
+    labels = [str(x) for x in row["choices"]["label"]]
+    return {
+        "question": row[question_field],
+        "choices": list(row["choices"]["text"]),
+        "gold": labels.index(str(row["answerKey"]).strip()),
+    }
+
+
 class Arc(HubMultipleChoice):
     columns = ("question", "choices", "answerKey")
     id_field = "id"
@@ -88,12 +99,7 @@ class Arc(HubMultipleChoice):
         self.sources = (HubSource("allenai/ai2_arc", subset), HubSource("ai2_arc", subset))
 
     def process(self, row: dict) -> dict:
-        labels = [str(x) for x in row["choices"]["label"]]
-        return {
-            "question": row["question"],
-            "choices": list(row["choices"]["text"]),
-            "gold": labels.index(str(row["answerKey"]).strip()),
-        }
+        return lettered(row, "question")
 
     def doc_to_text(self, doc: dict) -> str:
         return f"Question: {doc['question']}\nAnswer:"

