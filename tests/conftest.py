@@ -19,6 +19,16 @@ def _float32_calibration_by_default(monkeypatch):
     monkeypatch.setattr(gptq, "bf16_matmul_speedup", lambda: 1.0)
 
 
+@pytest.fixture(autouse=True)
+def _exact_quantised_layers(monkeypatch):
+    """Quantised layers compute by exact dequantisation in the tests' own process, so the numerics they check do not
+    depend on which path the host's probe picks (tests/unit/test_quant_kernels.py tests the kernels, the probe and
+    the path choice; processes the tests start use the kernels)."""
+    from budgetlm.methods.quant import kernels
+
+    monkeypatch.setattr(kernels, "_enabled", False)
+
+
 @pytest.fixture
 def offline_datasets(tmp_path, monkeypatch):
     """No hub and an empty `datasets` cache: tasks read only --data-dir files and the bundled data. datasets and

@@ -1,19 +1,25 @@
 """QuantLinear: a Linear whose weight is stored as packed integer codes plus fp16 scales (and zeros).
 
-Storage is real: `qweight` holds the packed codes (8 codes in b bytes), `scales` fp16 [out, groups],
-`zeros` uint8 [out, groups] for asymmetric grids. The forward pass:
-- 8-bit symmetric per-channel weights use torch's int8 weight-only kernel (`_weight_int8pack_mm`) for up to
-  INT8_KERNEL_MAX_TOKENS tokens (decode): it reads 1 byte per weight and never materialises an fp32 weight; it
-  takes bf16 activations, which costs SmolLM2 about 0.1% perplexity against exact dequantisation (13.153 vs
-  13.142; fp32 weights 13.109). For more tokens (prefill, scoring) they dequantise and multiply in fp32, which
-  measured faster on this CPU (benchmarks/bench_int8.py: the int8 kernel is 1.1-1.7x slower at 512 tokens, 2-4x
-  faster for one token on most shapes; torch._int_mm, a W8A8 int8 x int8 product, was 14-40x slower than
-  either, so it is not used);
-- every other grid dequantises the weight to fp32 for the matmul (exact w.r.t. the stored grid).
+Storage is real: `qweight` holds the packed codes (8 codes in b bytes; int8 [out, in] for 8-bit symmetric
+per-channel grids), `scales` fp16 [out, groups], `zeros` uint8 [out, groups] for asymmetric grids. That is the
+saved form (the true bits on disk) whatever the layer holds in memory.
 
-Two optional parts (both saved and counted in `storage_bytes`):
+The forward pass takes the fastest exact path for its call size (methods/quant/kernels.py: a probe measured on the
+host picks the crossover between the kernels and dequantise + GEMM):
+- grids of at most 4 bits with a group the 4-bit kernel can express (per-channel grids as repeated groups) take
+  torch's int4 kernel for few tokens (decode). On first use the codes are repacked into the kernel's layout and
+  the dense `qweight` is dropped from memory: a 2-, 3- or 4-bit layer then holds 4 bits per weight in memory,
+  and its state dict (what is saved) is rebuilt from that layout, bit for bit the stored codes;
+- 8-bit symmetric per-channel grids take torch's int8 kernel for few tokens;
+- every other call (many tokens, or a grid no kernel takes) dequantises the codes to fp32 a block of output rows
+  at a time and multiplies in fp32: exact w.r.t. the stored grid.
+The kernels take bf16 activations and bf16 scales: benchmarks/bench_decode.py reports the KL of each grid's
+kernel path to exact dequantisation; `kernels.kernels_enabled(False)` or BUDGETLM_KERNELS=0 turns them off.
+
+Two optional parts (both saved and counted in `storage_bytes`), kept on every path:
 - `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
-  codes and groups are stored for W[:, perm]; `dequantized_weight()` returns the weight in the original order.
+  codes and groups are stored for W[:, perm]; the forward gathers the input's columns in that order (x W^T =
+  x[:, perm] W[:, perm]^T) and `dequantized_weight()` returns the weight in the original order.
 - a low-rank correction of rank r (Lo-Bi): `lr_u` fp16 [out, r] and `lr_v` fp16 [r, in]; the layer computes
   y = Q(W) x + lr_u (lr_v x), i.e. the effective weight is Q(W) + lr_u lr_v.
 """
@@ -23,9 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from budgetlm.methods.quant import kernels
 from budgetlm.methods.quant.quantizer import Grid, dequantize, pack, packed_numel, unpack
-
-INT8_KERNEL_MAX_TOKENS = 8  # at most this many tokens per call take the int8 kernel (see the module docstring)
 
 
 class QuantLinear(torch.nn.Module):
@@ -59,6 +64,8 @@ class QuantLinear(torch.nn.Module):
         self.rank = rank
         self.register_buffer("lr_u", torch.zeros(out_features, rank, dtype=torch.float16) if rank else None)
         self.register_buffer("lr_v", torch.zeros(rank, in_features, dtype=torch.float16) if rank else None)
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes in the kernel's layout, its table)
+        self._int4_group = kernels.int4_group(bits, group_size, out_features, in_features)
 
     @property
     def int8_kernel(self) -> bool:
@@ -101,6 +108,10 @@ class QuantLinear(torch.nn.Module):
         return Grid(self.scales.float(), zeros, self.bits, self.group_size)
 
     def codes(self) -> torch.Tensor:
+        if self._int4 is not None:
+            return kernels.int4_codes(
+                self._int4[0], self.zeros, self.bits, self.group_size, self.out_features, self.in_features
+            )
         if self.int8_kernel:
             return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
         n = self.in_features * self.out_features
@@ -120,22 +131,95 @@ class QuantLinear(torch.nn.Module):
             w = w + self.lr_u.float() @ self.lr_v.float()
         return w
 
+    # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
+    @property
+    def kernel(self) -> str | None:
+        """The kernel this layer's grid can take ("int4", "int8") or None (dequantisation only)."""
+        if self.int8_kernel:
+            return "int8"
+        return "int4" if self._int4_group is not None else None
+
+    def path(self, tokens: int) -> str:
+        """The path a call with `tokens` tokens takes: "int4", "int8" or "dense"."""
+        kind = self.kernel if kernels.enabled() else None
+        return kernels.choose(kind, tokens, kernels.crossover(kind) if kind else 0)
+
+    def _int4_ready(self) -> bool:
+        """Repack the codes into the 4-bit kernel's layout (once) and drop the dense copy from memory."""
+        if self._int4 is None:
+            if not kernels._layout_matches():
+                return False
+            args = (self.scales, self.zeros, self.bits, self.group_size)
+            self._int4 = kernels.int4_pack_grid(self.codes(), *args, self._int4_group)
+            self.qweight = torch.empty(0, dtype=torch.uint8)  # the state dict rebuilds it (_save_to_state_dict)
+        return True
+
+    def _rows(self, codes: torch.Tensor | None):
+        """weight_rows(r0, r1) for kernels.dense_mm: rows r0:r1 of Q(W) (in the stored column order), float32."""
+        grid = self.grid()
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            zeros = None if grid.zeros is None else grid.zeros[r0:r1]
+            sub = Grid(grid.scales[r0:r1], zeros, grid.bits, grid.group_size)
+            if codes is not None:
+                part = codes[r0:r1]
+            else:  # whole 64-row blocks of the kernel's layout
+                block = self._int4[0][r0:r1]
+                part = kernels.int4_codes(block, zeros, grid.bits, grid.group_size, r1 - r0, self.in_features)
+            return dequantize(part, sub)
+
+        return rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_kernel and x.numel() <= INT8_KERNEL_MAX_TOKENS * self.in_features:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            scales = self.scales[:, 0].to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.qweight, scales).to(x.dtype)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            y = y + self.bias if self.bias is not None else y
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
+            flat = flat.index_select(1, self.perm.long())
+        path = self.path(flat.shape[0])
+        if path == "int4" and self._int4_ready():
+            y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4[1])
+        elif path == "int8":
+            y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
         else:
-            y = F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            rows = self._rows(None if self._int4 is not None else self.codes())
+            y = kernels.dense_mm(flat, rows, self.out_features, self.in_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         if self.rank:
-            y = y + F.linear(F.linear(x, self.lr_v.to(x.dtype)), self.lr_u.to(x.dtype))
-        return y
+            y = y + F.linear(F.linear(x.reshape(-1, self.in_features), self.lr_v.to(x.dtype)), self.lr_u.to(x.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    # -- saving: the dense codes, whatever the layer holds in memory ----------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._int4 is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        dropped = self.qweight
+        self.qweight = pack(self.codes(), self.bits)  # in its place among the buffers: the same keys, same order
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self.qweight = dropped
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._int4 is not None:  # back to the dense form the file holds; repacked on the next kernel call
+            self._int4 = None
+            self.qweight = torch.zeros(packed_numel(self.in_features * self.out_features, self.bits), dtype=torch.uint8)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def storage_bytes(self) -> int:
-        """Bytes of the stored weight: packed codes + scales + zeros + permutation + correction (bias excluded)."""
-        tensors = [self.qweight, self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
+        """Bytes of the stored weight (what the saved file holds): packed codes + scales + zeros + permutation +
+        correction (bias excluded)."""
+        n = self.in_features * self.out_features
+        codes = n if self.int8_kernel else packed_numel(n, self.bits)
+        tensors = [self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
+        return codes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def runtime_bytes(self) -> int:
+        """Bytes the weight holds in memory now: the kernel's layout (4 bits per weight for 2- and 3-bit grids
+        too) and its table once the int4 path was used, else what is stored."""
+        if self._int4 is None:
+            return self.storage_bytes()
+        tensors = [*self._int4, self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def layer_meta(self) -> dict:

@@ -1,0 +1,234 @@
+"""The fast CPU paths of quantised Linears and the host probe that chooses between them.
+
+Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored codes:
+- "int4": torch's 4-bit weight-only kernel (`_weight_int4pack_mm_for_cpu`) for grids of at most 4 bits. It reads
+  half a byte per weight and computes w = (q - 8) * s + z per group of g in {32, 64, 128, 256} columns, so a code
+  q with zero point zp (asymmetric) or 2^(b-1) (symmetric) maps exactly with z = (8 - zp) * s; 2- and 3-bit codes
+  are stored shifted to c = q + 8 - zp (still in 0..15), so that z = 0 and only the scale is rounded. A
+  per-channel grid, or a group a multiple of a kernel group, is the same scale repeated: exact. Its activations,
+  scales and offsets are bfloat16 (float32 activations fall to a scalar loop 15-60x slower), which rounds the
+  scales of the stored grid to 8 mantissa bits: the quality cost is measured per grid by
+  benchmarks/bench_decode.py (KL to the exact path).
+- "int8": torch's int8 weight-only kernel (`_weight_int8pack_mm`) for 8-bit symmetric per-channel grids: one byte
+  per weight, bfloat16 activations and scales.
+- "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
+  block multiplied in float32: exact w.r.t. the stored grid and never more than a block of float32 weights alive.
+Which one a call takes depends on its token count M: the kernels win for a few tokens (decode reads fewer bytes),
+dequantise + GEMM for many (prefill, scoring). The crossover is measured once per process and thread count on a
+representative layer (`crossover`, ~0.1-0.3 s), never assumed from CPU flags: where bf16 is emulated the kernels
+lose at every M and are never taken. `choose` is a pure function of M and the probe's result.
+
+The 4-bit layout: torch's CPU packer stores blocks of 64 output rows, for every input column 32 bytes, byte j
+holding row j in its low nibble and row 32 + j in its high nibble. `pack_int4` / `unpack_int4` write and read
+that layout with tensor ops (cheap and exact both ways), checked once per process against torch's own packer
+(`_layout_matches`); a torch whose layout differs leaves every layer on the dense path. Set BUDGETLM_KERNELS=0
+(or `kernels_enabled(False)`) to compute every quantised layer by exact dequantisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, largest first
+BLOCK_N = 64  # output rows per block of torch's CPU 4-bit layout
+DENSE_BLOCK_WEIGHTS = 1 << 21  # float32 weights dequantised at once on the dense path (8 MiB)
+PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts the probe times, ascending
+PROBE_SHAPE = (1024, 1024)  # [out, in] of the layer the probe times
+
+_enabled: bool | None = None  # None: read BUDGETLM_KERNELS
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("BUDGETLM_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def kernels_enabled(on: bool):
+    """Within the block, quantised layers take the kernels (True, where the probe says they pay) or compute by
+    exact dequantisation only (False)."""
+    global _enabled
+    before, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+# -- the 4-bit layout ------------------------------------------------------------------------------------------
+def int4_group(bits: int, group_size: int, out_features: int, in_features: int) -> int | None:
+    """The kernel group size that expresses this grid exactly, or None when the kernel cannot take it."""
+    if bits > 4 or out_features % BLOCK_N or in_features % 2:
+        return None
+    for g in INT4_GROUPS:
+        if group_size % g == 0 and in_features % g == 0:
+            return g
+    return None
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (values 0..15, N a multiple of 64) in torch's CPU 4-bit layout, uint8 [N, K/2]."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n // BLOCK_N, 2, BLOCK_N // 2, k)
+    packed = c[:, 0] | (c[:, 1] << 4)  # [blocks, 32, K]
+    return packed.transpose(1, 2).contiguous().reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 codes [n, k] from a layout [n, k/2] (or a block of whole 64-row blocks)."""
+    p = packed.reshape(n // BLOCK_N, k, BLOCK_N // 2).transpose(1, 2)  # [blocks, 32, K]
+    return torch.stack([p & 15, p >> 4], dim=1).reshape(n, k)
+
+
+@lru_cache(maxsize=1)
+def _layout_matches() -> bool:
+    """pack_int4 writes exactly what torch's own packer writes (checked on a random 128 x 64 layer)."""
+    try:
+        q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return theirs.shape == (128, 32) and torch.equal(theirs, pack_int4(q))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _offsets(zeros: torch.Tensor | None, bits: int, like: torch.Tensor) -> torch.Tensor:
+    """Each group's zero point: the stored zeros (asymmetric) or 2^(b-1) (symmetric)."""
+    return zeros.float() if zeros is not None else torch.full_like(like.float(), 2 ** (bits - 1))
+
+
+def int4_pack_grid(codes, scales, zeros, bits: int, group_size: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's codes [N, K] and grid in the kernel's form: (packed [N, K/2] uint8, bf16 table [K/g, N, 2]).
+
+    The kernel computes (c - 8) * s + z with bf16 s and z. For grids of at most 3 bits the codes are stored shifted
+    by 8 - zp (c = q + 8 - zp stays in 0..15), so that z = 0 and only the scale is rounded to bf16; 4-bit codes
+    fill 0..15 and keep z = (8 - zp) * s (rounded to bf16 too)."""
+    s = scales.float()
+    zp = _offsets(zeros, bits, s)
+    if bits <= 3:
+        shift = (8 - zp).to(torch.int16).repeat_interleave(group_size, dim=1)
+        codes = (codes.to(torch.int16) + shift).to(torch.uint8)
+        z = torch.zeros_like(s)
+    else:
+        z = (8 - zp) * s
+    rep = group_size // g
+    if rep > 1:
+        s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)
+    table = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)
+    return pack_int4(codes), table
+
+
+def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The stored codes [n, k] back from int4_pack_grid's layout (rows of whole 64-row blocks; zeros of those rows)."""
+    codes = unpack_int4(packed, n, k)
+    if bits <= 3:
+        zp = _offsets(zeros, bits, torch.empty(n, k // group_size))
+        shift = (8 - zp).to(torch.int16).repeat_interleave(group_size, dim=1)
+        codes = (codes.to(torch.int16) - shift).to(torch.uint8)
+    return codes
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, g: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) times the packed weight: [M, N] in x's dtype."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, g, scale_zero).to(x.dtype)
+
+
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int8 [N, K] weight with per-row bf16 scales: [M, N] in x's dtype."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales).to(x.dtype)
+
+
+def dense_mm(x: torch.Tensor, weight_rows, out_features: int, in_features: int) -> torch.Tensor:
+    """x [M, K] times a weight dequantised block by block: `weight_rows(r0, r1)` gives rows r0:r1 in float32."""
+    step = max(BLOCK_N, DENSE_BLOCK_WEIGHTS // max(in_features, 1) // BLOCK_N * BLOCK_N)
+    if step >= out_features:
+        return F.linear(x, weight_rows(0, out_features).to(x.dtype))
+    y = x.new_empty(*x.shape[:-1], out_features)
+    for r0 in range(0, out_features, step):
+        r1 = min(out_features, r0 + step)
+        y[..., r0:r1] = F.linear(x, weight_rows(r0, r1).to(x.dtype))
+    return y
+
+
+# -- the probe -------------------------------------------------------------------------------------------------
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: oneDNN and the kernels build their code on the first call
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _probe_layer(kind: str):
+    """A random layer of PROBE_SHAPE for `kind` ("int4" or "int8"): (kernel(x), dense(x))."""
+    from budgetlm.methods.quant.quantizer import dequantize, find_grid, quantize
+
+    n, k = PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    if kind == "int4":
+        grid = find_grid(w, 4, 64, symmetric=False)
+        codes = quantize(w, grid)
+        packed, table = int4_pack_grid(codes, grid.scales, grid.zeros, 4, 64, 64)
+
+        def kernel(x):
+            return int4_mm(x, packed, 64, table)
+
+        def rows(r0, r1):
+            sub = type(grid)(grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64)
+            return dequantize(int4_codes(packed[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k), sub)
+
+    else:
+        grid = find_grid(w, 8, None, symmetric=True)
+        q8 = (quantize(w, grid).to(torch.int16) - 128).to(torch.int8)
+        s8 = grid.scales[:, 0].to(torch.bfloat16)
+
+        def kernel(x):
+            return int8_mm(x, q8, s8)
+
+        def rows(r0, r1):
+            return q8[r0:r1].float() * grid.scales[r0:r1]
+
+    def dense(x):
+        return dense_mm(x, rows, n, k)
+
+    return kernel, dense
+
+
+@lru_cache(maxsize=16)
+def _crossover(kind: str, threads: int) -> int:
+    try:
+        if kind == "int4" and not _layout_matches():
+            return 0
+        kernel, dense = _probe_layer(kind)
+        k = PROBE_SHAPE[1]
+        gen = torch.Generator().manual_seed(1)
+        for m in PROBE_TOKENS:
+            x = torch.randn(m, k, generator=gen)
+            if _median_seconds(lambda x=x: kernel(x)) >= _median_seconds(lambda x=x: dense(x)):
+                return m  # from here on dense is at least as fast
+        return PROBE_TOKENS[-1] * 2
+    except (RuntimeError, AttributeError, NotImplementedError):  # a torch without the kernel
+        return 0
+
+
+def crossover(kind: str) -> int:
+    """Token count from which the dense path is at least as fast as the `kind` kernel on this host, at torch's
+    current thread count (0: the kernel never pays; measured once per process and thread count)."""
+    return _crossover(kind, torch.get_num_threads())
+
+
+def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:
+    """The path for a call of `tokens` tokens: the kernel `kind` below the crossover, else "dense"."""
+    if kind is None or tokens >= crossover_tokens:
+        return "dense"
+    return kind

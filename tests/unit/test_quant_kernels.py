@@ -1,0 +1,220 @@
+"""The fast paths of QuantLinear (methods/quant/kernels.py) against exact dequantisation written here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from budgetlm.methods.quant import kernels
+from budgetlm.methods.quant.layers import QuantLinear
+from budgetlm.methods.quant.quantizer import find_grid, pack, quantize
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """Kernels on, with a crossover fixed at 32 tokens (as if the host's probe had found it there)."""
+    monkeypatch.setattr(kernels, "_enabled", True)
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 32)
+
+
+def reference_weight(codes, scales, zeros, bits, group, perm=None, correction=None):
+    """Q(W) + U V in the original column order, computed elementwise from the codes (independent of the package)."""
+    out_f, in_f = codes.shape
+    col_group = torch.arange(in_f) // group
+    s = scales.float()[:, col_group]
+    zp = zeros.float()[:, col_group] if zeros is not None else torch.full_like(s, 2 ** (bits - 1))
+    w = (codes.float() - zp) * s
+    if perm is not None:
+        orig = torch.empty_like(w)
+        orig[:, perm.long()] = w  # column j of the stored codes is column perm[j] of W
+        w = orig
+    if correction is not None:
+        w = w + correction[0].half().float() @ correction[1].half().float()
+    return w
+
+
+def make_layer(bits, group, symmetric, out_f=128, in_f=256, act_order=False, rank=0, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    perm = torch.randperm(in_f, generator=gen) if act_order else None
+    wp = w[:, perm] if perm is not None else w
+    grid = find_grid(wp, bits, group, symmetric)
+    codes = quantize(wp, grid)
+    correction = None
+    if rank:
+        correction = (torch.randn(out_f, rank, generator=gen) * 0.1, torch.randn(rank, in_f, generator=gen))
+    b = torch.randn(out_f, generator=gen) if bias else None
+    layer = QuantLinear.from_codes(codes, grid, b, perm, correction)
+    ref = reference_weight(codes, layer.scales, layer.zeros, bits, grid.group_size, perm, correction)
+    return layer, ref, b
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 576), (1536, 576), (128, 64)])
+def test_pack_int4_is_torchs_layout_and_unpacks(n, k):
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int32)
+    ours = kernels.pack_int4(q)
+    assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(kernels.unpack_int4(ours, n, k), q.to(torch.uint8))
+    assert torch.equal(kernels.unpack_int4(ours[n - 64 :], 64, k), q[n - 64 :].to(torch.uint8))  # the last block
+
+
+def test_int4_group_takes_what_the_kernel_can_express():
+    assert kernels.int4_group(4, 64, 128, 256) == 64
+    assert kernels.int4_group(3, 256, 128, 256) == 256  # per-channel grid on 256 columns: one kernel group
+    assert kernels.int4_group(2, 576, 64, 576) == 64  # per-channel on 576 columns: 9 repeated groups of 64
+    assert kernels.int4_group(4, 512, 64, 1024) == 256  # a group of 512 = 2 kernel groups with the same scale
+    assert kernels.int4_group(4, 16, 64, 256) is None  # groups smaller than the kernel's
+    assert kernels.int4_group(4, 64, 100, 256) is None  # rows not in whole 64-row blocks
+    assert kernels.int4_group(8, 64, 128, 256) is None
+
+
+CASES = list(itertools.product((2, 3, 4), (32, 64, 128, None), (True, False)))
+
+
+@pytest.mark.parametrize("bits,group,symmetric", CASES)
+def test_int4_path_matches_exact_dequantisation(use_kernels, bits, group, symmetric):
+    layer, ref, b = make_layer(bits, group, symmetric)
+    for m in (1, 4):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        assert layer.path(m) == "int4"
+        want = F.linear(x, ref, b)
+        got = layer(x)
+        # bf16 activations and scales: ~3 significant digits
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max(), (bits, group, symmetric, m)
+    x = torch.randn(2, 32, 256)
+    assert layer.path(64) == "dense"
+    assert torch.allclose(layer(x), F.linear(x, ref, b), atol=1e-5, rtol=1e-5)  # 64 tokens: exact
+
+
+@pytest.mark.parametrize("act_order,rank", [(True, 0), (False, 4), (True, 4)])
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_act_order_and_low_rank_correction_on_every_path(use_kernels, act_order, rank, m):
+    layer, ref, b = make_layer(4, 64 if not act_order else 32, False, act_order=act_order, rank=rank)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(3))
+    want = F.linear(x, ref, b)
+    got = layer(x)
+    tol = 1e-2 if m < 32 else 1e-5
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert torch.allclose(layer.effective_weight(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_int8_path_and_its_crossover(use_kernels, m):
+    layer, ref, b = make_layer(8, None, True)
+    assert layer.kernel == "int8" and layer.path(m) == ("int8" if m < 32 else "dense")
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(5))
+    want = F.linear(x, ref, b)
+    tol = 1e-2 if m < 32 else 1e-5
+    assert (layer(x) - want).abs().max() <= tol * want.abs().max()
+
+
+def test_grids_no_kernel_takes_compute_exactly(use_kernels):
+    for bits, group, out_f in [(4, 16, 128), (4, 64, 96), (8, 64, 128)]:  # small group, odd rows, grouped int8
+        layer, ref, b = make_layer(bits, group, False, out_f=out_f)
+        assert layer.path(1) == "dense"
+        x = torch.randn(1, 256)
+        assert torch.allclose(layer(x), F.linear(x, ref, b), atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_off_is_exact_everywhere(monkeypatch):
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 32)
+    layer, ref, b = make_layer(4, 64, False)
+    x = torch.randn(1, 256)
+    with kernels.kernels_enabled(False):
+        assert layer.path(1) == "dense"
+        assert torch.allclose(layer(x), F.linear(x, ref, b), atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("BUDGETLM_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_enabled", None)
+    assert not kernels.enabled() and layer.path(1) == "dense"
+
+
+def test_path_choice_is_a_function_of_the_probe_result(monkeypatch):
+    assert [kernels.choose("int4", m, 16) for m in (1, 15, 16, 512)] == ["int4", "int4", "dense", "dense"]
+    assert kernels.choose("int8", 1, 0) == "dense"  # the probe found the kernel never pays here
+    assert kernels.choose(None, 1, 100) == "dense"
+    monkeypatch.setattr(kernels, "_enabled", True)
+    layer, _, _ = make_layer(4, 64, True)
+    for cross in (0, 8, 1000):
+        monkeypatch.setattr(kernels, "crossover", lambda kind, c=cross: c)
+        assert [layer.path(m) for m in (1, 7, 8, 999)] == [kernels.choose("int4", m, cross) for m in (1, 7, 8, 999)]
+
+
+def test_probe_failure_means_no_kernel(monkeypatch):
+    def broken(kind):
+        raise RuntimeError("no such kernel in this torch")
+
+    monkeypatch.setattr(kernels, "_probe_layer", broken)
+    kernels._crossover.cache_clear()
+    try:
+        assert kernels._crossover("int4", 1) == 0
+    finally:
+        kernels._crossover.cache_clear()
+
+
+def test_memory_holds_4_bits_and_the_state_dict_the_stored_codes(use_kernels):
+    for bits in (2, 3, 4):
+        layer, _, _ = make_layer(bits, 64, False)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        stored = layer.storage_bytes()
+        layer(torch.randn(1, 256))  # first kernel call: repacked, dense copy dropped
+        assert layer.qweight.numel() == 0
+        assert layer.runtime_bytes() - (stored - before["qweight"].numel()) == 128 * 256 // 2 + 128 * 4 * 2 * 2
+        after = layer.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before), bits  # bit for bit what was stored
+        assert layer.storage_bytes() == stored
+        assert torch.equal(layer.codes(), quantize_codes_of(before["qweight"], bits))
+
+
+def quantize_codes_of(qweight, bits):
+    from budgetlm.methods.quant.quantizer import unpack
+
+    return unpack(qweight, bits, 128 * 256).reshape(128, 256)
+
+
+def test_reload_into_a_prepared_layer_and_identical_files(use_kernels, tmp_path, tiny):
+    from budgetlm.api import load
+    from budgetlm.methods.base import apply_steps
+
+    apply_steps(tiny, [{"method": "rtn", "bits": 4, "group_size": 32}])
+    tiny.save(tmp_path / "before")  # dense codes in memory: the form a folder saved before the kernels holds
+    x = torch.randint(0, 250, (1, 5))
+    first = tiny.model(x).logits  # 5 tokens: the int4 kernel, the layers repack
+    q = tiny.model.model.layers[0].self_attn.q_proj
+    assert q._int4 is not None and q.qweight.numel() == 0
+    tiny.save(tmp_path / "after")
+    a = (tmp_path / "before" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "after" / "model.safetensors").read_bytes()
+    again = load(tmp_path / "before")
+    assert torch.equal(again.model(x).logits, first)
+    q.load_state_dict(again.model.model.layers[0].self_attn.q_proj.state_dict())  # into a repacked layer
+    assert torch.equal(tiny.model(x).logits, first)
+
+
+def test_pack_rejects_nothing_it_cannot_represent():
+    """2- and 3-bit codes are 4-bit codes: pack(codes, b) and the kernel's layout hold the same values."""
+    for bits in (2, 3):
+        codes = torch.randint(0, 2**bits, (64, 64), dtype=torch.uint8)
+        assert torch.equal(kernels.unpack_int4(kernels.pack_int4(codes), 64, 64), codes)
+        assert pack(codes, bits).numel() == 64 * 64 * bits // 8
+
+
+@pytest.mark.slow
+def test_real_smollm2_layers(use_kernels):
+    from budgetlm.api import load
+
+    model = load("smollm2-135m").model
+    layer0 = model.model.layers[0]
+    for lin in (layer0.self_attn.q_proj, layer0.mlp.down_proj, layer0.self_attn.k_proj):
+        w = lin.weight.detach()
+        for bits, group in ((4, 64), (3, 32), (2, None)):
+            grid = find_grid(w, bits, group, False)
+            codes = quantize(w, grid)
+            q = QuantLinear.from_codes(codes, grid, None)
+            ref = reference_weight(codes, q.scales, q.zeros, bits, grid.group_size)
+            x = torch.randn(4, w.shape[1])
+            want = F.linear(x, ref)
+            assert (q(x) - want).abs().max() <= 1e-2 * want.abs().max()
