@@ -1,11 +1,22 @@
-"""Decode speed of fp32 and rtn-int8 in one run, each against the memory-bandwidth roofline of this host.
+"""Decode and prefill speed of fp32 and budgetlm's quantised variants in one run, against the memory-bandwidth
+roofline, llama.cpp on the same codes, the KL cost of the kernels' bf16 activations, and peak RSS in fresh
+processes.
 
-    .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m [--tokens 64 --repeats 5 --json out.json]
+    .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
+        [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--json out.json]
 
-Batch 1, greedy, KV cache, random prompt tokens from a seed; only decode steps are timed (see
-budgetlm.hardware.speed). The roofline is the model's bytes read per decode step (hardware.size
-read_bytes_per_token) over the measured copy bandwidth (hardware.host); % of roofline = roofline / measured.
-The machine is shared and noisy: the load average is printed before and after, and medians are shown.
+Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
+count, each variant is timed in turn (batch 1, greedy, KV cache; only decode steps are timed, see
+budgetlm.hardware.speed), so noise from the shared machine falls on all of them alike. Per variant:
+- decode ms/token (median of repeats) and x fp32; prefill tok/s at --prefill tokens and x fp32;
+- the roofline: bytes a decode step reads (hardware.size read_bytes_per_token: a 2/3-bit layer on the int4 kernel
+  counts the 4 bits per weight it reads) over the measured copy bandwidth; % of roofline = roofline / measured;
+- KL (nats/token) of the kernel paths to exact dequantisation on held-out text (pydoc topics), every window
+  forced through the kernels: the quality cost of bf16 activations and scales;
+- llama.cpp (llama-cpp-python, same thread count): the variant exported by budgetlm's GGUF writer to the block
+  type that holds its codes exactly (Q4_0/Q4_1 for a 4-bit g32/g64 grid, Q8_0 for int8; F32 for fp32);
+- peak RSS of a fresh process that loads the saved folder and decodes (total, and above the RSS after imports).
+The machine is shared and noisy: load averages are printed, and figures are medians.
 """
 
 from __future__ import annotations
@@ -13,96 +24,227 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from budgetlm.api import apply, load
 from budgetlm.hardware.host import cpu_profile, decode_roofline_ms, memory_bandwidth
 from budgetlm.hardware.size import model_size
+from budgetlm.hardware.speed import decode_speed, prefill_speed
+from budgetlm.methods.quant import kernels
+
+VARIANTS = {
+    "fp32": [],
+    "rtn-int8": [{"method": "rtn", "bits": 8}],
+    "rtn-w4g64": [{"method": "rtn", "bits": 4, "group_size": 64}],
+    "gptq-w4g64": [{"method": "gptq", "bits": 4, "group_size": 64}],
+    "rtn-w4g32": [{"method": "rtn", "bits": 4, "group_size": 32}],
+    "rtn-w3g64": [{"method": "rtn", "bits": 3, "group_size": 64}],
+    "rtn-w2g64": [{"method": "rtn", "bits": 2, "group_size": 64}],
+}
+DEFAULT = "fp32,rtn-int8,rtn-w4g64,gptq-w4g64,rtn-w3g64,rtn-w2g64"
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@torch.inference_mode()
+def kl_to_exact(handle, windows: int = 8, length: int = 256) -> float | None:
+    """Mean KL(exact || kernels) per token over held-out windows, or None when no layer takes a kernel."""
+    from budgetlm.data.corpus import heldout_text
+
+    model = handle.model
+    if not any(getattr(m, "kernel", None) for m in model.modules()):
+        return None
+    ids = handle.tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    for w in range(windows):
+        x = torch.tensor([ids[w * length : (w + 1) * length]])
+        with kernels.kernels_enabled(False):
+            exact = torch.log_softmax(model(x).logits.float(), -1)
+        real = kernels.crossover
+        kernels.crossover = lambda kind: 1 << 30  # every call through the kernel
+        try:
+            with kernels.kernels_enabled(True):
+                fast = torch.log_softmax(model(x).logits.float(), -1)
+        finally:
+            kernels.crossover = real
+        total += float((exact.exp() * (exact - fast)).sum(-1).sum())
+        count += x.shape[1]
+    return total / count
+
+
+RSS_CHILD = """
+import json, sys, torch
+from budgetlm.hardware.memory import rss_bytes, hwm_bytes, reset_hwm
+torch.set_num_threads(int(sys.argv[2]))
+from budgetlm.api import load
 from budgetlm.hardware.speed import decode_speed
-
-VARIANTS = {"fp32": [], "rtn-int8": [{"method": "rtn"}]}  # each applied on top of the previous one, in order
-
-
-def bench_variant(handle, name: str, bw_gb_s: float, args) -> dict:
-    size = model_size(handle)
-    dec = decode_speed(handle, args.tokens, args.prompt, args.repeats, args.warmup, seed=args.seed)
-    read = size["read_bytes_per_token"].value
-    roof = decode_roofline_ms(read, bw_gb_s)
-    return {
-        "variant": name,
-        "stored_mb": size["stored_bytes"].value / 1e6,
-        "linear_bpw": size["linear_bpw"].value,
-        "read_mb_per_token": read / 1e6,
-        "ms_mean": dec.value,
-        "ms_sd": dec.extra["sd"],
-        "ms_median": dec.extra["median"],
-        "tok_s": 1e3 / dec.value,
-        "tok_s_median": 1e3 / dec.extra["median"],
-        "roofline_ms": roof,
-        "pct_roofline": roof / dec.value * 100,
-        "repeats_ms": dec.extra["repeats"],
-        "loadavg_before": dec.extra["loadavg_before"],
-        "loadavg_after": dec.extra["loadavg_after"],
-    }
+import transformers  # noqa: F401  (imports before the baseline)
+base = rss_bytes()
+reset_hwm()
+h = load(sys.argv[1])
+load_peak = hwm_bytes() or rss_bytes()
+reset_hwm()
+decode_speed(h, int(sys.argv[3]), int(sys.argv[4]), 1, 0)
+print(json.dumps({"base": base, "load_peak": load_peak, "decode_peak": hwm_bytes() or rss_bytes()}))
+"""
 
 
-def table(rows: list[dict]) -> str:
-    head = (
-        f"{'variant':<10} {'stored MB':>9} {'bpw':>5} {'ms/tok mean±sd':>16} {'median':>7} {'tok/s':>6} "
-        f"{'roofline ms':>11} {'% roof':>6} {'x fp32':>6}"
+def fresh_rss(folder: Path, threads: int, tokens: int, prompt: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(folder), str(threads), str(tokens), str(prompt)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    base = rows[0]["ms_median"]
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mean_sd = f"{r['ms_mean']:.2f}±{r['ms_sd']:.2f}"
-        lines.append(
-            f"{r['variant']:<10} {r['stored_mb']:>9.1f} {r['linear_bpw']:>5.1f} {mean_sd:>16} {r['ms_median']:>7.2f} "
-            f"{r['tok_s']:>6.1f} {r['roofline_ms']:>11.2f} {r['pct_roofline']:>5.1f}% {base / r['ms_median']:>5.2f}x"
-        )
-    return "\n".join(lines)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llamacpp_row(handle, gguf_dir: Path, name: str, threads: int, args) -> dict | None:
+    """llama.cpp's decode ms/token and prefill tok/s for the variant's GGUF export (None without the extra)."""
+    try:
+        from budgetlm.hardware.llamacpp import export_for_llamacpp, measure_gguf
+    except ImportError:
+        return None
+    path, gguf_type = export_for_llamacpp(handle, gguf_dir / f"{name}.gguf")
+    m = measure_gguf(
+        path, threads=threads, prompt=args.prompt, tokens=args.tokens, repeats=args.repeats, prefill=args.prefill
+    )
+    return {"gguf_type": gguf_type, **m}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="bundled name, GGUF file or model folder")
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--whole-model", action="store_true", help="quantise the embedding / lm_head too")
     p.add_argument("--tokens", type=int, default=64, help="new tokens decoded per repeat")
-    p.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled (untimed) before decoding")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens prefilled (untimed) before decoding")
+    p.add_argument("--prefill", type=int, default=512, help="prompt length of the timed prefill")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--no-kl", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    threads = [int(t) for t in args.threads.split(",")]
 
     prof = cpu_profile()
     bw = memory_bandwidth()
     print(
         f"# {args.model}: batch 1, greedy, {args.tokens} new tokens after a {args.prompt}-token prompt, "
-        f"{args.repeats} repeats + {args.warmup} warm-up"
+        f"{args.repeats} repeats; prefill {args.prefill} tokens"
     )
-    print(
-        f"# host: {prof['cpu_model']}, {prof['usable_cpus']} CPUs, torch threads {prof['torch_threads']}, "
-        f"flags {' '.join(prof['flags'])}; copy bandwidth {bw.value:.1f} GB/s best, {bw.extra['median']:.1f} median"
-    )
-    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    handle = load(args.model)
-    rows = []
-    for name, steps in VARIANTS.items():
+    print(f"# host: {prof['cpu_model']}, {prof['usable_cpus']} CPUs; copy bandwidth {bw.value:.1f} GB/s best")
+    print(f"# load average before: {loadavg()}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
+    handles, rows = {}, {}
+    for name in names:
+        handle = load(args.model)
+        steps = [dict(s) for s in VARIANTS[name]]
+        if args.whole_model:
+            for s in steps:
+                s["embeddings"] = True
         if steps:
             apply(handle, steps)
-        rows.append(bench_variant(handle, name, bw.value, args))
-        print(f"# {name} done (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})", file=sys.stderr)
-    print(table(rows))
-    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("# x fp32 = fp32 median ms / variant median ms; % roof = roofline ms / mean ms (100% = memory-bound floor)")
+        handle.save(tmp / name)
+        size = model_size(handle)
+        kl = None if args.no_kl else kl_to_exact(handle)
+        handles[name] = handle
+        rows[name] = {
+            "variant": name,
+            "steps": steps,
+            "stored_mb": size["stored_bytes"].value / 1e6,
+            "bpw": size["bpw"].value,
+            "linear_bpw": size["linear_bpw"].value,
+            "read_mb_per_token": size["read_bytes_per_token"].value / 1e6,
+            "kl_kernels_vs_exact": kl,
+            "by_threads": {},
+        }
+        print(f"# {name} built (load average {loadavg()})", file=sys.stderr)
+    for t in threads:
+        torch.set_num_threads(t)
+        for name in names:
+            h = handles[name]
+            dec = decode_speed(h, args.tokens, args.prompt, args.repeats, 1, seed=0)
+            pre = prefill_speed(h.model, args.prefill, max(1, args.repeats // 2), 1, seed=0)
+            roof = decode_roofline_ms(rows[name]["read_mb_per_token"] * 1e6, bw.value)
+            cell = {
+                "decode_ms": dec.extra["median"],
+                "decode_ms_repeats": dec.extra["repeats"],
+                "prefill_tok_s": pre.extra["median"],
+                "roofline_ms": roof,
+                "pct_roofline": roof / dec.extra["median"] * 100,
+                "crossover": {k: kernels.crossover(k) for k in ("int4", "int8")},
+                "loadavg": loadavg(),
+            }
+            if not args.no_llama_cpp:
+                cell["llama_cpp"] = llamacpp_row(h, tmp, name, t, args)
+            if not args.no_rss:
+                cell["rss"] = fresh_rss(tmp / name, t, args.tokens, args.prompt)
+            rows[name]["by_threads"][t] = cell
+            print(f"# {name} @ {t} thread(s) done (load average {loadavg()})", file=sys.stderr)
+    print(table(rows, names, threads))
+    print(f"# load average after: {loadavg()}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "host": prof, "bandwidth_gb_s": bw.value, "rows": rows}, f, indent=2)
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": args.model, "host": prof, "bandwidth_gb_s": bw.value, "rows": rows}, indent=2, default=str
+            )
+        )
     return 0
+
+
+def table(rows: dict, names: list[str], threads: list[int]) -> str:
+    head = (
+        f"{'variant':<11} {'thr':>3} {'MB':>6} {'bpw':>5} {'lin':>5} {'ms/tok':>7} {'x fp32':>6} {'% roof':>6} "
+        f"{'pre tok/s':>9} {'x fp32':>6} {'KL':>7} {'llama.cpp':>16} {'ours/llama':>10} {'RSS MB':>7} "
+        f"{'+base':>6} {'x fp32':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for t in threads:
+        base = rows[names[0]]["by_threads"][t]
+        for name in names:
+            r, c = rows[name], rows[name]["by_threads"][t]
+            kl = "-" if r["kl_kernels_vs_exact"] is None else f"{r['kl_kernels_vs_exact']:.4f}"
+            lc = c.get("llama_cpp")
+            lcs = f"{lc['gguf_type']} {lc['decode_ms']:.2f}" if lc else "-"
+            ratio = f"{c['decode_ms'] / lc['decode_ms']:.2f}" if lc else "-"
+            rss = c.get("rss")
+            rss_s = (
+                f"{rss['decode_peak'] / 1e6:>7.0f} {(rss['decode_peak'] - rss['base']) / 1e6:>6.0f}"
+                if rss
+                else f"{'-':>7} {'-':>6}"
+            )
+            brss = base.get("rss")
+            rss_x = (
+                f"{(rss['decode_peak'] - rss['base']) / (brss['decode_peak'] - brss['base']):.2f}"
+                if rss and brss
+                else "-"
+            )
+            lines.append(
+                f"{name:<11} {t:>3} {r['stored_mb']:>6.1f} {r['bpw']:>5.2f} {r['linear_bpw']:>5.2f} "
+                f"{c['decode_ms']:>7.2f} {base['decode_ms'] / c['decode_ms']:>5.2f}x {c['pct_roofline']:>5.1f}% "
+                f"{c['prefill_tok_s']:>9.0f} {c['prefill_tok_s'] / base['prefill_tok_s']:>5.2f}x {kl:>7} "
+                f"{lcs:>16} {ratio:>10} {rss_s} {rss_x:>6}"
+            )
+    lines.append(
+        "# MB: stored bytes; bpw: whole model; lin: Linear layers; x fp32: fp32 median / variant median "
+        "(prefill: variant / fp32); KL: nats/token, kernels vs exact dequantisation; RSS: fresh process "
+        "peak while decoding, +base: above its RSS after imports, x fp32 on +base"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -214,13 +214,16 @@ class QuantLinear(torch.nn.Module):
         tensors = [self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
         return codes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def runtime_bytes(self) -> int:
-        """Bytes the weight holds in memory now: the kernel's layout (4 bits per weight for 2- and 3-bit grids
-        too) and its table once the int4 path was used, else what is stored."""
-        if self._int4 is None:
+    def memory_bytes(self) -> int:
+        """Bytes of the weight a forward reads in memory: with the int4 kernel, its layout (4 bits per weight for
+        2- and 3-bit grids too) and its bf16 table of scales and offsets instead of the packed codes and fp16
+        scales/zeros; otherwise what is stored. hardware/size.py counts it in read_bytes_per_token."""
+        if self._int4_group is None:
             return self.storage_bytes()
-        tensors = [*self._int4, self.scales, self.zeros, self.perm, self.lr_u, self.lr_v]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        n, k = self.out_features, self.in_features
+        layout = n * k // 2 + (k // self._int4_group) * n * 2 * 2
+        extra = [self.perm, self.lr_u, self.lr_v]
+        return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     def layer_meta(self) -> dict:
         return {
