@@ -135,6 +135,14 @@ def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> tor
     return codes
 
 
+def int4_dequantize(packed, scales, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
+    """Float32 weights [n, k] straight from int4_pack_grid's layout (rows of whole 64-row blocks with their fp16
+    scales and zeros): (c - 8) * s for shifted codes (<= 3 bits), (q - zp) * s for 4-bit ones. Exact."""
+    offset = torch.full_like(scales, 8, dtype=torch.float32) if bits <= 3 else _offsets(zeros, bits, scales)
+    w = unpack_int4(packed, n, k).reshape(n, k // group_size, group_size).float()
+    return w.sub_(offset.unsqueeze(-1)).mul_(scales.float().unsqueeze(-1)).reshape(n, k)
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, g: int, scale_zero: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) times the packed weight: [M, N] in x's dtype."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, g, scale_zero).to(x.dtype)
@@ -170,7 +178,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 def _probe_layer(kind: str):
     """A random layer of PROBE_SHAPE for `kind` ("int4" or "int8"): (kernel(x), dense(x))."""
-    from budgetlm.methods.quant.quantizer import dequantize, find_grid, quantize
+    from budgetlm.methods.quant.quantizer import find_grid, quantize
 
     n, k = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
@@ -184,8 +192,7 @@ def _probe_layer(kind: str):
             return int4_mm(x, packed, 64, table)
 
         def rows(r0, r1):
-            sub = type(grid)(grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64)
-            return dequantize(int4_codes(packed[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k), sub)
+            return int4_dequantize(packed[r0:r1], grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k)
 
     else:
         grid = find_grid(w, 8, None, symmetric=True)
@@ -196,7 +203,7 @@ def _probe_layer(kind: str):
             return int8_mm(x, q8, s8)
 
         def rows(r0, r1):
-            return q8[r0:r1].float() * grid.scales[r0:r1]
+            return q8[r0:r1].float().mul_(grid.scales[r0:r1])
 
     def dense(x):
         return dense_mm(x, rows, n, k)

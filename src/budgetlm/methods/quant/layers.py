@@ -154,19 +154,28 @@ class QuantLinear(torch.nn.Module):
             self.qweight = torch.empty(0, dtype=torch.uint8)  # the state dict rebuilds it (_save_to_state_dict)
         return True
 
-    def _rows(self, codes: torch.Tensor | None):
-        """weight_rows(r0, r1) for kernels.dense_mm: rows r0:r1 of Q(W) (in the stored column order), float32."""
-        grid = self.grid()
+    def _rows(self):
+        """weight_rows(r0, r1) for kernels.dense_mm: rows r0:r1 of Q(W) (in the stored column order), float32,
+        dequantised from what the layer holds (the int4 layout, int8 codes, or packed codes unpacked once)."""
+        k = self.in_features
+        if self._int4 is not None:
+            packed, scales, zeros = self._int4[0], self.scales, self.zeros
 
-        def rows(r0: int, r1: int) -> torch.Tensor:
-            zeros = None if grid.zeros is None else grid.zeros[r0:r1]
-            sub = Grid(grid.scales[r0:r1], zeros, grid.bits, grid.group_size)
-            if codes is not None:
-                part = codes[r0:r1]
-            else:  # whole 64-row blocks of the kernel's layout
-                block = self._int4[0][r0:r1]
-                part = kernels.int4_codes(block, zeros, grid.bits, grid.group_size, r1 - r0, self.in_features)
-            return dequantize(part, sub)
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                z = None if zeros is None else zeros[r0:r1]
+                return kernels.int4_dequantize(packed[r0:r1], scales[r0:r1], z, self.bits, self.group_size, r1 - r0, k)
+
+        elif self.int8_kernel:
+
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                return self.qweight[r0:r1].float().mul_(self.scales[r0:r1].float())
+
+        else:
+            codes, grid = self.codes(), self.grid()
+
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                z = None if grid.zeros is None else grid.zeros[r0:r1]
+                return dequantize(codes[r0:r1], Grid(grid.scales[r0:r1], z, grid.bits, grid.group_size))
 
         return rows
 
@@ -181,8 +190,7 @@ class QuantLinear(torch.nn.Module):
         elif path == "int8":
             y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
         else:
-            rows = self._rows(None if self._int4 is not None else self.codes())
-            y = kernels.dense_mm(flat, rows, self.out_features, self.in_features)
+            y = kernels.dense_mm(flat, self._rows(), self.out_features, self.in_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.rank:

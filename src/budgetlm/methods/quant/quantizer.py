@@ -63,12 +63,12 @@ def quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     rows, cols = codes.shape
     if cols % grid.group_size == 0:  # broadcast per group instead of materialising expanded scales
-        q = codes.reshape(rows, cols // grid.group_size, grid.group_size).float()
+        q = codes.reshape(rows, cols // grid.group_size, grid.group_size).float()  # a new tensor: in place below
         if grid.zeros is None:
-            q = q - 2 ** (grid.bits - 1)
+            q.sub_(2 ** (grid.bits - 1))
         else:
-            q = q - grid.zeros.unsqueeze(-1)
-        return (q * grid.scales.unsqueeze(-1)).reshape(rows, cols)
+            q.sub_(grid.zeros.unsqueeze(-1))
+        return q.mul_(grid.scales.unsqueeze(-1)).reshape(rows, cols)
     scale = grid.expand(grid.scales, cols)
     if grid.zeros is None:
         return (codes.float() - 2 ** (grid.bits - 1)) * scale
