@@ -887,8 +887,12 @@ def _quantise_embeddings(model: torch.nn.Module, cfg: GPTQ, H: torch.Tensor | No
         install_head(model, e, head)
         rel = ratio(st["row_error"], st["row_energy"])
         stats[e.head_name] = stats_row(
-            head, "tied" if e.tied else "head", quantizer="gptq" if H is not None else "rtn", rel_output_error=rel,
-            damp=st["damp"], damp_retries=st["damp_retries"],
+            head,
+            "tied" if e.tied else "head",
+            quantizer="gptq" if H is not None else "rtn",
+            rel_output_error=rel,
+            damp=st["damp"],
+            damp_retries=st["damp_retries"],
         )
         what = "the tied embedding / lm_head matrix (once, shared)" if e.tied else "the lm_head"
         how.append(

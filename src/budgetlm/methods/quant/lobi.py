@@ -460,8 +460,9 @@ def _head_hessian(model, cal: LayerwiseCalibration) -> torch.Tensor:
     layer's outputs)."""
     xs = head_inputs(model, cal.inputs)
     if xs is None:
-        raise ConfigError("lobi: no final norm beside the decoder layers to take the lm_head's inputs from; "
-                          "set embeddings: false")
+        raise ConfigError(
+            "lobi: no final norm beside the decoder layers to take the lm_head's inputs from; set embeddings: false"
+        )
     stat = HessianStat()
     for x in xs:
         stat.add(x)
