@@ -152,8 +152,9 @@ def test_bad_values_are_one_line_errors():
 
 
 def test_gguf_export_of_quantised_embeddings(tmp_path):
-    from budgetlm.api import export
     from transformers import AutoModelForCausalLM, GgufConfig
+
+    from budgetlm.api import export
 
     for tied in (True, False):
         h = tiny(tied)

@@ -58,8 +58,14 @@ from budgetlm.methods.base import (
     set_module,
 )
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
-from budgetlm.methods.quant.embedding import find_embeddings, final_norm, head_inputs, install_head, rtn_embedding
-from budgetlm.methods.quant.embedding import stats_row
+from budgetlm.methods.quant.embedding import (
+    final_norm,
+    find_embeddings,
+    head_inputs,
+    install_head,
+    rtn_embedding,
+    stats_row,
+)
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
 from budgetlm.methods.quant.rtn import GridConfig
