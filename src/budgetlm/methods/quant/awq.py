@@ -33,6 +33,12 @@ Finally each Linear is quantised on its clipped grid into a QuantLinear with rea
 Departure for the CPU: the α search runs the blocks on a subsample of `search_tokens` calibration tokens (whole
 sequences for attention, a seeded random token sample for the token-wise MLP and down_proj); s_x and the clipping
 statistics use all calibration tokens.
+
+`embeddings: true` (off by default): after the decoder layers, the lm_head is quantised from its inputs (the final
+norm's outputs on the quantised model). Untied: AWQ's α search on the logits' MSE over a `search_tokens` sample,
+1/s folded into the final norm, then the clipping search. Tied: the clipping search only — scaling the columns
+of a shared matrix would scale the input table's rows as well — and the table reads the lm_head's codes. An untied
+input table is rounded to nearest (a lookup table has no input activations).
 """
 
 from __future__ import annotations

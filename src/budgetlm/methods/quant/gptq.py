@@ -40,6 +40,13 @@ stand-ins holding the dequantised weights (the same matmul QuantLinear does, wit
 gptq_layer runs on one intra-op thread. Stats per module: rel_output_error = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the
 calibration inputs it was quantised for, bits_per_weight from storage_bytes, the damping used and its retries,
 dead inputs, and which modules shared its Hessian.
+
+`embeddings: true` (off by default): the calibration is advanced through every decoder layer after they are
+quantised, and the lm_head is quantised by GPTQ with the Hessian of its inputs, the final norm's outputs on the
+quantised model (round-to-nearest, H = I, if no final norm is found). A tied input table reads the lm_head's codes
+(one matrix, stored once; its codes are then the ones that serve the lm_head best, not each row's nearest); an
+untied table is rounded to nearest row by row (a lookup table has no input activations to weigh its columns).
+The calibration itself runs on the float table.
 """
 
 from __future__ import annotations

@@ -34,6 +34,18 @@ low-rank correction of the quantisation error.
 3. Quantisation (pass 2) at the chosen widths; with gptq layer by layer with `advance`, so later layers are
    calibrated on the quantised model's activations.
 
+Embeddings (`embeddings: true`, the default: `target_bits` is then a budget over the decoder Linears and the
+embedding matrices, its bits counted like any Linear's): the lm_head and the input table enter the knapsack as
+items with the same candidate grids; a tied matrix is one item (both roles, its bytes once), untied ones two. The
+lm_head's sensitivity is a Linear's, with H from the final norm's outputs (the calibration runs through every
+layer) and, for "fisher", the Fisher diagonal of the logits; the table's is that of its rows at the embedding
+output: "fisher" ½ Σ_v Σ_j F_vj δ_vj², F_vj the squared gradient at the embedding output summed over the positions
+of token v (per token, over all tokens of the Fisher pass), "output" 2 Σ_v p_v ‖δ_v‖² with p_v the calibration
+frequency of token v (the analogue of tr(ΔW H ΔWᵀ)), "kl" a full forward with the matrix changed; a tied matrix
+adds both. With quantizer gptq the lm_head uses GPTQ with that Hessian (in pass 2 taken on the quantised model);
+an untied table is rounded to nearest (no input activations). `embeddings: false` gives the earlier behaviour
+(Linears only). lobi_lora keeps it off by default.
+
 Low-rank correction (rank r > 0): the truncated SVD of the stored quantisation error E = W − Q(W) (Q(W) as
 dequantised from the stored fp16 scales), U_r Σ_r and V_rᵀ kept in fp16 in QuantLinear.lr_u / lr_v, so the
 layer computes with Q(W) + U_r Σ_r V_rᵀ, the best rank-r approximation of W − Q(W) (Eckart–Young) up to fp16
