@@ -138,7 +138,8 @@ def steps_bytes(lin_shape, bits, rank):
 def test_budget_is_met_exactly(base, ctx, target, rank, cands):
     h = fresh(base)
     shapes = {n: tuple(m.weight.shape) for n, m in linears(h.model).items()}
-    cfg = {"method": "lobi", "target_bits": target, "rank": rank, "candidates": cands}
+    # the Linear-only budget (embeddings: false); tests/unit/test_quant_embedding.py covers the matrices in it
+    cfg = {"method": "lobi", "target_bits": target, "rank": rank, "candidates": cands, "embeddings": False}
     rep = apply_steps(h, [cfg], ctx)[0]
     bpw, stored, weights = achieved_bpw(h.model, shapes)
     assert bpw <= target
@@ -175,7 +176,13 @@ def test_candidate_groups_mix_grids_under_the_budget(base, ctx):
     weights = {n: m.weight.detach().clone() for n, m in linears(h.model).items()}
     total = sum(pc_bytes(sh, 3) for sh in shapes.values())
     target = (total + 0.5) * 8 / sum(o * i for o, i in shapes.values())  # half a byte of slack for float rounding
-    step = {"method": "lobi", "target_bits": target, "candidates": [3, 4], "candidate_groups": [64, None]}
+    step = {
+        "method": "lobi",
+        "target_bits": target,
+        "candidates": [3, 4],
+        "candidate_groups": [64, None],
+        "embeddings": False,
+    }
     rep = apply_steps(h, [step], ctx)[0]
     mods = dict(h.model.named_modules())
     for n, shape in shapes.items():
@@ -205,7 +212,7 @@ def test_target_outside_the_range_is_one_line_and_changes_nothing(base, ctx):
     for target, shown in [(2.0, "2.3750–8.3750"), (9.0, "2.3750–8.3750"), (3.0, "4.1528–10.1527")]:
         rank = 8 if target == 3.0 else 0
         with pytest.raises(ConfigError) as e:
-            apply_steps(h, [{"method": "lobi", "target_bits": target, "rank": rank}], ctx)
+            apply_steps(h, [{"method": "lobi", "target_bits": target, "rank": rank, "embeddings": False}], ctx)
         msg = str(e.value)
         assert "\n" not in msg and shown in msg and "target_bits" in msg, msg
     assert not any(isinstance(m, QuantLinear) for m in h.model.modules())
@@ -232,7 +239,9 @@ def test_bad_settings_are_one_line(base, ctx):
             apply_steps(h, [{"method": "lobi", **bad}], ctx)
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="outside them"):
-        apply_steps(h, [{"method": "lobi", "ignore": []}], ctx)  # the lm_head is not in a decoder layer
+        apply_steps(
+            h, [{"method": "lobi", "ignore": [], "embeddings": False}], ctx
+        )  # the lm_head is not in a decoder layer
     assert not any(isinstance(m, QuantLinear) for m in h.model.modules())
 
 

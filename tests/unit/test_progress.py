@@ -345,7 +345,7 @@ def test_tables_in_a_pipe_are_printed_whole(tmp_path):
         [sys.executable, "-m", "budgetlm.cli", "run", str(recipe), "--dry-run"], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    assert long in proc.stdout and "rtn(bits=4, group_size=16, symmetric=True)" in proc.stdout
+    assert long in proc.stdout and "rtn(embeddings=False, bits=4, group_size=16, symmetric=True)" in proc.stdout
     assert "…" not in proc.stdout
 
 

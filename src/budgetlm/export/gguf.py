@@ -23,7 +23,9 @@ F16 and BF16 always can, as dequantised floats), unless `requantize` rounds the 
 
 Float tensors are quantised with gguf.quants (the reference ggml rounding). Like llama.cpp's converter, 1-D
 tensors (norms, biases) stay F32 and a matrix whose row width is not a multiple of 32 falls back to F16 with a
-note. Like llama-quantize, the output matrix (`output.weight`, or `token_embd` when the embeddings are tied) of a
+note. A quantised input embedding (QuantEmbedding, `embeddings: true`) is written like a QuantLinear from its
+codes; a tied one, which reads the lm_head's codes, is written once, as token_embd. Like llama-quantize, the output
+matrix (`output.weight`, or `token_embd` when the embeddings are tied) of a
 float model is written as Q8_0 when a 4/5-bit type is requested (llama-quantize uses Q6_K there, which the
 writer cannot produce, and Q8_0 itself when rows are not multiples of 256); `pure=True` turns this off.
 
@@ -125,7 +127,8 @@ def _qtype(name: str):
 
 
 def _is_quant_linear(mod) -> bool:
-    return getattr(mod, "layer_kind", None) == "quant_linear"
+    """QuantLinear, or a QuantEmbedding holding its own codes in the same format (`codes()`, `scales`, `zeros`)."""
+    return getattr(mod, "layer_kind", None) in ("quant_linear", "quant_embedding")
 
 
 def grid_name(mod) -> str:
@@ -180,10 +183,13 @@ def planned_exact_types(model: torch.nn.Module, configs: list) -> set[str] | Non
         groups = getattr(cfg, "candidate_groups", None) or [cfg.group_size]
         permuted = getattr(cfg, "act_order", False) and not getattr(cfg, "static_groups", False)
         rank = getattr(cfg, "rank", 0)
-        for _, lin in select_linears(model, cfg):
+        widths = [lin.in_features for _, lin in select_linears(model, cfg)]
+        if getattr(cfg, "embeddings", False):  # the embedding matrix: rows as wide as the hidden size
+            widths.append(int(model.get_input_embeddings().embedding_dim))
+        for width in widths:
             for b in bits:
                 for g in groups:
-                    common &= grid_exact_types(b, cfg.symmetric, g, lin.in_features, permuted, rank)
+                    common &= grid_exact_types(b, cfg.symmetric, g, width, permuted, rank)
     return common
 
 
@@ -316,7 +322,14 @@ def _collect(handle: ModelHandle, spec: ArchSpec) -> list[_Tensor]:
         if owner in replaced and pname.endswith(".weight"):
             continue
         sources.append((pname, p.detach()))
+    # a tied quantised embedding reads its lm_head's codes: written once, as token_embd (llama.cpp's output
+    # falls back to it when there is no output.weight, as for a float model with tied weights)
+    tied_heads = {m.tied_to for m in replaced.values() if getattr(m, "tied_to", None)}
     for mname, mod in replaced.items():
+        if mname in tied_heads:
+            continue
+        if getattr(mod, "tied_to", None):
+            mod = mod.store()
         sources.append((mname + ".weight", mod))
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     out = []
@@ -465,7 +478,7 @@ def _arch_keys(w, handle: ModelHandle, spec: ArchSpec, notes: list[str]) -> None
     w.add_head_count(int(heads))
     w.add_head_count_kv(int(kv))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_vocab_size(int(handle.model.get_input_embeddings().weight.shape[0]))
+    w.add_vocab_size(int(handle.model.get_input_embeddings().num_embeddings))
     if spec.gguf_arch == "llama":
         w.add_rope_freq_base(_rope(cfg))
         w.add_rope_dimension_count(int(head_dim))
@@ -719,7 +732,7 @@ def export_gguf(
     spec = _arch(handle)
     tensors = _collect(handle, spec)
     notes = _plan(tensors, type_name, requantize, pure)
-    n_vocab = int(handle.model.get_input_embeddings().weight.shape[0])
+    n_vocab = int(handle.model.get_input_embeddings().num_embeddings)
     src = source_gguf(handle)
     kv = read_kv(src) if src is not None else {}
     report = ExportReport(path, type_name, 0, {})

@@ -13,9 +13,12 @@ Metrics of `model_size` (phase "size"):
                  (one row of it is read), which counts once as the lm_head when the two are tied        unit "B"
 
 Linear-like modules are nn.Linear (weight.numel()*element_size) and modules a compression method put in
-place, which expose `layer_kind`, `in_features`, `out_features` and `storage_bytes()`. An lm_head tied to the
-input embedding is the embedding's storage: it is reported (extra "lm_head") but never counted twice, and it is
-left out of linear_bytes/linear_bpw because its bytes are the embedding's.
+place, which expose `layer_kind`, `in_features`, `out_features` and `storage_bytes()`; a quantised input
+embedding (QuantEmbedding, kind "quant_embedding") is not one: its packed bytes are the "embedding" part of
+stored_bytes and count in bpw (whole model), not in linear_*. An lm_head tied to the input embedding is the
+embedding's storage, float or quantised (then the QuantEmbedding reads the lm_head QuantLinear's codes): it is
+reported (extra "lm_head") but never counted twice, and it is left out of linear_bytes/linear_bpw because its
+bytes are the embedding's.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ def is_replaced(mod: nn.Module) -> bool:
     return bool(getattr(mod, "layer_kind", None))
 
 
+def is_quant_embedding(mod: nn.Module) -> bool:
+    return getattr(mod, "layer_kind", None) == "quant_embedding"
+
+
+def _tied_quant_embedding(mod: nn.Module) -> bool:
+    """A QuantEmbedding holding no tensors of its own (it reads its tied lm_head's codes)."""
+    return is_quant_embedding(mod) and getattr(mod, "tied_to", None) is not None
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Linear-like modules by name: nn.Linear, transformers' Conv1D and method-replaced layers (not inside one)."""
     out: dict[str, nn.Module] = {}
@@ -52,7 +64,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, mod in model.named_modules():
         if any(name.startswith(p + ".") for p in skip):
             continue
-        if is_replaced(mod):
+        if is_quant_embedding(mod):
+            skip.append(name)
+        elif is_replaced(mod):
             out[name] = mod
             skip.append(name)
         elif isinstance(mod, nn.Linear) or (
@@ -87,6 +101,8 @@ def param_count(model: nn.Module) -> int:
     seen: set[tuple] = set()
     total = 0
     for mod in replaced.values():
+        if _tied_quant_embedding(mod):
+            continue  # its matrix is the tied lm_head's, counted there
         total += int(mod.in_features) * int(mod.out_features)
         bias = getattr(mod, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -105,6 +121,8 @@ def param_count(model: nn.Module) -> int:
 def _tied_lm_head(model: nn.Module) -> bool:
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inp is not None and _tied_quant_embedding(inp):
+        return out is not None and inp.store() is out
     w_in, w_out = getattr(inp, "weight", None), getattr(out, "weight", None)
     if not isinstance(w_in, torch.Tensor) or not isinstance(w_out, torch.Tensor):
         return False
@@ -113,7 +131,8 @@ def _tied_lm_head(model: nn.Module) -> bool:
 
 def read_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: the whole state minus the input embedding matrix, plus one row
-    of it; a tied embedding stays in (it is read whole as the lm_head). A layer saved compressed that computes
+    of it (a quantised table: one row's share of its packed bytes); a tied embedding stays in (it is read whole as
+    the lm_head). A layer saved compressed that computes
     with a dense weight (`memory_bytes()`: SparseLinear) counts its dense weight, which is what the step reads."""
     total = stored_bytes(model)
     for mod in model.modules():  # layers stored compressed but computing with a dense weight (pruned Linears)
@@ -150,7 +169,10 @@ def model_size(handle, folder: Path | str | None = None) -> dict[str, Metric]:
     stored = stored_bytes(model)
     params = param_count(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    emb_bytes = _nbytes(emb.weight) if isinstance(getattr(emb, "weight", None), torch.Tensor) else 0
+    if emb is not None and is_quant_embedding(emb):
+        emb_bytes = int(emb.storage_bytes())  # packed codes + scales (+ zeros): the tied lm_head's when tied
+    else:
+        emb_bytes = _nbytes(emb.weight) if isinstance(getattr(emb, "weight", None), torch.Tensor) else 0
     if out_emb is None:
         lm_head = "none"
     elif tied:

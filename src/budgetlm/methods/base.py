@@ -135,8 +135,10 @@ def select_linears(
     """The nn.Linear modules (or modules of `types`) a config targets, in model order; none is a one-line
     ConfigError naming the patterns and the Linear modules that exist."""
     out, linears = [], []
+    # with `embeddings: true` (integer-grid quantisers) the lm_head is quantised as the embedding matrix, not here
+    head = model.get_output_embeddings() if getattr(cfg, "embeddings", False) else None
     for name, mod in model.named_modules():
-        if not isinstance(mod, types):
+        if not isinstance(mod, types) or (head is not None and mod is head):
             continue
         linears.append(name)
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.ignore):

@@ -29,6 +29,7 @@ WEIGHTS = "model.safetensors"
 layer_kinds: Registry[Any] = Registry("layer kind")
 # lazy entries: a saved folder names the kind, the registry imports its builder on first use
 layer_kinds.add("quant_linear", "budgetlm.methods.quant.layers:rebuild")
+layer_kinds.add("quant_embedding", "budgetlm.methods.quant.embedding:rebuild")
 layer_kinds.add("nf4_linear", "budgetlm.methods.quant.nf4:rebuild")
 layer_kinds.add("sparse_linear", "budgetlm.methods.prune.sparse:rebuild")
 
@@ -120,6 +121,7 @@ def load_folder(path: Path) -> ModelHandle:
         ) from None
     for kind, meta in manifest.get("parts", {}).items():
         model_parts.get(kind)(model, meta)
+    rebuilt = []
     for name, meta in manifest.get("modules", {}).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -130,6 +132,15 @@ def load_folder(path: Path) -> ModelHandle:
         if not any(p.requires_grad for p in old.parameters()):  # frozen by a part (the base under an adapter)
             new.requires_grad_(False)
         setattr(parent, child, new)
+        rebuilt.append(new)
+    try:
+        for new in rebuilt:  # modules that read another's tensors (a tied QuantEmbedding: its lm_head's codes)
+            if callable(getattr(new, "bind", None)):
+                new.bind(model)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"budgetlm model folder {path} is damaged: {first_line(exc)}") from None
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:  # a damaged file, or tensors the config does not fit
@@ -144,7 +155,9 @@ def load_folder(path: Path) -> ModelHandle:
             f"model folder {path} does not match its config (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); re-save it with `budgetlm compress`"
         )
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and isinstance(
+        getattr(model.get_input_embeddings(), "weight", None), torch.nn.Parameter
+    ):  # a quantised tied matrix is already shared (QuantEmbedding.tied_to) and has no float weight to tie
         model.tie_weights()
     model.eval()
     check_finite(model, f"model folder {path} ({WEIGHTS})")

@@ -47,6 +47,9 @@ class LoBiLoRA(AdapterConfig, lobi.LoBi):
     """Lo-Bi LoRA: a LoRA pair initialised from the SVD of the quantisation error, on a frozen lobi base."""
 
     alpha: float | None = None  # not used: the pair is applied unscaled (see the module docstring)
+    # the frozen base's embedding / lm_head stay float unless asked (lobi's default is on): the adapter path is
+    # unchanged by the embeddings option until it is tried and measured with it
+    embeddings: bool = False
     identity_at_attach = False  # the quantisation changes the outputs (the pair only corrects them)
     quantises_base = "lobi"
 

@@ -33,6 +33,12 @@ Finally each Linear is quantised on its clipped grid into a QuantLinear with rea
 Departure for the CPU: the α search runs the blocks on a subsample of `search_tokens` calibration tokens (whole
 sequences for attention, a seeded random token sample for the token-wise MLP and down_proj); s_x and the clipping
 statistics use all calibration tokens.
+
+`embeddings: true` (off by default): after the decoder layers, the lm_head is quantised from its inputs (the final
+norm's outputs on the quantised model). Untied: AWQ's α search on the logits' MSE over a `search_tokens` sample,
+1/s folded into the final norm, then the clipping search. Tied: the clipping search only — scaling the columns
+of a shared matrix would scale the input table's rows as well — and the table reads the lm_head's codes. An untied
+input table is rounded to nearest (a lookup table has no input activations).
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ from budgetlm.methods.base import (
     set_module,
 )
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
+from budgetlm.methods.quant.embedding import (
+    final_norm,
+    find_embeddings,
+    head_inputs,
+    install_head,
+    rtn_embedding,
+    stats_row,
+)
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
 from budgetlm.methods.quant.rtn import GridConfig
@@ -520,6 +534,54 @@ def _awq_layer(
     return stats, searches
 
 
+@torch.no_grad()
+def _awq_embeddings(model: nn.Module, cal: LayerwiseCalibration, cfg: AWQ, gen: torch.Generator, stats: dict) -> str:
+    """The lm_head from its inputs (the final norm's outputs on the quantised model, `cal` advanced through every
+    layer): an untied lm_head gets AWQ's scale search (logits MSE on a token sample) folded into the final norm,
+    then the clipping search; a tied one only the clipping search — its columns cannot be rescaled without
+    rescaling the input table's rows too — and the table reads its codes. An untied table is rounded to nearest
+    (no input activations). Returns the step's note."""
+    e = find_embeddings(model, "awq")
+    how = []
+    if e.head is not None:
+        xs = head_inputs(model, cal.inputs)
+        head, shrink, alpha = e.head, None, None
+        if xs is None:
+            how.append("the lm_head on a plain grid (no final norm found to take its inputs from)")
+        else:
+            x_all = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+            if not e.tied:
+                norm = final_norm(model)
+                kind = norm_kind(norm)
+                sample = _token_sample(x_all, cfg.search_tokens, gen)
+                res = search_alpha([head], x_all.abs().float().mean(0), lambda: [head(sample)], cfg)
+                alpha = res.alpha
+                if res.alpha:
+                    fold_into_norm(norm, res.scales, kind)
+                    scale_columns(head, res.scales)
+                    x_all = x_all / res.scales
+            if cfg.clip:
+                shrink = search_clip(head.weight.data, group_gram(x_all, cfg.group_size), cfg)
+            what = "the tied embedding / lm_head matrix (once, shared)" if e.tied else "the lm_head"
+            scaled = "clipping search only" if e.tied else f"scales folded into the final norm (α {alpha:.2f})"
+            how.append(f"{what} from the final norm's outputs: {scaled}" + ("" if cfg.clip else ", no clipping"))
+        ql, err = quantize_linear(head, cfg, shrink)
+        install_head(model, e, ql)
+        stats[e.head_name] = stats_row(
+            ql,
+            "tied" if e.tied else "head",
+            alpha=alpha,
+            rel_mse=err,
+            mean_shrink=float(shrink.mean()) if shrink is not None else 1.0,
+        )
+    if not e.tied:
+        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
+        set_module(model, e.emb_name, table)
+        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
+        how.append("the input embedding by round-to-nearest (a lookup table has no input activations)")
+    return "quantised " + "; ".join(how)
+
+
 @implements(AWQ)
 @torch.no_grad()
 def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
@@ -543,7 +605,10 @@ def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
 
     stats: dict[str, dict] = {}
     searches: dict[str, list[ScaleSearch]] = {g: [] for g in GROUPS}
-    if len(plain) < len(targets):
+    if cfg.embeddings:
+        cfg.check(model)  # the embedding grid, before anything changes
+    head_note = None
+    if len(plain) < len(targets) or cfg.embeddings:
         gen = torch.Generator().manual_seed(ctx.seed)
         cal = LayerwiseCalibration(model, tokens, method="awq", progress=ctx.progress)
         first = cal.inputs[0]
@@ -551,13 +616,15 @@ def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
         n_attn = max(1, min(len(cal.inputs), math.ceil(cfg.search_tokens / (first.shape[0] * first.shape[1]))))
         for i, layer in cal.layers():
             names = {k: target_ids.get(id(m)) for k, m in layouts[i].linears.items()}
-            if any(names.values()):
+            if any(names.values()) and len(plain) < len(targets):
                 layer_stats, layer_searches = _awq_layer(cal, layer, layouts[i], names, n_attn, cfg, gen)
                 stats.update(layer_stats)
                 for g, res in layer_searches.items():
                     searches[g].append(res)
-            if i < len(blocks) - 1:
+            if i < len(blocks) - 1 or cfg.embeddings:
                 cal.advance(layer)
+        if cfg.embeddings:
+            head_note = _awq_embeddings(model, cal, cfg, gen, stats)
         del cal
     for name, lin in plain:
         stats[name] = {"alpha": None, **_quantize_into(model, name, lin, cfg, None)}
@@ -573,6 +640,8 @@ def apply(handle: ModelHandle, cfg: AWQ, ctx: StepContext) -> StepReport:
         notes.append("scale search per group: " + "; ".join(summary))
     if layouts and not any(lay.scale_o for lay in layouts):
         notes.append("grouped-query attention: o_proj is quantised without scales (v_proj cannot absorb them)")
+    if head_note:
+        notes.append(head_note)
     if plain:
         notes.append(f"{len(plain)} Linear modules outside the AWQ groups quantised on plain grids (no scales)")
     return StepReport("awq", cfg.model_dump(), stats=stats, notes=notes)

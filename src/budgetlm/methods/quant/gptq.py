@@ -40,6 +40,13 @@ stand-ins holding the dequantised weights (the same matmul QuantLinear does, wit
 gptq_layer runs on one intra-op thread. Stats per module: rel_output_error = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the
 calibration inputs it was quantised for, bits_per_weight from storage_bytes, the damping used and its retries,
 dead inputs, and which modules shared its Hessian.
+
+`embeddings: true` (off by default): the calibration is advanced through every decoder layer after they are
+quantised, and the lm_head is quantised by GPTQ with the Hessian of its inputs, the final norm's outputs on the
+quantised model (round-to-nearest, H = I, if no final norm is found). A tied input table reads the lm_head's codes
+(one matrix, stored once; its codes are then the ones that serve the lm_head best, not each row's nearest); an
+untied table is rounded to nearest row by row (a lookup table has no input activations to weigh its columns).
+The calibration itself runs on the float table.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from budgetlm.methods.calibration import (
     LockstepError,
     decoder_layers,
 )
+from budgetlm.methods.quant.embedding import find_embeddings, head_inputs, install_head, rtn_embedding, stats_row
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid
 from budgetlm.methods.quant.rtn import GridConfig, check_group
@@ -703,6 +711,7 @@ def compress_layerwise(
     check: Callable[[list[tuple[str, torch.nn.Linear]]], None] | None = None,
     true_sequential: bool = False,
     compute_dtype: torch.dtype | None = None,
+    after_last: Callable[[LayerwiseCalibration], None] | None = None,
 ) -> tuple[list[str], dict[str, float]]:
     """The layer-by-layer Hessian loop shared by GPTQ and SparseGPT over the Linears `cfg` targets (`check`
     validates them before anything changes). Per decoder layer:
@@ -713,6 +722,8 @@ def compress_layerwise(
     - otherwise: one Hessian pass collects every group's Hessian from the layer as it is (gptq's shared-input
       passes), `compress` replaces each group, and an advance pass feeds the changed layer's outputs forward.
     `compute_dtype` (e.g. torch.bfloat16) runs the layer passes under CPU autocast (LayerwiseCalibration).
+    `after_last`: the calibration is advanced through every decoder layer (the compressed ones included) and
+    `after_last(cal)` gets it, its inputs then being the last layer's outputs (gptq's lm_head Hessian).
     Returns (notes, seconds per phase). A target never called on the calibration text is compressed with H = I."""
     model, method = handle.model, cfg.method_name
     targets = select_linears(model, cfg)
@@ -721,6 +732,8 @@ def compress_layerwise(
     per_layer = assign_layers(model, targets, method)
     del targets  # hold no reference to a replaced Linear, so its fp32 weight is freed as the step goes
     last = max(i for i, (_, mods) in enumerate(per_layer) if mods)
+    if after_last is not None:
+        last = len(per_layer) - 1
     cal = LayerwiseCalibration(
         model, ctx.calibration(handle.tokenizer), method=method, compute_dtype=compute_dtype, progress=ctx.progress
     )
@@ -780,13 +793,15 @@ def compress_layerwise(
                         done[n] = final
                 seconds["hessians"] += t1 - t0
                 seconds[method] += time.perf_counter() - t1
-            if i < last:
+            if i < last or after_last is not None:
                 t0 = time.perf_counter()
                 cal.status("forward to the next layer")
                 cal.advance(layer)
                 seconds["forward"] += time.perf_counter() - t0
             for n, final in done.items():
                 set_module(model, n, final)
+    if after_last is not None:
+        after_last(cal)
     del cal
     if never_called:
         notes.append(f"{', '.join(never_called)} never ran on the calibration text: {method} used H = I for them")
@@ -821,10 +836,28 @@ def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
         new = _quantise_group(group, mods, hessians, cfg, stats)
         return {n: (dense_stand_in(q, dtype), q) for n, q in new.items()}
 
+    head_h: dict[str, torch.Tensor | None] = {}
+    after_last = None
+    if cfg.embeddings:
+        cfg.check(handle.model)  # the embedding grid too, before anything changes
+
+        def after_last(cal: LayerwiseCalibration) -> None:
+            xs = head_inputs(handle.model, cal.inputs)
+            if xs is not None:
+                stat = HessianStat()
+                for x in xs:
+                    stat.add(x)
+                head_h["H"] = stat.H
+
     dtype, why = calibration_dtype(cfg.calibration_dtype)
-    notes = compress_layerwise(handle, cfg, ctx, compress, check, cfg.true_sequential, getattr(torch, dtype))[0]
-    retried = [n for n, s in stats.items() if s["damp_retries"]]
-    notes.insert(0, f"quantised {len(stats)} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
+    notes = compress_layerwise(
+        handle, cfg, ctx, compress, check, cfg.true_sequential, getattr(torch, dtype), after_last
+    )[0]
+    if cfg.embeddings:
+        notes.append(_quantise_embeddings(handle.model, cfg, head_h.get("H"), stats))
+    retried = [n for n, s in stats.items() if s.get("damp_retries")]
+    n_linear = sum(1 for s in stats.values() if "role" not in s)
+    notes.insert(0, f"quantised {n_linear} Linear modules with GPTQ ({cfg.bits}-bit, group {cfg.group_size})")
     notes.insert(1, f"calibration passes in {dtype} ({why})")
     kept = [s["kept_zeros"] for s in stats.values() if "kept_zeros" in s]
     if kept:
@@ -835,6 +868,51 @@ def apply(handle: ModelHandle, cfg: GPTQ, ctx: StepContext) -> StepReport:
     if retried:
         notes.append(f"Cholesky needed more damping for {len(retried)} modules: {', '.join(retried[:5])}")
     return StepReport("gptq", cfg.model_dump(), stats=stats, notes=notes)
+
+
+def _quantise_embeddings(model: torch.nn.Module, cfg: GPTQ, H: torch.Tensor | None, stats: dict) -> str:
+    """GPTQ of the lm_head with the Hessian of its inputs (the final norm's outputs on the quantised model; I, i.e.
+    round-to-nearest, without a final norm); an untied input table by round-to-nearest; a tied table reads the
+    lm_head's codes. Returns the step's note."""
+    e = find_embeddings(model, "gptq")
+    how = []
+    if e.head is not None:
+        w = e.head.weight.detach().float()
+        hess = H if H is not None else torch.eye(w.shape[1])
+        codes, grid, perm, st = gptq_layer(
+            w,
+            hess,
+            cfg.bits,
+            cfg.group_size,
+            cfg.symmetric,
+            cfg.damp,
+            cfg.block_size,
+            cfg.act_order,
+            cfg.static_groups,
+        )
+        head = QuantLinear.from_codes(codes, grid, e.head.bias, perm=perm)
+        install_head(model, e, head)
+        rel = ratio(st["row_error"], st["row_energy"])
+        stats[e.head_name] = stats_row(
+            head,
+            "tied" if e.tied else "head",
+            quantizer="gptq" if H is not None else "rtn",
+            rel_output_error=rel,
+            damp=st["damp"],
+            damp_retries=st["damp_retries"],
+        )
+        what = "the tied embedding / lm_head matrix (once, shared)" if e.tied else "the lm_head"
+        how.append(
+            f"{what} with GPTQ on the Hessian of the final norm's outputs"
+            if H is not None
+            else f"{what} by round-to-nearest (no final norm found to take its input Hessian from)"
+        )
+    if not e.tied:
+        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
+        set_module(model, e.emb_name, table)
+        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
+        how.append("the input embedding by round-to-nearest (a lookup table has no input activations)")
+    return "quantised " + "; ".join(how)
 
 
 def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, stats: dict) -> dict[str, QuantLinear]:

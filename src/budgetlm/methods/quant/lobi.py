@@ -34,6 +34,18 @@ low-rank correction of the quantisation error.
 3. Quantisation (pass 2) at the chosen widths; with gptq layer by layer with `advance`, so later layers are
    calibrated on the quantised model's activations.
 
+Embeddings (`embeddings: true`, the default: `target_bits` is then a budget over the decoder Linears and the
+embedding matrices, its bits counted like any Linear's): the lm_head and the input table enter the knapsack as
+items with the same candidate grids; a tied matrix is one item (both roles, its bytes once), untied ones two. The
+lm_head's sensitivity is a Linear's, with H from the final norm's outputs (the calibration runs through every
+layer) and, for "fisher", the Fisher diagonal of the logits; the table's is that of its rows at the embedding
+output: "fisher" ½ Σ_v Σ_j F_vj δ_vj², F_vj the squared gradient at the embedding output summed over the positions
+of token v (per token, over all tokens of the Fisher pass), "output" 2 Σ_v p_v ‖δ_v‖² with p_v the calibration
+frequency of token v (the analogue of tr(ΔW H ΔWᵀ)), "kl" a full forward with the matrix changed; a tied matrix
+adds both. With quantizer gptq the lm_head uses GPTQ with that Hessian (in pass 2 taken on the quantised model);
+an untied table is rounded to nearest (no input activations). `embeddings: false` gives the earlier behaviour
+(Linears only). lobi_lora keeps it off by default.
+
 Low-rank correction (rank r > 0): the truncated SVD of the stored quantisation error E = W − Q(W) (Q(W) as
 dequantised from the stored fp16 scales), U_r Σ_r and V_rᵀ kept in fp16 in QuantLinear.lr_u / lr_v, so the
 layer computes with Q(W) + U_r Σ_r V_rᵀ, the best rank-r approximation of W − Q(W) (Eckart–Young) up to fp16
@@ -63,6 +75,14 @@ from budgetlm.methods.base import (
     set_module,
 )
 from budgetlm.methods.calibration import HessianStat, LayerwiseCalibration, decoder_layers, require_calibration
+from budgetlm.methods.quant.embedding import (
+    QuantEmbedding,
+    check_embedding_grid,
+    embed_scale,
+    find_embeddings,
+    head_inputs,
+    install_head,
+)
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
 from budgetlm.methods.quant.rtn import GridConfig, check_group
@@ -91,6 +111,9 @@ class LoBi(GridConfig):
     rank: int = 0  # low-rank correction rank (0: none)
     kl_sequences: int = 4  # calibration sequences per KL measurement (sensitivity "kl")
     fisher_sequences: int = 16  # calibration sequences of the Fisher pass (sensitivity "fisher")
+    # the input embedding / lm_head enter the allocation (on by default: target_bits is a whole-model budget over
+    # every weight lobi quantises; see GridConfig and the module docstring)
+    embeddings: bool = True
 
     @field_validator("target_bits")
     @classmethod
@@ -126,6 +149,8 @@ class LoBi(GridConfig):
                     f"lobi rank {self.rank} exceeds {name}'s smaller dimension "
                     f"{min(lin.in_features, lin.out_features)}; choose a rank such as 8 or 16"
                 )
+        if self.embeddings:
+            check_embedding_grid(model, "lobi", self.candidates, groups, self.rank)
 
     def grids(self) -> list[tuple[int, int | None]]:
         """The (bits, group size) options every Linear chooses from."""
@@ -270,7 +295,7 @@ class _Quantised:
     def __init__(self, w, option: tuple[int, int | None], cfg: LoBi, H: torch.Tensor | None, gptq_layer=None):
         w = w.detach().float()
         bits, group = option
-        if cfg.quantizer == "gptq":
+        if cfg.quantizer == "gptq" and H is not None:  # (an input table has no Hessian: rtn)
             codes, grid, perm, _ = gptq_layer(
                 w.clone(), H.clone(), bits, group, cfg.symmetric, damp=0.01, block_size=128
             )
@@ -344,8 +369,10 @@ class _KLProbe:
         return out
 
     @torch.no_grad()
-    def kl(self, index: int) -> float:
-        if self.fast:
+    def kl(self, index: int | None) -> float:
+        """The KL with the model as it is now; `index`: the changed Linear's decoder layer (None: the embedding
+        or lm_head changed, a full forward)."""
+        if self.fast and index is not None:
             logits = self._logits(index)
         else:
             logits = [self.model(input_ids=b, use_cache=False).logits.float() for b in self.cal.batches]
@@ -355,11 +382,17 @@ class _KLProbe:
         return total / self.n_tokens
 
 
-def fisher_diagonals(model, tokens: torch.Tensor, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+def fisher_diagonals(
+    model, tokens: torch.Tensor, names: list[str], seed: int = 0, embedding: bool = False
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Per named Linear, the mean over tokens of g_ti², g = ∂ Σ_t log p(ŷ_t) / ∂(Linear output)_t, ŷ_t sampled
     from the model's own next-token distribution: the diagonal of the Fisher information with respect to that
     Linear's output channels (sum over positions, per token). One sequence per forward/backward; no parameter
-    gradients are computed (only activation gradients, from the embedding output on)."""
+    gradients are computed (only activation gradients, from the embedding output on).
+
+    With `embedding`, also (ids, F_rows): the token ids seen and, per id and hidden channel, the sum over that
+    id's positions of the squared gradient at the embedding output, over all tokens (F_rows [ids, hidden]): the
+    diagonal Fisher of the table's rows, each weighted by how often its token occurs."""
     mods = dict(model.named_modules())
     acc = {n: torch.zeros(mods[n].out_features, dtype=torch.float64) for n in names}
     gen = torch.Generator().manual_seed(seed)
@@ -375,8 +408,19 @@ def fisher_diagonals(model, tokens: torch.Tensor, names: list[str], seed: int = 
 
         return hook
 
+    ids_seen, emb_acc, where = None, None, {}
+    if embedding:
+        ids_seen, inverse = torch.unique(tokens, return_inverse=True)
+        emb_acc = torch.zeros(len(ids_seen), model.get_input_embeddings().embedding_dim, dtype=torch.float64)
+
+    def record_rows(g: torch.Tensor) -> None:
+        emb_acc.index_add_(0, where["rows"], g.detach().double().reshape(-1, g.shape[-1]).pow(2))
+
     def grad_from_here(_m, _args, out):
-        return out.detach().requires_grad_(True)
+        out = out.detach().requires_grad_(True)
+        if emb_acc is not None:
+            out.register_hook(record_rows)
+        return out
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -386,7 +430,9 @@ def fisher_diagonals(model, tokens: torch.Tensor, names: list[str], seed: int = 
         hooks.append(model.get_input_embeddings().register_forward_hook(grad_from_here))
         hooks += [mods[n].register_forward_hook(on_output(n)) for n in names]
         with torch.enable_grad():
-            for seq in tokens:
+            for k, seq in enumerate(tokens):
+                if embedding:
+                    where["rows"] = inverse[k]
                 logits = model(input_ids=seq[None], use_cache=False).logits[0].float()
                 logp = F.log_softmax(logits, -1)
                 y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
@@ -398,7 +444,10 @@ def fisher_diagonals(model, tokens: torch.Tensor, names: list[str], seed: int = 
             p.requires_grad_(flag)
         model.train(was_training)
     n_tokens = tokens.numel()
-    return {n: (a / n_tokens).float() for n, a in acc.items()}
+    out = {n: (a / n_tokens).float() for n, a in acc.items()}
+    if embedding:
+        return out, (ids_seen, (emb_acc / n_tokens).float())
+    return out
 
 
 def _block_index(model, targets) -> dict[str, int]:
@@ -416,6 +465,20 @@ def _block_index(model, targets) -> dict[str, int]:
             )
         out[name] = hit[0]
     return out
+
+
+def _head_hessian(model, cal: LayerwiseCalibration) -> torch.Tensor:
+    """H = (2/n) Σ x xᵀ of the lm_head's inputs: the final norm of the calibration's current inputs (the last decoder
+    layer's outputs)."""
+    xs = head_inputs(model, cal.inputs)
+    if xs is None:
+        raise ConfigError(
+            "lobi: no final norm beside the decoder layers to take the lm_head's inputs from; set embeddings: false"
+        )
+    stat = HessianStat()
+    for x in xs:
+        stat.add(x)
+    return stat.H
 
 
 def _gptq():
@@ -453,18 +516,28 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     multi = len(groups) > 1
     cost = [[storage_bytes(lin.in_features, lin.out_features, b, cfg, g) for b, g in options] for _, lin in targets]
     n_weights = sum(lin.weight.numel() for _, lin in targets)
+    # the embedding matrices (embeddings: true): one item when tied (both roles, its bytes once), else the lm_head
+    # and the input table as two items
+    e = find_embeddings(model, "lobi") if cfg.embeddings else None
+    mats = e.matrices() if e is not None else []
+    mat_weight = {n: (e.emb.weight if role == "embedding" else e.head.weight) for n, role in mats}
+    cost += [[storage_bytes(e.hidden, e.vocab, b, cfg, g) for b, g in options] for _ in mats]
+    n_weights += e.n_weights() if e is not None else 0
+    what = f"{len(targets)} targeted Linears" + (f" and {len(mats)} embedding matrices" if mats else "")
     budget = math.floor(Fraction(cfg.target_bits) * n_weights / 8)
     lo, hi = sum(min(c) for c in cost), sum(max(c) for c in cost)
     lo_bpw, hi_bpw = lo * 8 / n_weights, hi * 8 / n_weights
     if budget < lo or Fraction(cfg.target_bits) * n_weights > hi * 8:
         raise ConfigError(
             f"lobi target_bits {cfg.target_bits} is outside the achievable range {_fmt(lo_bpw, True)}–"
-            f"{_fmt(hi_bpw, False)} bits per weight for this model's {len(targets)} targeted Linears "
+            f"{_fmt(hi_bpw, False)} bits per weight for this model's {what} "
             f"(candidates {cfg.candidates}, group sizes {groups}, rank {cfg.rank}, scales/zeros/correction "
             "included); choose a target in that range"
         )
     gptq_layer = _gptq() if cfg.quantizer == "gptq" else None
     tokens = require_calibration(ctx.calibration(handle.tokenizer), "lobi")
+    head_name = next((n for n, role in mats if role != "embedding"), None)
+    has_table = any(role != "head" for _, role in mats)
 
     # pass 1: sensitivity of every targeted Linear at every candidate, on the float model
     t0 = time.perf_counter()
@@ -474,20 +547,25 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         by_block.setdefault(block_of[name], []).append((name, lin))
     sens: dict[str, list[float]] = {}
     need_h = cfg.sensitivity in ("output", "fisher") or cfg.quantizer == "gptq"
+    need_head_h = need_h and head_name is not None  # the lm_head's Hessian: the final norm's outputs
     t_fisher = time.perf_counter()
     fisher = None
     if cfg.sensitivity == "fisher":
         with Progress("lobi", enabled=ctx.progress) as bar:
             n_seq = min(cfg.fisher_sequences, tokens.shape[0])
             bar.status(f"Fisher diagonals from {n_seq} calibration sequences (one forward and backward pass)")
-            fisher = fisher_diagonals(model, tokens[: cfg.fisher_sequences], names, ctx.seed)
+            fnames = names + ([head_name] if head_name else [])
+            res = fisher_diagonals(model, tokens[: cfg.fisher_sequences], fnames, ctx.seed, embedding=has_table)
+            fisher, emb_fisher = res if has_table else (res, None)
     t_fisher = time.perf_counter() - t_fisher
     probe = _KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
     last = max(by_block)
+    # with the lm_head to quantise, the calibration runs through every layer to the final norm
+    walk_last = len(decoder_layers(model)) - 1 if need_head_h else last
     title = f"lobi {cfg.sensitivity} sensitivity"
     if need_h:
         cal = LayerwiseCalibration(model, tokens, method="lobi", progress=ctx.progress, title=title)
-        walk = cal.layers(last)
+        walk = cal.layers(walk_last)
     else:
         blocks = decoder_layers(model)[: last + 1]
         name_layer = lambda i, _: f"layer {i + 1}/{last + 1}"  # noqa: E731
@@ -515,8 +593,40 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
                 finally:
                     lin.weight.data = saved
             sens[name] = row
-        if need_h and i < last:
+        if need_h and (i < walk_last or need_head_h):
             cal.advance(layer)
+    H_head = _head_hessian(model, cal) if need_head_h else None
+    freq = None
+    if e is not None:
+        freq = torch.bincount(tokens.reshape(-1), minlength=e.vocab)[: e.vocab].double() / tokens.numel()
+    scale2 = (embed_scale(e.emb) or 1.0) ** 2 if e is not None else 1.0
+    for name, role in mats:
+        if cal is not None:
+            cal.status(f"{name}: {len(options)} candidate grids")
+        w = mat_weight[name]
+        row = []
+        for option in options:
+            q = _Quantised(w, option, cfg, H_head if role != "embedding" else None, gptq_layer)
+            if probe is not None:
+                saved = w.data
+                w.data = q.weight.to(saved.dtype)  # a tied matrix: both roles change
+                try:
+                    row.append(probe.kl(None))
+                finally:
+                    w.data = saved
+                continue
+            val = 0.0
+            if role != "embedding":  # as the lm_head: the Linear estimate on the final norm's outputs
+                val += q.fisher_kl(H_head, fisher[name]) if fisher is not None else q.output_error(H_head)
+            if role != "head":  # as the input table: each token's row error at the embedding output
+                err2 = q.err.double().pow(2) * scale2
+                if fisher is not None:  # KL ≈ ½ Σ_v Σ_j F_vj δ_vj² (F per token id, frequency included)
+                    ids, rows = emb_fisher
+                    val += 0.5 * float((rows.double() * err2[ids]).sum())
+                else:  # 2 · mean over tokens of the squared output error, as tr(ΔW H ΔWᵀ) is for a Linear
+                    val += 2 * float(freq @ err2.sum(1))
+            row.append(val)
+        sens[name] = row
     kl_path = (
         ""
         if probe is None
@@ -526,36 +636,48 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     t_sens = time.perf_counter() - t0
 
     # allocation
-    choice, how = allocate([sens[n] for n in names], cost, budget)
-    chosen = {n: options[k] for n, k in zip(names, choice, strict=True)}
+    all_names = names + [n for n, _ in mats]
+    choice, how = allocate([sens[n] for n in all_names], cost, budget)
+    chosen = {n: options[k] for n, k in zip(all_names, choice, strict=True)}
 
     # pass 2: quantise at the chosen widths
     t0 = time.perf_counter()
-    layers: dict[str, QuantLinear] = {}
+    layers: dict[str, QuantLinear | QuantEmbedding] = {}
+    H_head = None
     if cfg.quantizer == "gptq":
         cal = LayerwiseCalibration(model, tokens, method="lobi", progress=ctx.progress, title="lobi quantise")
-        for i, layer in cal.layers(last):
+        for i, layer in cal.layers(walk_last):
             mods = dict(by_block.get(i, []))
             if mods:
                 hs = cal.collect(layer, mods, HessianStat)
                 for name, lin in mods.items():
                     layers[name] = _Quantised(lin.weight, chosen[name], cfg, hs[name].H, gptq_layer).layer(lin.bias)
                     set_module(model, name, layers[name])
-            if i < last:
+            if i < walk_last or need_head_h:
                 cal.advance(layer)
+        H_head = _head_hessian(model, cal) if need_head_h else None
         del cal
     else:
         for name, lin in targets:
             layers[name] = _Quantised(lin.weight, chosen[name], cfg, None).layer(lin.bias)
             set_module(model, name, layers[name])
+    for name, role in mats:  # the lm_head by GPTQ on the quantised model's final norm outputs (quantizer gptq)
+        q = _Quantised(mat_weight[name], chosen[name], cfg, H_head if role != "embedding" else None, gptq_layer)
+        if role == "embedding":
+            layers[name] = QuantEmbedding.from_codes(q.codes, q.grid, embed_scale(e.emb), correction=q.correction)
+            set_module(model, name, layers[name])
+        else:
+            layers[name] = q.layer(e.head.bias)
+            install_head(model, e, layers[name])  # tied: the table reads these codes
     t_quant = time.perf_counter() - t0
 
     stored = sum(layer.storage_bytes() for layer in layers.values())
     achieved = stored * 8 / n_weights
     stats = {}
-    for (name, _lin), k in zip(targets, choice, strict=True):
+    roles = dict(mats)
+    for name, k in zip(all_names, choice, strict=True):
         layer = layers[name]
-        stats[name] = {
+        stats[name] = ({"role": roles[name]} if name in roles else {}) | {
             "bits": options[k][0],
             "group_size": options[k][1],
             "bits_per_weight": layer.storage_bytes() * 8 / (layer.in_features * layer.out_features),
@@ -565,12 +687,12 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
     hist = {o: sum(1 for v in chosen.values() if v == o) for o in options}
     unit = {"kl": "KL (nats/token)", "fisher": "estimated KL (nats/token)"}.get(cfg.sensitivity, "tr(ΔW H ΔWᵀ)")
     notes = [
-        f"achieved {achieved:.4f} bits per weight over {len(targets)} Linears (target {cfg.target_bits}; "
+        f"achieved {achieved:.4f} bits per weight over the {what} (target {cfg.target_bits}; "
         f"achievable {lo_bpw:.4f}–{hi_bpw:.4f}); {stored} B stored",
         "bits chosen: " + ", ".join(f"{_label(o, multi, 'bit')} × {c}" for o, c in hist.items()),
         f"sensitivity {cfg.sensitivity} [{unit}] with {cfg.quantizer}"
         + (f" + rank-{cfg.rank} correction" if cfg.rank else "")
-        + f": total {sum(sens[n][k] for n, k in zip(names, choice, strict=True)):.6g}{kl_path}",
+        + f": total {sum(sens[n][k] for n, k in zip(all_names, choice, strict=True)):.6g}{kl_path}",
         f"allocation: {how}",
         f"time: sensitivity {t_sens:.1f} s"
         + (f" (Fisher pass {t_fisher:.1f} s)" if fisher is not None else "")

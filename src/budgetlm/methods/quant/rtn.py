@@ -23,7 +23,16 @@ from budgetlm.progress import track
 
 class GridConfig(MethodConfig):
     """The validation every integer-grid quantiser's config shares (rtn, gptq, awq, lobi): `bits` among the
-    supported widths, `group_size` positive or null (per channel). Subclasses declare the fields and defaults."""
+    supported widths, `group_size` positive or null (per channel). Subclasses declare the fields and defaults.
+
+    `embeddings` (the one switch for the four methods): also quantise the input embedding table and the lm_head,
+    on the method's grid (methods/quant/embedding.py): the lm_head becomes a QuantLinear, the table a
+    QuantEmbedding; with tied weights the matrix is quantised once and both read the same codes. Independent of
+    `targets`/`ignore` (which select decoder Linears). Off by default for rtn, gptq and awq, so their results
+    stay comparable with earlier ones (bits per weight over the Linears); on by default for lobi, whose
+    `target_bits` is a budget over every weight it quantises, so the matrix enters the bit allocation."""
+
+    embeddings: bool = False
 
     @field_validator("bits", check_fields=False)
     @classmethod
@@ -42,11 +51,18 @@ class GridConfig(MethodConfig):
     def check(self, model: torch.nn.Module) -> None:
         for name, lin in select_linears(model, self):
             check_group(name, lin.in_features, self.group_size)
+        if self.embeddings:
+            from budgetlm.methods.quant.embedding import check_embedding_grid
+
+            check_embedding_grid(model, self.method_name, [self.bits], [self.group_size])
 
 
 @register_method("rtn")
 class RTN(GridConfig):
-    """Round-to-nearest weight quantisation (8/4/3/2 bits, per-channel or per-group, symmetric or not)."""
+    """Round-to-nearest weight quantisation (8/4/3/2 bits, per-channel or per-group, symmetric or not).
+
+    With `embeddings: true` the lm_head and the input table are rounded to nearest on the same grid (a tied
+    matrix once, shared by both)."""
 
     bits: int = 8
     group_size: int | None = None  # None: one scale per output channel
@@ -75,4 +91,26 @@ def apply(handle: ModelHandle, cfg: RTN, ctx: StepContext) -> StepReport:
         layer = QuantLinear.from_codes(codes, grid, lin.bias)
         set_module(handle.model, name, layer)
         stats[name] = {"rel_mse": float(err), "bits_per_weight": layer.storage_bytes() * 8 / w.numel()}
-    return StepReport("rtn", cfg.model_dump(), stats=stats, notes=[f"quantised {len(targets)} Linear modules"])
+    notes = [f"quantised {len(targets)} Linear modules"]
+    if cfg.embeddings:
+        notes.append(quantise_embeddings(handle.model, cfg, stats))
+    return StepReport("rtn", cfg.model_dump(), stats=stats, notes=notes)
+
+
+def quantise_embeddings(model: torch.nn.Module, cfg: GridConfig, stats: dict) -> str:
+    """Round-to-nearest of the lm_head and the input table on cfg's grid (a tied matrix once); the step's note."""
+    from budgetlm.methods.quant.embedding import find_embeddings, install_head, rtn_embedding, stats_row
+
+    e = find_embeddings(model, cfg.method_name)
+    if e.head is not None:
+        w = e.head.weight.data
+        grid = find_grid(w, cfg.bits, cfg.group_size, cfg.symmetric)
+        head = QuantLinear.from_codes(quantize(w, grid), grid, e.head.bias)
+        install_head(model, e, head)
+        stats[e.head_name] = stats_row(head, "tied" if e.tied else "head", quantizer="rtn")
+    if not e.tied:
+        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
+        set_module(model, e.emb_name, table)
+        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
+    what = "the tied embedding / lm_head matrix (once, shared)" if e.tied else "the lm_head and the input embedding"
+    return f"quantised {what} with rtn on the same grid"
