@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512])
     ap.add_argument("--decode", action="store_true", help="also whole-model decode of SmolLM2-135M")
+    ap.add_argument("--decode-only", action="store_true", help="only the whole-model decode")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -234,10 +235,11 @@ def main() -> None:
         f"torch {torch.__version__}, bitsandbytes {bnb.__version__}, fused AVX512-BF16 kernel: {bool(fused)}, "
         f"load average {os.getloadavg()[0]:.2f}; ms per call (median), errors are max abs vs the exact product"
     )
-    print(header())
     result = {"torch": torch.__version__, "bitsandbytes": bnb.__version__, "fused": bool(fused)}
-    result["layers"] = layer_rows(args)
-    if args.decode:
+    if not args.decode_only:
+        print(header())
+        result["layers"] = layer_rows(args)
+    if args.decode or args.decode_only:
         print(f"\n{'decode SmolLM2-135M':<22} {'thr':>3} {'ms/tok med':>9} {'mean':>9} {'sd':>7} {'load':>5}")
         result["decode"] = decode_rows(args)
     if args.json:

@@ -23,7 +23,38 @@ Format of one layer (weight W [out, in], flattened row-major into n = out*in val
   when double quantisation is on), so it is the nearest representable value; without double quantisation this is
   exactly QLoRA's round(w / a_b) to the nearest code.
 
-The forward dequantises (codebook lookup * absmax) to fp32 and runs F.linear.
+Forward: two computations of the same codes.
+- exact (`forward_exact`): dequantise the whole weight (byte-LUT gather * block absmax) to fp32, then F.linear. Taken
+  whenever autograd is on (training, QLoRA), for a layer bitsandbytes cannot hold (out_features not a multiple of 32,
+  in_features not a multiple of block_size), with BUDGETLM_NF4_KERNEL=exact, without bitsandbytes, and where it lost
+  the probe below.
+- bitsandbytes (`forward_bnb`; optional extra `bnb`, pinned 0.50.2), only under torch.no_grad / inference_mode: the
+  layer's codes and decoded absmax (double quantisation already undone) go once into a bnb.nn.Linear4bit kept beside
+  the module (not a submodule, not saved, rebuilt when the stored tensors change; ~0.5 byte per weight more in
+  memory). On an AVX512-BF16 CPU its CPU path repacks the codes for a fused kernel bundled in its wheel that reads
+  the 4-bit weights directly: absmax and activations rounded to bf16, fp32 accumulation, bf16 output, so it is *not*
+  exact but within bf16 rounding: every output within 2^-7 * sum_j |x_j w_j| of the exact product (`bf16_tolerance`;
+  measured max abs error 5e-3 to 1.5e-2 on outputs of magnitude 2-3.5, as large as F.linear in bf16 on the
+  dequantised weight). bitsandbytes' NF4 codebook, block order and absmax rule are budgetlm's (its quantize_4bit
+  gives the very codes and absmax of double_quant=False; its own double quantisation uses an 8-bit float map, so
+  budgetlm hands it the decoded absmax instead). On import its CPU backend asks the `kernels` package for a kernel
+  from the Hugging Face hub; `_bnb_module` closes that import, so it runs offline on the bundled kernel.
+  Which path serves a no-grad call is measured, never read from CPU flags: the first such call of the process probes
+  a 1536x576 layer (1 token for calls of <= DECODE_TOKENS tokens, 128 tokens for larger ones; 9 interleaved rounds,
+  after checking the agreement above) and caches the verdict; BUDGETLM_NF4_KERNEL=auto|exact|bnb overrides it.
+  Figures (benchmarks/bench_nf4.py, AMD EPYC with AVX512-BF16, 1 thread, a shared machine at load average ~5; ms per
+  call, dequantise+GEMM -> bitsandbytes fused, fp32 nn.Linear for reference):
+      576x576    1 token 0.60 -> 0.075 (fp32 0.12)   64 tokens 1.8 -> 0.48 (0.65)   512 tokens 8.5 -> 3.2 (7.7)
+      1536x576   1 token 1.9  -> 0.11  (0.35)        64 tokens 2.9 -> 1.06 (1.56)   512 tokens 14.3 -> 7.5 (10.9)
+      576x1536   1 token 1.5  -> 0.10  (0.29)        64 tokens 2.9 -> 0.91 (1.42)   512 tokens 18.9 -> 11.7 (15.2)
+      49152x576  1 token 371  -> 1.3   (33.5)        64 tokens 665 -> 93  (259)     512 tokens 2844 -> 1206 (2046)
+  so the fused kernel is 5-100x faster for decode and 1.2-2.6x for 512-token prefill, and faster than fp32 too;
+  whole-model greedy decode of SmolLM2-135M after `nf4` (1 thread, load average ~8): 557 ms/token exact, 105 with
+  the bnb path, 83 with bnb.nn.Linear4bit modules swapped in (no budgetlm wrapper), 138 for the fp32 model.
+  No faster *exact* path was found: torch's own gathers cost 1-3 ns per weight (dequantising in row chunks that
+  stay in cache helps only the 49152-row lm_head, 2-3x, still far slower than fp32), and torch's
+  _weight_int4pack_mm_for_cpu takes uniform int4 codes with a scale and zero per group, which cannot represent NF4's
+  non-uniform codebook exactly.
 """
 
 from __future__ import annotations
