@@ -17,6 +17,14 @@ BNB = nf4._bnb_module()
 needs_bnb = pytest.mark.skipif(BNB is None, reason="bitsandbytes is not installed (optional extra `bnb`)")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    """The suite computes quantised layers exactly (tests/conftest.py); these tests are about the kernel path."""
+    from budgetlm.methods.quant import kernels
+
+    monkeypatch.setattr(kernels, "_enabled", True)
+
+
 def weight(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed)) * 0.02
 

@@ -62,7 +62,7 @@ def test_forward_never_dequantises_the_whole_table(monkeypatch):
     grid = find_grid(w, 4, 32, False)
     emb = QuantEmbedding.from_codes(quantize(w, grid), grid)
     seen = []
-    import budgetlm.methods.quant.embedding as mod
+    import budgetlm.methods.quant.layers as mod
 
     real = mod.unpack
     monkeypatch.setattr(mod, "unpack", lambda p, b, n: seen.append(n) or real(p, b, n))

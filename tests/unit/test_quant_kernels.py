@@ -227,3 +227,28 @@ def test_real_smollm2_layers(use_kernels):
             x = torch.randn(4, w.shape[1])
             want = F.linear(x, ref)
             assert (q(x) - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, True), (4, False), (4, True), (8, True)])
+def test_row_codes_from_every_layout(use_kernels, bits, symmetric):
+    layer, _, _ = make_layer(bits, None if bits == 8 else 64, symmetric, out_f=192)
+    want = layer.codes()
+    ids = torch.tensor([0, 31, 32, 63, 64, 100, 191, 5, 5])
+    assert torch.equal(layer.row_codes(ids), want[ids])
+    layer(torch.randn(1, 256))  # the kernel's layout from here on (int4 grids)
+    assert torch.equal(layer.row_codes(ids), want[ids])
+    assert torch.equal(layer.codes(), want)
+
+
+def test_tied_embedding_reads_the_lm_heads_kernel_layout(use_kernels):
+    from budgetlm.methods.quant.embedding import QuantEmbedding
+
+    w = torch.randn(192, 128)
+    grid = find_grid(w, 4, 32, False)
+    head = QuantLinear.from_codes(quantize(w, grid), grid, None)
+    emb = QuantEmbedding.sharing(head, "lm_head")
+    ids = torch.tensor([[0, 40, 100, 191, 40]])
+    before = emb(ids)
+    head(torch.randn(1, 128))  # the lm_head repacks into the kernel's layout
+    assert head._int4 is not None and head.qweight.numel() == 0
+    assert torch.equal(emb(ids), before)

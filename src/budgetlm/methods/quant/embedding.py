@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from budgetlm.errors import ConfigError
-from budgetlm.methods.quant.layers import QuantLinear
-from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize, unpack
+from budgetlm.methods.quant.layers import QuantLinear, packed_row_codes
+from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
 
 
 class QuantEmbedding(nn.Module):
@@ -121,20 +121,12 @@ class QuantEmbedding(nn.Module):
     # --- reading ---------------------------------------------------------------------------------------------
 
     def row_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Codes uint8 [n, hidden] of the rows `ids` (1-D), unpacked from those rows' bytes only."""
-        q = self.store().qweight
-        dim = self.embedding_dim
-        if q.dtype == torch.int8 and q.shape == (self.num_embeddings, dim):  # 8-bit symmetric per channel
-            return (q[ids].to(torch.int16) + 128).to(torch.uint8)
-        if q.dtype == torch.uint8 and q.ndim == 1 and (dim * self.bits) % 8 == 0:
-            per_row = dim * self.bits // 8
-            if q.numel() == self.num_embeddings * per_row:
-                rows = q.view(self.num_embeddings, per_row)[ids]
-                return unpack(rows.reshape(-1), self.bits, ids.numel() * dim).reshape(-1, dim)
-        raise RuntimeError(
-            f"QuantEmbedding cannot read rows of a {tuple(q.shape)} {q.dtype} code tensor for a "
-            f"{self.num_embeddings}x{dim} {self.bits}-bit grid"
-        )
+        """Codes uint8 [n, hidden] of the rows `ids` (1-D), unpacked from those rows' bytes only (a tied table reads
+        them through its lm_head, whatever layout the lm_head holds them in)."""
+        s = self.store()
+        if s is not self:
+            return s.row_codes(ids)
+        return packed_row_codes(self.qweight, ids, self.num_embeddings, self.embedding_dim, self.bits)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantised rows (float32 [n, hidden]) of `ids`, low-rank correction included, embed scale excluded."""

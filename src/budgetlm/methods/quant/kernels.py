@@ -135,6 +135,21 @@ def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> tor
     return codes
 
 
+def int4_row_codes(packed, ids: torch.Tensor, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
+    """The stored codes [len(ids), k] of rows `ids` (1-D) from int4_pack_grid's layout, reading those rows only:
+    row r is nibble r // 32 % 2 of byte r % 32 in block r // 64, for every column."""
+    ids = ids.long()
+    blocks = packed.view(n // BLOCK_N, k, BLOCK_N // 2)
+    within = ids % BLOCK_N
+    raw = blocks[ids // BLOCK_N, :, within % (BLOCK_N // 2)]  # [len, k]
+    codes = (raw >> (4 * (within >= BLOCK_N // 2)).to(torch.uint8).unsqueeze(1)) & 15
+    if bits <= 3:
+        zp = _offsets(None if zeros is None else zeros[ids], bits, torch.empty(len(ids), k // group_size))
+        shift = (8 - zp).to(torch.int16).repeat_interleave(group_size, dim=1)
+        codes = (codes.to(torch.int16) - shift).to(torch.uint8)
+    return codes
+
+
 def int4_dequantize(packed, scales, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
     """Float32 weights [n, k] straight from int4_pack_grid's layout (rows of whole 64-row blocks with their fp16
     scales and zeros): (c - 8) * s for shifted codes (<= 3 bits), (q - zp) * s for 4-bit ones. Exact."""

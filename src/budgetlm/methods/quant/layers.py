@@ -117,6 +117,14 @@ class QuantLinear(torch.nn.Module):
         n = self.in_features * self.out_features
         return unpack(self.qweight, self.bits, n).reshape(self.out_features, self.in_features)
 
+    def row_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codes uint8 [len(ids), in] of the output rows `ids` (1-D), read from those rows only (a tied embedding's
+        lookup, methods/quant/embedding.py)."""
+        if self._int4 is not None:
+            args = (self.zeros, self.bits, self.group_size, self.out_features, self.in_features)
+            return kernels.int4_row_codes(self._int4[0], ids, *args)
+        return packed_row_codes(self.qweight, ids, self.out_features, self.in_features, self.bits)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The quantised weight Q(W) [out, in] in the original column order (without the correction)."""
         w = dequantize(self.codes(), self.grid())
@@ -248,6 +256,20 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         extra = (", act-order" if self.perm is not None else "") + (f", rank={self.rank}" if self.rank else "")
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{extra}"
+
+
+def packed_row_codes(qweight: torch.Tensor, ids: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """Codes uint8 [len(ids), k] of rows `ids` of a stored code tensor: int8 [n, k] (8-bit symmetric per channel)
+    or codes packed 8 per `bits` bytes in row-major order (whole bytes per row)."""
+    if qweight.dtype == torch.int8 and qweight.shape == (n, k):
+        return (qweight[ids].to(torch.int16) + 128).to(torch.uint8)
+    per_row = k * bits // 8
+    if qweight.dtype == torch.uint8 and qweight.ndim == 1 and (k * bits) % 8 == 0 and qweight.numel() == n * per_row:
+        rows = qweight.view(n, per_row)[ids]
+        return unpack(rows.reshape(-1), bits, ids.numel() * k).reshape(-1, k)
+    raise RuntimeError(
+        f"cannot read rows of a {tuple(qweight.shape)} {qweight.dtype} code tensor for a {n}x{k} {bits}-bit grid"
+    )
 
 
 def rebuild(_old: torch.nn.Module, meta: dict) -> QuantLinear:

@@ -79,6 +79,7 @@ from budgetlm.methods.base import (
     select_linears,
     set_module,
 )
+from budgetlm.methods.quant import kernels
 from budgetlm.models.handle import ModelHandle
 from budgetlm.progress import track
 
@@ -473,11 +474,12 @@ def kernel_mode() -> str:
 
 def _use_bnb(layer: NF4Linear, x: torch.Tensor) -> bool:
     """bnb's kernel serves a forward only without autograd (torch.no_grad / inference_mode), on CPU, for a layer it
-    can hold, and (mode auto) when this process's probe for that token regime found it faster and close enough."""
+    can hold, and (mode auto) when this process's probe for that token regime found it faster and close enough.
+    BUDGETLM_KERNELS=0 (methods/quant/kernels.py: every quantised layer exact) turns it off too."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_floating_point():
         return False
     mode = kernel_mode()
-    if mode == "exact" or not layer.bnb_supported():
+    if mode == "exact" or not kernels.enabled() or not layer.bnb_supported():
         return False
     if mode == "bnb":
         return True
