@@ -69,7 +69,8 @@ def test_int4_group_takes_what_the_kernel_can_express():
     assert kernels.int4_group(4, 512, 64, 1024) == 256  # a group of 512 = 2 kernel groups with the same scale
     assert kernels.int4_group(4, 16, 64, 256) is None  # groups smaller than the kernel's
     assert kernels.int4_group(4, 64, 100, 256) is None  # rows not in whole 64-row blocks
-    assert kernels.int4_group(8, 64, 128, 256) is None
+    assert kernels.int4_group(8, 64, 128, 256) == 64  # 8-bit grids as two 4-bit halves
+    assert kernels.int4_group(8, 16, 128, 256) is None
 
 
 CASES = list(itertools.product((2, 3, 4), (32, 64, 128, None), (True, False)))
@@ -102,18 +103,52 @@ def test_act_order_and_low_rank_correction_on_every_path(use_kernels, act_order,
     assert torch.allclose(layer.effective_weight(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("eight", ["int8", "int4x2"])
 @pytest.mark.parametrize("m", [1, 4, 64])
-def test_int8_path_and_its_crossover(use_kernels, m):
+def test_int8_path_and_its_crossover(use_kernels, monkeypatch, eight, m):
+    monkeypatch.setattr(kernels, "eight_bit", lambda: eight)
     layer, ref, b = make_layer(8, None, True)
-    assert layer.kernel == "int8" and layer.path(m) == ("int8" if m < 32 else "dense")
+    assert layer.kernel == eight and layer.path(m) == (eight if m < 32 else "dense")
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(5))
     want = F.linear(x, ref, b)
     tol = 1e-2 if m < 32 else 1e-5
     assert (layer(x) - want).abs().max() <= tol * want.abs().max()
 
 
+@pytest.mark.parametrize("symmetric,group,act_order", [(False, None, False), (True, 64, False), (False, 32, True)])
+def test_8bit_grids_as_two_4bit_halves(use_kernels, symmetric, group, act_order):
+    layer, ref, b = make_layer(8, group, symmetric, act_order=act_order)
+    assert layer.kernel == "int4x2"  # asymmetric, grouped or permuted: torch's int8 kernel cannot take them
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    want = F.linear(x, ref, b)
+    assert (layer(x) - want).abs().max() <= 1e-2 * want.abs().max()
+    assert layer._int4 is not None and len(layer._int4) == 4 and layer.qweight.numel() == 0
+    held = [*layer._int4] + ([layer.perm] if layer.perm is not None else [])
+    assert layer.memory_bytes() == sum(t.numel() * t.element_size() for t in held)
+    after = layer.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    xs = torch.randn(64, 256)
+    assert torch.allclose(layer(xs), F.linear(xs, ref, b), atol=1e-4, rtol=1e-5)  # dense from the halves: exact
+
+
+def test_int8_storage_survives_the_halves(use_kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "eight_bit", lambda: "int4x2")
+    layer, ref, b = make_layer(8, None, True)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(torch.randn(1, 256))
+    assert layer.kernel == "int4x2" and layer.qweight.numel() == 0
+    after = layer.state_dict()
+    assert after["qweight"].dtype == torch.int8 and all(torch.equal(after[k], before[k]) for k in before)
+    fresh, _, _ = make_layer(8, None, True, seed=1)
+    fresh.load_state_dict(after)
+    layer.load_state_dict(after)  # into a layer holding the halves
+    x = torch.randn(1, 256)
+    assert torch.equal(layer(x), fresh(x))
+
+
 def test_grids_no_kernel_takes_compute_exactly(use_kernels):
-    for bits, group, out_f in [(4, 16, 128), (4, 64, 96), (8, 64, 128)]:  # small group, odd rows, grouped int8
+    for bits, group, out_f in [(4, 16, 128), (4, 64, 96), (8, 16, 128)]:  # small group, odd rows, small 8-bit group
         layer, ref, b = make_layer(bits, group, False, out_f=out_f)
         assert layer.path(1) == "dense"
         x = torch.randn(1, 256)

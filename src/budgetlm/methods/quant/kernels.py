@@ -9,8 +9,11 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   scales and offsets are bfloat16 (float32 activations fall to a scalar loop 15-60x slower), which rounds the
   scales of the stored grid to 8 mantissa bits: the quality cost is measured per grid by
   benchmarks/bench_decode.py (KL to the exact path).
+- "int4x2": an 8-bit grid as two 4-bit halves through the same kernel, c = 16 hi + lo and
+  (c - zp) s = 16 s (hi - 8) + s (lo - 8) + (136 - zp) s: two calls whose products add up to the 8-bit layer's.
 - "int8": torch's int8 weight-only kernel (`_weight_int8pack_mm`) for 8-bit symmetric per-channel grids: one byte
-  per weight, bfloat16 activations and scales.
+  per weight, bfloat16 activations and scales. On an AMD EPYC (1 thread) it read ~2.5 GB/s on a 49152 x 576
+  lm_head (12 ms) where the two halves took ~3 ms; `eight_bit()` measures which one is faster on the host.
 - "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
   block multiplied in float32: exact w.r.t. the stored grid and never more than a block of float32 weights alive.
 Which one a call takes depends on its token count M: the kernels win for a few tokens (decode reads fewer bytes),
@@ -65,8 +68,9 @@ def kernels_enabled(on: bool):
 
 # -- the 4-bit layout ------------------------------------------------------------------------------------------
 def int4_group(bits: int, group_size: int, out_features: int, in_features: int) -> int | None:
-    """The kernel group size that expresses this grid exactly, or None when the kernel cannot take it."""
-    if bits > 4 or out_features % BLOCK_N or in_features % 2:
+    """The kernel group size that expresses this grid exactly (8-bit grids as two 4-bit halves, `int8_split`), or
+    None when the kernel cannot take it."""
+    if bits not in (2, 3, 4, 8) or out_features % BLOCK_N or in_features % 2:
         return None
     for g in INT4_GROUPS:
         if group_size % g == 0 and in_features % g == 0:
@@ -158,6 +162,39 @@ def int4_dequantize(packed, scales, zeros, bits: int, group_size: int, n: int, k
     return w.sub_(offset.unsqueeze(-1)).mul_(scales.float().unsqueeze(-1)).reshape(n, k)
 
 
+def int8_split(codes, scales, zeros, group_size: int, g: int) -> tuple[torch.Tensor, ...]:
+    """8-bit codes as two 4-bit halves for the int4 kernel: c = 16 hi + lo, and with zero point zp
+    (c - zp) s = 16 s (hi - 8) + s (lo - 8) + (136 - zp) s, so the high half runs with table (16 s, 0) and the low
+    half with (s, (136 - zp) s); the two products add up to the 8-bit layer's (scales rounded to bf16).
+    Returns (packed_hi, table_hi, packed_lo, table_lo)."""
+    s = scales.float()
+    zp = _offsets(zeros, 8, s)
+    rep = group_size // g
+
+    def table(scale, offset):
+        if rep > 1:
+            scale, offset = scale.repeat_interleave(rep, dim=1), offset.repeat_interleave(rep, dim=1)
+        return torch.stack([scale.t(), offset.t()], dim=-1).contiguous().to(torch.bfloat16)
+
+    c = codes.to(torch.uint8)
+    return pack_int4(c >> 4), table(16 * s, torch.zeros_like(s)), pack_int4(c & 15), table(s, (136 - zp) * s)
+
+
+def int8_split_mm(x: torch.Tensor, parts: tuple[torch.Tensor, ...], g: int) -> torch.Tensor:
+    xb = x.to(torch.bfloat16)
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    return (mm(xb, parts[0], g, parts[1]).float() + mm(xb, parts[2], g, parts[3]).float()).to(x.dtype)
+
+
+def int8_split_codes(parts: tuple[torch.Tensor, ...], n: int, k: int) -> torch.Tensor:
+    return (unpack_int4(parts[0], n, k) << 4) | unpack_int4(parts[2], n, k)
+
+
+def int8_split_row_codes(parts: tuple[torch.Tensor, ...], ids: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    hi = int4_row_codes(parts[0], ids, None, 4, k, n, k)
+    return (hi << 4) | int4_row_codes(parts[2], ids, None, 4, k, n, k)
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, g: int, scale_zero: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) times the packed weight: [M, N] in x's dtype."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, g, scale_zero).to(x.dtype)
@@ -192,7 +229,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 def _probe_layer(kind: str):
-    """A random layer of PROBE_SHAPE for `kind` ("int4" or "int8"): (kernel(x), dense(x))."""
+    """A random layer of PROBE_SHAPE for `kind` ("int4", "int4x2" or "int8"): (kernel(x), dense(x))."""
     from budgetlm.methods.quant.quantizer import find_grid, quantize
 
     n, k = PROBE_SHAPE
@@ -208,6 +245,17 @@ def _probe_layer(kind: str):
 
         def rows(r0, r1):
             return int4_dequantize(packed[r0:r1], grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k)
+
+    elif kind == "int4x2":
+        grid = find_grid(w, 8, None, symmetric=True)
+        parts = int8_split(quantize(w, grid), grid.scales, None, k, 256)
+
+        def kernel(x):
+            return int8_split_mm(x, parts, 256)
+
+        def rows(r0, r1):
+            codes = int8_split_codes(tuple(p[r0:r1] if i % 2 == 0 else p for i, p in enumerate(parts)), r1 - r0, k)
+            return codes.float().sub_(128).mul_(grid.scales[r0:r1])
 
     else:
         grid = find_grid(w, 8, None, symmetric=True)
@@ -229,7 +277,7 @@ def _probe_layer(kind: str):
 @lru_cache(maxsize=16)
 def _crossover(kind: str, threads: int) -> int:
     try:
-        if kind == "int4" and not _layout_matches():
+        if kind in ("int4", "int4x2") and not _layout_matches():
             return 0
         kernel, dense = _probe_layer(kind)
         k = PROBE_SHAPE[1]
@@ -247,6 +295,27 @@ def crossover(kind: str) -> int:
     """Token count from which the dense path is at least as fast as the `kind` kernel on this host, at torch's
     current thread count (0: the kernel never pays; measured once per process and thread count)."""
     return _crossover(kind, torch.get_num_threads())
+
+
+@lru_cache(maxsize=16)
+def _eight_bit(threads: int) -> str:
+    try:
+        times = {}
+        x = torch.randn(1, PROBE_SHAPE[1], generator=torch.Generator().manual_seed(2))
+        for kind in ("int8", "int4x2"):
+            if kind == "int4x2" and not _layout_matches():
+                continue
+            kernel, _ = _probe_layer(kind)
+            times[kind] = _median_seconds(lambda kernel=kernel: kernel(x), repeats=5)
+        return min(times, key=times.get)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return "int8"
+
+
+def eight_bit() -> str:
+    """The faster kernel for one token of an 8-bit symmetric per-channel layer on this host: torch's int8 kernel
+    ("int8") or the two 4-bit halves ("int4x2"), at torch's current thread count (measured once per process)."""
+    return _eight_bit(torch.get_num_threads())
 
 
 def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:

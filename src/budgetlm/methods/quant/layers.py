@@ -10,7 +10,10 @@ host picks the crossover between the kernels and dequantise + GEMM):
   torch's int4 kernel for few tokens (decode). On first use the codes are repacked into the kernel's layout and
   the dense `qweight` is dropped from memory: a 2-, 3- or 4-bit layer then holds 4 bits per weight in memory,
   and its state dict (what is saved) is rebuilt from that layout, bit for bit the stored codes;
-- 8-bit symmetric per-channel grids take torch's int8 kernel for few tokens;
+- 8-bit grids with such a group run as two 4-bit halves through the same kernel (c = 16 hi + lo, 1 byte per
+  weight in memory); for 8-bit symmetric per-channel grids torch's int8 kernel is the alternative, and the probe
+  takes whichever of the two is faster for one token on the host (on an AMD EPYC: the halves, 4x faster on the
+  lm_head);
 - every other call (many tokens, or a grid no kernel takes) dequantises the codes to fp32 a block of output rows
   at a time and multiplies in fp32: exact w.r.t. the stored grid.
 The kernels take bf16 activations and bf16 scales: benchmarks/bench_decode.py reports the KL of each grid's
@@ -64,7 +67,9 @@ class QuantLinear(torch.nn.Module):
         self.rank = rank
         self.register_buffer("lr_u", torch.zeros(out_features, rank, dtype=torch.float16) if rank else None)
         self.register_buffer("lr_v", torch.zeros(rank, in_features, dtype=torch.float16) if rank else None)
-        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes in the kernel's layout, its table)
+        # the codes in the int4 kernel's layout with its table: (packed, table), or for 8-bit grids the two halves
+        # (packed_hi, table_hi, packed_lo, table_lo); None until the first kernel call
+        self._int4: tuple[torch.Tensor, ...] | None = None
         self._int4_group = kernels.int4_group(bits, group_size, out_features, in_features)
 
     @property
@@ -109,9 +114,10 @@ class QuantLinear(torch.nn.Module):
 
     def codes(self) -> torch.Tensor:
         if self._int4 is not None:
-            return kernels.int4_codes(
-                self._int4[0], self.zeros, self.bits, self.group_size, self.out_features, self.in_features
-            )
+            n, k = self.out_features, self.in_features
+            if len(self._int4) == 4:
+                return kernels.int8_split_codes(self._int4, n, k)
+            return kernels.int4_codes(self._int4[0], self.zeros, self.bits, self.group_size, n, k)
         if self.int8_kernel:
             return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
         n = self.in_features * self.out_features
@@ -121,6 +127,8 @@ class QuantLinear(torch.nn.Module):
         """Codes uint8 [len(ids), in] of the output rows `ids` (1-D), read from those rows only (a tied embedding's
         lookup, methods/quant/embedding.py)."""
         if self._int4 is not None:
+            if len(self._int4) == 4:
+                return kernels.int8_split_row_codes(self._int4, ids, self.out_features, self.in_features)
             args = (self.zeros, self.bits, self.group_size, self.out_features, self.in_features)
             return kernels.int4_row_codes(self._int4[0], ids, *args)
         return packed_row_codes(self.qweight, ids, self.out_features, self.in_features, self.bits)
@@ -142,13 +150,19 @@ class QuantLinear(torch.nn.Module):
     # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
     @property
     def kernel(self) -> str | None:
-        """The kernel this layer's grid can take ("int4", "int8") or None (dequantisation only)."""
-        if self.int8_kernel:
-            return "int8"
+        """The kernel this layer's grid takes: "int4" (2-4 bits), "int4x2" (8 bits as two 4-bit halves), "int8"
+        (torch's int8 kernel: 8-bit symmetric per-channel, where it measured faster than the halves) or None
+        (dequantisation only)."""
+        if self._int4 is not None:
+            return "int4x2" if len(self._int4) == 4 else "int4"
+        if self.bits == 8:
+            if self.int8_kernel and (self._int4_group is None or kernels.eight_bit() == "int8"):
+                return "int8"
+            return "int4x2" if self._int4_group is not None else None
         return "int4" if self._int4_group is not None else None
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "int4", "int8" or "dense"."""
+        """The path a call with `tokens` tokens takes: "int4", "int4x2", "int8" or "dense"."""
         kind = self.kernel if kernels.enabled() else None
         return kernels.choose(kind, tokens, kernels.crossover(kind) if kind else 0)
 
@@ -157,23 +171,28 @@ class QuantLinear(torch.nn.Module):
         if self._int4 is None:
             if not kernels._layout_matches():
                 return False
-            args = (self.scales, self.zeros, self.bits, self.group_size)
-            self._int4 = kernels.int4_pack_grid(self.codes(), *args, self._int4_group)
-            self.qweight = torch.empty(0, dtype=torch.uint8)  # the state dict rebuilds it (_save_to_state_dict)
+            g = self._int4_group
+            if self.bits == 8:
+                self._int4 = kernels.int8_split(self.codes(), self.scales, self.zeros, self.group_size, g)
+            else:
+                self._int4 = kernels.int4_pack_grid(
+                    self.codes(), self.scales, self.zeros, self.bits, self.group_size, g
+                )
+            self.qweight = torch.empty(0, dtype=self.qweight.dtype)  # the state dict rebuilds it (_save_to_state_dict)
         return True
 
     def _rows(self):
         """weight_rows(r0, r1) for kernels.dense_mm: rows r0:r1 of Q(W) (in the stored column order), float32,
         dequantised from what the layer holds (the int4 layout, int8 codes, or packed codes unpacked once)."""
         k = self.in_features
-        if self._int4 is not None:
+        if self._int4 is not None and len(self._int4) == 2:
             packed, scales, zeros = self._int4[0], self.scales, self.zeros
 
             def rows(r0: int, r1: int) -> torch.Tensor:
                 z = None if zeros is None else zeros[r0:r1]
                 return kernels.int4_dequantize(packed[r0:r1], scales[r0:r1], z, self.bits, self.group_size, r1 - r0, k)
 
-        elif self.int8_kernel:
+        elif self.int8_kernel and self._int4 is None:
 
             def rows(r0: int, r1: int) -> torch.Tensor:
                 return self.qweight[r0:r1].float().mul_(self.scales[r0:r1].float())
@@ -195,6 +214,8 @@ class QuantLinear(torch.nn.Module):
         path = self.path(flat.shape[0])
         if path == "int4" and self._int4_ready():
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4[1])
+        elif path == "int4x2" and self._int4_ready():
+            y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
         elif path == "int8":
             y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
         else:
@@ -210,7 +231,8 @@ class QuantLinear(torch.nn.Module):
         if self._int4 is None:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         dropped = self.qweight
-        self.qweight = pack(self.codes(), self.bits)  # in its place among the buffers: the same keys, same order
+        codes = self.codes()  # back in the stored form, in its place among the buffers: the same keys, same order
+        self.qweight = (codes.to(torch.int16) - 128).to(torch.int8) if self.int8_kernel else pack(codes, self.bits)
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
@@ -219,7 +241,11 @@ class QuantLinear(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._int4 is not None:  # back to the dense form the file holds; repacked on the next kernel call
             self._int4 = None
-            self.qweight = torch.zeros(packed_numel(self.in_features * self.out_features, self.bits), dtype=torch.uint8)
+            n, k = self.out_features, self.in_features
+            if self.int8_kernel:
+                self.qweight = torch.zeros(n, k, dtype=torch.int8)
+            else:
+                self.qweight = torch.zeros(packed_numel(n * k, self.bits), dtype=torch.uint8)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def storage_bytes(self) -> int:
@@ -237,7 +263,10 @@ class QuantLinear(torch.nn.Module):
         if self._int4_group is None:
             return self.storage_bytes()
         n, k = self.out_features, self.in_features
-        layout = n * k // 2 + (k // self._int4_group) * n * 2 * 2
+        if self.kernel == "int8":
+            return self.storage_bytes()
+        halves = 2 if self.bits == 8 else 1
+        layout = halves * (n * k // 2 + (k // self._int4_group) * n * 2 * 2)
         extra = [self.perm, self.lr_u, self.lr_v]
         return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
