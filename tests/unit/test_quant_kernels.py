@@ -106,7 +106,7 @@ def test_act_order_and_low_rank_correction_on_every_path(use_kernels, act_order,
 @pytest.mark.parametrize("eight", ["int8", "int4x2"])
 @pytest.mark.parametrize("m", [1, 4, 64])
 def test_int8_path_and_its_crossover(use_kernels, monkeypatch, eight, m):
-    monkeypatch.setattr(kernels, "eight_bit", lambda: eight)
+    monkeypatch.setattr(kernels, "eight_bit", lambda n, k: eight)
     layer, ref, b = make_layer(8, None, True)
     assert layer.kernel == eight and layer.path(m) == (eight if m < 32 else "dense")
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(5))
@@ -133,7 +133,7 @@ def test_8bit_grids_as_two_4bit_halves(use_kernels, symmetric, group, act_order)
 
 
 def test_int8_storage_survives_the_halves(use_kernels, monkeypatch):
-    monkeypatch.setattr(kernels, "eight_bit", lambda: "int4x2")
+    monkeypatch.setattr(kernels, "eight_bit", lambda n, k: "int4x2")
     layer, ref, b = make_layer(8, None, True)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer(torch.randn(1, 256))

@@ -156,7 +156,9 @@ class QuantLinear(torch.nn.Module):
         if self._int4 is not None:
             return "int4x2" if len(self._int4) == 4 else "int4"
         if self.bits == 8:
-            if self.int8_kernel and (self._int4_group is None or kernels.eight_bit() == "int8"):
+            if self.int8_kernel and (
+                self._int4_group is None or kernels.eight_bit(self.out_features, self.in_features) == "int8"
+            ):
                 return "int8"
             return "int4x2" if self._int4_group is not None else None
         return "int4" if self._int4_group is not None else None
