@@ -280,8 +280,8 @@ def bench(
         from budgetlm.export.gguf import parse_type
         from budgetlm.hardware.llamacpp import require_llama_cpp
 
-        require_llama_cpp()
         gguf_type = None if gguf_type is None else parse_type(gguf_type)
+        require_llama_cpp()
     elif gguf_type is not None or requantize:
         flag = "--gguf-type" if gguf_type is not None else "--requantize"
         raise ConfigError(f"{flag} applies to --runtime llama.cpp; the torch runtime measures the model as loaded")
