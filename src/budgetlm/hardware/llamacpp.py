@@ -101,7 +101,9 @@ def default_gguf_type(model) -> tuple[str, str]:
             "F32 or F16 to measure the model dequantised to floats, or a block type with --requantize"
         )
     best = min(common, key=BLOCK_BPW.__getitem__)
-    return best, f"the smallest GGUF block type that holds every quantised layer's codes exactly (of {sorted(common)})"
+    others = sorted(common - {best}, key=BLOCK_BPW.__getitem__)
+    also = f"; also exact: {', '.join(others)}" if others else ""
+    return best, f"the smallest block type holding every quantised layer's codes exactly{also}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
