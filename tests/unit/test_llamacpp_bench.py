@@ -297,6 +297,17 @@ def test_torch_runtime_records_itself(capsys):
     assert "prefill_tok_s@128" in doc["speed"]
 
 
+def test_api_measure_runtime_llama_cpp(fake, tiny):
+    from budgetlm.api import measure
+
+    res = measure(tiny, runtime="llama.cpp", prefill=(16,), decode_tokens=2, repeats=1, folder="ignored")
+    assert res["size"]["bpw"].value == 32.0 and res["size"]["bpw"].extra["gguf_type_why"].startswith("the model's")
+    assert res["speed"]["decode_ms_per_token"].extra["runtime"] == "llama.cpp"
+    torch_res = measure(tiny, prefill=(16,), decode_tokens=2, repeats=1)
+    assert torch_res["speed"]["decode_ms_per_token"].extra["runtime"] == "torch"
+    assert set(torch_res["speed"]) == set(res["speed"]) and set(torch_res["size"]) <= set(res["size"])
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

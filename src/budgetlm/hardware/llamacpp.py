@@ -312,7 +312,7 @@ def measure_gguf(
             f"prompt + decode tokens = {prompt_len + decode_tokens} exceed the model's context of {limit} positions"
         )
     vocab = _vocab(kv, tensors)
-    n_batch = max(used for used, _ in lengths)
+    n_batch = max([used for used, _ in lengths] + [prompt_len])  # every prompt in one llama_decode
     n_ctx = max(n_batch, prompt_len + decode_tokens)
     energy = energy and energy_available()[0]
     joule = " + RAPL energy" if energy else ""
