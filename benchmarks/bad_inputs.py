@@ -45,6 +45,7 @@ class Case:
     wait_for: str = ""
     keeps_writes: bool = False  # an interrupted study keeps what it finished (to resume): writes are allowed
     without: tuple[str, ...] = ()  # Python packages the command runs without, as if they were not installed
+    needs: tuple[str, ...] = ()  # Python packages the case needs (llama_cpp): skipped where one is not installed
 
 
 @dataclass
@@ -71,13 +72,16 @@ def fixtures() -> Path:
     if _FIXTURES is None:
         root = Path(tempfile.mkdtemp(prefix="budgetlm-bad-inputs-"))
         os.environ.setdefault("BUDGETLM_CACHE", str(root / "cache"))
-        from budgetlm.api import export, load
+        from budgetlm.api import apply, export, load
 
         tiny = load("tiny-random")
         tiny.save(root / "tiny")
         tiny.model.save_pretrained(root / "tiny-hf")
         tiny.tokenizer.save_pretrained(root / "tiny-hf")
         export(tiny, root / "tiny.gguf", "F32")
+        nf4 = load("tiny-random")
+        apply(nf4, [{"method": "nf4"}])  # codes no GGUF block type holds
+        nf4.save(root / "tiny-nf4")
         _FIXTURES = root
     return _FIXTURES
 
@@ -284,6 +288,20 @@ CASES: list[Case] = [
     Case("bench missing model", ("bench", "nothing/here"), needle="not found"),
     Case("bench --out holds user files", ("bench", *T, "--out", "mine"), (USER,), needle="--force"),
     Case("bench --out is a file", ("bench", *T, "--out", "f"), (write("f", "x"),), needle="file"),
+    Case("bench: unknown runtime", ("bench", *T, "--runtime", "onnx"), needle="unknown runtime 'onnx'"),
+    Case("bench --runtime llama.cpp without llama-cpp-python", ("bench", *T, "--runtime", "llama.cpp"),
+         without=("llama_cpp",), needle="pip install -e '.[llamacpp]'"),
+    Case("bench --gguf-type with the torch runtime", ("bench", *T, "--gguf-type", "Q4_0"),
+         needle="--gguf-type applies to --runtime llama.cpp"),
+    Case("bench: unknown --gguf-type", ("bench", *T, "--runtime", "llama.cpp", "--gguf-type", "Q3"),
+         needle="unknown GGUF type 'Q3'"),
+    Case("bench: a k-quant --gguf-type", ("bench", *T, "--runtime", "llama.cpp", "--gguf-type", "Q4_K_M"),
+         needle="llama-quantize"),
+    Case("bench --runtime llama.cpp: no GGUF type holds the model's codes", ("bench", "m", "--runtime", "llama.cpp"),
+         (copy("tiny-nf4", "m"),), needle="no GGUF block type holds the codes of model.layers.0", needs=("llama_cpp",)),
+    Case("bench --runtime llama.cpp: --gguf-type cannot hold the codes",
+         ("bench", "m", "--runtime", "llama.cpp", "--gguf-type", "Q4_0", "--out", "b"), (copy("tiny-nf4", "m"),),
+         needle="--requantize", needs=("llama_cpp",)),
     # --- compress
     Case("compress: unknown method", ("compress", *T, "--method", "rtnn", "--out", "q"), needle="rtn"),
     Case("compress: no method", ("compress", *T, "--out", "q"), needle="--method"),
@@ -529,6 +547,12 @@ def _as_process(args: list[str], root: Path, case: Case) -> tuple[int | str, str
     return proc.returncode, err
 
 
+def installed(modules: tuple[str, ...]) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def run_case(case: Case, root: Path, in_process: bool = True) -> Outcome:
     """Lay out the case in `root` (an empty folder), run it, and check the three promises."""
     fx = str(fixtures())
@@ -575,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     cases = [c for c in CASES if args.k in c.name]
+    missing = [c for c in cases if not installed(c.needs)]
+    for case in missing:
+        print(f"skip  {case.name}: needs {', '.join(case.needs)}", flush=True)
+    cases = [c for c in cases if c not in missing]
     held = 0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="budgetlm-corpus-") as tmp:

@@ -30,8 +30,16 @@ def evaluate(handle: ModelHandle, tasks: list[str], **kwargs) -> dict[str, dict[
     return _evaluate(handle, tasks, **kwargs)
 
 
-def measure(handle: ModelHandle, **kwargs) -> dict[str, dict[str, Metric]]:
-    """Size, speed, energy and host profile; see budgetlm.hardware.bench.measure."""
+def measure(handle: ModelHandle, runtime: str = "torch", **kwargs) -> dict[str, dict[str, Metric]]:
+    """Size, speed, energy and host profile; see budgetlm.hardware.bench.measure. `runtime="llama.cpp"`: the model
+    is written to a temporary GGUF file (`gguf_type`: the type that keeps its codes by default) and measured with
+    llama.cpp through llama-cpp-python (budgetlm.hardware.llamacpp.measure_llamacpp)."""
+    from budgetlm.hardware.llamacpp import check_runtime
+
+    if check_runtime(runtime) == "llama.cpp":
+        from budgetlm.hardware.llamacpp import measure_llamacpp
+
+        return measure_llamacpp(handle, **kwargs)
     from budgetlm.hardware.bench import measure as _measure
 
     return _measure(handle, **kwargs)

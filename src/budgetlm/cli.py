@@ -105,9 +105,10 @@ def _ordered(metrics: dict) -> list[str]:
     return sorted(metrics, key=pos.__getitem__)
 
 
-def _print_results(results: dict, as_json: bool) -> None:
+def _print_results(results: dict, as_json: bool, runtime: dict | None = None) -> None:
     """The human table on stdout (or {task: {metric: raw value}} with --json); a metric's warning (an
-    implausible perplexity, say) as one `warning: ...` line on stderr after it either way."""
+    implausible perplexity, say) as one `warning: ...` line on stderr after it either way. `runtime` (bench): what
+    ran the model, a "runtime" object first in --json, a line under the table."""
     from budgetlm.results import flatten
 
     warnings = [
@@ -117,9 +118,11 @@ def _print_results(results: dict, as_json: bool) -> None:
         if m.extra.get("warning")
     ]
     if as_json:
-        print(json.dumps(flatten(results), indent=2))
+        print(json.dumps({"runtime": runtime, **flatten(results)} if runtime else flatten(results), indent=2))
     else:
         _print_table(results)
+        for line in _runtime_lines(runtime) if runtime else []:
+            print(line)
     sys.stdout.flush()
     for line in warnings:
         print(line, file=sys.stderr)
@@ -241,35 +244,102 @@ def _output_folder(out: Path | None, what: str, marker: str, force: bool):
         yield tmp
 
 
+RUNTIME_HELP = (
+    "torch, or llama.cpp: the model written to a temporary GGUF file by budgetlm's exporter and run by llama.cpp "
+    "(needs llama-cpp-python: pip install -e '.[llamacpp]'); both with torch's thread count"
+)
+GGUF_TYPE_HELP = (
+    "with --runtime llama.cpp, the GGUF type: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (default: the type that "
+    "keeps the model's own numbers: its float type, or the smallest block type holding its quantised codes exactly)"
+)
+
+
 @app.command()
 def bench(
     model: ModelArg,
     out: Annotated[Path | None, typer.Option(help="write bench.json here")] = None,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     decode_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    runtime: Annotated[str, typer.Option("--runtime", help=RUNTIME_HELP)] = "torch",
+    gguf_type: Annotated[str | None, typer.Option("--gguf-type", help=GGUF_TYPE_HELP)] = None,
+    requantize: Annotated[
+        bool,
+        typer.Option(
+            "--requantize", help="with --gguf-type, round quantised layers again when the type cannot hold their codes"
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print {phase: {metric: value}} on stdout")] = False,
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Measure size, peak memory, prefill/decode speed and energy (when RAPL is readable)."""
     from budgetlm.api import load, measure
+    from budgetlm.hardware.llamacpp import check_runtime
+
+    runtime = check_runtime(runtime)
+    if runtime == "llama.cpp":
+        from budgetlm.export.gguf import parse_type
+        from budgetlm.hardware.llamacpp import require_llama_cpp
+
+        gguf_type = None if gguf_type is None else parse_type(gguf_type)
+        require_llama_cpp()
+    elif gguf_type is not None or requantize:
+        flag = "--gguf-type" if gguf_type is not None else "--requantize"
+        raise ConfigError(f"{flag} applies to --runtime llama.cpp; the torch runtime measures the model as loaded")
+    with _output_folder(out, "a benchmark", "bench.json", force) as folder:
+        if runtime == "llama.cpp":
+            from budgetlm.hardware.llamacpp import bench_model
+
+            results, info = bench_model(
+                lambda: load(model),
+                gguf_type=gguf_type,
+                requantize=requantize,
+                repeats=repeats,
+                decode_tokens=decode_tokens,
+                progress=True,
+            )
+        else:
+            results, info = _bench_torch(model, load, measure, repeats, decode_tokens)
+        if folder is not None:
+            doc = {p: {k: m.to_dict() for k, m in ms.items()} for p, ms in results.items()}
+            (folder / "bench.json").write_text(json.dumps({"runtime": info, **doc}, indent=2))
+    _print_results(results, as_json, runtime=info)
+
+
+def _bench_torch(model: str, load, measure, repeats: int, decode_tokens: int) -> tuple[dict, dict]:
+    import torch
+
+    from budgetlm.hardware.host import memory_bandwidth
     from budgetlm.hardware.memory import PeakRSS
+    from budgetlm.hardware.speed import compute_dtype
     from budgetlm.results import Metric
 
-    with _output_folder(out, "a benchmark", "bench.json", force) as folder:
-        with PeakRSS("load") as rss_load:
-            handle = load(model)
-        model_folder = model if Path(model).is_dir() else None
-        with PeakRSS("benchmark") as rss_bench:
-            results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=model_folder, progress=True)
-        results["memory"] = {
-            "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
-            "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
-        }
-        if folder is not None:
-            (folder / "bench.json").write_text(
-                json.dumps({p: {k: m.to_dict() for k, m in ms.items()} for p, ms in results.items()}, indent=2)
-            )
-    _print_results(results, as_json)
+    with PeakRSS("load") as rss_load:
+        handle = load(model)
+    model_folder = model if Path(model).is_dir() else None
+    memory_bandwidth()  # measured once per process: its 512 MB of buffers stay out of the benchmark's peak RSS
+    with PeakRSS("benchmark") as rss_bench:
+        results = measure(handle, repeats=repeats, decode_tokens=decode_tokens, folder=model_folder, progress=True)
+    results["memory"] = {
+        "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
+        "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
+    }
+    info = {"name": "torch", "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info["dtype"] = compute_dtype(handle.model)
+    return results, info
+
+
+def _runtime_lines(info: dict) -> list[str]:
+    """The line under a benchmark's table that says what ran the model (and the GGUF export's notes)."""
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    if info["name"] != "llama.cpp":
+        return [f"runtime: torch {info['torch']}, {info['dtype']}, {threads}"]
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]))
+    codes = f"; {info['tensors_from_codes']} written from budgetlm's codes" if info["tensors_from_codes"] else ""
+    lines = [
+        f"runtime: llama.cpp (llama-cpp-python {info['llama_cpp_python']}), {threads}; GGUF {info['gguf_type']} "
+        f"({info['gguf_type_why']}); tensors: {types}{codes}"
+    ]
+    return lines + [f"note: {n}" for n in info["notes"]]
 
 
 def parse_steps(args: list[str]) -> list[dict]:

@@ -529,8 +529,24 @@ def read_kv(path: Path) -> dict[str, tuple[Any, int, int | None]]:
 
     A direct walk of the key/value section (gguf.GGUFReader also maps every tensor and takes ~13 s on a
     49k-token vocabulary; this takes well under a second)."""
+    return read_layout(path)[0]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: str  # gguf.GGMLQuantizationType member name: F32, F16, Q4_0 ...
+    shape: tuple[int, ...]  # ggml order: the row width first
+    n_elements: int
+    n_bytes: int  # payload bytes (blocks of the type)
+
+
+def read_layout(path: Path) -> tuple[dict[str, tuple[Any, int, int | None]], list[TensorInfo]]:
+    """(metadata as `read_kv` gives it, the tensor table: name, type, shape, element count and payload bytes)."""
     import mmap
     import struct
+
+    import gguf
 
     def string(pos: int) -> tuple[bytes, int]:
         (n,) = struct.unpack_from("<Q", mm, pos)
@@ -547,7 +563,7 @@ def read_kv(path: Path) -> dict[str, tuple[Any, int, int | None]]:
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         if mm[:4] != b"GGUF":
             raise ModelError(f"{path} is not a GGUF file")
-        _version, _n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
         pos, out = 24, {}
         for _ in range(n_kv):
             key, pos = string(pos)
@@ -569,7 +585,18 @@ def read_kv(path: Path) -> dict[str, tuple[Any, int, int | None]]:
             else:
                 item, pos = value(pos, vtype)
                 out[key.decode()] = (item, vtype, None)
-    return out
+        tensors = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (n_dims,) = struct.unpack_from("<I", mm, pos)
+            shape = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+            ttype, _offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            qtype = gguf.GGMLQuantizationType(ttype)
+            block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            tensors.append(TensorInfo(name.decode(), qtype.name, tuple(shape), n, n // block * type_bytes))
+    return out, tensors
 
 
 def _copy_tokenizer(w, kv: dict, n_vocab: int) -> bool:

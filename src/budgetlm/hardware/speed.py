@@ -65,6 +65,7 @@ def _kinds(model: torch.nn.Module) -> dict[str, int]:
 def run_info(model: torch.nn.Module, batch_size: int = 1) -> dict:
     """What a speed figure was measured with."""
     return {
+        "runtime": "torch",  # hardware/llamacpp.py records "llama.cpp"
         "threads": torch.get_num_threads(),
         "dtype": compute_dtype(model),
         "cpu_model": cpu_model(),
