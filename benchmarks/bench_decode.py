@@ -40,16 +40,19 @@ from budgetlm.hardware.size import model_size
 from budgetlm.hardware.speed import decode_speed, prefill_speed
 from budgetlm.methods.quant import kernels
 
+ALL = {"embeddings": True}  # the tied embedding / lm_head quantised too: the whole model on the budget
 VARIANTS = {
     "fp32": [],
     "rtn-int8": [{"method": "rtn", "bits": 8}],
+    "rtn-int8-all": [{"method": "rtn", "bits": 8, **ALL}],
     "rtn-w4g64": [{"method": "rtn", "bits": 4, "group_size": 64}],
-    "gptq-w4g64": [{"method": "gptq", "bits": 4, "group_size": 64}],
-    "rtn-w4g32": [{"method": "rtn", "bits": 4, "group_size": 32}],
-    "rtn-w3g64": [{"method": "rtn", "bits": 3, "group_size": 64}],
-    "rtn-w2g64": [{"method": "rtn", "bits": 2, "group_size": 64}],
+    "rtn-w4g64-all": [{"method": "rtn", "bits": 4, "group_size": 64, **ALL}],
+    "gptq-w4g64-all": [{"method": "gptq", "bits": 4, "group_size": 64, **ALL}],
+    "rtn-w4g32-all": [{"method": "rtn", "bits": 4, "group_size": 32, **ALL}],
+    "rtn-w3g64-all": [{"method": "rtn", "bits": 3, "group_size": 64, **ALL}],
+    "rtn-w2g64-all": [{"method": "rtn", "bits": 2, "group_size": 64, **ALL}],
 }
-DEFAULT = "fp32,rtn-int8,rtn-w4g64,gptq-w4g64,rtn-w3g64,rtn-w2g64"
+DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-all,rtn-w2g64-all"
 
 
 def loadavg() -> str:
@@ -122,24 +125,49 @@ def fresh_rss(folder: Path, threads: int, tokens: int, prompt: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def llamacpp_row(handle, gguf_dir: Path, name: str, threads: int, args) -> dict | None:
-    """llama.cpp's decode ms/token and prefill tok/s for the variant's GGUF export (None without the extra)."""
+def llamacpp_row(handle, name: str, threads: int, args) -> dict | None:
+    """llama.cpp's decode ms/token and prefill tok/s for the variant's GGUF export to the block type that holds
+    its codes exactly (hardware.llamacpp; None without the extra or when no block type holds them)."""
+    import shutil
+
+    from budgetlm.errors import BudgetLMError
+    from budgetlm.hardware import llamacpp
+
     try:
-        from budgetlm.hardware.llamacpp import export_for_llamacpp, measure_gguf
-    except ImportError:
+        llamacpp.require_llama_cpp()
+    except BudgetLMError:
         return None
-    path, gguf_type = export_for_llamacpp(handle, gguf_dir / f"{name}.gguf")
-    m = measure_gguf(
-        path, threads=threads, prompt=args.prompt, tokens=args.tokens, repeats=args.repeats, prefill=args.prefill
-    )
-    return {"gguf_type": gguf_type, **m}
+    folder = llamacpp.temp_folder()
+    try:
+        try:
+            report, _why = llamacpp.export_for_bench(handle, folder)
+        except BudgetLMError as exc:
+            return {"gguf_type": None, "why_not": str(exc)}
+        res = llamacpp.measure_gguf(
+            report.path,
+            threads=threads,
+            gguf_type=report.gguf_type,
+            prefill=(args.prefill,),
+            decode_tokens=args.tokens,
+            decode_prompt=args.prompt,
+            repeats=args.repeats,
+            energy=False,
+        )
+        speed = res["speed"]
+        return {
+            "gguf_type": report.gguf_type,
+            "gguf_mb": report.path.stat().st_size / 1e6,
+            "decode_ms": speed["decode_ms_per_token"].extra["median"],
+            "prefill_tok_s": speed[f"prefill_tok_s@{args.prefill}"].extra["median"],
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="bundled name, GGUF file or model folder")
     p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    p.add_argument("--whole-model", action="store_true", help="quantise the embedding / lm_head too")
     p.add_argument("--tokens", type=int, default=64, help="new tokens decoded per repeat")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens prefilled (untimed) before decoding")
     p.add_argument("--prefill", type=int, default=512, help="prompt length of the timed prefill")
@@ -169,9 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         handle = load(args.model)
         steps = [dict(s) for s in VARIANTS[name]]
-        if args.whole_model:
-            for s in steps:
-                s["embeddings"] = True
         if steps:
             apply(handle, steps)
         handle.save(tmp / name)
@@ -206,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg": loadavg(),
             }
             if not args.no_llama_cpp:
-                cell["llama_cpp"] = llamacpp_row(h, tmp, name, t, args)
+                cell["llama_cpp"] = llamacpp_row(h, name, t, args)
             if not args.no_rss:
                 cell["rss"] = fresh_rss(tmp / name, t, args.tokens, args.prompt)
             rows[name]["by_threads"][t] = cell
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: dict, names: list[str], threads: list[int]) -> str:
     head = (
-        f"{'variant':<11} {'thr':>3} {'MB':>6} {'bpw':>5} {'lin':>5} {'ms/tok':>7} {'x fp32':>6} {'% roof':>6} "
+        f"{'variant':<14} {'thr':>3} {'MB':>6} {'bpw':>5} {'lin':>5} {'ms/tok':>7} {'x fp32':>6} {'% roof':>6} "
         f"{'pre tok/s':>9} {'x fp32':>6} {'KL':>7} {'ppl':>7} {'llama.cpp':>16} {'ours/llama':>10} {'RSS MB':>7} "
         f"{'+base':>6} {'x fp32':>6}"
     )
@@ -237,8 +262,9 @@ def table(rows: dict, names: list[str], threads: list[int]) -> str:
             kl = "-" if k is None else f"{k['kl']:.4f}"
             ppl = "-" if k is None else f"{k['ppl_exact']:.4g}"
             lc = c.get("llama_cpp")
-            lcs = f"{lc['gguf_type']} {lc['decode_ms']:.2f}" if lc else "-"
-            ratio = f"{c['decode_ms'] / lc['decode_ms']:.2f}" if lc else "-"
+            ok = lc and lc.get("gguf_type")
+            lcs = f"{lc['gguf_type']} {lc['decode_ms']:.2f}" if ok else "-"
+            ratio = f"{c['decode_ms'] / lc['decode_ms']:.2f}" if ok else "-"
             rss = c.get("rss")
             rss_s = (
                 f"{rss['decode_peak'] / 1e6:>7.0f} {(rss['decode_peak'] - rss['base']) / 1e6:>6.0f}"
@@ -252,7 +278,7 @@ def table(rows: dict, names: list[str], threads: list[int]) -> str:
                 else "-"
             )
             lines.append(
-                f"{name:<11} {t:>3} {r['stored_mb']:>6.1f} {r['bpw']:>5.2f} {r['linear_bpw']:>5.2f} "
+                f"{name:<14} {t:>3} {r['stored_mb']:>6.1f} {r['bpw']:>5.2f} {r['linear_bpw']:>5.2f} "
                 f"{c['decode_ms']:>7.2f} {base['decode_ms'] / c['decode_ms']:>5.2f}x {c['pct_roofline']:>5.1f}% "
                 f"{c['prefill_tok_s']:>9.0f} {c['prefill_tok_s'] / base['prefill_tok_s']:>5.2f}x {kl:>7} {ppl:>7} "
                 f"{lcs:>16} {ratio:>10} {rss_s} {rss_x:>6}"
