@@ -416,3 +416,12 @@ def test_real_llama_cpp_runs_tiny_random_and_decodes_what_torch_decodes(tmp_path
             seq = torch.cat([seq, torch.tensor([[theirs[-1]]])], dim=1)
     assert ours == theirs
     np.testing.assert_allclose(logits, out.numpy(), atol=1e-3, rtol=1e-3)
+
+
+def test_default_type_of_a_whole_model_quantised(tiny):
+    """A tied quantised embedding (no tensors of its own) takes its lm_head's block type."""
+    from budgetlm.hardware.llamacpp import default_gguf_type
+    from budgetlm.methods.base import apply_steps
+
+    apply_steps(tiny, [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "embeddings": True}])
+    assert default_gguf_type(tiny.model)[0] == "Q4_0"

@@ -131,12 +131,18 @@ def _is_quant_linear(mod) -> bool:
     return getattr(mod, "layer_kind", None) in ("quant_linear", "quant_embedding")
 
 
+def _permuted(mod) -> bool:
+    """Whether the layer's codes are stored in act-order (a tied QuantEmbedding holds no `perm` of its own)."""
+    flag = getattr(mod, "permuted", None)
+    return bool(flag) if flag is not None else getattr(mod, "perm", None) is not None
+
+
 def grid_name(mod) -> str:
     if not _is_quant_linear(mod):
         return f"{mod.layer_kind} layer"
     kind = "symmetric" if mod.symmetric else "asymmetric"
     group = "per-channel" if mod.group_size == mod.in_features else f"group {mod.group_size}"
-    extra = (", act-order" if mod.perm is not None else "") + (f", rank-{mod.rank} correction" if mod.rank else "")
+    extra = (", act-order" if _permuted(mod) else "") + (f", rank-{mod.rank} correction" if mod.rank else "")
     return f"{mod.bits}-bit {kind}, {group}{extra}"
 
 
@@ -144,7 +150,7 @@ def exact_types(mod) -> set[str]:
     """Block types that hold this replaced layer's codes with no second rounding (floats always can)."""
     if not _is_quant_linear(mod):
         return set()
-    return grid_exact_types(mod.bits, mod.symmetric, mod.group_size, mod.in_features, mod.perm is not None, mod.rank)
+    return grid_exact_types(mod.bits, mod.symmetric, mod.group_size, mod.in_features, _permuted(mod), mod.rank)
 
 
 def grid_exact_types(
