@@ -304,3 +304,28 @@ def test_lobi_mixed_precision_runs_on_the_kernels(use_kernels, tiny):
         exact = tiny.model(x).logits
     fast = tiny.model(x).logits  # 3 tokens: the kernels
     assert (fast - exact).abs().max() <= 2e-2 * exact.abs().max()
+
+
+def test_3bit_unpack_in_chunks(monkeypatch):
+    from budgetlm.methods.quant import quantizer
+
+    codes = torch.randint(0, 8, (1003,), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    packed = pack(codes, 3)
+    whole = quantizer.unpack(packed, 3, 1003)
+    monkeypatch.setattr(quantizer, "UNPACK_CHUNK_WORDS", 5)  # 40 codes per chunk, a partial last chunk
+    assert torch.equal(quantizer.unpack(packed, 3, 1003), codes) and torch.equal(whole, codes)
+
+
+def test_first_call_of_many_tokens_prepares_the_layout(monkeypatch):
+    """A layer whose kernel pays repacks on its first call even when that call is a prefill (dense path), so the
+    dense path reads the 4-bit layout block by block from then on."""
+    monkeypatch.setattr(kernels, "_enabled", True)
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 32)
+    monkeypatch.setattr(kernels, "DENSE_BLOCK_WEIGHTS", 64 * 256)  # 64-row blocks
+    for bits in (4, 8):
+        layer, ref, b = make_layer(bits, 64, False)
+        x = torch.randn(100, 256)
+        y = layer(x)
+        assert layer._int4 is not None and layer.qweight.numel() == 0
+        assert torch.allclose(y, F.linear(x, ref, b), atol=1e-4, rtol=1e-5)
+        assert torch.allclose(layer(x), y, atol=1e-5)

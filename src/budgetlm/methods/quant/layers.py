@@ -194,7 +194,16 @@ class QuantLinear(torch.nn.Module):
                 z = None if zeros is None else zeros[r0:r1]
                 return kernels.int4_dequantize(packed[r0:r1], scales[r0:r1], z, self.bits, self.group_size, r1 - r0, k)
 
-        elif self.int8_kernel and self._int4 is None:
+        elif self._int4 is not None:  # the two halves of an 8-bit grid, a block of rows at a time
+            parts, grid = self._int4, self.grid()
+
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                block = tuple(t[r0:r1] if i % 2 == 0 else t for i, t in enumerate(parts))
+                z = None if grid.zeros is None else grid.zeros[r0:r1]
+                codes = kernels.int8_split_codes(block, r1 - r0, k)
+                return dequantize(codes, Grid(grid.scales[r0:r1], z, grid.bits, grid.group_size))
+
+        elif self.int8_kernel:
 
             def rows(r0: int, r1: int) -> torch.Tensor:
                 return self.qweight[r0:r1].float().mul_(self.scales[r0:r1].float())
@@ -213,7 +222,11 @@ class QuantLinear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
-        path = self.path(flat.shape[0])
+        kind = self.kernel if kernels.enabled() else None
+        cross = kernels.crossover(kind) if kind else 0
+        if kind in ("int4", "int4x2") and cross > 0 and self._int4 is None:
+            self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
+        path = kernels.choose(kind, flat.shape[0], cross)
         if path == "int4" and self._int4_ready():
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4[1])
         elif path == "int4x2" and self._int4_ready():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+UNPACK_CHUNK_WORDS = 1 << 18  # 3-bit unpacking works on this many 8-code words at a time
 
 
 @dataclass
@@ -107,10 +108,14 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         mask = (1 << bits) - 1
         codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
         return codes.reshape(-1)[:numel]
-    by = packed.to(torch.int32).reshape(-1, bits)  # 8 codes of 3 bits = 24 bits: int32 words suffice
-    word = by[:, 0].clone()
-    for j in range(1, bits):
-        word |= by[:, j] << (8 * j)
+    out = torch.empty(packed.numel() // bits * 8, dtype=torch.uint8)
+    chunk = UNPACK_CHUNK_WORDS * bits  # bytes per chunk: int32 temporaries stay a few MB whatever the layer's size
     mask = (1 << bits) - 1
-    codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    for start in range(0, packed.numel(), chunk):
+        by = packed[start : start + chunk].to(torch.int32).reshape(-1, bits)  # 8 codes of 3 bits: int32 words
+        word = by[:, 0].clone()
+        for j in range(1, bits):
+            word |= by[:, j] << (8 * j)
+        codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=1)
+        out[start // bits * 8 : start // bits * 8 + codes.numel()] = codes.reshape(-1).to(torch.uint8)
+    return out[:numel]
