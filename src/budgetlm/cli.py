@@ -85,8 +85,12 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 # metric -> what the human table calls it; --json keeps the metric names
-LABELS = {"bpw": "bpw, whole model", "linear_bpw": "bpw, Linear layers"}
-SIDE_BY_SIDE = {"bpw": "linear_bpw"}  # shown right after the first
+LABELS = {
+    "bpw": "bpw, whole model",
+    "linear_bpw": "bpw, Linear layers",
+    "linear_memory_bpw": "bpw in memory, Linear layers",
+}
+SIDE_BY_SIDE = {"bpw": "linear_bpw", "linear_bpw": "linear_memory_bpw"}  # each shown right after the first
 
 
 def _fmt(m) -> str:
@@ -101,7 +105,7 @@ def _ordered(metrics: dict) -> list[str]:
     pos = {k: float(i) for i, k in enumerate(metrics)}
     for first, second in SIDE_BY_SIDE.items():
         if first in pos and second in pos:
-            pos[second] = pos[first] + 0.5
+            pos[second] = pos[first] + 0.1
     return sorted(metrics, key=pos.__getitem__)
 
 

@@ -329,3 +329,15 @@ def test_first_call_of_many_tokens_prepares_the_layout(monkeypatch):
         assert layer._int4 is not None and layer.qweight.numel() == 0
         assert torch.allclose(y, F.linear(x, ref, b), atol=1e-4, rtol=1e-5)
         assert torch.allclose(layer(x), y, atol=1e-5)
+
+
+def test_size_states_bits_on_disk_and_in_memory():
+    from budgetlm.hardware.size import model_size
+
+    layer, _, _ = make_layer(2, 64, False, bias=False)  # 128 x 256, 4 groups per row
+    size = model_size(torch.nn.Sequential(layer))
+    n = 128 * 256
+    on_disk = n * 2 / 8 + 128 * 4 * 2 + 128 * 4  # 2-bit codes, fp16 scales, uint8 zeros
+    in_memory = n / 2 + 4 * 128 * 2 * 2  # the kernel's 4-bit layout and its bf16 (scale, offset) table
+    assert size["linear_bpw"].value == pytest.approx(on_disk * 8 / n)
+    assert size["linear_memory_bpw"].value == pytest.approx(in_memory * 8 / n)

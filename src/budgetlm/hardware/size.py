@@ -9,6 +9,8 @@ Metrics of `model_size` (phase "size"):
   bpw            stored_bytes*8 / params: bits per parameter over the whole model                       unit "bits"
   linear_bytes   storage of the Linear-like weights (packed codes + scales + zeros; biases excluded)     unit "B"
   linear_bpw     linear_bytes*8 / logical Linear weight count                                             unit "bits"
+  linear_memory_bpw  the same over the bytes the Linears hold in memory to compute (`memory_bytes()`: the 4-bit
+                 kernel's layout of a 2/3-bit grid, a pruned layer's dense weight)                         unit "bits"
   read_bytes_per_token  bytes a decode step reads: every stored tensor except the input embedding matrix
                  (one row of it is read), which counts once as the lm_head when the two are tied        unit "B"
 
@@ -156,7 +158,7 @@ def model_size(handle, folder: Path | str | None = None) -> dict[str, Metric]:
     model = _module(handle)
     tied = _tied_lm_head(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    lin_bytes = lin_weights = 0
+    lin_bytes = lin_weights = lin_memory = 0
     kinds: dict[str, int] = {}
     for _name, mod in linear_modules(model).items():
         if tied and mod is out_emb:
@@ -164,6 +166,8 @@ def model_size(handle, folder: Path | str | None = None) -> dict[str, Metric]:
         b, n = linear_storage(mod)
         lin_bytes += b
         lin_weights += n
+        held = getattr(mod, "memory_bytes", None)  # what the layer holds to compute (e.g. 4-bit kernel layout)
+        lin_memory += int(held()) if callable(held) else b
         kind = getattr(mod, "layer_kind", None) or type(mod).__name__
         kinds[kind] = kinds.get(kind, 0) + 1
     stored = stored_bytes(model)
@@ -191,6 +195,15 @@ def model_size(handle, folder: Path | str | None = None) -> dict[str, Metric]:
             n=lin_weights,
             unit="bits",
             extra={"modules": kinds, "linear_weights": lin_weights, **how},
+        ),
+        "linear_memory_bpw": Metric(
+            lin_memory * 8 / lin_weights if lin_weights else float("nan"),
+            n=lin_weights,
+            unit="bits",
+            extra={
+                "note": "as the Linear layers hold their weights to compute: a 2- or 3-bit grid on the 4-bit "
+                "kernel holds 4 bits per weight (plus its bf16 scale table); a pruned layer its dense weight"
+            },
         ),
         "read_bytes_per_token": Metric(
             float(read_bytes_per_token(model)), unit="B", extra={"note": "weights only; KV-cache reads excluded"}
