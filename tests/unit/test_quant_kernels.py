@@ -341,3 +341,17 @@ def test_size_states_bits_on_disk_and_in_memory():
     in_memory = n / 2 + 4 * 128 * 2 * 2  # the kernel's 4-bit layout and its bf16 (scale, offset) table
     assert size["linear_bpw"].value == pytest.approx(on_disk * 8 / n)
     assert size["linear_memory_bpw"].value == pytest.approx(in_memory * 8 / n)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_repack_block_by_block_equals_whole(use_kernels, monkeypatch, bits):
+    layer, _, _ = make_layer(bits, 64, bits == 3, out_f=320)
+    codes = layer.codes()
+    z = layer.zeros
+    if bits == 8:
+        whole = kernels.int8_split(codes, layer.scales, z, 64, 64)
+    else:
+        whole = kernels.int4_pack_grid(codes, layer.scales, z, bits, 64, 64)
+    monkeypatch.setattr(kernels, "DENSE_BLOCK_WEIGHTS", 128 * 256)  # blocks of 128 rows: 3 blocks, the last partial
+    parts = layer._repack()
+    assert len(parts) == len(whole) and all(torch.equal(a, b) for a, b in zip(parts, whole))

@@ -173,15 +173,32 @@ class QuantLinear(torch.nn.Module):
         if self._int4 is None:
             if not kernels._layout_matches():
                 return False
-            g = self._int4_group
-            if self.bits == 8:
-                self._int4 = kernels.int8_split(self.codes(), self.scales, self.zeros, self.group_size, g)
-            else:
-                self._int4 = kernels.int4_pack_grid(
-                    self.codes(), self.scales, self.zeros, self.bits, self.group_size, g
-                )
+            self._int4 = self._repack()
             self.qweight = torch.empty(0, dtype=self.qweight.dtype)  # the state dict rebuilds it (_save_to_state_dict)
         return True
+
+    def _repack(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's form of the stored codes, built a block of rows at a time (a few MB of temporaries, not
+        several bytes per weight of the whole layer: for a 49152-row lm_head that was ~150 MB)."""
+        n, k, g = self.out_features, self.in_features, self._int4_group
+        step = max(kernels.BLOCK_N, kernels.DENSE_BLOCK_WEIGHTS // k // kernels.BLOCK_N * kernels.BLOCK_N)
+        out: list = []
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            codes = packed_row_codes(self.qweight, torch.arange(r0, r1), n, k, self.bits)
+            zeros = None if self.zeros is None else self.zeros[r0:r1]
+            if self.bits == 8:
+                part = kernels.int8_split(codes, self.scales[r0:r1], zeros, self.group_size, g)
+            else:
+                part = kernels.int4_pack_grid(codes, self.scales[r0:r1], zeros, self.bits, self.group_size, g)
+            if not out:  # layouts: [n, k/2] uint8 filled block by block; tables [k/g, n, 2] gathered per block
+                out = [torch.empty(n, k // 2, dtype=torch.uint8) if i % 2 == 0 else [] for i in range(len(part))]
+            for i, t in enumerate(part):
+                if i % 2 == 0:
+                    out[i][r0:r1] = t
+                else:
+                    out[i].append(t)
+        return tuple(t if i % 2 == 0 else torch.cat(t, dim=1) for i, t in enumerate(out))
 
     def _rows(self):
         """weight_rows(r0, r1) for kernels.dense_mm: rows r0:r1 of Q(W) (in the stored column order), float32,
