@@ -45,6 +45,44 @@ def prefill_lengths(requested, limit: int | None) -> list[tuple[int, int]]:
     return out
 
 
+def add_decode_metrics(speed: dict, joules: dict, dec: Metric, read_bytes: float, bandwidth_gb_s: float) -> None:
+    """The decode figures of a run (torch or llama.cpp): ms/token `dec`, tok/s from its repeats, the roofline of
+    `read_bytes` per token at the host's bandwidth and the % of it reached, energy per token where measured."""
+    speed["decode_ms_per_token"] = dec
+    tok_s = summarize([1e3 / ms for ms in dec.extra["repeats"]])
+    speed["decode_tok_s"] = Metric(
+        tok_s["mean"],
+        stderr=tok_s["stderr"],
+        n=dec.n,
+        unit="tok/s",
+        extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
+    )
+    roof = decode_roofline_ms(read_bytes, bandwidth_gb_s)
+    speed["decode_roofline_ms"] = Metric(
+        roof,
+        unit="ms/token",
+        source="projected",
+        extra={
+            "bytes_per_token": read_bytes,
+            "bandwidth_gb_s": bandwidth_gb_s,
+            "formula": "read_bytes_per_token / bandwidth",
+        },
+    )
+    speed["decode_pct_roofline"] = Metric(
+        roof / dec.value * 100,
+        n=dec.n,
+        unit="%",
+        extra={
+            "median": roof / dec.extra["median"] * 100,
+            "roofline_ms": roof,
+            "decode_ms_per_token": dec.value,
+            "loadavg": list(os.getloadavg()),
+        },
+    )
+    if "joules_per_token" in dec.extra:
+        joules["decode_j_per_token"] = _energy_metric(dec)
+
+
 def measure(
     handle,
     *,
@@ -93,36 +131,7 @@ def measure(
             model, decode_tokens, prompt, repeats, warmup, seed=seed, energy=energy, status=_say(bar, what)
         )
         bar.advance(f"{what} done")
-        speed["decode_ms_per_token"] = dec
-        tok_s = summarize([1e3 / ms for ms in dec.extra["repeats"]])
-        speed["decode_tok_s"] = Metric(
-            tok_s["mean"],
-            stderr=tok_s["stderr"],
-            n=dec.n,
-            unit="tok/s",
-            extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
-        )
-        read = size["read_bytes_per_token"].value
-        roof = decode_roofline_ms(read, bw.value)
-        speed["decode_roofline_ms"] = Metric(
-            roof,
-            unit="ms/token",
-            source="projected",
-            extra={"bytes_per_token": read, "bandwidth_gb_s": bw.value, "formula": "read_bytes_per_token / bandwidth"},
-        )
-        speed["decode_pct_roofline"] = Metric(
-            roof / dec.value * 100,
-            n=dec.n,
-            unit="%",
-            extra={
-                "median": roof / dec.extra["median"] * 100,
-                "roofline_ms": roof,
-                "decode_ms_per_token": dec.value,
-                "loadavg": list(os.getloadavg()),
-            },
-        )
-        if "joules_per_token" in dec.extra:
-            joules["decode_j_per_token"] = _energy_metric(dec)
+        add_decode_metrics(speed, joules, dec, size["read_bytes_per_token"].value, bw.value)
 
         out = {"size": size, "host": host, "speed": speed}
         if joules:

@@ -160,6 +160,12 @@ def gguf_size(path: Path | str, gguf_type: str = "") -> dict[str, Metric]:
             unit="bits",
             extra={"linear_types": lin_types, "linear_weights": lin_weights, **how},
         ),
+        "linear_memory_bpw": Metric(
+            lin_bytes * 8 / lin_weights if lin_weights else float("nan"),
+            n=lin_weights,
+            unit="bits",
+            extra={"note": "llama.cpp computes on the file's block types as they are (memory-mapped)", **how},
+        ),
         "read_bytes_per_token": Metric(
             float(read), unit="B", extra={"note": "weights only; KV-cache reads excluded", **how}
         ),
@@ -294,9 +300,9 @@ def measure_gguf(
     import torch
 
     from budgetlm.export.gguf import read_layout
-    from budgetlm.hardware.bench import _energy_metric, _load, prefill_lengths
+    from budgetlm.hardware.bench import _energy_metric, add_decode_metrics, prefill_lengths
     from budgetlm.hardware.energy import EnergyMeter, energy_available
-    from budgetlm.hardware.host import cpu_profile, decode_roofline_ms, memory_bandwidth
+    from budgetlm.hardware.host import cpu_profile, memory_bandwidth
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.hardware.speed import _energy_extra, _gc_paused, _metric, summarize
     from budgetlm.progress import Progress
@@ -396,36 +402,7 @@ def measure_gguf(
             kv_cache="llama.cpp KV cache",
             decoding="greedy",
         )
-        speed["decode_ms_per_token"] = dec
-        tok_s = summarize([1e3 / ms for ms in per_token])
-        speed["decode_tok_s"] = Metric(
-            tok_s["mean"],
-            stderr=tok_s["stderr"],
-            n=dec.n,
-            unit="tok/s",
-            extra={"sd": tok_s["sd"], "median": tok_s["median"], "from": "decode_ms_per_token repeats", **_load(dec)},
-        )
-        read = size["read_bytes_per_token"].value
-        roof = decode_roofline_ms(read, bw.value)
-        speed["decode_roofline_ms"] = Metric(
-            roof,
-            unit="ms/token",
-            source="projected",
-            extra={"bytes_per_token": read, "bandwidth_gb_s": bw.value, "formula": "read_bytes_per_token / bandwidth"},
-        )
-        speed["decode_pct_roofline"] = Metric(
-            roof / dec.value * 100,
-            n=dec.n,
-            unit="%",
-            extra={
-                "median": roof / dec.extra["median"] * 100,
-                "roofline_ms": roof,
-                "decode_ms_per_token": dec.value,
-                "loadavg": list(os.getloadavg()),
-            },
-        )
-        if "joules_per_token" in dec.extra:
-            joules["decode_j_per_token"] = _energy_metric(dec)
+        add_decode_metrics(speed, joules, dec, size["read_bytes_per_token"].value, bw.value)
     mem = rss.metric()
     mem.extra["note"] = (
         "llama.cpp's phase: loading the GGUF (memory-mapped), prefill and decode runs; start_bytes is the process "
