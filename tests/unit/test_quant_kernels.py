@@ -355,3 +355,22 @@ def test_repack_block_by_block_equals_whole(use_kernels, monkeypatch, bits):
     monkeypatch.setattr(kernels, "DENSE_BLOCK_WEIGHTS", 128 * 256)  # blocks of 128 rows: 3 blocks, the last partial
     parts = layer._repack()
     assert len(parts) == len(whole) and all(torch.equal(a, b) for a, b in zip(parts, whole))
+
+
+def test_eight_bit_probe_stays_small_for_a_large_layer(monkeypatch):
+    """The probe times copies of at most ~COLD_BYTES of codes, even for a layer larger than that."""
+    seen = []
+    real_full = torch.full
+
+    def full(size, *args, **kwargs):
+        seen.append(torch.Size(size).numel())
+        return real_full(size, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "COLD_BYTES", 1 << 20)
+    monkeypatch.setattr(kernels.torch, "full", full)
+    kernels._eight_bit.cache_clear()
+    try:
+        assert kernels._eight_bit(65536, 512, 1) in ("int8", "int4x2")
+    finally:
+        kernels._eight_bit.cache_clear()
+    assert seen and max(seen) <= 2 * (1 << 20)

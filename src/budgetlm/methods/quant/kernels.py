@@ -306,6 +306,7 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
         g = int4_group(8, k, n, k)
         if not _layout_matches() or g is None:
             return "int8"
+        n = min(n, max(BLOCK_N, COLD_BYTES // 2 // k // BLOCK_N * BLOCK_N))  # a large layer: a slice of its rows
         copies = max(2, COLD_BYTES // (n * k))
         # the kernels' speed does not depend on the code values: constant bytes are valid codes and packed layouts
         q8 = torch.full((copies, n, k), 0x35, dtype=torch.int8)
