@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 cell["rss"] = fresh_rss(tmp / name, t, args.tokens, args.prompt)
             rows[name]["by_threads"][t] = cell
             print(f"# {name} @ {t} thread(s) done (load average {loadavg()})", file=sys.stderr)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)  # the variants' saved folders (the benchmark's own temporary files)
     print(table(rows, names, threads))
     print(f"# load average after: {loadavg()}")
     if args.json:

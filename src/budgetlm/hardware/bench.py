@@ -45,6 +45,15 @@ def prefill_lengths(requested, limit: int | None) -> list[tuple[int, int]]:
     return out
 
 
+def host_bandwidth(bar) -> dict[str, Metric]:
+    """The "host" phase of a benchmark (either runtime): the copy bandwidth, with the CPU profile, as a bar step."""
+    bar.status("host memory bandwidth")
+    bw = memory_bandwidth()
+    bw.extra["cpu"] = cpu_profile()
+    bar.advance("host memory bandwidth done")
+    return {"mem_bandwidth_gb_s": bw}
+
+
 def add_decode_metrics(speed: dict, joules: dict, dec: Metric, read_bytes: float, bandwidth_gb_s: float) -> None:
     """The decode figures of a run (torch or llama.cpp): ms/token `dec`, tok/s from its repeats, the roofline of
     `read_bytes` per token at the host's bandwidth and the % of it reached, energy per token where measured."""
@@ -107,11 +116,8 @@ def measure(
         bar.status("size of the weights")
         size = model_size(handle, folder)
         bar.advance("size done")
-        bar.status("host memory bandwidth")
-        bw = memory_bandwidth()
-        host = {"mem_bandwidth_gb_s": bw}
-        host["mem_bandwidth_gb_s"].extra["cpu"] = cpu_profile()
-        bar.advance("host memory bandwidth done")
+        host = host_bandwidth(bar)
+        bw = host["mem_bandwidth_gb_s"]
 
         speed: dict[str, Metric] = {}
         joules: dict[str, Metric] = {}

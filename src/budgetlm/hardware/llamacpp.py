@@ -300,9 +300,8 @@ def measure_gguf(
     import torch
 
     from budgetlm.export.gguf import read_layout
-    from budgetlm.hardware.bench import _energy_metric, add_decode_metrics, prefill_lengths
+    from budgetlm.hardware.bench import _energy_metric, add_decode_metrics, host_bandwidth, prefill_lengths
     from budgetlm.hardware.energy import EnergyMeter, energy_available
-    from budgetlm.hardware.host import cpu_profile, memory_bandwidth
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.hardware.speed import _energy_extra, _gc_paused, _metric, summarize
     from budgetlm.progress import Progress
@@ -326,11 +325,8 @@ def measure_gguf(
         bar.status("size of the GGUF file")
         size = gguf_size(path, gguf_type)
         bar.advance("size done")
-        bar.status("host memory bandwidth")
-        bw = memory_bandwidth()
-        host = {"mem_bandwidth_gb_s": bw}
-        host["mem_bandwidth_gb_s"].extra["cpu"] = cpu_profile()
-        bar.advance("host memory bandwidth done")
+        host = host_bandwidth(bar)
+        bw = host["mem_bandwidth_gb_s"]
         bar.status(f"llama.cpp loads {path.name}")
         with PeakRSS("benchmark") as rss:  # llama.cpp's own phase: its model, context and runs
             t0 = time.perf_counter()

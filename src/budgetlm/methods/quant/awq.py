@@ -65,11 +65,12 @@ from budgetlm.methods.base import (
 )
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
 from budgetlm.methods.quant.embedding import (
+    UNTIED_TABLE_NOTE,
     final_norm,
     find_embeddings,
     head_inputs,
     install_head,
-    rtn_embedding,
+    quantise_untied_table,
     stats_row,
 )
 from budgetlm.methods.quant.layers import QuantLinear
@@ -574,11 +575,8 @@ def _awq_embeddings(model: nn.Module, cal: LayerwiseCalibration, cfg: AWQ, gen: 
             rel_mse=err,
             mean_shrink=float(shrink.mean()) if shrink is not None else 1.0,
         )
-    if not e.tied:
-        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
-        set_module(model, e.emb_name, table)
-        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
-        how.append("the input embedding by round-to-nearest (a lookup table has no input activations)")
+    if quantise_untied_table(model, e, cfg, stats):
+        how.append(UNTIED_TABLE_NOTE)
     return "quantised " + "; ".join(how)
 
 

@@ -303,6 +303,22 @@ def rtn_embedding(emb: nn.Embedding, bits: int, group_size: int | None, symmetri
     return QuantEmbedding.from_codes(quantize(w, grid), grid, embed_scale(emb))
 
 
+UNTIED_TABLE_NOTE = "the input embedding by round-to-nearest (a lookup table has no input activations)"
+
+
+def quantise_untied_table(model: nn.Module, e: Embeddings, cfg, stats: dict) -> bool:
+    """An untied input table by round-to-nearest on cfg's grid, put in place with its stats row (every method: a
+    lookup table has no input activations to weigh its columns); False when the table is tied (the lm_head's)."""
+    from budgetlm.methods.base import set_module
+
+    if e.tied:
+        return False
+    table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
+    set_module(model, e.emb_name, table)
+    stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
+    return True
+
+
 def install_head(model: nn.Module, e: Embeddings, head: QuantLinear) -> QuantEmbedding | None:
     """Put the quantised lm_head in place; when tied, the input table becomes a QuantEmbedding reading its codes
     (returned)."""

@@ -78,7 +78,14 @@ from budgetlm.methods.calibration import (
     LockstepError,
     decoder_layers,
 )
-from budgetlm.methods.quant.embedding import find_embeddings, head_inputs, install_head, rtn_embedding, stats_row
+from budgetlm.methods.quant.embedding import (
+    UNTIED_TABLE_NOTE,
+    find_embeddings,
+    head_inputs,
+    install_head,
+    quantise_untied_table,
+    stats_row,
+)
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid
 from budgetlm.methods.quant.rtn import GridConfig, check_group
@@ -879,17 +886,7 @@ def _quantise_embeddings(model: torch.nn.Module, cfg: GPTQ, H: torch.Tensor | No
     if e.head is not None:
         w = e.head.weight.detach().float()
         hess = H if H is not None else torch.eye(w.shape[1])
-        codes, grid, perm, st = gptq_layer(
-            w,
-            hess,
-            cfg.bits,
-            cfg.group_size,
-            cfg.symmetric,
-            cfg.damp,
-            cfg.block_size,
-            cfg.act_order,
-            cfg.static_groups,
-        )
+        codes, grid, perm, st = _gptq_with(w, hess, cfg)
         head = QuantLinear.from_codes(codes, grid, e.head.bias, perm=perm)
         install_head(model, e, head)
         rel = ratio(st["row_error"], st["row_energy"])
@@ -907,12 +904,15 @@ def _quantise_embeddings(model: torch.nn.Module, cfg: GPTQ, H: torch.Tensor | No
             if H is not None
             else f"{what} by round-to-nearest (no final norm found to take its input Hessian from)"
         )
-    if not e.tied:
-        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
-        set_module(model, e.emb_name, table)
-        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
-        how.append("the input embedding by round-to-nearest (a lookup table has no input activations)")
+    if quantise_untied_table(model, e, cfg, stats):
+        how.append(UNTIED_TABLE_NOTE)
     return "quantised " + "; ".join(how)
+
+
+def _gptq_with(w: torch.Tensor, H: torch.Tensor, cfg: GPTQ, keep_zero: torch.Tensor | None = None):
+    """gptq_layer with the step's settings."""
+    args = (cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups)
+    return gptq_layer(w, H, *args, keep_zero)
 
 
 def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, stats: dict) -> dict[str, QuantLinear]:
@@ -924,18 +924,7 @@ def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, sta
     w = torch.cat([lin.weight.detach().float() for lin in lins]) if len(lins) > 1 else lins[0].weight.detach()
     pruned = any(getattr(lin, "layer_kind", None) == "sparse_linear" for lin in lins)
     keep_zero = (w == 0) if pruned else None  # a pruned model: its zeros stay zeros
-    codes, grid, perm, st = gptq_layer(
-        w,
-        H,
-        cfg.bits,
-        cfg.group_size,
-        cfg.symmetric,
-        cfg.damp,
-        cfg.block_size,
-        cfg.act_order,
-        cfg.static_groups,
-        keep_zero,
-    )
+    codes, grid, perm, st = _gptq_with(w, H, cfg, keep_zero)
     out, row = {}, 0
     for name, lin in zip(group, lins):
         rows = slice(row, row + lin.out_features)

@@ -163,10 +163,15 @@ class QuantLinear(torch.nn.Module):
             return "int4x2" if self._int4_group is not None else None
         return "int4" if self._int4_group is not None else None
 
+    def _kernel_and_crossover(self) -> tuple[str | None, int]:
+        """The kernel in use (None when kernels are off) and the token count from which dense wins."""
+        kind = self.kernel if kernels.enabled() else None
+        return kind, (kernels.crossover(kind) if kind else 0)
+
     def path(self, tokens: int) -> str:
         """The path a call with `tokens` tokens takes: "int4", "int4x2", "int8" or "dense"."""
-        kind = self.kernel if kernels.enabled() else None
-        return kernels.choose(kind, tokens, kernels.crossover(kind) if kind else 0)
+        kind, cross = self._kernel_and_crossover()
+        return kernels.choose(kind, tokens, cross)
 
     def _int4_ready(self) -> bool:
         """Repack the codes into the 4-bit kernel's layout (once) and drop the dense copy from memory."""
@@ -239,8 +244,7 @@ class QuantLinear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
-        kind = self.kernel if kernels.enabled() else None
-        cross = kernels.crossover(kind) if kind else 0
+        kind, cross = self._kernel_and_crossover()
         if kind in ("int4", "int4x2") and cross > 0 and self._int4 is None:
             self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
         path = kernels.choose(kind, flat.shape[0], cross)

@@ -99,7 +99,7 @@ def apply(handle: ModelHandle, cfg: RTN, ctx: StepContext) -> StepReport:
 
 def quantise_embeddings(model: torch.nn.Module, cfg: GridConfig, stats: dict) -> str:
     """Round-to-nearest of the lm_head and the input table on cfg's grid (a tied matrix once); the step's note."""
-    from budgetlm.methods.quant.embedding import find_embeddings, install_head, rtn_embedding, stats_row
+    from budgetlm.methods.quant.embedding import find_embeddings, install_head, quantise_untied_table, stats_row
 
     e = find_embeddings(model, cfg.method_name)
     if e.head is not None:
@@ -108,9 +108,6 @@ def quantise_embeddings(model: torch.nn.Module, cfg: GridConfig, stats: dict) ->
         head = QuantLinear.from_codes(quantize(w, grid), grid, e.head.bias)
         install_head(model, e, head)
         stats[e.head_name] = stats_row(head, "tied" if e.tied else "head", quantizer="rtn")
-    if not e.tied:
-        table = rtn_embedding(e.emb, cfg.bits, cfg.group_size, cfg.symmetric)
-        set_module(model, e.emb_name, table)
-        stats[e.emb_name] = stats_row(table, "embedding", quantizer="rtn")
+    quantise_untied_table(model, e, cfg, stats)
     what = "the tied embedding / lm_head matrix (once, shared)" if e.tied else "the lm_head and the input embedding"
     return f"quantised {what} with rtn on the same grid"
