@@ -45,6 +45,32 @@ def measure(handle: ModelHandle, runtime: str = "torch", **kwargs) -> dict[str, 
     return _measure(handle, **kwargs)
 
 
+def generate(
+    handle: ModelHandle,
+    prompt: str,
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 256,
+    drafts: list[str] | None = None,
+    tau: str | None = None,
+    mode: str = "exact",
+    max_draft: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    until: list[str] | None = None,
+    on_text=None,
+):
+    """Generate from a prompt; with `drafts` (cheapest first: model specs or "layers:K"), by hierarchical speculative
+    decoding with an entropy gate τ per draft (budgetlm.decode.speculative). Returns a decode.generate.Output."""
+    from budgetlm.decode.generate import build, check_settings, encode_prompt
+
+    check_settings(max_new_tokens, mode, max_draft, temperature, top_p)
+    gen = build(handle, drafts, tau, mode, max_draft, temperature, top_p, seed, load)
+    ids = encode_prompt(handle, prompt, chat, max_new_tokens)
+    return gen(ids, max_new_tokens, until, on_text)
+
+
 def run(
     recipe: str | Path | None = None, out: str | Path | None = None, progress: bool = False, force: bool = False
 ) -> Path:

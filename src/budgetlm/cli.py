@@ -309,6 +309,104 @@ def bench(
     _print_results(results, as_json, runtime=info)
 
 
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str | None, typer.Argument(help="the prompt (default: read from stdin)")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")] = 256,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="draft models for speculative decoding, cheapest first (D1[,D2]): model names, folders, GGUF "
+            "files, or layers:K (the model's first K layers with its final norm and head)",
+        ),
+    ] = None,
+    tau: Annotated[
+        str | None,
+        typer.Option("--tau", help="entropy gate in nats per draft (one value, or one per draft; inf: no gate)"),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="exact: output identical to the model's own decoding; gated: drafted tokens below τ are "
+            "accepted unverified (HOLA's gate; faster, lossy)",
+        ),
+    ] = "exact",
+    max_draft: Annotated[int, typer.Option("--max-draft", help="tokens a draft proposes per round at most")] = 8,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above: sampling")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampling")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the text and the counters as one JSON document")
+    ] = False,
+) -> None:
+    """Generate text: streamed to stdout, tokens per second (and, with --draft, each level's acceptance) on stderr."""
+    from budgetlm.api import generate as run_generate
+    from budgetlm.api import load
+    from budgetlm.decode.drafts import parse_specs, parse_taus
+    from budgetlm.decode.generate import check_settings
+
+    check_settings(max_new_tokens, mode, max_draft, temperature, top_p)
+    specs = parse_specs(draft)
+    parse_taus(tau, len(specs))
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise ConfigError("no prompt: give PROMPT as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    handle = load(model)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    out = run_generate(
+        handle,
+        prompt,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        drafts=specs,
+        tau=tau,
+        mode=mode,
+        max_draft=max_draft,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        on_text=None if as_json else stream,
+    )
+    summary = {
+        "model": handle.source,
+        "mode": mode if specs else "plain",
+        "drafts": specs,
+        "text": out.text,
+        "prompt_tokens": out.prompt_tokens,
+        "new_tokens": len(out.tokens),
+        "stop": out.stop,
+        "seconds": out.seconds,
+        "tokens_per_second": out.tokens_per_second,
+        "levels": out.levels if specs else [],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print()
+    line = f"{len(out.tokens)} tokens in {out.seconds:.2f} s: {out.tokens_per_second:.1f} tok/s (stop: {out.stop})"
+    print(line, file=sys.stderr)
+    for lv in out.levels[1:] if specs else []:
+        acc = "-" if lv["acceptance"] is None else f"{lv['acceptance']:.1%}"
+        mean = "-" if lv["mean_accepted"] is None else f"{lv['mean_accepted']:.2f}"
+        print(
+            f"  {lv['model']}: {lv['rounds']} rounds, {lv['proposed']} proposed, {acc} accepted, "
+            f"{mean} accepted per round",
+            file=sys.stderr,
+        )
+    shares = ", ".join(f"{lv['model']} {lv['time_share']:.0%}" for lv in out.levels if lv["time_share"] is not None)
+    if specs:
+        print(f"  time share: {shares}", file=sys.stderr)
+
+
 def _bench_torch(model: str, load, measure, repeats: int, decode_tokens: int) -> tuple[dict, dict]:
     import torch
 

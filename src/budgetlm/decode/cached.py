@@ -1,0 +1,80 @@
+"""A causal LM with its KV cache and the tokens the cache holds: the unit every decoding strategy steps.
+
+`CachedLM.logits(seq, start)` returns the next-token logits after every position from `start` to the end of `seq`.
+It keeps the longest prefix its cache shares with `seq`, rolls the cache back to it (`DynamicCache.crop`) and feeds only the tokens after it. The logits of the
+positions it fed are kept until they are rolled back, so asking again for a position already computed costs
+nothing: a speculative level that verified a proposal reads the rows of the tokens it accepted without another
+forward. A prompt's prefill keeps only its last row (the head over 49k-token vocabularies costs as much as a layer).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class CachedLM:
+    def __init__(self, model: torch.nn.Module, name: str):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.name = name
+        # no config: every layer keeps all its keys and values, sliding-window layers too (their masks still come
+        # from the model's config), so a rollback to any earlier position is a slice. transformers' sliding layers
+        # trim to the window at each crop, after which a second, deeper rollback (a 3-level chain) is impossible.
+        self.cache = DynamicCache()
+        self.tokens: list[int] = []  # tokens whose keys and values are in the cache
+        self.rows: list[torch.Tensor | None] = []  # fp32 logits after each cached position (None: not kept)
+        # counters for the report
+        self.forwards = 0
+        self.fed = 0
+        self.seconds = 0.0
+
+    def _rollback(self, keep: int) -> None:
+        drop = len(self.tokens) - keep
+        if drop:
+            self.cache.crop(-drop)
+        del self.tokens[keep:], self.rows[keep:]
+
+    @torch.inference_mode()
+    def logits(self, seq: list[int], start: int) -> torch.Tensor:
+        """[len(seq) - start, vocab] fp32 logits; row i is the distribution of the token after seq[start + i]."""
+        shared = 0
+        limit = min(len(self.tokens), len(seq))
+        while shared < limit and self.tokens[shared] == seq[shared]:
+            shared += 1
+        if shared == len(seq) and any(r is None for r in self.rows[start : len(seq)]):
+            shared -= 1  # a position whose row was not kept is fed again (rare: a prefill row asked for later)
+        if any(r is None for r in self.rows[start:shared]):
+            shared = start
+        self._rollback(shared)
+        new = seq[shared:]
+        if new:
+            t0 = time.perf_counter()
+            ids = torch.tensor([new], dtype=torch.long)
+            pos = torch.arange(shared, len(seq)).unsqueeze(0)
+            out = self.model(
+                input_ids=ids,
+                position_ids=pos,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=len(seq) - max(start, shared),  # the rows asked for, never a prompt's others
+            )
+            rows = out.logits[0].float()
+            kept: list[torch.Tensor | None] = [None] * (len(new) - rows.shape[0]) + list(rows)
+            self.tokens += new
+            self.rows += kept
+            self.forwards += 1
+            self.fed += len(new)
+            self.seconds += time.perf_counter() - t0
+        return torch.stack(self.rows[start : len(seq)])  # type: ignore[arg-type]
+
+    def forget(self, before: int) -> None:
+        """Drop the kept rows of positions before `before` (committed output nobody asks for again)."""
+        for i in range(min(before, len(self.rows))):
+            self.rows[i] = None
+
+    def reset_counters(self) -> None:
+        self.forwards = self.fed = 0
+        self.seconds = 0.0

@@ -1,0 +1,204 @@
+"""Hierarchical speculative decoding (HSD, HOLA arXiv 2506.18952) with an entropy gate, over any chain of models.
+
+Levels are ordered cheapest first; the last one is the verifier whose output counts. Level 0 drafts tokens one at
+a time while the entropy of its next-token distribution, H(p_t) = -sum p log p (nats, at temperature 1), stays
+below its τ, up to a length cap. Every higher level i verifies the proposal of level i-1 in one forward (its KV
+cache kept, rolled back past a rejection) and emits the accepted prefix plus one token of its own (the correction
+at the first rejection, or a bonus token when all were accepted). A middle level hands the next level a proposal
+made of such rounds, gated the same way by its own entropy at each emitted position.
+
+Modes:
+- `exact`: greedy decoding accepts a drafted token when it equals the level's argmax, so the verifier's output is
+  token for token its own greedy decoding. With sampling, the standard rejection rule (Leviathan et al. 2023; Chen
+  et al. 2023): accept x ~ q with probability min(1, p(x)/q(x)), else draw from norm(max(0, p - q)); a bonus token is
+  drawn from p. Each level's emitted tokens are then distributed as that level's own sampling distribution, which is
+  therefore the q of the level above.
+- `gated`: HOLA's gate as the paper states it: drafted tokens (each drafted with H < τ) are accepted without
+  verification; the level above only decides the token where the draft stopped. Faster and lossy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from budgetlm.decode.cached import CachedLM
+
+MODES = ("exact", "gated")
+
+
+@dataclass
+class Sampler:
+    """Greedy when temperature is 0, else sampling at the temperature within the top-p nucleus."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a token is drawn from (one-hot at the argmax when greedy)."""
+        if self.greedy:
+            out = torch.zeros_like(logits)
+            out[logits.argmax()] = 1.0
+            return out
+        p = F.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = p.sort(descending=True)
+            outside = sorted_p.cumsum(0) - sorted_p >= self.top_p  # keep the smallest prefix reaching top_p
+            p = p.scatter(0, order[outside], 0.0)
+            p = p / p.sum()
+        return p
+
+    def draw(self, p: torch.Tensor) -> int:
+        return int(torch.multinomial(p, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(token, its distribution; None when greedy)."""
+        if self.greedy:
+            return int(logits.argmax()), None
+        p = self.probs(logits)
+        return self.draw(p), p
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum p log p in nats of softmax(logits), per row."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class LevelStats:
+    name: str
+    rounds: int = 0  # verifications this level ran (proposals it received)
+    proposed: int = 0  # drafted tokens it was asked to verify
+    accepted: int = 0  # of those, accepted
+    emitted: int = 0  # tokens this level emitted (accepted + its own)
+    drafted: int = 0  # level 0 only: tokens it drafted
+
+    def as_dict(self, lm: CachedLM, total_seconds: float) -> dict:
+        return {
+            "model": self.name,
+            "rounds": self.rounds,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "acceptance": self.accepted / self.proposed if self.proposed else None,
+            "mean_accepted": self.accepted / self.rounds if self.rounds else None,
+            "drafted": self.drafted,
+            "forwards": lm.forwards,
+            "tokens_fed": lm.fed,
+            "seconds": lm.seconds,
+            "time_share": lm.seconds / total_seconds if total_seconds > 0 else None,
+        }
+
+
+@dataclass
+class Chain:
+    """Models cheapest first, the verifier last; one τ per draft level (None: no gate, draft to the cap)."""
+
+    lms: list[CachedLM]
+    taus: list[float | None]
+    mode: str = "exact"
+    sampler: Sampler = field(default_factory=Sampler)
+    max_draft: int = 8
+    stats: list[LevelStats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert len(self.taus) == len(self.lms) - 1 and self.mode in MODES
+        self.stats = [LevelStats(lm.name) for lm in self.lms]
+
+    # -- one level's work ------------------------------------------------------------------------------------
+    def _open(self, i: int) -> float:
+        tau = self.taus[i]
+        return math.inf if tau is None else tau
+
+    def _draft(self, seq: list[int], budget: int) -> tuple[list[int], list]:
+        """Level 0: tokens while its entropy stays below τ (at most `budget`), with their distributions."""
+        lm, tau, out, dists = self.lms[0], self._open(0), [], []
+        while len(out) < budget:
+            row = lm.logits(seq + out, len(seq) + len(out) - 1)[-1]
+            if float(entropy(row)) >= tau:
+                break
+            tok, p = self.sampler.pick(row)
+            out.append(tok)
+            dists.append(p)
+        self.stats[0].drafted += len(out)
+        return out, dists
+
+    def _propose(self, i: int, seq: list[int], budget: int) -> tuple[list[int], list]:
+        """What level i hands level i+1: its emitted tokens while its entropy at each stays below its τ."""
+        if i == 0:
+            return self._draft(seq, budget)
+        tau, out, dists = self._open(i), [], []
+        while len(out) < budget:
+            toks, ps, hs = self._round(i, seq + out, budget - len(out))
+            for tok, p, h in zip(toks, ps, hs):
+                if h >= tau or len(out) >= budget:
+                    return out, dists
+                out.append(tok)
+                dists.append(p)
+        return out, dists
+
+    def _round(self, i: int, seq: list[int], budget: int) -> tuple[list[int], list, list[float]]:
+        """Level i verifies one proposal of level i-1: (emitted tokens, their distributions under level i, level
+        i's entropy at each)."""
+        prop, qs = self._propose(i - 1, seq, budget)
+        rows = self.lms[i].logits(seq + prop, len(seq) - 1)  # len(prop) + 1 rows
+        st = self.stats[i]
+        st.rounds += 1
+        st.proposed += len(prop)
+        out: list[int] = []
+        dists: list = []
+        sampler = self.sampler
+        for j, tok in enumerate(prop):
+            if self.mode == "gated":
+                ok = True
+            elif sampler.greedy:
+                ok = int(rows[j].argmax()) == tok
+            else:
+                p, q = sampler.probs(rows[j]), qs[j]
+                ok = sampler.uniform() * float(q[tok]) < float(p[tok])  # u < p(x)/q(x)
+            if not ok:
+                st.accepted += len(out)
+                if sampler.greedy:
+                    fix, p = int(rows[j].argmax()), None
+                else:
+                    residual = (p - q).clamp_min(0)
+                    fix = sampler.draw(residual / residual.sum())
+                out.append(fix)
+                dists.append(p)
+                break
+            out.append(tok)
+            dists.append(None if sampler.greedy else sampler.probs(rows[j]))
+        else:
+            st.accepted += len(out)
+            tok, p = sampler.pick(rows[len(prop)])
+            out.append(tok)
+            dists.append(p)
+        st.emitted += len(out)
+        hs = [float(h) for h in entropy(rows[: len(out)])] if i < len(self.lms) - 1 else []
+        return out, dists, hs
+
+    # -- the verifier's step ---------------------------------------------------------------------------------
+    def step(self, seq: list[int], budget: int) -> list[int]:
+        """The verifier's next tokens after `seq` (at least one; at most budget + 1)."""
+        top = len(self.lms) - 1
+        if top == 0:  # plain decoding
+            tok, _ = self.sampler.pick(self.lms[0].logits(seq, len(seq) - 1)[-1])
+            self.stats[0].emitted += 1
+            return [tok]
+        toks, _, _ = self._round(top, seq, max(0, budget))
+        return toks
+
+    def forget(self, before: int) -> None:
+        for lm in self.lms:
+            lm.forget(before)

@@ -1,0 +1,237 @@
+"""Generation and hierarchical speculative decoding (budgetlm.decode) on tiny float64 models.
+
+References are written here independently: plain greedy decoding without a cache (one full forward per token),
+transformers' own generate(), and a toy sampler whose output distribution is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from budgetlm.decode.cached import CachedLM
+from budgetlm.decode.drafts import first_layers
+from budgetlm.decode.generate import Generator
+from budgetlm.decode.speculative import Chain, Sampler, entropy
+from budgetlm.models.sources import tiny_config, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def llama(seed: int, layers: int = 4, std: float = 0.2):
+    """A tiny Llama whose greedy output varies (the default init repeats one token)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config()
+    cfg.num_hidden_layers, cfg.initializer_range = layers, std
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval().double()
+
+
+def gemma(seed: int, window: int = 8):
+    """A tiny Gemma 3 with sliding-window layers shorter than the sequences and a logit soft-cap."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kinds = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    ids = {"bos_token_id": TOK.bos_token_id, "eos_token_id": TOK.eos_token_id, "pad_token_id": TOK.pad_token_id}
+    cfg = Gemma3TextConfig(
+        vocab_size=len(TOK), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=window, layer_types=kinds, max_position_embeddings=512,
+        initializer_range=0.05, final_logit_softcapping=30.0, **ids,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval().double()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.02)
+    return model
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without any cache: the whole sequence through the model for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (length,), generator=g).tolist()
+
+
+class Shifted(torch.nn.Module):
+    """A draft whose greedy token is never the model's: the model's logits rolled by one vocabulary entry."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.logits = out.logits.roll(1, dims=-1)
+        return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("length", [1, 30])
+def test_exact_mode_equals_greedy_for_every_chain(seed, length):
+    v = llama(seed)
+    prompt = prompt_of(length, seed)
+    want = greedy_reference(v, prompt, 24)
+    hf = v.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert hf[0, length:].tolist() == want  # the reference itself agrees with transformers
+    other = llama(seed + 10)
+    chains = {
+        "plain": [],
+        "layers:1": [("l1", first_layers(v, 1))],
+        "layers:3": [("l3", first_layers(v, 3))],
+        "other model": [("o", other)],
+        "three levels": [("l1", first_layers(v, 1)), ("l3", first_layers(v, 3))],
+        "three levels, other first": [("o", other), ("l2", first_layers(v, 2))],
+    }
+    for name, drafts in chains.items():
+        for max_draft in (1, 4):
+            gen = Generator(drafts + [("v", v)], TOK, taus=[None] * len(drafts), max_draft=max_draft)
+            out = gen(prompt, 24)
+            assert out.tokens == want, (name, max_draft)
+
+
+def test_exact_mode_with_sliding_window_layers_and_softcap():
+    v = gemma(0)
+    prompt = prompt_of(12, 3)
+    want = greedy_reference(v, prompt, 30)
+    assert len(set(want)) > 5  # the model does not just repeat a token
+    for drafts in ([("l1", first_layers(v, 1))], [("l3", first_layers(v, 3))], [("o", gemma(5))]):
+        out = Generator(drafts + [("v", v)], TOK, taus=[None], max_draft=5)(prompt, 30)
+        assert out.tokens == want
+
+
+def test_first_drafted_token_always_rejected_and_whole_proposals_accepted():
+    v = llama(0)
+    prompt = prompt_of(9, 0)
+    want = greedy_reference(v, prompt, 20)
+    out = Generator([("bad", Shifted(v)), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 20)
+    assert out.tokens == want
+    top = out.levels[1]
+    assert top["proposed"] > 0 and top["accepted"] == 0 and top["rounds"] == 20  # one token per round
+    out = Generator([("self", v), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 20)
+    assert out.tokens == want
+    top = out.levels[1]
+    assert top["acceptance"] == 1.0 and top["rounds"] == 4  # 4 rounds of 4 accepted + 1 bonus token = 20
+
+
+def test_entropy_gate_stops_the_draft():
+    v = llama(0)
+    prompt = prompt_of(9, 0)
+    want = greedy_reference(v, prompt, 16)
+    # below every entropy of a 259-token vocabulary's distributions here: the draft never proposes
+    out = Generator([("l1", first_layers(v, 1)), ("v", v)], TOK, taus=[1e-6], max_draft=4)(prompt, 16)
+    assert out.tokens == want and out.levels[0]["drafted"] == 0 and out.levels[1]["rounds"] == 16
+    # a gate at the median entropy of the draft's distributions stops some drafts early, output unchanged
+    lm = CachedLM(first_layers(v, 1), "l1")
+    hs = entropy(lm.logits(prompt + want, 0))
+    tau = float(hs.median())
+    gated = Generator([("l1", first_layers(v, 1)), ("v", v)], TOK, taus=[tau], max_draft=4)(prompt, 16)
+    free = Generator([("l1", first_layers(v, 1)), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 16)
+    assert gated.tokens == want == free.tokens
+    assert 0 < gated.levels[0]["drafted"] < free.levels[0]["drafted"]
+
+
+def test_gated_mode_accepts_drafted_tokens_unverified():
+    v, d = llama(0), llama(7)
+    prompt = prompt_of(5, 1)
+    n, k = 22, 3
+    # reference: the draft's greedy k tokens, then the verifier's greedy token after them, repeated
+    seq, ref = list(prompt), []
+    while len(ref) < n:
+        drafted = greedy_reference(d, seq, min(k, n - len(ref) - 1))
+        seq += drafted
+        seq += greedy_reference(v, seq, 1)
+        ref = seq[len(prompt) :]
+    out = Generator([("d", d), ("v", v)], TOK, taus=[None], mode="gated", max_draft=k)(prompt, n)
+    assert out.tokens == ref[:n]
+    assert out.tokens != greedy_reference(v, prompt, n)  # lossy: not the verifier's own output
+    again = Generator([("d", d), ("v", v)], TOK, taus=[None], mode="gated", max_draft=k)(prompt, n)
+    assert again.tokens == out.tokens  # deterministic
+
+
+def test_rollback_leaves_the_cache_as_a_fresh_run_would():
+    for model in (llama(0), gemma(0, window=6)):
+        prefix = prompt_of(10, 2)
+        a, b = prefix + [5, 6, 7, 8], prefix + [9, 10]
+        lm = CachedLM(model, "m")
+        lm.logits(a, len(a) - 1)
+        lm.logits(a + [11], len(a))  # a second forward without a crop in between
+        rows = lm.logits(b, len(prefix) - 1)  # rolls back to the prefix and feeds [9, 10]
+        fresh = CachedLM(model, "fresh")
+        want = fresh.logits(b, len(prefix) - 1)
+        torch.testing.assert_close(rows, want, rtol=1e-10, atol=1e-10)
+        lm.logits(b + [12], len(b))
+        fresh.logits(b + [12], len(b))
+        for la, lb in zip(lm.cache.layers, fresh.cache.layers):
+            assert la.keys.shape == lb.keys.shape
+            torch.testing.assert_close(la.keys, lb.keys, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(la.values, lb.values, rtol=1e-10, atol=1e-10)
+        assert lm.tokens == b + [12]
+
+
+class Toy:
+    """A CachedLM stand-in with one fixed next-token distribution whatever the context."""
+
+    def __init__(self, probs: list[float], name: str):
+        self.row = torch.tensor(probs, dtype=torch.float64).log()
+        self.name = name
+        self.forwards = self.fed = 0
+        self.seconds = 0.0
+
+    def logits(self, seq, start):
+        return self.row.expand(len(seq) - start, -1)
+
+    def forget(self, before):
+        pass
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_sampling_rule_gives_the_verifier_distribution(levels):
+    p = [0.05, 0.4, 0.1, 0.3, 0.15]
+    drafts = [[0.5, 0.1, 0.2, 0.1, 0.1], [0.1, 0.1, 0.1, 0.6, 0.1]][: levels - 1]
+    gen = torch.Generator().manual_seed(0)
+    chain = Chain([Toy(q, f"d{i}") for i, q in enumerate(drafts)] + [Toy(p, "v")], [None] * (levels - 1),
+                  sampler=Sampler(1.0, 1.0, gen), max_draft=3)  # fmt: skip
+    counts = torch.zeros(5)
+    for _ in range(3000):
+        for t in chain.step([0], 3):  # every emitted token is a draw of the verifier's distribution
+            counts[t] += 1
+    n = counts.sum()
+    assert chisquare(counts.numpy(), (torch.tensor(p) * n).numpy()).pvalue > 1e-3
+    # the test can fail: the cheapest draft's own distribution is rejected by the same test
+    q = torch.tensor(drafts[0])
+    assert chisquare(counts.numpy(), (q * n).numpy()).pvalue < 1e-6
+    assert 0 < chain.stats[-1].accepted < chain.stats[-1].proposed  # some accepted, some rejected
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    s = Sampler(1.0, 0.7)
+    p = s.probs(torch.tensor([0.5, 0.3, 0.15, 0.05]).log())
+    torch.testing.assert_close(p, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_first_layers_shares_weights_and_leaves_the_model_whole():
+    from transformers import LlamaForCausalLM
+
+    v = llama(0)
+    ids = torch.tensor([prompt_of(12, 4)])
+    before = v(ids).logits
+    d = first_layers(v, 2)
+    assert len(v.model.layers) == 4 and v.config.num_hidden_layers == 4
+    assert d.model.layers[1] is v.model.layers[1] and d.lm_head is v.lm_head
+    cfg = tiny_config()
+    cfg.num_hidden_layers = 2
+    ref = LlamaForCausalLM(cfg).double().eval()
+    ref.load_state_dict(
+        {k: t for k, t in v.state_dict().items() if not k.startswith(("model.layers.2", "model.layers.3"))}
+    )
+    torch.testing.assert_close(d(ids).logits, ref(ids).logits)
+    torch.testing.assert_close(v(ids).logits, before)
