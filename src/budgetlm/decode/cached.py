@@ -1,10 +1,11 @@
 """A causal LM with its KV cache and the tokens the cache holds: the unit every decoding strategy steps.
 
 `CachedLM.logits(seq, start)` returns the next-token logits after every position from `start` to the end of `seq`.
-It keeps the longest prefix its cache shares with `seq`, rolls the cache back to it (`DynamicCache.crop`) and feeds only the tokens after it. The logits of the
-positions it fed are kept until they are rolled back, so asking again for a position already computed costs
-nothing: a speculative level that verified a proposal reads the rows of the tokens it accepted without another
-forward. A prompt's prefill keeps only its last row (the head over 49k-token vocabularies costs as much as a layer).
+It keeps the longest prefix its cache shares with `seq`, rolls the cache back to it (`DynamicCache.crop`) and
+feeds only the tokens after it. The logits of the positions it fed are kept until they are rolled back, so asking
+again for a position already computed costs nothing: a speculative level that verified a proposal reads the rows of
+the tokens it accepted without another forward. A prompt's prefill keeps only its last row (the head over a
+49k-token vocabulary costs as much as a layer).
 """
 
 from __future__ import annotations
