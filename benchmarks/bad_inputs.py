@@ -182,6 +182,15 @@ GSM_SYMBOLIC_TRAINED = '[{"method": "train", "config": {"data": {"task": "gsm_sy
 
 E = "eval"
 T = ("tiny-random",)
+G = "generate"
+
+
+def swap_two_tokens(doc: dict) -> None:
+    """A tokenizer.json whose ids of two tokens are swapped: same size, another tokenizer."""
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
 TR = ("train", "tiny-random", "--method", "lora", "--out", "run")
 TRS = ("--set", "train.steps=2")
 
@@ -456,6 +465,37 @@ CASES: list[Case] = [
     Case("compare: no task in common", ("compare", "a", "b"),
          (write("a/items/x.jsonl", '{"id": 1, "acc": 1}\n'), write("b/items/y.jsonl", '{"id": 1, "acc": 0}\n')),
          needle="share no task"),
+    # --- generate and speculative decoding
+    Case("generate: --max-new-tokens 0", (G, *T, "hi", "--max-new-tokens", "0"), needle="at least 1 token"),
+    Case("generate: --tau 0", (G, *T, "hi", "--draft", "layers:1", "--tau", "0"), needle="τ > 0"),
+    Case("generate: --tau negative", (G, *T, "hi", "--draft", "layers:1", "--tau", "-1"), needle="τ > 0"),
+    Case("generate: --tau not a number", (G, *T, "hi", "--draft", "layers:1", "--tau", "low"),
+         needle="not a number"),
+    Case("generate: --tau without --draft", (G, *T, "hi", "--tau", "1"), needle="--tau needs --draft"),
+    Case("generate: --tau values for another number of drafts", (G, *T, "hi", "--draft", "layers:1", "--tau",
+         "1,2"), needle="one per draft"),
+    Case("generate: --mode unknown", (G, *T, "hi", "--draft", "layers:1", "--mode", "fast"),
+         needle="not a decoding mode"),
+    Case("generate: --mode gated without --draft", (G, *T, "hi", "--mode", "gated"), needle="give --draft"),
+    Case("generate: --max-draft 0", (G, *T, "hi", "--draft", "layers:1", "--max-draft", "0"),
+         needle="--max-draft"),
+    Case("generate: --top-p 0", (G, *T, "hi", "--top-p", "0"), needle="--top-p"),
+    Case("generate: --temperature negative", (G, *T, "hi", "--temperature", "-1"), needle="--temperature"),
+    Case("generate: layers:K beyond the model", (G, *T, "hi", "--draft", "layers:5"), needle="from 1 to 1"),
+    Case("generate: layers:K not a number", (G, *T, "hi", "--draft", "layers:half"), needle="layers:K"),
+    Case("generate: draft not found", (G, *T, "hi", "--draft", "nowhere"), needle="nowhere"),
+    Case("generate: draft with another tokenizer", (G, *T, "hi", "--draft", "d"),
+         (copy("tiny-hf", "d"), edit_json("d/tokenizer.json", swap_two_tokens)), needle="another tokenizer"),
+    Case("generate: prompt beyond the context window", (G, *T, "a" * 1100), needle="context window"),
+    Case("generate: prompt and new tokens beyond the window", (G, *T, "a" * 900, "--max-new-tokens", "200"),
+         needle="--max-new-tokens 124 or less"),
+    Case("generate: empty prompt", (G, *T, "  "), needle="prompt is empty"),
+    Case("generate: --chat without a chat template", (G, *T, "hi", "--chat"), needle="no chat template"),
+    Case("eval: --draft without a generation task", (E, *T, "--tasks", "text-ppl", "--draft", "layers:1"),
+         needle="none of these tasks generates"),
+    Case("eval: --mode gated without --draft", (E, *T, "--tasks", "arith", "--mode", "gated"),
+         needle="give --draft"),
+    Case("eval: --tau 0", (E, *T, "--tasks", "arith", "--draft", "layers:1", "--tau", "0"), needle="τ > 0"),
     # --- signals (real processes)
     Case("SIGINT during eval", (E, *T, "--tasks", "arith", "--out", "ev"), needle="interrupted", code=130,
          signal=signal.SIGINT, wait_for=".ev.*"),

@@ -25,6 +25,16 @@ app = typer.Typer(
     help="Put language models on a budget: compress, evaluate, measure and compare them on your own hardware.",
 )
 FORCE_HELP = "replace an earlier budgetlm output at --out; anything else there is moved aside (kept), never deleted"
+DRAFT_HELP = (
+    "draft models for speculative decoding, cheapest first (D1[,D2]): model names, folders, GGUF files, or layers:K "
+    "(the model's first K layers with its final norm and head)"
+)
+TAU_HELP = "entropy gate in nats per draft (one value, or one per draft; inf: no gate)"
+MODE_HELP = (
+    "exact: output identical to the model's own decoding; gated: drafted tokens below tau are accepted unverified "
+    "(HOLA's gate; faster, lossy)"
+)
+MAX_DRAFT_HELP = "tokens a draft proposes per round at most"
 # what `interrupted: ...` says, per command (set by the command that runs)
 _on_interrupt = ["nothing was written"]
 
@@ -202,6 +212,10 @@ def eval_cmd(
             "items (gsm8k after gsm_symbolic); the result says so",
         ),
     ] = False,
+    draft: Annotated[str | None, typer.Option("--draft", help=DRAFT_HELP + " (generation tasks)")] = None,
+    tau: Annotated[str | None, typer.Option("--tau", help=TAU_HELP)] = None,
+    mode: Annotated[str, typer.Option("--mode", help=MODE_HELP)] = "exact",
+    max_draft: Annotated[int, typer.Option("--max-draft", help=MAX_DRAFT_HELP)] = 8,
 ) -> None:
     """Evaluate a model on tasks (see `budgetlm tasks`)."""
     from budgetlm.api import evaluate, load
@@ -212,6 +226,7 @@ def eval_cmd(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of items (got {limit})")
     _check_data_dir(data_dir)
+    decoding = _decoding(draft, tau, mode, max_draft)
     with _output_folder(out, "an evaluation", "eval.json", force) as folder:
         handle = load(model)
         results = evaluate(
@@ -224,8 +239,24 @@ def eval_cmd(
             batch_size=batch_size,
             progress=True,  # on stderr: stdout stays the table or the --json document
             allow_contamination=allow_contamination,
+            decoding=decoding,
         )
     _print_results(results, as_json)
+
+
+def _decoding(draft: str | None, tau: str | None, mode: str, max_draft: int) -> dict | None:
+    """The speculative-decoding settings, checked before any model loads (None: no draft)."""
+    from budgetlm.decode.drafts import parse_specs, parse_taus
+    from budgetlm.decode.generate import check_settings
+
+    check_settings(1, mode, max_draft, 0.0, 1.0)
+    specs = parse_specs(draft)
+    parse_taus(tau, len(specs))
+    if not specs:
+        if mode != "exact" or max_draft != 8:
+            raise ConfigError("--mode and --max-draft apply to speculative decoding; give --draft too")
+        return None
+    return {"drafts": specs, "tau": tau, "mode": mode, "max_draft": max_draft}
 
 
 def _check_data_dir(data_dir: Path | None) -> None:
@@ -315,27 +346,10 @@ def generate(
     prompt: Annotated[str | None, typer.Argument(help="the prompt (default: read from stdin)")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")] = 256,
-    draft: Annotated[
-        str | None,
-        typer.Option(
-            "--draft",
-            help="draft models for speculative decoding, cheapest first (D1[,D2]): model names, folders, GGUF "
-            "files, or layers:K (the model's first K layers with its final norm and head)",
-        ),
-    ] = None,
-    tau: Annotated[
-        str | None,
-        typer.Option("--tau", help="entropy gate in nats per draft (one value, or one per draft; inf: no gate)"),
-    ] = None,
-    mode: Annotated[
-        str,
-        typer.Option(
-            "--mode",
-            help="exact: output identical to the model's own decoding; gated: drafted tokens below τ are "
-            "accepted unverified (HOLA's gate; faster, lossy)",
-        ),
-    ] = "exact",
-    max_draft: Annotated[int, typer.Option("--max-draft", help="tokens a draft proposes per round at most")] = 8,
+    draft: Annotated[str | None, typer.Option("--draft", help=DRAFT_HELP)] = None,
+    tau: Annotated[str | None, typer.Option("--tau", help=TAU_HELP)] = None,
+    mode: Annotated[str, typer.Option("--mode", help=MODE_HELP)] = "exact",
+    max_draft: Annotated[int, typer.Option("--max-draft", help=MAX_DRAFT_HELP)] = 8,
     temperature: Annotated[float, typer.Option(help="0: greedy; above: sampling")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling")] = 1.0,
     seed: Annotated[int, typer.Option(help="seed of the sampling")] = 0,
@@ -352,6 +366,8 @@ def generate(
     check_settings(max_new_tokens, mode, max_draft, temperature, top_p)
     specs = parse_specs(draft)
     parse_taus(tau, len(specs))
+    if not specs and mode != "exact":
+        raise ConfigError("--mode gated applies to speculative decoding; give --draft too")
     if prompt is None:
         if sys.stdin.isatty():
             raise ConfigError("no prompt: give PROMPT as an argument or pipe it on stdin")

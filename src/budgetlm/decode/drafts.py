@@ -74,7 +74,10 @@ def load_drafts(verifier: ModelHandle, specs: list[str], load) -> list[tuple[str
         if spec.startswith(LAYERS):
             out.append((spec, first_layers(verifier.model, int(spec[len(LAYERS) :]), spec)))
             continue
-        handle = load(spec)
+        try:
+            handle = load(spec)
+        except ModelError as exc:
+            raise ModelError(f"draft {spec}: {exc}") from None
         check_tokenizer(verifier, handle, spec)
         handle.model.eval()
         out.append((spec, handle.model))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from budgetlm.data.tasks import tasks as task_registry
 from budgetlm.data.tasks.base import Item, Task, TaskContext
-from budgetlm.errors import BudgetLMError, DataError
+from budgetlm.errors import BudgetLMError, ConfigError, DataError
 from budgetlm.models.handle import ModelHandle
-from budgetlm.models.lm import HFLM
+from budgetlm.models.lm import HFLM, GenTally
 from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
 from budgetlm.results import Metric
 from budgetlm.utils import atomic_write_json, atomic_write_jsonl
@@ -127,7 +127,11 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = False,
     allow_contamination: bool = False,
+    decoding: dict | None = None,
 ) -> dict[str, dict[str, Metric]]:
+    """`decoding`: generation tasks decode by speculative decoding, {"drafts": [spec, ...], "tau": str | None,
+    "mode": "exact" | "gated", "max_draft": int} (decode.generate.build); every generation task then reports its
+    tokens per second and each level's acceptance, and names the decoding in its metrics."""
     resolved = resolve_tasks(tasks)
     is_base = not handle.provenance and handle.base_id == handle.source
     ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
@@ -141,7 +145,8 @@ def evaluate(
     )
     # training recorded in the provenance on a task's items or on data made from them: refused, or allowed and marked
     contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
-    lm = HFLM(handle, batch_size=batch_size)
+    decoder, decoding_note = _decoder(handle, decoding, resolved)
+    lm = HFLM(handle, batch_size=batch_size, decoder=decoder)
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
     with Progress("eval", len(resolved), enabled=progress) as bar:
@@ -159,8 +164,10 @@ def evaluate(
                 ensure_reference(task, lm, items, task_ctx, path, bar.status)
                 task_ctx.extra["reference"] = path
             bar.status(f"{task.name}: scoring {len(items)} items")
+            lm.tally = GenTally()
             res = task.run(lm, items, task_ctx)
             seconds = time.perf_counter() - t0
+            _generation_metrics(res.metrics, lm.tally, len(items), decoding_note)
             for m in res.metrics.values():
                 m.extra = {
                     **m.extra,
@@ -178,6 +185,46 @@ def evaluate(
     if out_dir is not None:
         write_outputs(Path(out_dir), results, records)
     return results
+
+
+def _decoder(handle: ModelHandle, decoding: dict | None, tasks: list) -> tuple[object | None, str]:
+    """The speculative decoder of `decoding` and how results name it (plain: transformers' batched generate)."""
+    if not decoding or not decoding.get("drafts"):
+        return None, ""
+    if not any(t.kind == "generate" for t in tasks):
+        raise ConfigError("--draft speeds up generation only, and none of these tasks generates (e.g. gsm8k does)")
+    from budgetlm.decode.generate import build
+    from budgetlm.models.sources import load
+
+    decoder = build(handle, decoding["drafts"], decoding.get("tau"), decoding.get("mode", "exact"),
+                    decoding.get("max_draft", 8), load=load)  # fmt: skip
+    taus = ["inf" if t is None else f"{t:g}" for t in decoder.taus]
+    note = (
+        f"HSD {decoder.mode}, drafts {' -> '.join(decoder_names(decoder))} -> {handle.source}, tau {','.join(taus)}, "
+        f"max draft {decoder.max_draft}, batch 1"
+    )
+    return decoder, note
+
+
+def decoder_names(decoder) -> list[str]:
+    return [name for name, _ in decoder.models[:-1]]
+
+
+def _generation_metrics(metrics: dict[str, Metric], tally: GenTally, n: int, note: str) -> None:
+    """Tokens per second of a task's generation and, with speculative decoding, the verifier's acceptance."""
+    if not tally.tokens:
+        return
+    decoding = note or "transformers generate(), batched"
+    for m in metrics.values():
+        m.extra = {**m.extra, "decoding": decoding}
+    extra = {"decoding": decoding, "tokens": tally.tokens, "seconds": tally.seconds}
+    if tally.levels:
+        extra["levels"] = tally.levels
+    metrics["gen_tok_s"] = Metric(tally.tokens / tally.seconds, None, n, "tok/s", extra=extra)
+    if tally.levels:
+        top = tally.levels[-1]
+        rate = top["accepted"] / top["proposed"] if top["proposed"] else 0.0
+        metrics["hsd_acceptance"] = Metric(rate, None, n, "", extra={"decoding": decoding, "levels": tally.levels})
 
 
 def _contamination(handle: ModelHandle, names: list[str], allowed: bool) -> dict[str, str]:

@@ -92,6 +92,7 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
                 out_dir=cell_dir,
                 batch_size=cfg["eval_batch_size"],
                 progress=progress,
+                decoding=cfg.get("decoding"),
             )
         memory["peak_rss_evaluation"] = peak.metric()
         seconds["seconds_evaluation"] = Metric(time.perf_counter() - t0, unit="s")

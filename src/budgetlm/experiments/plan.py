@@ -40,7 +40,7 @@ class Cell:
 
 
 def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
-    return {
+    config = {
         "model": model,
         "pipeline": pipeline,
         "steps": recipe.pipelines[pipeline],
@@ -52,6 +52,9 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
         "bench": recipe.bench.model_dump(mode="json"),
         "budgetlm": budgetlm.__version__,
     }
+    if recipe.decoding is not None:  # only when set: the ids of cells without it stay what they were
+        config["decoding"] = recipe.decoding.resolved()
+    return config
 
 
 def cell_id(config: dict) -> str:

@@ -7,6 +7,7 @@
     tasks: [text-ppl, text-cloze, arith, fidelity]
     limit: 40                                 # or per task: {text-ppl: 40, arc_easy: 200} (a task not named: all)
     bench: {prefill: [128, 512], decode_tokens: 64}
+    decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD)
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -46,6 +47,34 @@ class BenchSettings(_Strict):
     warmup: int = Field(1, ge=0)
 
 
+class DecodeSettings(_Strict):
+    """Speculative decoding for the study's generation tasks (decode/): drafts cheapest first (model names, folders,
+    GGUF files, or layers:K: each cell's own model cut to K layers), an entropy gate per draft, the mode."""
+
+    drafts: list[str] = Field(min_length=1)
+    tau: float | str | None = None  # one value for every draft, "a,b" one per draft, "inf": no gate
+    mode: str = "exact"
+    max_draft: int = Field(8, ge=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        from budgetlm.decode.speculative import MODES
+
+        if v not in MODES:
+            raise ValueError(f"'{v}' is not a decoding mode; use one of: {', '.join(MODES)}")
+        return v
+
+    def resolved(self) -> dict:
+        """The settings as decode.generate.build takes them, checked (one-line errors)."""
+        from budgetlm.decode.drafts import parse_specs, parse_taus
+
+        specs = parse_specs(",".join(self.drafts))
+        tau = None if self.tau is None else str(self.tau)
+        parse_taus(tau, len(specs))
+        return {"drafts": specs, "tau": tau, "mode": self.mode, "max_draft": self.max_draft}
+
+
 class Recipe(_Strict):
     name: str = "study"
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
@@ -56,6 +85,7 @@ class Recipe(_Strict):
     data_dir: str | None = None
     bench: BenchSettings = Field(default_factory=BenchSettings)
     eval_batch_size: int | None = Field(None, ge=1)
+    decoding: DecodeSettings | None = None  # generation tasks by speculative decoding (absent: plain)
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -143,6 +173,11 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     _no_duplicates(recipe.tasks, "tasks", origin)
     for i, task in enumerate(recipe.tasks):
         _check_task(task, f"tasks[{i}]", origin)
+    if recipe.decoding is not None:
+        try:
+            recipe.decoding.resolved()
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: decoding: {exc}") from None
     if isinstance(recipe.limit, dict):
         for task in recipe.limit:
             if task not in recipe.tasks:

@@ -8,6 +8,7 @@ padded positions never change a result (explicit position ids, masks on the key 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -47,9 +48,30 @@ def _chunks_by_budget(lengths: list[int], batch_size: int | None, budget: int) -
         yield chunk
 
 
+@dataclass
+class GenTally:
+    """What generation cost since the last reset: tokens generated, seconds, and with speculative decoding the sums
+    of each level's counters (decode.speculative.LevelStats)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    levels: list[dict] = field(default_factory=list)
+
+    def add_levels(self, levels: list[dict]) -> None:
+        if not self.levels:
+            self.levels = [{k: v for k, v in lv.items() if k in ("model",)} for lv in levels]
+        for acc, lv in zip(self.levels, levels):
+            for k in ("rounds", "proposed", "accepted", "drafted", "forwards", "tokens_fed", "seconds"):
+                acc[k] = acc.get(k, 0) + lv[k]
+
+
 class HFLM:
-    def __init__(self, handle: ModelHandle, batch_size: int | None = None, max_length: int | None = None):
+    def __init__(self, handle: ModelHandle, batch_size: int | None = None, max_length: int | None = None, decoder=None):
+        """`decoder`: a decode.generate.Generator that generate_until uses one request at a time (speculative
+        decoding with drafts); without it, transformers' batched generate()."""
         self.handle = handle
+        self.decoder = decoder
+        self.tally = GenTally()
         self.model = handle.model
         self.tokenizer = handle.tokenizer
         self.batch_size = batch_size
@@ -227,6 +249,8 @@ class HFLM:
     def generate_until(self, reqs: list[tuple[str, GenArgs]]) -> list[str]:
         results: list[str | None] = [None] * len(reqs)
         prompts = [self.encode(self.format_prompt(p, a.chat)) for p, a in reqs]
+        if self.decoder is not None:
+            return [self._decode_one(ids, a) for ids, (_, a) in zip(prompts, reqs)]
         by_args: dict[tuple, list[int]] = {}
         for i, (_, a) in enumerate(reqs):
             by_args.setdefault((tuple(a.until), a.max_gen_toks), []).append(i)
@@ -241,7 +265,16 @@ class HFLM:
                     results[i] = text
         return [r or "" for r in results]
 
+    def _decode_one(self, ids: list[int], args: GenArgs) -> str:
+        room = self.max_length - args.max_gen_toks
+        out = self.decoder(ids[-room:] if room > 0 else ids[-1:], args.max_gen_toks, list(args.until))
+        self.tally.tokens += len(out.tokens)
+        self.tally.seconds += out.seconds
+        self.tally.add_levels(out.levels)
+        return out.text
+
     def _generate(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[str]:
+        t0 = time.perf_counter()
         room = self.max_length - max_new
         prompts = [p[-room:] if room > 0 else p[-1:] for p in prompts]
         longest = max(len(p) for p in prompts)
@@ -260,8 +293,13 @@ class HFLM:
             eos_token_id=self.tokenizer.eos_token_id,
             **kwargs,
         )
+        new = out[:, longest:]
+        ends = {self.pad_id, self.tokenizer.eos_token_id}
+        for row in new.tolist():  # tokens generated before a row's end (eos, then padding)
+            self.tally.tokens += next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
+        self.tally.seconds += time.perf_counter() - t0
         texts = []
-        for row in out[:, longest:]:
+        for row in new:
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:

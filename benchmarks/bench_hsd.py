@@ -1,0 +1,238 @@
+"""Hierarchical speculative decoding (budgetlm.decode) against the verifier's plain greedy decoding, transformers'
+assisted generation with the same draft (its default schedule and its "heuristic" one) and its prompt-lookup
+decoding, on GSM8K prompts, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_hsd.py [--prompts 100] [--threads 2] [--max-new 256] [--shots 8]
+        [--variants hf,plain,hsd:layers:10,...] [--json out.json]
+
+Variants (comma-separated; drafts named below):
+- `hf`: transformers' generate(), greedy: the baseline every ratio is to; `plain`: budgetlm's own greedy loop;
+- `hsd:D1>D2[:tau=T][:max=N][:gated]`: budgetlm's HSD with the drafts D1 (cheapest) > D2 > the verifier; tau one
+  value for every draft (inf: no gate, a fixed draft length of max), max the draft cap (default 8);
+- `hf-assist:D[:heuristic]`: transformers' assisted generation with draft D; `hf-lookup`: its prompt lookup.
+Drafts: `layers:K` (the verifier's first K layers, its norm and head: no copy), `w8`, `w4`, `w2` (RTN int8, 4-bit
+g64, 2-bit g64 copies of the whole model with the embedding table, on budgetlm's kernels).
+
+The verifier is SmolLM2-135M-Instruct in fp32 (or --model). Prompts: GSM8K test questions behind --shots worked
+examples (chain of thought: the examples' worked answers; shots drawn from the test split itself as the bundled
+data has no train split, never the question itself), seeded; no chat template (lm-eval's default). Generation stops
+at "Question:" or EOS, or after --max-new tokens. For every prompt each variant runs in turn (the order rotating),
+so the machine's noise falls on all alike. Tokens counted: up to and including the one that completes a stop string
+(what any decoder must generate). Reported per variant: tok/s and its ratio to `hf`, prompts whose output is
+identical to `hf`'s, GSM8K exact match (strict / flexible), and per level the acceptance, the mean accepted length per
+verification, the forwards, tokens fed, and the share of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from budgetlm.api import apply, load
+from budgetlm.data.tasks.base import TaskContext
+from budgetlm.data.tasks.reasoning import GSM8K
+from budgetlm.decode.drafts import first_layers
+from budgetlm.decode.generate import Generator
+from budgetlm.evaluation.harness import sample_items
+from budgetlm.progress import Progress
+
+QUANT = {
+    "w8": [{"method": "rtn", "bits": 8, "embeddings": True}],
+    "w4": [{"method": "rtn", "bits": 4, "group_size": 64, "embeddings": True}],
+    "w2": [{"method": "rtn", "bits": 2, "group_size": 64, "embeddings": True}],
+}
+DEFAULT = "hf,plain,hsd:layers:10,hsd:w4,hf-assist:w4,hf-assist:w4:heuristic,hf-lookup"
+STOP = ["Question:"]
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class Drafts:
+    """Draft modules by name, made once."""
+
+    def __init__(self, verifier, model_spec: str):
+        self.verifier, self.spec, self.made = verifier, model_spec, {}
+
+    def __call__(self, name: str):
+        if name not in self.made:
+            if name.startswith("layers:"):
+                self.made[name] = first_layers(self.verifier.model, int(name.split(":")[1]))
+            elif name in QUANT:
+                h = load(self.spec)
+                apply(h, copy.deepcopy(QUANT[name]))
+                self.made[name] = h.model.eval()
+            else:
+                raise SystemExit(f"unknown draft {name}; use layers:K, w8, w4 or w2")
+        return self.made[name]
+
+
+def cut_at_stop(tok, ids: list[int], eos: int | None) -> list[int]:
+    """The generated tokens up to and including the one that completes a stop string (or EOS)."""
+    for i in range(len(ids)):
+        if ids[i] == eos:
+            return ids[: i + 1]
+        if any(s in tok.decode(ids[: i + 1], skip_special_tokens=True) for s in STOP):
+            return ids[: i + 1]
+    return ids
+
+
+def text_of(tok, ids: list[int]) -> str:
+    text = tok.decode(ids, skip_special_tokens=True)
+    for s in STOP:
+        text = text.split(s)[0]
+    return text
+
+
+def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
+    """A function prompt ids -> (generated ids, seconds, levels) for one variant."""
+    model, tok = verifier.model, verifier.tokenizer
+    hf_args = {"max_new_tokens": max_new, "do_sample": False, "pad_token_id": tok.eos_token_id,
+               "eos_token_id": tok.eos_token_id, "stop_strings": STOP, "tokenizer": tok}  # fmt: skip
+
+    def hf_run(ids, **extra):
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **hf_args, **extra)
+        return out[0, len(ids) :].tolist(), time.perf_counter() - t0, []
+
+    if variant == "hf":
+        return hf_run
+    if variant == "hf-lookup":
+        return lambda ids: hf_run(ids, prompt_lookup_num_tokens=10)
+    if variant.startswith("hf-assist:"):
+        parts = variant.split(":")[1:]
+        heuristic = parts[-1] == "heuristic"
+        name = ":".join(parts[:-1] if heuristic else parts)
+        assistant = copy.copy(drafts(name))
+        assistant.generation_config = copy.deepcopy(model.generation_config)
+        if heuristic:
+            assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+        return lambda ids: hf_run(ids, assistant_model=assistant)
+    if variant == "plain" or variant.startswith("hsd:"):
+        chain, taus, max_draft, mode = [], [], 8, "exact"
+        if variant.startswith("hsd:"):
+            fields = variant[4:].split(":")
+            names, opts = [], []
+            for f in fields:  # "layers:10" spans two fields
+                (opts if ("=" in f or f == "gated") else names).append(f)
+            spec = ":".join(names)
+            chain = [(d, drafts(d)) for d in spec.split(">")]
+            tau: float | None = 2.0
+            for o in opts:
+                if o == "gated":
+                    mode = "gated"
+                elif o.startswith("tau="):
+                    tau = None if o[4:] == "inf" else float(o[4:])
+                elif o.startswith("max="):
+                    max_draft = int(o[4:])
+            taus = [tau] * len(chain)
+        gen = Generator([*chain, ("verifier", model)], tok, taus, mode, max_draft)
+
+        def run(ids):
+            out = gen(ids, max_new, STOP)
+            return out.tokens, out.seconds, out.levels
+
+        return run
+    raise SystemExit(f"unknown variant {variant}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--shots", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default=DEFAULT)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verifier = load(args.model)
+    verifier.model.eval()
+    tok = verifier.tokenizer
+    task = GSM8K()
+    task.num_fewshot = args.shots
+    data = task.load(TaskContext(seed=args.seed))
+    items = sample_items(data.items, args.prompts, args.seed)
+    prompts = [tok(task.doc_to_text(it.doc), add_special_tokens=False)["input_ids"] for it in items]
+    print(f"{len(prompts)} prompts ({data.source}); mean {sum(map(len, prompts)) / len(prompts):.0f} tokens; "
+          f"{args.threads} threads; load {loadavg()}", file=sys.stderr)  # fmt: skip
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    drafts = Drafts(verifier, args.model)
+    runners = {v: make_runner(v, verifier, drafts, args.max_new) for v in variants}
+    rec = {v: {"tokens": 0, "seconds": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None} for v in variants}
+    hf_text: dict[int, str] = {}
+    with Progress("hsd", len(prompts), enabled=True) as bar:
+        for i, (ids, it) in enumerate(zip(prompts, items)):
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
+            for v in order:
+                gen, secs, levels = runners[v](ids)
+                gen = cut_at_stop(tok, gen, tok.eos_token_id)
+                text = text_of(tok, gen)
+                r = rec[v]
+                r["tokens"] += len(gen)
+                r["seconds"] += secs
+                score = task.score(it.doc, text)
+                r["strict"] += score["exact_match_strict"]
+                r["flex"] += score["exact_match_flexible"]
+                r.setdefault("texts", {})[i] = text
+                if levels:
+                    if r["levels"] is None:
+                        r["levels"] = [{"model": lv["model"]} for lv in levels]
+                    for acc, lv in zip(r["levels"], levels):
+                        for k in ("rounds", "proposed", "accepted", "drafted", "forwards", "tokens_fed", "seconds"):
+                            acc[k] = acc.get(k, 0) + lv[k]
+            if "hf" in rec:
+                hf_text[i] = rec["hf"]["texts"][i]
+            bar.advance(f"prompt {i + 1}: load {loadavg()}")
+    base = rec["hf"]["tokens"] / rec["hf"]["seconds"] if "hf" in rec else None
+    n = len(prompts)
+    rows = []
+    for v in variants:
+        r = rec[v]
+        tps = r["tokens"] / r["seconds"]
+        same = sum(r["texts"][i] == hf_text[i] for i in hf_text) if hf_text else None
+        row = {"variant": v, "tok_s": tps, "x_hf": tps / base if base else None, "identical_to_hf": same,
+               "prompts": n, "tokens": r["tokens"], "seconds": r["seconds"], "exact_match_strict": r["strict"] / n,
+               "exact_match_flexible": r["flex"] / n, "levels": r["levels"]}  # fmt: skip
+        rows.append(row)
+    print(f"\n{n} GSM8K prompts, {args.shots}-shot, {args.threads} threads, load at end {loadavg()}")
+    print(
+        "| variant | tok/s | x hf greedy | identical to hf | EM strict / flex | levels: acceptance, mean accepted, "
+        "forwards, time share |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        lv = ""
+        if row["levels"]:
+            total = sum(x["seconds"] for x in row["levels"])
+            parts = []
+            for x in row["levels"]:
+                acc = x["accepted"] / x["proposed"] if x.get("proposed") else math.nan
+                mean = x["accepted"] / x["rounds"] if x.get("rounds") else math.nan
+                share = x["seconds"] / total if total else math.nan
+                parts.append(f"{x['model']}: {acc:.2f}, {mean:.2f}, {x['forwards']}, {share:.0%}")
+            lv = "; ".join(parts)
+        same = "-" if row["identical_to_hf"] is None else f"{row['identical_to_hf']}/{n}"
+        x = "-" if row["x_hf"] is None else f"{row['x_hf']:.2f}x"
+        print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {same} | {row['exact_match_strict']:.3f} / "
+              f"{row['exact_match_flexible']:.3f} | {lv} |")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
