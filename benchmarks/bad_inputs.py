@@ -191,6 +191,7 @@ def swap_two_tokens(doc: dict) -> None:
     a, b = sorted(vocab)[:2]
     vocab[a], vocab[b] = vocab[b], vocab[a]
 
+
 TR = ("train", "tiny-random", "--method", "lora", "--out", "run")
 TRS = ("--set", "train.steps=2")
 
