@@ -235,3 +235,44 @@ def test_first_layers_shares_weights_and_leaves_the_model_whole():
     )
     torch.testing.assert_close(d(ids).logits, ref(ids).logits)
     torch.testing.assert_close(v(ids).logits, before)
+
+
+def test_generate_command_streams_and_reports(run_main, tmp_path):
+    import json
+
+    from budgetlm.models.sources import tiny_random
+
+    h = tiny_random()
+    ids = h.tokenizer("The answer is", return_tensors="pt")["input_ids"]
+    ref = h.model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = h.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    doc = json.loads(run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12", "--json").stdout)
+    assert doc["text"] == want and doc["new_tokens"] == 12 and doc["mode"] == "plain" and doc["stop"] == "max tokens"
+    assert doc["tokens_per_second"] > 0 and doc["prompt_tokens"] == ids.shape[1]
+    plain = run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12")
+    assert plain.returncode == 0 and plain.stdout == want + "\n" and "tok/s" in plain.stderr
+    hsd = run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12", "--draft", "layers:1",
+                   "--tau", "inf", "--max-draft", "3")  # fmt: skip
+    assert hsd.stdout == want + "\n"
+    assert "tiny-random: 3 rounds, 9 proposed" in hsd.stderr  # 3 drafted + 1 of its own per round: 12 in 3 rounds
+    doc = json.loads(run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12", "--draft",
+                              "layers:1", "--tau", "inf", "--max-draft", "3", "--json").stdout)  # fmt: skip
+    assert doc["levels"][1]["acceptance"] == 1.0 and doc["levels"][0]["drafted"] == 9
+
+
+def test_eval_generation_tasks_by_speculative_decoding(run_main, tmp_path):
+    import json
+
+    common = ("eval", "tiny-random", "--tasks", "arith", "--limit", "3", "--json")
+    plain = json.loads(run_main(*common, "--out", tmp_path / "a").stdout)
+    hsd = json.loads(run_main(*common, "--draft", "layers:1", "--tau", "inf", "--out", tmp_path / "b").stdout)
+    assert plain["arith"]["exact_match"] == hsd["arith"]["exact_match"]
+    assert plain["arith"]["gen_tok_s"] > 0 and "hsd_acceptance" not in plain["arith"]
+    assert 0 <= hsd["arith"]["hsd_acceptance"] <= 1
+    gens = [
+        [json.loads(line)["generation"] for line in (tmp_path / d / "items" / "arith.jsonl").read_text().splitlines()]
+        for d in "ab"
+    ]
+    assert gens[0] == gens[1]
+    doc = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert doc["arith"]["exact_match"]["extra"]["decoding"].startswith("HSD exact, drafts layers:1 -> tiny-random")
