@@ -187,6 +187,10 @@ def evaluate(
     return results
 
 
+# what a task's run cost rather than a score of its items: no per-item records, nothing for `compare` to test
+RUN_METRICS = ("seconds", "gen_tok_s", "hsd_acceptance")
+
+
 def _decoder(handle: ModelHandle, decoding: dict | None, tasks: list) -> tuple[object | None, str]:
     """The speculative decoder of `decoding` and how results name it (plain: transformers' batched generate)."""
     if not decoding or not decoding.get("drafts"):
