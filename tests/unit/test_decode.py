@@ -276,3 +276,18 @@ def test_eval_generation_tasks_by_speculative_decoding(run_main, tmp_path):
     assert gens[0] == gens[1]
     doc = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert doc["arith"]["exact_match"]["extra"]["decoding"].startswith("HSD exact, drafts layers:1 -> tiny-random")
+
+
+def test_common_prefix_against_a_loop():
+    import random
+
+    from budgetlm.decode.cached import _common_prefix
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 5))]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert _common_prefix(a, b) == n

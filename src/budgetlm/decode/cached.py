@@ -27,6 +27,7 @@ class CachedLM:
         self.cache = DynamicCache()
         self.tokens: list[int] = []  # tokens whose keys and values are in the cache
         self.rows: list[torch.Tensor | None] = []  # fp32 logits after each cached position (None: not kept)
+        self._forgotten = 0  # rows before this position are None
         # counters for the report
         self.forwards = 0
         self.fed = 0
@@ -37,14 +38,12 @@ class CachedLM:
         if drop:
             self.cache.crop(-drop)
         del self.tokens[keep:], self.rows[keep:]
+        self._forgotten = min(self._forgotten, keep)
 
     @torch.inference_mode()
     def logits(self, seq: list[int], start: int) -> torch.Tensor:
         """[len(seq) - start, vocab] fp32 logits; row i is the distribution of the token after seq[start + i]."""
-        shared = 0
-        limit = min(len(self.tokens), len(seq))
-        while shared < limit and self.tokens[shared] == seq[shared]:
-            shared += 1
+        shared = _common_prefix(self.tokens, seq)
         if shared == len(seq) and any(r is None for r in self.rows[start : len(seq)]):
             shared -= 1  # a position whose row was not kept is fed again (rare: a prefill row asked for later)
         if any(r is None for r in self.rows[start:shared]):
@@ -73,9 +72,25 @@ class CachedLM:
 
     def forget(self, before: int) -> None:
         """Drop the kept rows of positions before `before` (committed output nobody asks for again)."""
-        for i in range(min(before, len(self.rows))):
+        for i in range(self._forgotten, min(before, len(self.rows))):
             self.rows[i] = None
+        self._forgotten = max(self._forgotten, min(before, len(self.rows)))
 
     def reset_counters(self) -> None:
         self.forwards = self.fed = 0
         self.seconds = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix, by bisection over list slices compared in C (a decode step compares
+    prompts of thousands of tokens: a Python loop over them would cost more than the small models' forward)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] holds, a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
