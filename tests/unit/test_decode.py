@@ -128,7 +128,9 @@ def test_entropy_gate_stops_the_draft():
     want = greedy_reference(v, prompt, 16)
     # below every entropy of a 259-token vocabulary's distributions here: the draft never proposes
     out = Generator([("l1", first_layers(v, 1)), ("v", v)], TOK, taus=[1e-6], max_draft=4)(prompt, 16)
-    assert out.tokens == want and out.levels[0]["drafted"] == 0 and out.levels[1]["rounds"] == 16
+    assert out.tokens == want and out.levels[0]["drafted"] == 0
+    assert out.levels[1]["rounds"] == 15  # the first token comes from the verifier's prefill, which the draft copies
+    assert out.levels[0]["borrowed"] == len(prompt) and out.levels[0]["tokens_fed"] == 15
     # a gate at the median entropy of the draft's distributions stops some drafts early, output unchanged
     lm = CachedLM(first_layers(v, 1), "l1")
     hs = entropy(lm.logits(prompt + want, 0))
@@ -254,10 +256,11 @@ def test_generate_command_streams_and_reports(run_main, tmp_path):
     hsd = run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12", "--draft", "layers:1",
                    "--tau", "inf", "--max-draft", "3")  # fmt: skip
     assert hsd.stdout == want + "\n"
-    assert "tiny-random: 3 rounds, 9 proposed" in hsd.stderr  # 3 drafted + 1 of its own per round: 12 in 3 rounds
+    # the prefill's token, then rounds of 3 drafted + 1 of its own (the last round's budget is 2): 1 + 4 + 4 + 3
+    assert "tiny-random: 3 rounds, 8 proposed" in hsd.stderr
     doc = json.loads(run_main("generate", "tiny-random", "The answer is", "--max-new-tokens", "12", "--draft",
                               "layers:1", "--tau", "inf", "--max-draft", "3", "--json").stdout)  # fmt: skip
-    assert doc["levels"][1]["acceptance"] == 1.0 and doc["levels"][0]["drafted"] == 9
+    assert doc["levels"][1]["acceptance"] == 1.0 and doc["levels"][0]["drafted"] == 8
 
 
 def test_eval_generation_tasks_by_speculative_decoding(run_main, tmp_path):

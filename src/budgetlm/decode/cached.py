@@ -28,6 +28,10 @@ class CachedLM:
         self.tokens: list[int] = []  # tokens whose keys and values are in the cache
         self.rows: list[torch.Tensor | None] = []  # fp32 logits after each cached position (None: not kept)
         self._forgotten = 0  # rows before this position are None
+        # a CachedLM whose first `lent_layers` layers are this model's (decode.drafts.first_layers): see _borrow
+        self.lender: CachedLM | None = None
+        self.lent_layers = 0
+        self.borrowed = 0  # positions whose keys and values were copied from the lender
         # counters for the report
         self.forwards = 0
         self.fed = 0
@@ -49,6 +53,7 @@ class CachedLM:
         if any(r is None for r in self.rows[start:shared]):
             shared = start
         self._rollback(shared)
+        shared = self._borrow(seq, shared, start)
         new = seq[shared:]
         if new:
             t0 = time.perf_counter()
@@ -69,6 +74,23 @@ class CachedLM:
             self.fed += len(new)
             self.seconds += time.perf_counter() - t0
         return torch.stack(self.rows[start : len(seq)])  # type: ignore[arg-type]
+
+    def _borrow(self, seq: list[int], shared: int, start: int) -> int:
+        """A draft made of the verifier's first K layers (`lender`) computes the same keys and values as the
+        verifier's first K layers: copy those the verifier already holds (a prompt's prefill) instead of computing
+        them, up to the positions whose logits are asked for."""
+        if self.lender is None:
+            return shared
+        upto = min(_common_prefix(self.lender.tokens, seq), start, len(seq) - 1)
+        if upto <= shared:
+            return shared
+        for i in range(self.lent_layers):
+            src = self.lender.cache.layers[i]
+            self.cache.update(src.keys[..., shared:upto, :], src.values[..., shared:upto, :], i)
+        self.tokens += seq[shared:upto]
+        self.rows += [None] * (upto - shared)
+        self.borrowed += upto - shared
+        return upto
 
     def forget(self, before: int) -> None:
         """Drop the kept rows of positions before `before` (committed output nobody asks for again)."""

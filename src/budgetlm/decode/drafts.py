@@ -37,6 +37,7 @@ def first_layers(model: torch.nn.Module, k: int, spec: str = "") -> torch.nn.Mod
     draft._modules = dict(model._modules)
     setattr(draft, prefix, short)
     draft.config = cfg
+    draft.budgetlm_first_layers_of = (model, k)  # its keys and values can be copied from the model's (CachedLM)
     return draft
 
 

@@ -94,6 +94,7 @@ class LevelStats:
             "acceptance": self.accepted / self.proposed if self.proposed else None,
             "mean_accepted": self.accepted / self.rounds if self.rounds else None,
             "drafted": self.drafted,
+            "borrowed": lm.borrowed,
             "forwards": lm.forwards,
             "tokens_fed": lm.fed,
             "seconds": lm.seconds,
@@ -115,6 +116,11 @@ class Chain:
     def __post_init__(self) -> None:
         assert len(self.taus) == len(self.lms) - 1 and self.mode in MODES
         self.stats = [LevelStats(lm.name) for lm in self.lms]
+        for lm in self.lms:  # a layers:K draft copies the keys and values a model of the chain already computed
+            whole, k = getattr(lm.model, "budgetlm_first_layers_of", (None, 0))
+            lender = next((other for other in self.lms if other.model is whole), None)
+            if lender is not None:
+                lm.lender, lm.lent_layers = lender, k
 
     # -- one level's work ------------------------------------------------------------------------------------
     def _open(self, i: int) -> float:
@@ -195,6 +201,11 @@ class Chain:
         if top == 0:  # plain decoding
             tok, _ = self.sampler.pick(self.lms[0].logits(seq, len(seq) - 1)[-1])
             self.stats[0].emitted += 1
+            return [tok]
+        if not self.lms[top].tokens and any(lm.lender is self.lms[top] for lm in self.lms[:top]):
+            # the prompt's prefill by the verifier first, so that its layer drafts copy it instead of computing it
+            tok, _ = self.sampler.pick(self.lms[top].logits(seq, len(seq) - 1)[-1])
+            self.stats[top].emitted += 1
             return [tok]
         toks, _, _ = self._round(top, seq, max(0, budget))
         return toks
