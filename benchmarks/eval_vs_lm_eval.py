@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -115,14 +116,20 @@ def write_task(folder: Path, task_name: str, rows: list[dict], rest: list[dict],
     return local
 
 
+CPU_SECONDS: dict[str, float] = {}  # per run (its log's name): the command's user + system CPU time
+
+
 def timed(cmd: list[str], threads: int, log: Path, src: Path | None = None) -> float:
+    """The command's wall seconds; its CPU seconds go to CPU_SECONDS (on a shared machine, wall time also counts
+    the time other processes held the core)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if src is not None:  # another budgetlm source tree
         env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - t0
+    seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[log.stem] = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
         sys.exit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
@@ -191,6 +198,10 @@ def agreement(task: str, ids: list, ours: dict, theirs: dict) -> dict:
     }
 
 
+def said(name: str, seconds: float) -> str:
+    return f"{seconds:.1f} s (CPU {CPU_SECONDS[name]:.1f} s); load avg {os.getloadavg()[0]:.1f}"
+
+
 def best_of(runs: dict) -> str:
     return min(runs, key=lambda k: runs[k][0])
 
@@ -230,17 +241,15 @@ def main() -> None:
             ours, theirs = {}, {}
             for bs in a.budgetlm_batch.split(","):
                 ours[bs] = run_budgetlm(a.model, task, tmp, bs, a.threads)
-                print(f"  budgetlm batch {bs}: {ours[bs][0]:.1f} s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"  budgetlm batch {bs}: {said(f'budgetlm-{task}-{bs}', ours[bs][0])}", flush=True)
             compared = None
             if a.compare_src:
                 compared = run_budgetlm(a.model, task, tmp, best_of(ours), a.threads, a.compare_src.resolve())
-                print(
-                    f"  budgetlm from {a.compare_src}: {compared[0]:.1f} s; load avg {os.getloadavg()[0]:.1f}",
-                    flush=True,
-                )
+                name = f"budgetlm-{task}-{best_of(ours)}-compared"
+                print(f"  budgetlm from {a.compare_src}: {said(name, compared[0])}", flush=True)
             for bs in a.lm_eval_batch.split(","):
                 theirs[bs] = run_lm_eval(model_dir, local, tmp, int(bs), a.threads)
-                print(f"  lm-eval  batch {bs}: {theirs[bs][0]:.1f} s; load avg {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"  lm-eval  batch {bs}: {said(f'lm-eval-{local}-{bs}', theirs[bs][0])}", flush=True)
             best_ours = best_of(ours)
             best_theirs = min(theirs, key=lambda k: theirs[k][0])
             agree = agreement(task, ids, ours[best_ours][1], theirs[best_theirs][1])
@@ -251,6 +260,9 @@ def main() -> None:
                 "budgetlm_seconds": {k: v[0] for k, v in ours.items()},
                 "lm_eval_seconds": {k: v[0] for k, v in theirs.items()},
                 "ratio_best_vs_best": ratio,
+                "cpu_seconds": {
+                    k: v for k, v in CPU_SECONDS.items() if k.startswith((f"budgetlm-{task}-", f"lm-eval-{local}-"))
+                },
                 "agreement": agree,
             }
             if compared:
@@ -269,7 +281,8 @@ def main() -> None:
                 print(f"  current / compared budgetlm: {row['compared']['speed_up']:.2f}x faster", flush=True)
             report["tasks"][task] = row
             shown = {k: v for k, v in agree.items() if k != "differences"}
-            print(f"  lm-eval / budgetlm wall time: {ratio:.2f}x; agreement {shown}", flush=True)
+            cpu = CPU_SECONDS[f"lm-eval-{local}-{best_theirs}"] / CPU_SECONDS[f"budgetlm-{task}-{best_ours}"]
+            print(f"  lm-eval / budgetlm wall time: {ratio:.2f}x (CPU time {cpu:.2f}x); agreement {shown}", flush=True)
             for d in agree.get("differences", []):
                 print(f"    differs: {d}", flush=True)
     report["loadavg_end"] = os.getloadavg()
