@@ -10,7 +10,10 @@ OMP_NUM_THREADS / torch threads = --threads.
 Reported per task: wall seconds of each tool (lm-eval at each --lm-eval-batch, budgetlm at each --budgetlm-batch),
 the best-vs-best ratio, per-item agreement of the chosen answer (acc and acc_norm: 100% expected), the per-request
 loglikelihood |difference| (<= 1e-4 expected), and for gsm8k the share of identical extracted answers (strict and
-flexible) with every difference listed.
+flexible) with every difference listed. --compare-src DIR also times budgetlm from another source tree (the src/
+folder of an older commit's worktree: `git worktree add --detach /tmp/old <commit>`, `--compare-src /tmp/old/src`)
+on the same rows right after the current one, and reports the speed-up and the per-request |difference| between the
+two: a side-by-side figure on a shared machine.
 
     pip install -e '.[bench]'      # lm-eval 0.4.13
     .venv/bin/python benchmarks/eval_vs_lm_eval.py --tasks arc_easy --items 100
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -112,23 +116,33 @@ def write_task(folder: Path, task_name: str, rows: list[dict], rest: list[dict],
     return local
 
 
-def timed(cmd: list[str], threads: int, log: Path) -> float:
+CPU_SECONDS: dict[str, float] = {}  # per run (its log's name): the command's user + system CPU time
+
+
+def timed(cmd: list[str], threads: int, log: Path, src: Path | None = None) -> float:
+    """The command's wall seconds; its CPU seconds go to CPU_SECONDS (on a shared machine, wall time also counts
+    the time other processes held the core)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    t0 = time.perf_counter()
+    if src is not None:  # another budgetlm source tree
+        env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - t0
+    seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[log.stem] = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
         sys.exit(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
     return seconds
 
 
-def run_budgetlm(model: str, task: str, folder: Path, batch: str, threads: int) -> tuple[float, dict]:
-    out = folder / f"budgetlm-{task}-{batch}"
+def run_budgetlm(
+    model: str, task: str, folder: Path, batch: str, threads: int, src: Path | None = None
+) -> tuple[float, dict]:
+    out = folder / (f"budgetlm-{task}-{batch}" + ("-compared" if src else ""))
     cmd = [sys.executable, "-m", "budgetlm.cli", "eval", model, "--tasks", task, "--data-dir", str(folder / "data")]
     cmd += ["--out", str(out), "--json"] + ([] if batch == "auto" else ["--batch-size", batch])
-    seconds = timed(cmd, threads, folder / f"budgetlm-{task}-{batch}.log")
+    seconds = timed(cmd, threads, folder / f"{out.name}.log", src)
     records = [json.loads(line) for line in (out / "items" / f"{task}.jsonl").read_text().splitlines() if line]
     return seconds, {r["id"]: r for r in records}
 
@@ -184,6 +198,14 @@ def agreement(task: str, ids: list, ours: dict, theirs: dict) -> dict:
     }
 
 
+def said(name: str, seconds: float) -> str:
+    return f"{seconds:.1f} s (CPU {CPU_SECONDS[name]:.1f} s); load avg {os.getloadavg()[0]:.1f}"
+
+
+def best_of(runs: dict) -> str:
+    return min(runs, key=lambda k: runs[k][0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -198,6 +220,7 @@ def main() -> None:
     ap.add_argument("--budgetlm-batch", default="auto", help="budgetlm batch sizes (auto: its token budget)")
     ap.add_argument("--data-dir", type=Path, default=None, help="read the tasks from here instead of the bundled data")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument("--compare-src", type=Path, default=None, help="also time budgetlm from this src/ folder")
     a = ap.parse_args()
 
     from budgetlm.models.sources import load
@@ -218,11 +241,16 @@ def main() -> None:
             ours, theirs = {}, {}
             for bs in a.budgetlm_batch.split(","):
                 ours[bs] = run_budgetlm(a.model, task, tmp, bs, a.threads)
-                print(f"  budgetlm batch {bs}: {ours[bs][0]:.1f} s", flush=True)
+                print(f"  budgetlm batch {bs}: {said(f'budgetlm-{task}-{bs}', ours[bs][0])}", flush=True)
+            compared = None
+            if a.compare_src:
+                compared = run_budgetlm(a.model, task, tmp, best_of(ours), a.threads, a.compare_src.resolve())
+                name = f"budgetlm-{task}-{best_of(ours)}-compared"
+                print(f"  budgetlm from {a.compare_src}: {said(name, compared[0])}", flush=True)
             for bs in a.lm_eval_batch.split(","):
                 theirs[bs] = run_lm_eval(model_dir, local, tmp, int(bs), a.threads)
-                print(f"  lm-eval  batch {bs}: {theirs[bs][0]:.1f} s", flush=True)
-            best_ours = min(ours, key=lambda k: ours[k][0])
+                print(f"  lm-eval  batch {bs}: {said(f'lm-eval-{local}-{bs}', theirs[bs][0])}", flush=True)
+            best_ours = best_of(ours)
             best_theirs = min(theirs, key=lambda k: theirs[k][0])
             agree = agreement(task, ids, ours[best_ours][1], theirs[best_theirs][1])
             ratio = theirs[best_theirs][0] / ours[best_ours][0]
@@ -232,11 +260,29 @@ def main() -> None:
                 "budgetlm_seconds": {k: v[0] for k, v in ours.items()},
                 "lm_eval_seconds": {k: v[0] for k, v in theirs.items()},
                 "ratio_best_vs_best": ratio,
+                "cpu_seconds": {
+                    k: v for k, v in CPU_SECONDS.items() if k.startswith((f"budgetlm-{task}-", f"lm-eval-{local}-"))
+                },
                 "agreement": agree,
             }
+            if compared:
+                mine, other = ours[best_ours][1], compared[1]
+                ll = [
+                    abs(x - y)
+                    for i in ids
+                    for x, y in zip(mine[i].get("loglikelihoods", []), other[i].get("loglikelihoods", []))
+                ]
+                row["compared"] = {
+                    "src": str(a.compare_src),
+                    "seconds": compared[0],
+                    "speed_up": compared[0] / ours[best_ours][0],
+                    "max_abs_ll_diff": max(ll, default=0.0),
+                }
+                print(f"  current / compared budgetlm: {row['compared']['speed_up']:.2f}x faster", flush=True)
             report["tasks"][task] = row
             shown = {k: v for k, v in agree.items() if k != "differences"}
-            print(f"  lm-eval / budgetlm wall time: {ratio:.2f}x; agreement {shown}", flush=True)
+            cpu = CPU_SECONDS[f"lm-eval-{local}-{best_theirs}"] / CPU_SECONDS[f"budgetlm-{task}-{best_ours}"]
+            print(f"  lm-eval / budgetlm wall time: {ratio:.2f}x (CPU time {cpu:.2f}x); agreement {shown}", flush=True)
             for d in agree.get("differences", []):
                 print(f"    differs: {d}", flush=True)
     report["loadavg_end"] = os.getloadavg()

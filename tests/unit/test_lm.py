@@ -128,3 +128,143 @@ def test_chunks_bound_padding_and_budget():
         padded, real = max(lengths[i] for i in c) * len(c), sum(lengths[i] for i in c)
         assert len(c) == 1 or (padded <= 256 and padded <= (1 + PAD_SLACK) * real)
     assert [len(c) for c in _chunks_by_budget(lengths, 7, 256)] == [7] * 57 + [1]
+
+
+# -- the packed loglikelihood pass ---------------------------------------------------------------------------------
+# Contexts shared by continuations of unequal lengths (1 token: nothing fed after the context), a continuation shared
+# by two contexts, a repeated request, contexts and continuations long enough to cross a small sliding window.
+SHARED = [
+    ("Question: what colour is the sky?\nAnswer:", " blue"),
+    ("Question: what colour is the sky?\nAnswer:", " a pale shade of grey on most winter days"),
+    ("Question: what colour is the sky?\nAnswer:", "!"),
+    ("Question: what colour is the sky?\nAnswer:", " green"),
+    ("Q: 1+1?\nA:", " green"),
+    ("Q: 1+1?\nA:", " 2"),
+    ("Q: 1+1?\nA:", " two, because one and one make two"),
+    ("Q: 1+1?\nA:", " 2"),
+    ("A much longer shared context that runs on and on. " * 3, " yes"),
+    ("A much longer shared context that runs on and on. " * 3, " no, not at all, never"),
+    ("x", " y"),
+    ("", "no context at all"),
+]
+
+
+def reference_each(lm, reqs):
+    """Every request alone: context + continuation in one unpadded full forward pass."""
+    return [reference_loglik(lm.model, *lm._split(ctx, cont)) for ctx, cont in reqs]
+
+
+def assert_matches(out, ref, tol=1e-4):
+    for (ll, greedy), (r, r_greedy), req in zip(out, ref, SHARED):
+        assert abs(ll - r) < tol, (req, ll, r)
+        assert greedy == r_greedy, req
+
+
+def count_paths(monkeypatch, lm):
+    """How many continuations each pass scored."""
+    seen = {"packed": 0, "cached": 0}
+    packed, cached = lm._score_packed, lm._score_groups
+
+    def spy_packed(contexts, groups, scores):
+        seen["packed"] += sum(len(groups[c]) for c in contexts)
+        packed(contexts, groups, scores)
+
+    def spy_cached(contexts, groups, scores):
+        seen["cached"] += sum(len(groups[c]) for c in contexts)
+        cached(contexts, groups, scores)
+
+    monkeypatch.setattr(lm, "_score_packed", spy_packed)
+    monkeypatch.setattr(lm, "_score_groups", spy_cached)
+    return seen
+
+
+def test_packed_rows_match_each_request_fed_alone(tiny, monkeypatch):
+    """Several stretches per row (short rows force padding at row ends and stretches longer than a row), any batch
+    size: every request equals its own full forward pass."""
+    import budgetlm.models.lm as lm_module
+
+    ref = reference_each(HFLM(tiny), SHARED)
+    for row_tokens in (16, 64, 1024):
+        monkeypatch.setattr(lm_module, "ROW_TOKENS", row_tokens)
+        for batch_size in (None, 1, 3):
+            lm = HFLM(tiny, batch_size=batch_size)
+            seen = count_paths(monkeypatch, lm)
+            assert_matches(lm.loglikelihood(SHARED), ref)
+            assert seen == {"packed": 11, "cached": 0}  # 11 distinct requests, all packed
+
+
+def test_packed_stretch_split_beyond_max_length(tiny):
+    """A context whose continuations together exceed max_length + 1 tokens is split over several stretches."""
+    lm = HFLM(tiny, max_length=60)
+    ctx = "Shared context of some length. "
+    reqs = [(ctx, f" continuation number {i} is here") for i in range(5)]
+    for (ll, _), (r, _) in zip(lm.loglikelihood(reqs), reference_each(lm, reqs)):
+        assert abs(ll - r) < 1e-4
+
+
+def test_pack_rows_fill_rows_and_keep_every_item_once():
+    from budgetlm.models.lm import _pack_rows
+
+    lengths = [90, 5, 40, 300, 60, 30, 64, 1, 128, 70]
+    rows = _pack_rows(lengths, 128)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 128 or len(r) == 1 for r in rows)
+    assert rows[0] == [3] and rows[1] == [8]  # longer than a row: alone
+    assert len(rows) == 5  # 300 and 128 alone, the other 360 tokens in 3 rows
+
+
+def tiny_gemma3(sliding_window: int, attn: str = "sdpa"):
+    """Gemma 3 with local (sliding) and global layers and a final logit softcap."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from budgetlm.models.handle import ModelHandle
+    from budgetlm.models.sources import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=sliding_window, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=5.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(3)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma norms start at 0 (scale 1 + w): make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return ModelHandle(model, tok, "tiny-gemma3", [], "tiny-gemma3")
+
+
+def test_gemma3_sliding_window_packs_short_and_falls_back_for_long(monkeypatch):
+    """A window of 48 tokens: stretches whose sequences fit it are packed (one block mask is right for local and
+    global layers alike), longer ones take the KV-cache pass, whose masks transformers builds per layer kind; both
+    equal each request fed alone through the whole model (softcap included)."""
+    handle = tiny_gemma3(sliding_window=48)
+    lm = HFLM(handle)
+    lengths = [sum(map(len, lm._split(c, x))) - 1 for c, x in SHARED]
+    assert min(lengths) <= 48 < max(lengths)
+    ref = reference_each(lm, SHARED)
+    # the window matters here: the same weights with global attention everywhere score the long requests otherwise
+    wide = tiny_gemma3(sliding_window=512)
+    long_req = SHARED[lengths.index(max(lengths))]
+    assert abs(reference_each(lm, [long_req])[0][0] - reference_each(HFLM(wide), [long_req])[0][0]) > 1e-3
+    seen = count_paths(monkeypatch, lm)
+    assert_matches(lm.loglikelihood(SHARED), ref)
+    assert seen == {"packed": 5, "cached": 6}  # the contexts "Q: 1+1?", "x" and "" fit the window
+
+
+def test_gemma3_eager_attention_takes_an_additive_mask(monkeypatch):
+    handle = tiny_gemma3(sliding_window=512, attn="eager")
+    lm = HFLM(handle)
+    seen = count_paths(monkeypatch, lm)
+    assert_matches(lm.loglikelihood(SHARED), reference_each(lm, SHARED))
+    assert seen == {"packed": 11, "cached": 0}
+
+
+def test_other_attention_kernels_take_the_cached_pass(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.model.config, "_attn_implementation", "flex_attention")
+    lm = HFLM(tiny)
+    assert lm._pack_window() == 0

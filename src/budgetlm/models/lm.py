@@ -1,13 +1,17 @@
 """The LM protocol over a torch causal LM: loglikelihood, loglikelihood_rolling, generate_until.
 
-loglikelihood computes each distinct context once: contexts go through the model in right-padded
-batches with a KV cache, the cache rows are repeated for the continuations that share the context, and
-only the continuations run a second time. Requests are sorted by length so padding stays small, and
-padded positions never change a result (explicit position ids, masks on the key side only).
+loglikelihood feeds each distinct context once, followed by all its continuations (each but its last token), in
+one stretch of a packed row: a block mask lets a continuation's tokens see their own context and the earlier tokens
+of their own continuation only, and their position ids restart after the context, so every score equals the one of
+context + continuation fed alone; several stretches share a row, so almost nothing is padding. Where one block mask
+cannot serve every layer (a sliding window shorter than the sequence, other attention kernels) the context is fed
+first with a KV cache and the continuations in padded rows on its cache rows. Padded positions never change a result
+(explicit position ids, masks on the key side only).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from budgetlm.models.handle import ModelHandle
 
 TOKEN_BUDGET = 1024  # tokens per forward pass when no batch size is given (fastest measured on 2 cores)
 PAD_SLACK = 0.25  # at most this fraction of a chunk's padded tokens are padding (GEMMs of 256+ rows run as fast)
+ROW_TOKENS = 128  # length of a packed loglikelihood row (a longer stretch gets a row of its own)
 
 
 @dataclass
@@ -46,6 +51,21 @@ def _chunks_by_budget(lengths: list[int], batch_size: int | None, budget: int) -
         longest, real = new_longest, real + n
     if chunk:
         yield chunk
+
+
+def _pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens (a longer item alone): each row takes the longest
+    item left, then repeatedly the longest that still fits."""
+    left = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in left]
+    rows = []
+    while left:
+        row, room = [left.pop()], capacity - sizes.pop()
+        while (j := bisect.bisect_right(sizes, room) - 1) >= 0:
+            row.append(left.pop(j))
+            room -= sizes.pop(j)
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -138,14 +158,96 @@ class HFLM:
             conts = groups.setdefault(ctx, [])
             if cont not in conts:
                 conts.append(cont)
-        contexts = sorted(groups, key=lambda c: -len(c))  # similar lengths share a batch: little padding
         scores: dict[tuple, tuple[float, bool]] = {}
-        lengths = [len(c) for c in contexts]
-        for chunk in _chunks_by_budget(lengths, self.batch_size, TOKEN_BUDGET):
-            self._score_groups([contexts[i] for i in chunk], groups, scores)
+        window = self._pack_window()
+        packed = [c for c in groups if len(c) + max(len(x) for x in groups[c]) - 1 <= window]
+        self._score_packed(packed, groups, scores)
+        cached = sorted(set(groups).difference(packed), key=lambda c: -len(c))  # similar lengths share a batch
+        for chunk in _chunks_by_budget([len(c) for c in cached], self.batch_size, TOKEN_BUDGET):
+            self._score_groups([cached[i] for i in chunk], groups, scores)
         return [scores[(ctx, cont)] for ctx, cont in fitted]
 
+    def _pack_window(self) -> float:
+        """The longest sequence (context + continuation but its last token) the packed pass scores exactly: no limit
+        under causal attention, a sliding window's length where layers slide (one block mask serves every layer only
+        while no window cuts a sequence), 0 (never packed) where the model takes no 4D mask of ours: attention
+        kernels other than sdpa/eager, chunked, linear or bidirectional attention layers."""
+        cfg = self.model.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if (
+            cfg._attn_implementation not in ("sdpa", "eager")
+            or not kinds <= {"full_attention", "sliding_attention"}
+            or getattr(cfg, "attention_chunk_size", None)
+            or getattr(cfg, "use_bidirectional_attention", False)
+            or not getattr(cfg, "is_causal", True)
+        ):
+            return 0
+        window = getattr(cfg, "sliding_window", None)
+        slides = "sliding_attention" in kinds or not getattr(cfg, "layer_types", None)  # Mistral: every layer
+        return window if window and slides else float("inf")
+
+    def _score_packed(self, contexts, groups, scores) -> None:
+        """Stretches (a context and its continuations; split only where they exceed max_length + 1 tokens) packed
+        into rows of ROW_TOKENS, rows batched by the token budget."""
+        stretches = []
+        for ctx in contexts:
+            conts, n = [], len(ctx)
+            for cont in groups[ctx]:
+                if conts and n + len(cont) - 1 > self.max_length + 1:
+                    stretches.append((ctx, conts, n))
+                    conts, n = [], len(ctx)
+                conts.append(cont)
+                n += len(cont) - 1
+            stretches.append((ctx, conts, n))
+        rows = [[stretches[i] for i in row] for row in _pack_rows([n for *_, n in stretches], ROW_TOKENS)]
+        rows.sort(key=lambda row: -sum(n for *_, n in row))
+        lengths = [sum(n for *_, n in row) for row in rows]
+        for chunk in _chunks_by_budget(lengths, self.batch_size, TOKEN_BUDGET):
+            self._score_rows([rows[i] for i in chunk], scores)
+
+    def _score_rows(self, rows, scores) -> None:
+        width = max(sum(n for *_, n in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros_like(ids)
+        stretch = torch.full_like(ids, -1)  # which stretch of its row a token is in (-1: padding)
+        part = torch.zeros_like(ids)  # 0: the context, k: the stretch's k-th continuation
+        index: list[int] = []  # flat positions whose hidden states are projected onto the vocabulary
+        spans = []  # per continuation: its rows of `index` (the context's last position, then its own)
+        for r, row in enumerate(rows):
+            at = 0
+            for s, (ctx, conts, n) in enumerate(row):
+                segments = [ctx] + [cont[:-1] for cont in conts]
+                ids[r, at : at + n] = torch.tensor([t for seg in segments for t in seg])
+                stretch[r, at : at + n] = s
+                pos[r, at : at + n] = torch.cat(
+                    [torch.arange(len(ctx))] + [len(ctx) + torch.arange(len(seg)) for seg in segments[1:]]
+                )
+                part[r, at : at + n] = torch.cat([torch.full((len(seg),), k) for k, seg in enumerate(segments)])
+                first = len(index)
+                index.append(r * width + at + len(ctx) - 1)
+                at += len(ctx)
+                for cont, seg in zip(conts, segments[1:]):
+                    spans.append((ctx, cont, [first, *range(len(index), len(index) + len(seg))]))
+                    index += range(r * width + at, r * width + at + len(seg))
+                    at += len(seg)
+        q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))
+        mask = (stretch[q] == stretch[k]) & (pos[q] >= pos[k]) & ((part[k] == 0) | (part[q] == part[k]))
+        mask = mask.unsqueeze(1)
+        if self.model.config._attn_implementation == "eager":  # an additive mask
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        out = self._decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        hidden = out.last_hidden_state.flatten(0, 1)[torch.tensor(index)]
+        logp = F.log_softmax(self._logits(hidden), dim=-1)
+        at = torch.tensor([i for *_, rows_ in spans for i in rows_])
+        target = torch.tensor([t for _, cont, _ in spans for t in cont])
+        sizes = [len(cont) for _, cont, _ in spans]
+        picked, hit = logp[at, target].split(sizes), (logp.argmax(-1)[at] == target).split(sizes)
+        for (ctx, cont, _), p, h in zip(spans, picked, hit):
+            scores[(ctx, cont)] = (float(p.sum()), bool(h.all()))
+
     def _score_groups(self, contexts, groups, scores) -> None:
+        """Contexts in padded rows with a KV cache, then each continuation but its last token on its context's
+        cache rows (for models the packed pass cannot serve)."""
         from transformers import DynamicCache
 
         ids, mask = self._pad([list(c) for c in contexts])
