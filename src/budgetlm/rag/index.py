@@ -3,8 +3,10 @@ product (cosine: the embeddings are L2-normalised), optionally fused with BM25.
 
 An index folder (written whole or not at all, utils.atomic_dir):
     manifest.json     format, version, encoder {name, sha256 of its weights}, chunk tokens, counts, sources
-    passages.jsonl    one {"text", "source"} per chunk, row i = vector i
+    passages.jsonl    one {"text", "source", "sentences": [[start, end], ...]} per chunk, row i = vector i
     vectors.faiss     faiss IndexFlatIP holding the float32 vectors (exact search)
+    sentences.npy     float32 MiniLM embeddings of every chunk's sentences, in order: compression reads them
+                      instead of running the encoder per query
     bm25/             bm25s' own files, with --bm25
 Loading refuses, in one line, an index whose manifest names another encoder (another name or other weights).
 
@@ -39,6 +41,8 @@ class Hit:
     score: float  # cosine similarity of passage and query
     text: str
     source: str
+    sentences: list[str] = field(default_factory=list)
+    sentence_vectors: np.ndarray | None = None
 
 
 @dataclass
@@ -46,9 +50,11 @@ class Index:
     passages: list[dict]
     vectors: np.ndarray  # [n, 384] float32, L2-normalised rows
     manifest: dict
+    sentence_vectors: np.ndarray | None = None  # [sum of sentences, 384]
     bm25: object | None = None
     path: Path | None = None
     _faiss: object | None = field(default=None, repr=False)
+    _offsets: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -93,7 +99,13 @@ class Index:
 
     def _hit(self, i: int, score: float) -> Hit:
         p = self.passages[i]
-        return Hit(i, score, p["text"], p["source"])
+        spans = p.get("sentences", [])
+        vecs = None
+        if self.sentence_vectors is not None:
+            if self._offsets is None:
+                self._offsets = np.cumsum([0] + [len(q.get("sentences", [])) for q in self.passages])
+            vecs = self.sentence_vectors[self._offsets[i] : self._offsets[i + 1]]
+        return Hit(i, score, p["text"], p["source"], [p["text"][a:b] for a, b in spans], vecs)
 
 
 def numpy_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +149,8 @@ def build_index(
 
     if not 8 <= chunk_tokens <= encoder.MAX_TOKENS - 2:
         raise ConfigError(f"--chunk-tokens must be 8-{encoder.MAX_TOKENS - 2} (the encoder reads 256 tokens)")
+    from budgetlm.rag.docs import sentence_spans
+
     chunks, seen, duplicates = [], set(), 0
     with Progress("rag index", len(passages), enabled=progress, throttled=True) as bar:
         bar.status("chunking")
@@ -146,12 +160,10 @@ def build_index(
                     duplicates += 1
                     continue
                 seen.add(text)
-                chunks.append({"text": text, "source": p["source"]})
-        vectors = np.zeros((len(chunks), encoder.DIM), dtype=np.float32)
-        step = 256
-        for start in range(0, len(chunks), step):
-            bar.status(f"embedding chunks {start:,}-{min(start + step, len(chunks)):,} of {len(chunks):,}")
-            vectors[start : start + step] = encoder.embed([c["text"] for c in chunks[start : start + step]])
+                spans = [list(span) for span in sentence_spans(text)]
+                chunks.append({"text": text, "source": p["source"], "sentences": spans})
+        vectors = _embed_all([c["text"] for c in chunks], "chunks", bar)
+        sentence_vectors = _embed_all([c["text"][a:b] for c in chunks for a, b in c["sentences"]], "sentences", bar)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -161,6 +173,7 @@ def build_index(
             "chunk_tokens": chunk_tokens,
             "passages_read": len(passages),
             "chunks": len(chunks),
+            "sentences": len(sentence_vectors),
             "duplicate_chunks_dropped": duplicates,
             "kind": "dense + bm25 (reciprocal rank fusion)" if bm25 else "dense",
             "sources": sources or [],
@@ -173,7 +186,17 @@ def build_index(
             retriever = bm25s.BM25()
             retriever.index(bm25s.tokenize([c["text"] for c in chunks], stopwords="en", show_progress=False),
                             show_progress=False)
-    return Index(chunks, vectors, manifest, retriever)
+    return Index(chunks, vectors, manifest, sentence_vectors, retriever)
+
+
+def _embed_all(texts: list[str], what: str, bar, step: int = 256) -> np.ndarray:
+    from budgetlm.models import encoder
+
+    out = np.zeros((len(texts), encoder.DIM), dtype=np.float32)
+    for start in range(0, len(texts), step):
+        bar.status(f"embedding {what} {start:,}-{min(start + step, len(texts)):,} of {len(texts):,}")
+        out[start : start + step] = encoder.embed(texts[start : start + step])
+    return out
 
 
 def save_index(index: Index, out: Path, force: bool = False) -> Path:
@@ -187,6 +210,7 @@ def save_index(index: Index, out: Path, force: bool = False) -> Path:
             for p in index.passages:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
         faiss.write_index(_flat_ip(index.vectors), str(tmp / "vectors.faiss"))
+        np.save(tmp / "sentences.npy", index.sentence_vectors, allow_pickle=False)
         if index.bm25 is not None:
             index.bm25.save(str(tmp / "bm25"))
         (tmp / MARKER).write_text(json.dumps(index.manifest, indent=2), encoding="utf-8")
@@ -226,9 +250,16 @@ def load_index(path: str | Path) -> Index:
         lines = (path / "passages.jsonl").read_text(encoding="utf-8").splitlines()
         passages = [json.loads(line) for line in lines if line.strip()]
         flat = faiss.read_index(str(path / "vectors.faiss"))
+        sentence_vectors = np.load(path / "sentences.npy", allow_pickle=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"index {path} is damaged ({type(e).__name__}); rebuild it") from None
-    if flat.ntotal != len(passages) or flat.d != manifest["dim"] or len(passages) != manifest["chunks"]:
+    n_sentences = sum(len(p.get("sentences", [])) for p in passages)
+    if (
+        flat.ntotal != len(passages)
+        or flat.d != manifest["dim"]
+        or len(passages) != manifest["chunks"]
+        or sentence_vectors.shape != (n_sentences, manifest["dim"])
+    ):
         raise DataError(f"index {path} is damaged (vectors and passages disagree); rebuild it")
     vectors = faiss.rev_swig_ptr(faiss.downcast_index(flat).get_xb(), flat.ntotal * flat.d)
     vectors = np.array(vectors, dtype=np.float32).reshape(flat.ntotal, flat.d)
@@ -237,4 +268,4 @@ def load_index(path: str | Path) -> Index:
         import bm25s
 
         bm25 = bm25s.BM25.load(str(path / "bm25"))
-    return Index(passages, vectors, manifest, bm25, path, flat)
+    return Index(passages, vectors, manifest, sentence_vectors, bm25, path, flat)

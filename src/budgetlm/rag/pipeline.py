@@ -81,6 +81,7 @@ def prepare(
     """Decide, retrieve and compress for one question. `threshold` overrides setting.threshold (a calibrated one);
     `oracle`: the passage the `oracle` gate uses."""
     from budgetlm.rag.compress import compress
+    from budgetlm.rag.docs import sentences
 
     threshold = setting.threshold if threshold is None else threshold
     if setting.gate in ("grad", "entropy", "margin") and threshold is None:
@@ -116,6 +117,10 @@ def prepare(
     t = time.perf_counter()
     if qvec is None:
         qvec = query_vector(question)
-    comp = compress(qvec, passages, setting.budget, lambda text: len(lm.encode(text)))
+    if setting.gate == "oracle":
+        parts = [(sentences(oracle or ""), None)]
+    else:
+        parts = [(h.sentences, h.sentence_vectors) for h in hits]
+    comp = compress(qvec, parts, setting.budget, lambda text: len(lm.encode(text)))
     secs["compress_s"] = time.perf_counter() - t
     return Prepared(True, score, hits, comp.text, comp, secs)
