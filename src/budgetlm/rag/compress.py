@@ -3,10 +3,11 @@ token budget of the *model's* tokenizer, in their original order.
 
 Sentences are those of rag/docs.py (Punkt), taken from the passages in retrieval order; each is scored by the cosine
 of its MiniLM embedding with the question's (an index stores its chunks' sentence embeddings, so compressing
-retrieved passages runs no encoder; other text, an oracle passage, is embedded here). Greedy by decreasing similarity (ties: earlier first): a sentence is
-kept when the context with it still encodes to at most `budget` tokens (the joined text is encoded each time, so
-the budget holds exactly, whatever the tokenizer does at the joins); a sentence that alone would break it is
-skipped, and the next one tried. Kept sentences are joined in passage order, sentence order, by SEP.
+retrieved passages runs no encoder; other text, an oracle passage, is embedded here). Greedy by decreasing
+similarity (ties: earlier first): a sentence is kept when the context with it still encodes to at most `budget`
+tokens (the joined text is encoded each time, so the budget holds exactly, whatever the tokenizer does at the
+joins); a sentence that alone would break it is skipped, and the next one tried. Kept sentences are joined in
+passage order, sentence order, by SEP.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def _jsonl(path: Path, text: str) -> list[dict]:
         except json.JSONDecodeError as e:
             raise DataError(f"document file {path} line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f"document file {path} line {lineno} has no \"text\" field; write {{\"text\": ...}} rows")
+            raise DataError(f'document file {path} line {lineno} has no "text" field; write {{"text": ...}} rows')
         if row["text"].strip():
             label = row.get("id", row.get("title", lineno))
             out.append({"text": row["text"].strip(), "source": f"{path} {label}"})
@@ -141,7 +141,7 @@ def _word_pieces(text: str, span: tuple[int, int], max_tokens: int, count) -> li
 
     words = [(span[0] + m.start(), span[0] + m.end()) for m in re.finditer(r"\S+", text[span[0] : span[1]])]
     sizes = count([text[a:b] for a, b in words])
-    out, start, used = [], None, 0
+    out, start, used, prev_end = [], None, 0, 0
     for (a, b), n in zip(words, sizes):
         if start is not None and used + n > max_tokens:
             out.append((start, prev_end))

@@ -110,8 +110,10 @@ class Index:
 
 def numpy_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores = queries @ vectors.T
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
-        np.arange(scores.shape[1]), (len(scores), 1)
+    part = (
+        np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        if k < scores.shape[1]
+        else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
     )
     top = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-top, axis=1, kind="stable")
@@ -184,8 +186,9 @@ def build_index(
 
             bar.status("BM25")
             retriever = bm25s.BM25()
-            retriever.index(bm25s.tokenize([c["text"] for c in chunks], stopwords="en", show_progress=False),
-                            show_progress=False)
+            retriever.index(
+                bm25s.tokenize([c["text"] for c in chunks], stopwords="en", show_progress=False), show_progress=False
+            )
     return Index(chunks, vectors, manifest, sentence_vectors, retriever)
 
 
