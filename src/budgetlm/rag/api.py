@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from budgetlm.errors import ConfigError
-from budgetlm.rag.pipeline import Setting, prepare
+from budgetlm.rag.pipeline import Setting, prepare, warm_up
 
 
 def ask_prompt(context: str, question: str) -> str:
@@ -105,6 +105,7 @@ def ask(
             f"the question is {tokens(bare):,} tokens with the prompt; with {max_new_tokens} answer tokens it does "
             f"not fit the model's context window of {lm.max_length:,} tokens; shorten it"
         )
+    warm_up(lm)
     t0 = time.perf_counter()
     prep = prepare(lm, index, question, setting, lm.format_prompt(bare, args.chat))
     notes = []

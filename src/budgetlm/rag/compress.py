@@ -25,6 +25,7 @@ class Compressed:
     kept: int  # sentences kept
     total: int  # sentences in the passages
     tokens: int  # model tokens of `text`
+    indices: list[int]  # the kept sentences' positions among all the passages' sentences
 
 
 def compress(
@@ -46,7 +47,7 @@ def compress(
                 sents.append(text.strip())
                 vecs.append(v)
     if not sents or budget <= 0:
-        return Compressed("", 0, len(sents), 0)
+        return Compressed("", 0, len(sents), 0, [])
     sims = np.stack(vecs) @ np.asarray(question_vec, dtype=np.float32).reshape(-1)
     kept: list[int] = []
     tokens = 0
@@ -55,4 +56,4 @@ def compress(
         n = count_tokens(SEP.join(sents[j] for j in trial))
         if n <= budget:
             kept, tokens = trial, n
-    return Compressed(SEP.join(sents[j] for j in kept), len(kept), len(sents), tokens)
+    return Compressed(SEP.join(sents[j] for j in kept), len(kept), len(sents), tokens, kept)

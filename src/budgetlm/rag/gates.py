@@ -34,9 +34,7 @@ def grad_score(model, prefix_token: int, question_ids: list[int]) -> float:
     ids = torch.tensor([[prefix_token, *question_ids]])
     with torch.enable_grad():
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=emb, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-        (grad,) = torch.autograd.grad(loss, emb)
+        (grad,) = torch.autograd.grad(lm_loss(model, prefix_token, question_ids, emb), emb)
     return float(grad[0, 1:].double().norm())
 
 
@@ -45,7 +43,8 @@ def lm_loss(model, prefix_token: int, question_ids: list[int], emb: torch.Tensor
     ids = torch.tensor([[prefix_token, *question_ids]])
     if emb is None:
         emb = model.get_input_embeddings()(ids)
-    logits = model(inputs_embeds=emb, use_cache=False).logits.float()
+    logits = model(inputs_embeds=emb, use_cache=False).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (float64 stays)
     return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate, means
 from budgetlm.errors import ConfigError, UnknownNameError
-from budgetlm.rag.pipeline import Setting, prepare
+from budgetlm.rag.pipeline import Setting, prepare, warm_up
 
 CAL_PERCENT = 30
 CAL_ITEMS = 300
@@ -128,6 +128,7 @@ class RagTask(MultipleChoiceTask):
         if self.setting.gate in ("grad", "entropy", "margin") and self.setting.threshold is None:
             calibration = self.calibrate(lm, index, ctx)
         threshold = calibration["threshold"] if calibration else self.setting.threshold
+        warm_up(lm)
         records = []
         with Progress(self.name, len(items), enabled=True, throttled=True) as bar:
             for it in items:
