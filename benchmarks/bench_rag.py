@@ -5,14 +5,16 @@ compressed pipeline with each gate; accuracy, paired tests, latency per query, p
         [--limit 500] [--seed 0] [--k 3] [--budget 128] [--threads 2] [--json out.json]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py --crossover [--sizes 1000 3000 ...]
 
-Every setting is the registered task with its options (rag/tasks.py), run through the task's own `run` in one
-process on the same seeded sample of the task's evaluation fold (`--limit` items, stratified by label as the
-harness samples); the gates' thresholds are calibrated on the calibration fold (disjoint; its size and the
-threshold are printed). Items are scored one at a time (batch 1), so `latency` is a query's: query encoding +
-search + gate scoring + compression + the model's loglikelihood of every choice. Paired tests: McNemar on acc
-(evaluation/stats.py) against the best always-RAG setting (highest acc of k = 1, 3, 5) and against no-RAG;
-latency change against the best always-RAG setting. Peak RSS: the process's, sampled while the setting ran
-(hardware/memory.py PeakRSS; model, encoder and index included).
+Every setting is the registered task with its options (rag/tasks.py), scored by the task's own per-item code in
+one process on the same seeded sample of the task's evaluation fold (`--limit` items, stratified by label as the
+harness samples), interleaved (item by item, every setting in turn, the order rotating) so that the shared
+machine's load falls on all settings alike; the gates' thresholds are calibrated first on the calibration fold
+(disjoint; its size and the threshold are printed). Items are scored one at a time (batch 1), so `latency` is a
+query's: query encoding + search + gate scoring + compression + the model's loglikelihood of every choice.
+Paired tests: McNemar on acc (evaluation/stats.py) against the best always-RAG setting (highest acc of k = 1, 3,
+5) and against no-RAG; latency change against the best always-RAG setting. Peak RSS: the process's, sampled while
+the setting ran (hardware/memory.py PeakRSS around each of its items, the maximum; model, encoder and index
+included).
 
 --crossover times exact top-k search (k = 5, one query, as the pipeline searches) with numpy (matrix-vector
 product + argpartition) and faiss IndexFlatIP on random unit vectors of MiniLM's width, per index size: the
@@ -72,25 +74,46 @@ def settings(k: int, budget: int) -> list[tuple[str, str]]:
 
 
 def run_task(lm, task_name: str, k: int, budget: int, limit: int, seed: int) -> dict:
+    """Every setting on the same items, interleaved: item by item, each setting in turn (the order rotating), so
+    the shared machine's load falls on all settings alike."""
     from budgetlm.data.tasks import tasks
-    from budgetlm.data.tasks.base import TaskContext
+    from budgetlm.data.tasks.base import TaskContext, aggregate
     from budgetlm.evaluation.harness import sample_items
     from budgetlm.hardware.memory import PeakRSS
+    from budgetlm.progress import Progress
+    from budgetlm.rag.pipeline import warm_up
 
+    ctx = TaskContext(seed=seed)
+    runs = {label: tasks.get(f"{task_name}:{option}") for label, option in settings(k, budget)}
+    data = {label: t.load(ctx) for label, t in runs.items()}
+    items = sample_items(next(iter(data.values())).items, limit, seed)
+    index = runs["always k=1"]._index(ctx)
+    calibration = {}
+    for label, t in runs.items():
+        if t.setting.gate in ("grad", "entropy", "margin"):
+            calibration[label] = t.calibrate(lm, index, ctx)
+            print(f"{task_name} {label}: calibrated {calibration[label]}", flush=True)
+    warm_up(lm)
+    records = {label: [] for label in runs}
+    peak = dict.fromkeys(runs, 0)
+    labels = list(runs)
+    with Progress(task_name, len(items), enabled=True, throttled=True) as bar:
+        for n, it in enumerate(items):
+            for label in labels[n % len(labels) :] + labels[: n % len(labels)]:
+                t = runs[label]
+                threshold = calibration[label]["threshold"] if label in calibration else t.setting.threshold
+                with PeakRSS(label) as mem:
+                    records[label].append(t._score_item(lm, index, it, threshold))
+                peak[label] = max(peak[label], mem.peak_bytes)
+            bar.advance()
     results = {}
-    for label, option in settings(k, budget):
-        task = tasks.get(f"{task_name}:{option}")
-        ctx = TaskContext(seed=seed)
-        data = task.load(ctx)
-        items = sample_items(data.items, limit, seed)
-        t = time.perf_counter()
-        with PeakRSS(label) as mem:
-            res = task.run(lm, items, ctx)
-        m = res.metrics
-        row = {
+    for label, t in runs.items():
+        recs = records[label]
+        m = aggregate(recs, t.aggregations())
+        results[label] = {
             "label": label,
-            "task": task.name,
-            "n": len(items),
+            "task": t.name,
+            "n": len(recs),
             "acc": m["acc"].value,
             "acc_se": m["acc"].stderr,
             "retrieved": m["retrieved"].value,
@@ -98,23 +121,19 @@ def run_task(lm, task_name: str, k: int, budget: int, limit: int, seed: int) -> 
             "latency_s": m["latency_s"].value,
             "latency_se": m["latency_s"].stderr,
             "parts_s": {
-                p: statistics.fmean(r[p] for r in res.records)
-                for p in ("retrieve_s", "gate_s", "compress_s", "score_s")
+                p: statistics.fmean(r[p] for r in recs) for p in ("retrieve_s", "gate_s", "compress_s", "score_s")
             },
-            "peak_rss_bytes": mem.peak_bytes,
-            "seconds": time.perf_counter() - t,
-            "setting": m["acc"].extra.get("rag"),
-            "index": m["acc"].extra.get("index"),
-            "calibration": m["acc"].extra.get("calibration"),
-            "data": data.source,
-            "correct": [r["acc"] for r in res.records],
-            "ids": [r["id"] for r in res.records],
+            "peak_rss_bytes": peak[label],
+            "calibration": calibration.get(label),
+            "index": index.label,
+            "data": data[label].source,
+            "correct": [r["acc"] for r in recs],
+            "ids": [r["id"] for r in recs],
         }
-        results[label] = row
+        r = results[label]
         print(
-            f"{task_name} {label}: acc {row['acc']:.4f} ± {row['acc_se']:.4f}, "
-            f"latency {row['latency_s'] * 1e3:.0f} ms, tokens {row['prompt_tokens']:.0f}, "
-            f"retrieved {row['retrieved']:.2f} ({row['seconds']:.0f} s)",
+            f"{task_name} {label}: acc {r['acc']:.4f} ± {r['acc_se']:.4f}, latency {r['latency_s'] * 1e3:.0f} ms, "
+            f"tokens {r['prompt_tokens']:.0f}, retrieved {r['retrieved']:.2f}",
             flush=True,
         )
     return results
@@ -170,8 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crossover", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 100000, 300000])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--cal-items", type=int, default=300, help="calibration items per task (rag/tasks.py CAL_ITEMS)")
+    ap.add_argument("--tables", default=None, help="print the tables of an earlier --json file and stop")
     args = ap.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            saved = json.load(f)
+        for name, res in saved["tasks"].items():
+            print(table(name, res) + "\n")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # before OpenMP starts: on this shared machine 2-thread torch with OpenMP's default (spinning) waits took 630 ms
+    # for one MiniLM query against 76 ms with passive waits (load average 8)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -184,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         out = {"crossover": rows, "threads": args.threads, "load_before": load}
     else:
         from budgetlm.api import load as load_model
+        from budgetlm.rag import tasks as rag_tasks
+
+        rag_tasks.CAL_ITEMS = args.cal_items
         from budgetlm.models.lm import HFLM
 
         handle = load_model(args.model)
@@ -199,8 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
             res = run_task(lm, name, args.k, args.budget, args.limit, args.seed)
             out["tasks"][name] = res
+            out["load_after"] = os.getloadavg()
+            if args.json:  # after each task: an hour of work is not lost to a later failure
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
             print(table(name, res), flush=True)
-        out["load_after"] = os.getloadavg()
         print(f"load average after: {out['load_after'][0]:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

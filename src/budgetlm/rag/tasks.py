@@ -251,12 +251,19 @@ def task_index(corpus: str, texts: list[str], data_dir: Path | None):
     passages = [{"text": t.strip(), "source": f"{corpus} #{i}"} for i, t in enumerate(texts) if t.strip()]
     digest = hashlib.sha256(json.dumps([passages, DEFAULT_CHUNK_TOKENS, identity()["sha256"]]).encode()).hexdigest()
     path = cache_dir() / "rag" / f"{corpus}-{digest[:16]}"
+    if path in _INDEXES:
+        return _INDEXES[path]
     if (path / MARKER).is_file():
-        return load_index(path)
+        _INDEXES[path] = load_index(path)
+        return _INDEXES[path]
     where = f"{corpus} ({'--data-dir ' + str(data_dir) if data_dir else 'bundled'})"
     index = build_index(passages, DEFAULT_CHUNK_TOKENS, sources=[where], progress=True, name=corpus)
     save_index(index, path, force=True)
+    _INDEXES[path] = index
     return index
+
+
+_INDEXES: dict[Path, object] = {}  # the task indexes this process loaded
 
 
 sciq_rag = RagTask("sciq", "support", "sciq-support")
