@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
-        f"threads {args.threads}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 shared cores)", flush=True
+        f"threads {args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 shared cores)",
+        flush=True,
     )
     if args.crossover:
         rows = crossover(args.sizes, args.repeats, args.threads)

@@ -11,10 +11,12 @@ An index folder (written whole or not at all, utils.atomic_dir):
 Loading refuses, in one line, an index whose manifest names another encoder (another name or other weights).
 
 Search: faiss's IndexFlatIP, or below NUMPY_BELOW vectors a numpy matrix-vector product and argpartition, which
-was measured as fast there (benchmarks/bench_rag.py --crossover; README). Both are exact and return the same
-passages (ties aside). Hybrid search (an index with BM25) fuses the dense and the BM25 rankings of the top
-candidates by reciprocal rank fusion, score = sum 1 / (60 + rank) (Cormack et al., 2009); the scores it returns
-are still the dense cosines of the passages it returns.
+was measured as fast there (benchmarks/bench_rag.py --crossover, one query, k = 5, loaded 2-core machine: numpy /
+faiss 0.08 / 0.04 ms at 1,000 vectors, 2.1 / 2.5 ms at 10,000, 20 / 8 ms at 30,000, 172 / 79 ms at 300,000 on one
+thread; faiss on two OpenMP threads was 2-3x *slower* than numpy from 10,000 up there, so faiss searches one query on
+one thread). Both are exact and return the same passages (ties aside). Hybrid search (an index with BM25) fuses the
+dense and the BM25 rankings of the top candidates by reciprocal rank fusion, score = sum 1 / (60 + rank) (Cormack
+et al., 2009); the scores it returns are still the dense cosines of the passages it returns.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from budgetlm.errors import ConfigError, DataError
 FORMAT = "budgetlm-rag-index"
 VERSION = 1
 MARKER = "manifest.json"
-NUMPY_BELOW = 20_000  # vectors under which numpy's exact search is as fast as faiss's (bench_rag.py --crossover)
+NUMPY_BELOW = 10_000  # vectors under which numpy's exact search is as fast as faiss's (bench_rag.py --crossover)
 RRF_K = 60
 DEFAULT_CHUNK_TOKENS = 128
 
@@ -76,6 +78,9 @@ class Index:
         k = min(k, len(self))
         if backend == "numpy" or (backend == "auto" and len(self) < NUMPY_BELOW):
             return numpy_topk(self.vectors, queries, k)
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query: its threads only contend (measured above)
         scores, ids = self.faiss_index().search(queries, k)
         return scores, ids
 
