@@ -156,6 +156,28 @@ def remove(rel: str) -> Setup:
     return setup
 
 
+def mkdir(rel: str) -> Setup:
+    def setup(root: Path) -> None:
+        (root / rel).mkdir(parents=True)
+
+    return setup
+
+
+def rag_index(to: str) -> Setup:
+    """A small retrieval index (built once per process with the bundled encoder) copied to `to`."""
+
+    def setup(root: Path) -> None:
+        built = fixtures() / "rag-index"
+        if not built.exists():
+            from budgetlm.rag.index import build_index, save_index
+
+            docs = [{"text": "Water boils at 100 degrees.", "source": "a"}, {"text": "Ice melts.", "source": "b"}]
+            save_index(build_index(docs, chunk_tokens=32), built)
+        shutil.copytree(built, root / to)
+
+    return setup
+
+
 USER = write("mine/notes.txt", "a user's own file\n")  # a folder budgetlm did not write
 ARC_ROW = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["iron", "oxygen"], "label": ["A", "B"]}}
 ARC_ROW["answerKey"] = "B"
@@ -497,6 +519,32 @@ CASES: list[Case] = [
     Case("eval: --mode gated without --draft", (E, *T, "--tasks", "arith", "--mode", "gated"),
          needle="give --draft"),
     Case("eval: --tau 0", (E, *T, "--tasks", "arith", "--draft", "layers:1", "--tau", "0"), needle="τ > 0"),
+    # --- rag index / rag ask
+    Case("rag index: an empty document folder", ("rag", "index", "docs", "--out", "idx"), (mkdir("docs"),),
+         needle="holds no"),
+    Case("rag index: only documents that are not UTF-8", ("rag", "index", "docs", "--out", "idx"),
+         (write("docs/a.txt", b"caf\xe9 \xff\xfe"),), needle="not UTF-8"),
+    Case("rag index: a jsonl document without text", ("rag", "index", "d.jsonl", "--out", "idx"),
+         (write("d.jsonl", '{"body": "x"}\n'),), needle='"text"'),
+    Case("rag index: unknown corpus name", ("rag", "index", "sciq-suport", "--out", "idx"), needle="sciq-support"),
+    Case("rag index: --chunk-tokens 0", ("rag", "index", "d.txt", "--out", "idx", "--chunk-tokens", "0"),
+         (write("d.txt", "Some text."),), needle="--chunk-tokens"),
+    Case("rag index: --out holds user files", ("rag", "index", "d.txt", "--out", "mine"),
+         (write("d.txt", "Some text."), USER), needle="--force"),
+    Case("rag ask: an index built with another encoder", ("rag", "ask", "idx", *T, "When does water boil?"),
+         (rag_index("idx"), edit_json("idx/manifest.json", lambda m: m["encoder"].update(sha256="0" * 64))),
+         needle="another encoder"),
+    Case("rag ask: no index there", ("rag", "ask", "idx", *T, "When does water boil?"), needle="rag index"),
+    Case("rag ask: a question longer than the context window", ("rag", "ask", "idx", *T, "why " * 400),
+         (rag_index("idx"),), needle="context window"),
+    Case("rag ask: an empty question", ("rag", "ask", "idx", *T, " "), (rag_index("idx"),), needle="empty"),
+    Case("rag ask: a scored gate without --threshold", ("rag", "ask", "idx", *T, "Why?", "--gate", "grad"),
+         (rag_index("idx"),), needle="--threshold"),
+    Case("rag ask: unknown gate", ("rag", "ask", "idx", *T, "Why?", "--gate", "gradient"), (rag_index("idx"),),
+         needle="unknown gate"),
+    Case("rag ask: --k 0", ("rag", "ask", "idx", *T, "Why?", "--k", "0"), (rag_index("idx"),), needle="--k"),
+    Case("eval: a sciq-rag option misspelt", (E, *T, "--tasks", "sciq-rag:gat=grad"), needle="not an option"),
+    Case("eval: a sciq-rag k that is not a number", (E, *T, "--tasks", "sciq-rag:k=three"), needle="whole numbers"),
     # --- signals (real processes)
     Case("SIGINT during eval", (E, *T, "--tasks", "arith", "--out", "ev"), needle="interrupted", code=130,
          signal=signal.SIGINT, wait_for=".ev.*"),

@@ -721,6 +721,82 @@ def export_cmd(
     _print_export(run_export(handle, out, gguf, requantize=requantize, pure=pure, aside=force and not ours))
 
 
+# -- budgetlm rag: AdaComp-RAG (index documents; ask a model through gated retrieval + compression) ---------------
+rag_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Retrieval: index documents, ask a model through AdaComp-RAG."
+)
+app.add_typer(rag_app, name="rag")
+
+
+@rag_app.command("index")
+def rag_index_cmd(
+    docs: Annotated[
+        list[str],
+        typer.Argument(help="text/markdown/jsonl files or folders, or a bundled corpus: sciq-support, boolq-passages"),
+    ],
+    out: Annotated[Path, typer.Option(help="the index folder to write")],
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="encoder tokens per chunk, whole sentences (default 128, at most 254)")
+    ] = None,
+    bm25: Annotated[bool, typer.Option("--bm25", help="also a BM25 index, fused with the dense ranking")] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+) -> None:
+    """Chunk documents by sentences, embed them with the bundled MiniLM and write an exact search index."""
+    from budgetlm.rag.api import build
+
+    index, found = build(docs, out, chunk_tokens, bm25, force, progress=True)
+    m = index.manifest
+    print(
+        f"index {out}: {m['chunks']:,} chunks of <= {m['chunk_tokens']} tokens ({m['sentences']:,} sentences) from "
+        f"{len(found.passages):,} passages, {m['kind']}; {m['duplicate_chunks_dropped']:,} duplicate chunks dropped, "
+        f"{len(found.skipped)} files skipped (not UTF-8), {found.ignored} other files ignored"
+    )
+
+
+@rag_app.command("ask")
+def rag_ask_cmd(
+    index: Annotated[Path, typer.Argument(help="an index folder (budgetlm rag index)")],
+    model: ModelArg,
+    question: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[int, typer.Option(min=1, help="passages to retrieve")] = 3,
+    gate: Annotated[str, typer.Option(help="always, never, grad, entropy or margin (these three need --threshold)")] = (
+        "always"
+    ),
+    threshold: Annotated[float | None, typer.Option(help="retrieve when the gate's score is at least this")] = None,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="compress the context to this many model tokens (default: no compression)")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="answer tokens at most")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Answer a question: gate, retrieve, compress, generate; prints each step and its latency."""
+    from budgetlm.api import load
+    from budgetlm.rag.api import ask
+    from budgetlm.rag.index import load_index
+    from budgetlm.rag.pipeline import Setting
+
+    setting = Setting(gate=gate, k=k, budget=budget, threshold=threshold)
+    idx = load_index(index)
+    res = ask(idx, load(model), question, setting, max_new_tokens)
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return
+    score = "" if res.score is None else f", score {res.score:.4g} vs threshold {threshold:.4g}"
+    print(f"decision: {'retrieve' if res.retrieved else 'no retrieval'} ({res.setting}{score})")
+    if res.passages:
+        _table(
+            "passages",
+            ["rank", "source", "cosine"],
+            [[str(i + 1), p["source"], f"{p['score']:.3f}"] for i, p in enumerate(res.passages)],
+        )
+    for note in res.notes:
+        print(f"note: {note}")
+    print(f"context ({res.prompt_tokens:,} prompt tokens):\n{res.context or '(none)'}")
+    print(f"answer: {res.answer}")
+    parts = ", ".join(f"{name[:-2]} {v * 1e3:.0f} ms" for name, v in res.seconds.items())
+    print(f"latency: {parts}")
+
+
 @app.command()
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="recipe YAML (default: the bundled quickstart)")] = None,

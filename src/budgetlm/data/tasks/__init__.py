@@ -10,5 +10,8 @@ register_offline_tasks(tasks)
 register_hub_tasks(tasks)
 register_more_mc_tasks(tasks)
 register_mmlu_tasks(tasks)
+# the retrieval tasks live with retrieval (rag/tasks.py), above this layer: lazy entries import them on first use
+tasks.add("sciq-rag", "budgetlm.rag.tasks:sciq_rag")
+tasks.add("boolq-rag", "budgetlm.rag.tasks:boolq_rag")
 
 __all__ = ["tasks"]

@@ -22,15 +22,19 @@ from budgetlm.results import Aggregate, Metric
 
 class TaskRegistry(Registry):
     """The task registry, where `<task>:eval-fold` also names a task: the eval fold of a task that fine-tunes on
-    the train fold of its evaluation split (folds.py)."""
+    the train fold of its evaluation split (folds.py); a task with `with_options` reads what follows its name's
+    first ':' as its settings (`sciq-rag:gate=grad:k=3`)."""
 
     def get(self, name: str):
         base, sep, option = name.partition(":")
         if not sep:
             return super().get(name)
+        task = super().get(base)
+        if hasattr(task, "with_options"):  # a task whose settings are part of its name (rag/tasks.py)
+            return task.with_options(option)
         from budgetlm.data.tasks.folds import task_option
 
-        return task_option(super().get(base), option)
+        return task_option(task, option)
 
     def __contains__(self, name: str) -> bool:
         if ":" not in name:
