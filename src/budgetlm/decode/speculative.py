@@ -117,8 +117,8 @@ class Chain:
         assert len(self.taus) == len(self.lms) - 1 and self.mode in MODES
         self.stats = [LevelStats(lm.name) for lm in self.lms]
         for lm in self.lms:  # a layers:K draft copies the keys and values a model of the chain already computed
-            whole, k = getattr(lm.model, "budgetlm_first_layers_of", (None, 0))
-            lender = next((other for other in self.lms if other.model is whole), None)
+            whole, k = getattr(getattr(lm, "model", None), "budgetlm_first_layers_of", (None, 0))
+            lender = next((other for other in self.lms if whole is not None and other.model is whole), None)
             if lender is not None:
                 lm.lender, lm.lent_layers = lender, k
 
@@ -202,7 +202,8 @@ class Chain:
             tok, _ = self.sampler.pick(self.lms[0].logits(seq, len(seq) - 1)[-1])
             self.stats[0].emitted += 1
             return [tok]
-        if not self.lms[top].tokens and any(lm.lender is self.lms[top] for lm in self.lms[:top]):
+        lent = any(getattr(lm, "lender", None) is self.lms[top] for lm in self.lms[:top])
+        if lent and not self.lms[top].tokens:
             # the prompt's prefill by the verifier first, so that its layer drafts copy it instead of computing it
             tok, _ = self.sampler.pick(self.lms[top].logits(seq, len(seq) - 1)[-1])
             self.stats[top].emitted += 1
