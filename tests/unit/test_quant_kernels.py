@@ -53,6 +53,37 @@ def make_layer(bits, group, symmetric, out_f=128, in_f=256, act_order=False, ran
     return layer, ref, b
 
 
+def independent_pack(q: torch.Tensor, block: int) -> torch.Tensor:
+    """torch's CPU 4-bit layout written byte by byte: in each block of `block` rows, for each column, byte j holds row
+    j (low nibble) and row block/2 + j (high nibble)."""
+    n, k = q.shape
+    out = torch.zeros(n, k // 2, dtype=torch.uint8)
+    flat = out.view(-1)
+    half = block // 2
+    for b0 in range(0, n, block):
+        for col in range(k):
+            for j in range(half):
+                flat[b0 * k // 2 + col * half + j] = int(q[b0 + j, col]) | (int(q[b0 + half + j, col]) << 4)
+    return out
+
+
+@pytest.mark.parametrize("block", [64, 32, 16])
+def test_the_layout_block_is_found_by_packing_not_by_cpu_flags(block):
+    # a packer of another CPU family (AVX-512: 64, AVX2: 32) is recognised; an unknown layout or a failing packer
+    # leaves the kernels off
+    assert kernels.match_block(lambda q, inner: independent_pack(q, block)) == block
+    assert kernels.match_block(lambda q, inner: independent_pack(q, block).flip(0)) is None
+    assert kernels.match_block(lambda q, inner: torch.zeros(128, 16, dtype=torch.uint8)) is None
+
+    def broken(q, inner):
+        raise RuntimeError("no kernel")
+
+    assert kernels.match_block(broken) is None
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    if kernels._layout_matches():  # this host's layout is one of them, and pack_int4 writes it
+        assert torch.equal(kernels.pack_int4(q), independent_pack(q, kernels.block_n()))
+
+
 @pytest.mark.parametrize("n,k", [(64, 32), (192, 576), (1536, 576), (128, 64)])
 def test_pack_int4_is_torchs_layout_and_unpacks(n, k):
     q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int32)
@@ -68,7 +99,7 @@ def test_int4_group_takes_what_the_kernel_can_express():
     assert kernels.int4_group(2, 576, 64, 576) == 64  # per-channel on 576 columns: 9 repeated groups of 64
     assert kernels.int4_group(4, 512, 64, 1024) == 256  # a group of 512 = 2 kernel groups with the same scale
     assert kernels.int4_group(4, 16, 64, 256) is None  # groups smaller than the kernel's
-    assert kernels.int4_group(4, 64, 100, 256) is None  # rows not in whole 64-row blocks
+    assert kernels.int4_group(4, 64, 100, 256) is None  # rows not in whole blocks (of 64, 32 or 16)
     assert kernels.int4_group(8, 64, 128, 256) == 64  # 8-bit grids as two 4-bit halves
     assert kernels.int4_group(8, 16, 128, 256) is None
 
@@ -148,7 +179,8 @@ def test_int8_storage_survives_the_halves(use_kernels, monkeypatch):
 
 
 def test_grids_no_kernel_takes_compute_exactly(use_kernels):
-    for bits, group, out_f in [(4, 16, 128), (4, 64, 96), (8, 16, 128)]:  # small group, odd rows, small 8-bit group
+    odd = kernels.block_n() + 16  # rows not in whole blocks of the host's layout (64 with AVX-512, 32 with AVX2)
+    for bits, group, out_f in [(4, 16, 128), (4, 64, odd), (8, 16, 128)]:  # small group, odd rows, small 8-bit group
         layer, ref, b = make_layer(bits, group, False, out_f=out_f)
         assert layer.path(1) == "dense"
         x = torch.randn(1, 256)

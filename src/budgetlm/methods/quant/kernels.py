@@ -21,10 +21,12 @@ dequantise + GEMM for many (prefill, scoring). The crossover is measured once pe
 representative layer (`crossover`, ~0.1-0.3 s), never assumed from CPU flags: where bf16 is emulated the kernels
 lose at every M and are never taken. `choose` is a pure function of M and the probe's result.
 
-The 4-bit layout: torch's CPU packer stores blocks of 64 output rows, for every input column 32 bytes, byte j
-holding row j in its low nibble and row 32 + j in its high nibble. `pack_int4` / `unpack_int4` write and read
-that layout with tensor ops (cheap and exact both ways), checked once per process against torch's own packer
-(`_layout_matches`); a torch whose layout differs leaves every layer on the dense path. Set BUDGETLM_KERNELS=0
+The 4-bit layout: torch's CPU packer stores blocks of B output rows, for every input column B/2 bytes, byte j
+holding row j in its low nibble and row B/2 + j in its high nibble. B follows the CPU's vector width (64 with
+AVX-512, 32 with AVX2), so it is found once per process by packing a probe layer with torch's own packer and
+matching the candidates (`block_n`), never read from CPU flags. `pack_int4` / `unpack_int4` write and read that
+layout with tensor ops (cheap and exact both ways); a torch whose layout matches no candidate leaves every layer on
+the dense path (`_layout_matches`). Set BUDGETLM_KERNELS=0
 (or `kernels_enabled(False)`) to compute every quantised layer by exact dequantisation.
 """
 
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, largest first
-BLOCK_N = 64  # output rows per block of torch's CPU 4-bit layout
+LAYOUT_BLOCKS = (64, 32, 16)  # candidate output rows per block of torch's CPU 4-bit layout
 DENSE_BLOCK_WEIGHTS = 1 << 21  # float32 weights dequantised at once on the dense path (8 MiB)
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts the probe times, ascending
 PROBE_SHAPE = (1024, 1024)  # [out, in] of the layer the probe times
@@ -70,7 +72,7 @@ def kernels_enabled(on: bool):
 def int4_group(bits: int, group_size: int, out_features: int, in_features: int) -> int | None:
     """The kernel group size that expresses this grid exactly (8-bit grids as two 4-bit halves, `int8_split`), or
     None when the kernel cannot take it."""
-    if bits not in (2, 3, 4, 8) or out_features % BLOCK_N or in_features % 2:
+    if bits not in (2, 3, 4, 8) or out_features % block_n() or in_features % 2:
         return None
     for g in INT4_GROUPS:
         if group_size % g == 0 and in_features % g == 0:
@@ -78,29 +80,51 @@ def int4_group(bits: int, group_size: int, out_features: int, in_features: int) 
     return None
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] (values 0..15, N a multiple of 64) in torch's CPU 4-bit layout, uint8 [N, K/2]."""
+def _pack(codes: torch.Tensor, block: int) -> torch.Tensor:
     n, k = codes.shape
-    c = codes.to(torch.uint8).reshape(n // BLOCK_N, 2, BLOCK_N // 2, k)
-    packed = c[:, 0] | (c[:, 1] << 4)  # [blocks, 32, K]
+    c = codes.to(torch.uint8).reshape(n // block, 2, block // 2, k)
+    packed = c[:, 0] | (c[:, 1] << 4)  # [blocks, block/2, K]
     return packed.transpose(1, 2).contiguous().reshape(n, k // 2)
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The inverse of pack_int4: uint8 codes [n, k] from a layout [n, k/2] (or a block of whole 64-row blocks)."""
-    p = packed.reshape(n // BLOCK_N, k, BLOCK_N // 2).transpose(1, 2)  # [blocks, 32, K]
-    return torch.stack([p & 15, p >> 4], dim=1).reshape(n, k)
+def match_block(packer) -> int | None:
+    """The block of the 4-bit layout `packer(codes int32 [N, K], 1)` writes: the candidate whose packing of a
+    random 128 x 64 layer is exactly the packer's; None when none is (or the packer fails)."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        theirs = packer(q, 1)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    if theirs.shape != (128, 32) or theirs.dtype != torch.uint8:
+        return None
+    return next((b for b in LAYOUT_BLOCKS if torch.equal(theirs, _pack(q, b))), None)
 
 
 @lru_cache(maxsize=1)
+def _host_block() -> int | None:
+    return match_block(lambda q, inner: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner))
+
+
 def _layout_matches() -> bool:
-    """pack_int4 writes exactly what torch's own packer writes (checked on a random 128 x 64 layer)."""
-    try:
-        q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return theirs.shape == (128, 32) and torch.equal(theirs, pack_int4(q))
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
+    """pack_int4 writes exactly what torch's own packer writes on this host."""
+    return _host_block() is not None
+
+
+def block_n() -> int:
+    """Output rows per block of the host's 4-bit layout (64 where it is unknown: no layer then takes the kernel)."""
+    return _host_block() or LAYOUT_BLOCKS[0]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (values 0..15, N a multiple of block_n()) in torch's CPU 4-bit layout, uint8 [N, K/2]."""
+    return _pack(codes, block_n())
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 codes [n, k] from a layout [n, k/2] (or a block of whole blocks)."""
+    b = block_n()
+    p = packed.reshape(n // b, k, b // 2).transpose(1, 2)  # [blocks, b/2, K]
+    return torch.stack([p & 15, p >> 4], dim=1).reshape(n, k)
 
 
 def _offsets(zeros: torch.Tensor | None, bits: int, like: torch.Tensor) -> torch.Tensor:
@@ -130,7 +154,7 @@ def int4_pack_grid(codes, scales, zeros, bits: int, group_size: int, g: int) -> 
 
 
 def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
-    """The stored codes [n, k] back from int4_pack_grid's layout (rows of whole 64-row blocks; zeros of those rows)."""
+    """The stored codes [n, k] back from int4_pack_grid's layout (rows of whole blocks; zeros of those rows)."""
     codes = unpack_int4(packed, n, k)
     if bits <= 3:
         zp = _offsets(zeros, bits, torch.empty(n, k // group_size))
@@ -141,12 +165,12 @@ def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> tor
 
 def int4_row_codes(packed, ids: torch.Tensor, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
     """The stored codes [len(ids), k] of rows `ids` (1-D) from int4_pack_grid's layout, reading those rows only:
-    row r is nibble r // 32 % 2 of byte r % 32 in block r // 64, for every column."""
-    ids = ids.long()
-    blocks = packed.view(n // BLOCK_N, k, BLOCK_N // 2)
-    within = ids % BLOCK_N
-    raw = blocks[ids // BLOCK_N, :, within % (BLOCK_N // 2)]  # [len, k]
-    codes = (raw >> (4 * (within >= BLOCK_N // 2)).to(torch.uint8).unsqueeze(1)) & 15
+    with B = block_n(), row r is nibble r // (B/2) % 2 of byte r % (B/2) in block r // B, for every column."""
+    ids, b = ids.long(), block_n()
+    blocks = packed.view(n // b, k, b // 2)
+    within = ids % b
+    raw = blocks[ids // b, :, within % (b // 2)]  # [len, k]
+    codes = (raw >> (4 * (within >= b // 2)).to(torch.uint8).unsqueeze(1)) & 15
     if bits <= 3:
         zp = _offsets(None if zeros is None else zeros[ids], bits, torch.empty(len(ids), k // group_size))
         shift = (8 - zp).to(torch.int16).repeat_interleave(group_size, dim=1)
@@ -155,7 +179,7 @@ def int4_row_codes(packed, ids: torch.Tensor, zeros, bits: int, group_size: int,
 
 
 def int4_dequantize(packed, scales, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
-    """Float32 weights [n, k] straight from int4_pack_grid's layout (rows of whole 64-row blocks with their fp16
+    """Float32 weights [n, k] straight from int4_pack_grid's layout (rows of whole blocks with their fp16
     scales and zeros): (c - 8) * s for shifted codes (<= 3 bits), (q - zp) * s for 4-bit ones. Exact."""
     offset = torch.full_like(scales, 8, dtype=torch.float32) if bits <= 3 else _offsets(zeros, bits, scales)
     w = unpack_int4(packed, n, k).reshape(n, k // group_size, group_size).float()
@@ -207,7 +231,8 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
 
 def dense_mm(x: torch.Tensor, weight_rows, out_features: int, in_features: int) -> torch.Tensor:
     """x [M, K] times a weight dequantised block by block: `weight_rows(r0, r1)` gives rows r0:r1 in float32."""
-    step = max(BLOCK_N, DENSE_BLOCK_WEIGHTS // max(in_features, 1) // BLOCK_N * BLOCK_N)
+    b = block_n()
+    step = max(b, DENSE_BLOCK_WEIGHTS // max(in_features, 1) // b * b)
     if step >= out_features:
         return F.linear(x, weight_rows(0, out_features).to(x.dtype))
     y = x.new_empty(*x.shape[:-1], out_features)
@@ -306,7 +331,8 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
         g = int4_group(8, k, n, k)
         if not _layout_matches() or g is None:
             return "int8"
-        n = min(n, max(BLOCK_N, COLD_BYTES // 2 // k // BLOCK_N * BLOCK_N))  # a large layer: a slice of its rows
+        b = block_n()
+        n = min(n, max(b, COLD_BYTES // 2 // k // b * b))  # a large layer: a slice of its rows
         copies = max(2, COLD_BYTES // (n * k))
         # the kernels' speed does not depend on the code values: constant bytes are valid codes and packed layouts
         q8 = torch.full((copies, n, k), 0x35, dtype=torch.int8)

@@ -186,7 +186,8 @@ class QuantLinear(torch.nn.Module):
         """The kernel's form of the stored codes, built a block of rows at a time (a few MB of temporaries, not
         several bytes per weight of the whole layer: for a 49152-row lm_head that was ~150 MB)."""
         n, k, g = self.out_features, self.in_features, self._int4_group
-        step = max(kernels.BLOCK_N, kernels.DENSE_BLOCK_WEIGHTS // k // kernels.BLOCK_N * kernels.BLOCK_N)
+        b = kernels.block_n()
+        step = max(b, kernels.DENSE_BLOCK_WEIGHTS // k // b * b)
         out: list = []
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
