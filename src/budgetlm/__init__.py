@@ -1,6 +1,6 @@
 """budgetlm: put language models on a budget. The public API lives in budgetlm.api."""
 
-__version__ = "0.1.0"
+from budgetlm._version import __version__ as __version__
 
 
 def __getattr__(name):  # lazy, so `import budgetlm` stays cheap and free of torch

@@ -22,6 +22,7 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
+from budgetlm._version import __version__
 from budgetlm.errors import BudgetLMError
 from budgetlm.progress import relay_lines
 from budgetlm.results import Metric
@@ -174,8 +175,6 @@ def environment() -> dict:
     """Versions, CPU, threads and the git commit every figure of the cell was measured with."""
     import torch
 
-    import budgetlm
-
     def version(pkg: str) -> str | None:
         try:
             return metadata.version(pkg)
@@ -187,7 +186,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": version("transformers"),
-        "budgetlm": budgetlm.__version__,
+        "budgetlm": __version__,
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -210,9 +209,7 @@ def cpu_model() -> str:
 
 def git_commit() -> tuple[str | None, bool | None]:
     """HEAD of the budgetlm checkout this package runs from (None when installed from a wheel)."""
-    import budgetlm
-
-    pkg = Path(budgetlm.__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent  # src/budgetlm
 
     def git(*args: str) -> str | None:
         try:

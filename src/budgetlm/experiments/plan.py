@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import budgetlm
+from budgetlm._version import __version__
 from budgetlm.experiments.recipe import BASELINE, Recipe
 
 ID_LENGTH = 12
@@ -50,7 +50,7 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
         "data_dir": recipe.data_dir,
         "eval_batch_size": recipe.eval_batch_size,
         "bench": recipe.bench.model_dump(mode="json"),
-        "budgetlm": budgetlm.__version__,
+        "budgetlm": __version__,
     }
     if recipe.decoding is not None:  # only when set: the ids of cells without it stay what they were
         config["decoding"] = recipe.decoding.resolved()

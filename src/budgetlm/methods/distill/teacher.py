@@ -2,12 +2,11 @@
 top-k next-token distributions on disk.
 
 Teacher. A model spec (a bundled name, a model folder, a GGUF file, `tiny-random`) loaded with
-budgetlm.api.load, in eval mode, every parameter frozen; by default the student's base model
-(handle.base_id), i.e. the model as it was loaded before any compression step. Distillation compares the two
-models position by position over the same token ids, so the teacher must tokenise exactly as the student
-does: same vocabulary (token -> id), same ids for a probe text (normalisation and pre-tokenisation rules),
-and the same number of output logits. Anything else is a one-line ConfigError raised before the student
-changes.
+models.sources.load (the loader budgetlm.api.load calls), in eval mode, every parameter frozen; by default the
+student's base model (handle.base_id), i.e. the model as it was loaded before any compression step. Distillation
+compares the two models position by position over the same token ids, so the teacher must tokenise exactly as the
+student does: same vocabulary (token -> id), same ids for a probe text (normalisation and pre-tokenisation rules),
+and the same number of output logits. Anything else is a one-line ConfigError raised before the student changes.
 
 Top-k cache (`cache_topk: k`), for when teacher and student do not fit in memory together *while training*:
 the teacher runs once, in inference mode (no activations kept, no gradients, no optimizer state), over the
@@ -54,7 +53,7 @@ _TINY_SEED = re.compile(r"tiny-random \(seed (\d+)\)")
 def load_teacher(spec: str) -> ModelHandle:
     """The teacher named by `spec`, in eval mode with every parameter frozen. tiny-random's derived name
     'tiny-random (seed N)' loads that seed. Loading leaves the global random generators as they were."""
-    from budgetlm.api import load
+    from budgetlm.models.sources import load
     from budgetlm.train.loop import rng_isolated
 
     m = _TINY_SEED.fullmatch(spec)
