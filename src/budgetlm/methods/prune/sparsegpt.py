@@ -3,7 +3,7 @@
 For a Linear with weight W [out, in] and inputs X, SparseGPT looks for a sparse Ŵ with small ‖(W − Ŵ)X‖². It is
 GPTQ with "round to 0 where pruned, keep the value elsewhere" in place of rounding: with H = (2/n) Σ x xᵀ
 (calibration.HessianStat), damped by λ = damp·mean(diag H), and U the upper Cholesky factor of (H + λI)⁻¹
-(gptq.inverse_hessian_cholesky), the columns are processed left to right; column c becomes q_c (w_c where kept,
+(gptq_sweep.inverse_hessian_cholesky), the columns are processed left to right; column c becomes q_c (w_c where kept,
 0 where pruned) and its scaled error e = (w_c − q_c)/U_cc is pushed onto the columns not yet processed,
 W[:, j] −= e·U_cj. U_cc² is the [H⁻¹]_cc of the OBS formulas at the moment column c is reached (the inverse
 Hessian of the columns still free), so the error of pruning weight w_c is w_c²/U_cc².
@@ -36,9 +36,9 @@ group's first column, from its error-updated weights with the ones already prune
 Dead inputs (H_ii == 0: the input is always zero) are handled as GPTQ does: H_ii = 1 and the column is zeroed,
 so those weights score 0 and are pruned first. A non-finite Hessian falls back to H = I (magnitude pruning).
 
-`apply` runs gptq's layer loop (gptq.compress_layerwise: Hessian passes with shared Hessians for Linears fed
-the same tensor and the last-called stub, dense stand-ins for the later passes) and feeds the pruned layer's
-outputs forward. The Linears sharing a Hessian are pruned one by one with it, not stacked as GPTQ does: the
+`apply` runs gptq's layer loop (methods/layerwise.compress_layerwise: Hessian passes with shared Hessians for
+Linears fed the same tensor and the last-called stub, dense stand-ins for the later passes) and feeds the pruned
+layer's outputs forward. The Linears sharing a Hessian are pruned one by one with it, not stacked as GPTQ does: the
 block-wide mask must compare the weights of one module only. A pruned Linear is stored as common.store_pruned
 says (bitmask, N:M or dense); with `bits` it becomes a QuantLinear whose dequantised weight has the same zeros.
 Stats per module: sparsity (exact zeros of the stored weight: kept weights that quantise to 0 count too),
@@ -56,9 +56,9 @@ from pydantic import Field, field_validator, model_validator
 
 from budgetlm.errors import ConfigError
 from budgetlm.methods.base import StepContext, StepReport, implements, register_method
+from budgetlm.methods.layerwise import compress_layerwise
 from budgetlm.methods.prune.common import PruneConfig, check_targets, pruned_stats, sparsity_report, store_pruned
-from budgetlm.methods.quant.gptq import (
-    compress_layerwise,
+from budgetlm.methods.quant.gptq_sweep import (
     dense_stand_in,
     inverse_hessian_cholesky,
     output_error_rows,

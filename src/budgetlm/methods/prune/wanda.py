@@ -19,6 +19,7 @@ import torch
 
 from budgetlm.methods.base import StepContext, StepReport, implements, register_method, select_linears
 from budgetlm.methods.calibration import LayerwiseCalibration, NormStat, require_calibration
+from budgetlm.methods.layerwise import assign_layers
 from budgetlm.methods.prune.common import (
     PruneConfig,
     check_targets,
@@ -27,7 +28,6 @@ from budgetlm.methods.prune.common import (
     sparsity_report,
     store_pruned,
 )
-from budgetlm.methods.quant.gptq import assign_layers
 from budgetlm.models.handle import ModelHandle
 
 
