@@ -1,5 +1,10 @@
 """awq: activation-aware weight quantisation (Lin et al., arXiv 2306.00978).
 
+This module owns the method: its config, the layer-by-layer run (capturing each group's inputs, the α search and
+folding per group, the clipping search, quantising the targeted Linears) and the lm_head (`embeddings: true`). The
+searches and the grids they quantise on live in awq_search.py, the decoder-layer layout and the folding of scales
+in awq_layout.py; their public names stay importable from here.
+
 A few input channels of each Linear carry much larger activations than the rest; their weights matter more. AWQ
 multiplies those weight columns by a per-input-channel factor s before quantising (so they get relatively finer
 steps) and divides the activations by s, which costs nothing at inference because 1/s is folded into the op that
@@ -45,8 +50,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
 
@@ -64,6 +67,26 @@ from budgetlm.methods.base import (
     set_module,
 )
 from budgetlm.methods.calibration import InputStat, LayerwiseCalibration, decoder_layers, require_calibration
+from budgetlm.methods.quant.awq_layout import ATTN as ATTN
+from budgetlm.methods.quant.awq_layout import (
+    GROUPS,
+    Layout,
+    check_folding,
+    fold_into_norm,
+    layout,
+    norm_kind,
+    scale_columns,
+)
+from budgetlm.methods.quant.awq_layout import MLP as MLP
+from budgetlm.methods.quant.awq_layout import fold_into_linear as fold_into_linear
+from budgetlm.methods.quant.awq_search import FP16_MAX as FP16_MAX
+from budgetlm.methods.quant.awq_search import FP16_TINY as FP16_TINY
+from budgetlm.methods.quant.awq_search import ScaleSearch, group_gram, quantize_linear, search_alpha, search_clip
+from budgetlm.methods.quant.awq_search import awq_grid as awq_grid
+from budgetlm.methods.quant.awq_search import awq_scales as awq_scales
+from budgetlm.methods.quant.awq_search import block_mse as block_mse
+from budgetlm.methods.quant.awq_search import clip_weight as clip_weight
+from budgetlm.methods.quant.awq_search import fake_quantize as fake_quantize
 from budgetlm.methods.quant.embedding import (
     UNTIED_TABLE_NOTE,
     final_norm,
@@ -73,12 +96,8 @@ from budgetlm.methods.quant.embedding import (
     quantise_untied_table,
     stats_row,
 )
-from budgetlm.methods.quant.layers import QuantLinear
-from budgetlm.methods.quant.quantizer import Grid, dequantize, find_grid, quantize
 from budgetlm.methods.quant.rtn import GridConfig
 from budgetlm.models.handle import ModelHandle
-
-FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
 
 
 @register_method("awq")
@@ -121,233 +140,6 @@ class AWQ(GridConfig):
         return int(round(self.max_shrink * self.clip_grid))
 
 
-# ----------------------------------------------------------------------------------------------- quantiser
-
-
-def awq_grid(w: torch.Tensor, cfg: AWQ) -> Grid:
-    """The rtn grid of w with scales rounded to fp16 (QuantLinear stores them in fp16): codes are chosen on the
-    grid the layer will compute with."""
-    grid = find_grid(w, cfg.bits, cfg.group_size, cfg.symmetric)
-    grid.scales = grid.scales.clamp(FP16_TINY, FP16_MAX).half().float()
-    return grid
-
-
-def fake_quantize(w: torch.Tensor, cfg: AWQ) -> torch.Tensor:
-    """dequantize(quantize(w, grid), grid) on awq_grid(w), computed per group by broadcasting (the same
-    arithmetic without expanding the scales to the weight's shape: the searches call this hundreds of times)."""
-    grid = awq_grid(w, cfg)
-    out_f, in_f = w.shape
-    wg = w.float().reshape(out_f, grid.scales.shape[1], -1)
-    scale = grid.scales.unsqueeze(-1)
-    if grid.zeros is None:
-        half = 2 ** (cfg.bits - 1)
-        q = torch.clamp(torch.round(wg / scale), -half, half - 1)
-        return (q * scale).reshape(out_f, in_f)
-    zero = grid.zeros.unsqueeze(-1)
-    q = torch.clamp(torch.round(wg / scale) + zero, 0, grid.qmax)
-    return ((q - zero) * scale).reshape(out_f, in_f)
-
-
-def clip_weight(w: torch.Tensor, shrink: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """w clamped per (row, group) to ±max|w|·shrink; shrink is [out, n_groups]."""
-    out_f, in_f = w.shape
-    g = group_size or in_f
-    wg = w.float().reshape(out_f, in_f // g, g)
-    lim = wg.abs().amax(-1, keepdim=True) * shrink.unsqueeze(-1)
-    return torch.maximum(torch.minimum(wg, lim), -lim).reshape(out_f, in_f)
-
-
-# ----------------------------------------------------------------------------------------------- scales
-
-
-def awq_scales(s_x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = s_x^α / √(max(s_x^α)·min(s_x^α)), in log space: equal s_x give exactly s = 1 for every α. Channels
-    with (almost) no activation are floored at 1e-6 of the largest so the logarithm stays finite."""
-    s_x = s_x.double()
-    floor = max(float(s_x.max()) * 1e-6, 1e-30)
-    lx = s_x.clamp_min(floor).log()
-    mid = (lx.max() + lx.min()) / 2
-    return torch.exp(alpha * (lx - mid)).float()
-
-
-def block_mse(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    err = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref, strict=True))
-    return err / max(sum(r.numel() for r in ref), 1)
-
-
-@dataclass
-class ScaleSearch:
-    alpha: float
-    scales: torch.Tensor
-    losses: list[float]  # block MSE per α on the grid; losses[0] (α = 0) is plain rtn of the group
-
-
-@torch.no_grad()
-def search_alpha(
-    linears: list[nn.Linear],
-    s_x: torch.Tensor,
-    block: Callable[[], list[torch.Tensor]],
-    cfg: AWQ,
-    quantized: list[bool] | None = None,
-) -> ScaleSearch:
-    """The α whose scales give the least block-output MSE when the `quantized` linears (default: all) use
-    Q(W·diag(s))·diag(s)⁻¹; `block()` runs the block on the search inputs with the linears' current weights.
-    The weights are restored before returning; the smallest α wins ties."""
-    quantized = quantized if quantized is not None else [True] * len(linears)
-    ref = block()
-    originals = [lin.weight.data.clone() for lin in linears]
-    losses: list[float] = []
-    best_loss, best_alpha = math.inf, 0.0
-    try:
-        for k in range(cfg.n_grid):
-            alpha = k / cfg.n_grid
-            s = awq_scales(s_x, alpha)
-            for lin, w0, q in zip(linears, originals, quantized, strict=True):
-                if q:
-                    ws = w0.float() * s
-                    lin.weight.data.copy_((fake_quantize(ws, cfg) / s).to(w0.dtype))
-            loss = block_mse(block(), ref)
-            losses.append(loss)
-            if loss < best_loss:
-                best_loss, best_alpha = loss, alpha
-    finally:
-        for lin, w0 in zip(linears, originals, strict=True):
-            lin.weight.data.copy_(w0)
-    return ScaleSearch(best_alpha, awq_scales(s_x, best_alpha), losses)
-
-
-# ----------------------------------------------------------------------------------------------- folding
-
-
-def norm_kind(norm: nn.Module) -> str:
-    """'mul' for norms computing x̂·w (+ b) (Llama RMSNorm, LayerNorm), 'one_plus' for x̂·(1 + w) (Gemma);
-    detected numerically on a copy (weight 0 then 1). Anything else is a one-line ModelError."""
-    w = getattr(norm, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.ndim != 1:
-        raise ModelError(f"awq cannot fold scales into {type(norm).__name__}: it has no 1-D weight")
-    probe = copy.deepcopy(norm).float()
-    x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        if getattr(probe, "bias", None) is not None:
-            probe.bias.zero_()
-        probe.weight.zero_()
-        y0 = probe(x)
-        probe.weight.fill_(1.0)
-        y1 = probe(x)
-    if y1.abs().max() > 0 and y0.abs().max() <= 1e-6 * y1.abs().max():
-        return "mul"
-    if y0.abs().max() > 0 and torch.allclose(y1, 2 * y0, rtol=1e-4, atol=1e-6):
-        return "one_plus"
-    raise ModelError(f"awq cannot fold scales into {type(norm).__name__}: its output is neither x·w nor x·(1+w)")
-
-
-@torch.no_grad()
-def fold_into_norm(norm: nn.Module, s: torch.Tensor, kind: str) -> None:
-    """Divide the norm's output channels by s."""
-    w = norm.weight.data
-    new = w.float() / s if kind == "mul" else (1.0 + w.float()) / s - 1.0
-    w.copy_(new.to(w.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.data.copy_((norm.bias.data.float() / s).to(norm.bias.dtype))
-
-
-@torch.no_grad()
-def fold_into_linear(prev: nn.Linear, s: torch.Tensor) -> None:
-    """Divide the Linear's output channels (weight rows, bias) by s."""
-    prev.weight.data.copy_((prev.weight.data.float() / s[:, None]).to(prev.weight.dtype))
-    if prev.bias is not None:
-        prev.bias.data.copy_((prev.bias.data.float() / s).to(prev.bias.dtype))
-
-
-@torch.no_grad()
-def scale_columns(lin: nn.Linear, s: torch.Tensor) -> None:
-    lin.weight.data.copy_((lin.weight.data.float() * s[None, :]).to(lin.weight.dtype))
-
-
-# ----------------------------------------------------------------------------------------------- layout
-
-
-@dataclass
-class Layout:
-    """The modules of one Llama-like or Gemma-3-like decoder layer AWQ works with."""
-
-    attn: nn.Module
-    mlp: nn.Module
-    input_norm: nn.Module
-    mlp_norm: nn.Module
-    input_kind: str
-    mlp_kind: str
-    linears: dict[str, nn.Linear] = field(default_factory=dict)  # q, k, v, o, gate, up, down
-
-    @property
-    def scale_o(self) -> bool:
-        """o_proj can take scales from v_proj only without grouped-query attention."""
-        return self.linears["v"].out_features == self.linears["o"].in_features
-
-    def fold(self, group: str, s: torch.Tensor) -> None:
-        """Apply scales s to a group: consumers' columns × s, producer's output channels ÷ s."""
-        li = self.linears
-        if group == "qkv":
-            fold_into_norm(self.input_norm, s, self.input_kind)
-            consumers = [li["q"], li["k"], li["v"]]
-        elif group == "gate_up":
-            fold_into_norm(self.mlp_norm, s, self.mlp_kind)
-            consumers = [li["gate"], li["up"]]
-        elif group == "o":
-            fold_into_linear(li["v"], s)
-            consumers = [li["o"]]
-        elif group == "down":
-            fold_into_linear(li["up"], s)
-            consumers = [li["down"]]
-        else:  # pragma: no cover - internal
-            raise ValueError(group)
-        for lin in consumers:
-            scale_columns(lin, s)
-
-
-GROUPS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up"), "o": ("o",), "down": ("down",)}
-ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
-def layout(layer: nn.Module, model_type: str) -> Layout:
-    """The AWQ layout of a decoder layer; a one-line ModelError naming the model type if it is not Llama-like
-    (input_layernorm → self_attn, post_attention_layernorm → mlp) or Gemma-3-like (pre_feedforward_layernorm)."""
-
-    def fail(what: str) -> ModelError:
-        return ModelError(
-            f"awq supports Llama-like and Gemma-3-like decoder layers; model type '{model_type}' "
-            f"({type(layer).__name__}) has {what}; use gptq or rtn for this model"
-        )
-
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    input_norm = getattr(layer, "input_layernorm", None)
-    mlp_norm = getattr(
-        layer, "pre_feedforward_layernorm", None
-    )  # Gemma 3: post_attention_layernorm is on attn's output
-    if mlp_norm is None:
-        mlp_norm = getattr(layer, "post_attention_layernorm", None)  # Llama: the norm before the MLP
-    if attn is None or mlp is None or input_norm is None or mlp_norm is None:
-        parts = {"self_attn": attn, "mlp": mlp, "input_layernorm": input_norm, "a pre-MLP norm": mlp_norm}
-        raise fail("no " + ", ".join(n for n, m in parts.items() if m is None))
-    linears = {}
-    for key, (parent, attr) in {
-        **{k: (attn, v) for k, v in ATTN.items()},
-        **{k: (mlp, v) for k, v in MLP.items()},
-    }.items():
-        mod = getattr(parent, attr, None)
-        if not isinstance(mod, nn.Linear):
-            raise fail(f"no nn.Linear {attr}")
-        linears[key] = mod
-    kinds = []
-    for norm in (input_norm, mlp_norm):
-        try:
-            kinds.append(norm_kind(norm))
-        except ModelError as exc:
-            raise fail(f"a norm it cannot fold into ({exc})") from None
-    return Layout(attn, mlp, input_norm, mlp_norm, kinds[0], kinds[1], linears)
-
-
 def _call_attn(attn: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
     kw = dict(kw)
     if "hidden_states" in kw:
@@ -371,84 +163,6 @@ class _Keep(InputStat):
         out = torch.cat(self.xs)
         self.xs.clear()
         return out
-
-
-def group_gram(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """Per-group Gram blocks X_gᵀX_g / n: [n_groups, g, g] from inputs [n, in]."""
-    n, in_f = x.shape
-    g = group_size or in_f
-    xg = x.float().reshape(n, in_f // g, g).transpose(0, 1)  # [G, n, g]
-    return torch.bmm(xg.transpose(1, 2), xg) / max(n, 1)
-
-
-@torch.no_grad()
-def search_clip(w: torch.Tensor, gram: torch.Tensor, cfg: AWQ) -> torch.Tensor:
-    """Per (row, group) shrink factor of the range with the least partial-output error dᵀ(X_gᵀX_g)d, where d is
-    the group's rounding error; returns [out, n_groups]."""
-    out_f, in_f = w.shape
-    g = cfg.group_size or in_f
-    n_groups = in_f // g
-    w = w.float()
-    best_err = torch.full((out_f, n_groups), math.inf)
-    best = torch.ones(out_f, n_groups)
-    for i in range(cfg.clip_steps):
-        f = 1.0 - i / cfg.clip_grid
-        shrink = torch.full((out_f, n_groups), f)
-        d = (w - fake_quantize(clip_weight(w, shrink, cfg.group_size), cfg)).reshape(out_f, n_groups, g)
-        err = (torch.einsum("ogk,gkl->ogl", d, gram) * d).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, shrink, best)
-    return best
-
-
-def quantize_linear(lin: nn.Linear, cfg: AWQ, shrink: torch.Tensor | None) -> tuple[QuantLinear, float]:
-    """A QuantLinear of lin's current weight on its (clipped) grid, and the relative weight MSE."""
-    w = lin.weight.data.float()
-    wc = clip_weight(w, shrink, cfg.group_size) if shrink is not None else w
-    grid = awq_grid(wc, cfg)
-    codes = quantize(wc, grid)
-    err = (dequantize(codes, grid) - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-12)
-    return QuantLinear.from_codes(codes, grid, lin.bias), float(err)
-
-
-@torch.no_grad()
-def check_folding(lay: Layout, layer: nn.Module, x: torch.Tensor, kwargs: dict, model_type: str) -> None:
-    """Fold random scales into a copy of a decoder layer: its output must not change (else ModelError)."""
-    twin = copy.deepcopy(layer)
-    mods = dict(twin.named_modules())
-    names = {id(m): n for n, m in layer.named_modules()}
-
-    def mirror(m: nn.Module) -> nn.Module:
-        return mods[names[id(m)]]
-
-    twin_lay = Layout(
-        mirror(lay.attn),
-        mirror(lay.mlp),
-        mirror(lay.input_norm),
-        mirror(lay.mlp_norm),
-        lay.input_kind,
-        lay.mlp_kind,
-        {k: mirror(v) for k, v in lay.linears.items()},
-    )
-    gen = torch.Generator().manual_seed(0)
-    for group in GROUPS:
-        if group == "o" and not twin_lay.scale_o:
-            continue
-        width = twin_lay.linears[GROUPS[group][0]].in_features
-        twin_lay.fold(group, torch.exp(torch.rand(width, generator=gen) - 0.5))
-
-    def delta(mod):
-        y = mod(x, **kwargs)
-        return (y[0] if isinstance(y, tuple) else y) - x
-
-    d0, d1 = delta(layer), delta(twin)
-    rel = float((d1 - d0).norm() / d0.norm().clamp_min(1e-12))
-    if not rel < 1e-3:
-        raise ModelError(
-            f"awq: folding scales into model type '{model_type}' ({type(layer).__name__}) changes the float "
-            f"layer's output (relative error {rel:.1e}); this layout is not supported, use gptq or rtn"
-        )
 
 
 # ----------------------------------------------------------------------------------------------- method
