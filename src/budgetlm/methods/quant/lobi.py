@@ -1,6 +1,10 @@
 """lobi: HOLA's Lo-Bi (arXiv 2506.18952) — low-bit mixed precision under a bit budget, with an optional
 low-rank correction of the quantisation error.
 
+This module owns the method: its config, each candidate's exact stored bytes, and the step (pass 1, the
+allocation, pass 2, the report). The sensitivity measures and the quantisation of a weight at one candidate grid
+live in lobi_sensitivity.py, the knapsack in lobi_alloc.py; their public names stay importable from here.
+
 1. Sensitivity (pass 1, on the float model, layer by layer with LayerwiseCalibration): for every targeted
    Linear and every candidate grid — each bit width b of `candidates` at each group size of `candidate_groups`
    (default: `group_size` only; with [64, null] a Linear may also take b bits per channel, whose scales cost
@@ -60,9 +64,7 @@ import time
 from fractions import Fraction
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import field_validator
 
 from budgetlm.errors import ConfigError
@@ -84,12 +86,17 @@ from budgetlm.methods.quant.embedding import (
     install_head,
 )
 from budgetlm.methods.quant.layers import QuantLinear
-from budgetlm.methods.quant.quantizer import SUPPORTED_BITS, Grid, dequantize, find_grid, quantize
+from budgetlm.methods.quant.lobi_alloc import MAX_STATES as MAX_STATES
+from budgetlm.methods.quant.lobi_alloc import allocate
+from budgetlm.methods.quant.lobi_sensitivity import KLProbe, Quantised
+from budgetlm.methods.quant.lobi_sensitivity import fisher_diagonals as fisher_diagonals
+from budgetlm.methods.quant.lobi_sensitivity import low_rank as low_rank
+from budgetlm.methods.quant.lobi_sensitivity import stored_grid as stored_grid
+from budgetlm.methods.quant.lobi_sensitivity import truncated_svd as truncated_svd
+from budgetlm.methods.quant.quantizer import SUPPORTED_BITS
 from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
 from budgetlm.progress import Progress, track
-
-MAX_STATES = 200_000  # DP states (budget units) above which increments are rounded to a coarser unit
 
 
 @register_method("lobi")
@@ -174,87 +181,6 @@ class LoBi(GridConfig):
     needs_calibration = True
 
 
-# ----------------------------------------------------------------------------------------------- allocation
-
-
-def allocate(
-    sensitivity: list[list[float]], cost: list[list[int]], budget: int, max_states: int = MAX_STATES
-) -> tuple[list[int], str]:
-    """Multiple-choice knapsack: one option k per item l minimising Σ sensitivity[l][k] subject to
-    Σ cost[l][k] ≤ budget (integer costs). Returns (choice index per item, a note on how it was solved).
-
-    Exact DP over the increments above each item's cheapest option, in units of their gcd; if that needs more
-    than `max_states` states the increments are rounded up to a coarser unit (feasible, near-exact). A greedy
-    fill then spends the exact leftover budget on the best sensitivity drop per byte (never raising the total
-    sensitivity). Ties prefer the solution that spends more of the budget."""
-    n = len(cost)
-    if n == 0:
-        return [], "nothing to allocate"
-    sens = [np.asarray(s, dtype=np.float64) for s in sensitivity]
-    costs = [np.asarray(c, dtype=np.int64) for c in cost]
-    base = [int(c.min()) for c in costs]
-    slack = budget - sum(base)
-    if slack < 0:
-        raise ValueError(f"budget {budget} is below the cheapest allocation {sum(base)}")
-    extras = [c - b for c, b in zip(costs, base, strict=True)]
-    nonzero = [int(e) for ex in extras for e in ex if e > 0]
-    unit = math.gcd(*nonzero) if nonzero else 1
-    cap = slack // unit
-    how = f"exact DP over {cap + 1} budget states of {unit} B"
-    if cap > max_states:
-        unit *= -(-cap // max_states)
-        cap = slack // unit
-        how = f"DP over {cap + 1} states of {unit} B (increments rounded up), then greedy fill"
-    units = [-(-e // unit) for e in extras]  # exact when unit is the gcd
-    inf = np.inf
-    dp = np.full(cap + 1, inf)
-    dp[0] = 0.0
-    picks = np.zeros((n, cap + 1), dtype=np.int16)
-    for i in range(n):
-        new = np.full(cap + 1, inf)
-        pick = np.zeros(cap + 1, dtype=np.int16)
-        for k, (u, s) in enumerate(zip(units[i], sens[i], strict=True)):
-            u = int(u)
-            if u > cap:
-                continue
-            cand = np.full(cap + 1, inf)
-            cand[u:] = dp[: cap + 1 - u] + s
-            better = cand < new
-            new[better] = cand[better]
-            pick[better] = k
-        dp, picks[i] = new, pick
-    finite = np.isfinite(dp)
-    best = dp[finite].min()
-    # among (numerically) tied optima, the one that uses the most budget
-    tol = 1e-12 * max(abs(best), 1e-300)
-    c = int(np.flatnonzero(finite & (dp <= best + tol)).max())
-    choice = [0] * n
-    for i in range(n - 1, -1, -1):
-        k = int(picks[i, c])
-        choice[i] = k
-        c -= int(units[i][k])
-    # greedy fill with the exact leftover budget
-    left = budget - sum(int(costs[i][k]) for i, k in enumerate(choice))
-    while True:
-        best_move, best_rate = None, -1.0
-        for i, k in enumerate(choice):
-            for k2 in range(len(costs[i])):
-                dc = int(costs[i][k2] - costs[i][k])
-                ds = float(sens[i][k] - sens[i][k2])  # sensitivity drop
-                if dc <= 0 or dc > left or ds < 0:
-                    continue
-                rate = ds / dc
-                if rate > best_rate:
-                    best_move, best_rate = (i, k2, dc), rate
-        if best_move is None:
-            break
-        i, k2, dc = best_move
-        choice[i] = k2
-        left -= dc
-    assert sum(int(costs[i][k]) for i, k in enumerate(choice)) <= budget
-    return choice, how
-
-
 # ----------------------------------------------------------------------------------------------- quantisation
 
 
@@ -264,190 +190,6 @@ def storage_bytes(in_features: int, out_features: int, bits: int, cfg: LoBi, gro
     with torch.device("meta"):
         layer = QuantLinear(in_features, out_features, bits, g, cfg.symmetric, False, False, cfg.rank)
     return layer.storage_bytes()
-
-
-def stored_grid(grid: Grid) -> Grid:
-    """The grid as QuantLinear stores it (fp16 scales, integer zeros)."""
-    return Grid(grid.scales.to(torch.float16).float(), grid.zeros, grid.bits, grid.group_size)
-
-
-def truncated_svd(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_r, Σ_r, V_rᵀ) in fp32 of the rank-r truncated SVD of `err`: U_r Σ_r V_rᵀ is its best rank-r
-    approximation (Eckart–Young). Shared by the stored correction (`low_rank`) and lobi_lora's adapter init."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK's SVD gains little from a 2nd thread and stalls badly on shared cores
-    try:
-        u, s, vh = torch.linalg.svd(err.float(), full_matrices=False)
-    finally:
-        torch.set_num_threads(threads)
-    return u[:, :rank], s[:rank], vh[:rank]
-
-
-def low_rank(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_r Σ_r, V_rᵀ) of the truncated SVD of `err`, rounded to fp16 as stored."""
-    u, s, vh = truncated_svd(err, rank)
-    return (u * s).to(torch.float16), vh.to(torch.float16)
-
-
-class _Quantised:
-    """One Linear quantised at one width: codes/grid/perm to store, the correction, and the weight it computes."""
-
-    def __init__(self, w, option: tuple[int, int | None], cfg: LoBi, H: torch.Tensor | None, gptq_layer=None):
-        w = w.detach().float()
-        bits, group = option
-        if cfg.quantizer == "gptq" and H is not None:  # (an input table has no Hessian: rtn)
-            codes, grid, perm, _ = gptq_layer(
-                w.clone(), H.clone(), bits, group, cfg.symmetric, damp=0.01, block_size=128
-            )
-        else:
-            grid = find_grid(w, bits, group, cfg.symmetric)
-            codes, perm = quantize(w, grid), None
-        deq = dequantize(codes, stored_grid(grid))
-        if perm is not None:
-            deq = deq[:, torch.argsort(perm.long())]
-        self.codes, self.grid, self.perm, self.correction = codes, grid, perm, None
-        if cfg.rank:
-            self.correction = low_rank(w - deq, cfg.rank)
-            deq = deq + self.correction[0].float() @ self.correction[1].float()
-        self.weight = deq
-        self.err = w - deq
-
-    def output_error(self, H: torch.Tensor) -> float:
-        """tr(ΔW H ΔWᵀ)."""
-        return float(((self.err @ H) * self.err).sum(dtype=torch.float64))
-
-    def fisher_kl(self, H: torch.Tensor, fisher: torch.Tensor) -> float:
-        """¼ Σ_i F_i (ΔW H ΔWᵀ)_ii: the diagonal-Fisher estimate of the KL (nats/token) this error causes."""
-        rows = ((self.err @ H) * self.err).sum(1, dtype=torch.float64)
-        return 0.25 * float(rows @ fisher.double())
-
-    def layer(self, bias) -> QuantLinear:
-        return QuantLinear.from_codes(self.codes, self.grid, bias, perm=self.perm, correction=self.correction)
-
-
-class _KLProbe:
-    """KL(p_float ‖ p_changed) of the next-token distribution on a few calibration sequences, starting each
-    forward at the changed Linear's decoder layer from cached float hidden states."""
-
-    def __init__(self, model, tokens: torch.Tensor):
-        self.model = model
-        self.tokens = tokens
-        self.cal = LayerwiseCalibration(model, tokens, method="lobi")
-        self.inputs = []
-        for _i, layer in self.cal.layers():
-            self.inputs.append(self.cal.inputs)
-            self.cal.advance(layer)
-        self.n_tokens = tokens.numel()
-        self.ref = [F.log_softmax(model(input_ids=b, use_cache=False).logits.float(), -1) for b in self.cal.batches]
-        self.norm, self.cap = self._head()
-        self.fast = False
-        if self.norm is not None:
-            got = [F.log_softmax(x, -1) for x in self._logits(0)]
-            self.fast = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(got, self.ref, strict=True))
-
-    def _head(self):
-        layers = decoder_layers(self.model)
-        for name, mod in self.model.named_modules():
-            if mod is layers:
-                parent = self.model.get_submodule(name.rpartition(".")[0])
-                norm = getattr(parent, "norm", None)
-                if norm is not None and self.model.get_output_embeddings() is not None:
-                    return norm, getattr(self.model.config, "final_logit_softcapping", None)
-        return None, None
-
-    def _logits(self, index: int) -> list[torch.Tensor]:
-        blocks = self.cal.blocks
-        out = []
-        for h in self.inputs[index]:
-            for j in range(index, len(blocks)):
-                h = blocks[j](h, **self.cal.kwargs(j, h.shape[0]))
-                h = h[0] if isinstance(h, tuple) else h
-            logits = self.model.get_output_embeddings()(self.norm(h)).float()
-            if self.cap:
-                logits = torch.tanh(logits / self.cap) * self.cap
-            out.append(logits)
-        return out
-
-    @torch.no_grad()
-    def kl(self, index: int | None) -> float:
-        """The KL with the model as it is now; `index`: the changed Linear's decoder layer (None: the embedding
-        or lm_head changed, a full forward)."""
-        if self.fast and index is not None:
-            logits = self._logits(index)
-        else:
-            logits = [self.model(input_ids=b, use_cache=False).logits.float() for b in self.cal.batches]
-        total = 0.0
-        for lq, lp in zip(logits, self.ref, strict=True):
-            total += float(F.kl_div(F.log_softmax(lq, -1), lp, log_target=True, reduction="sum"))
-        return total / self.n_tokens
-
-
-def fisher_diagonals(
-    model, tokens: torch.Tensor, names: list[str], seed: int = 0, embedding: bool = False
-) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Per named Linear, the mean over tokens of g_ti², g = ∂ Σ_t log p(ŷ_t) / ∂(Linear output)_t, ŷ_t sampled
-    from the model's own next-token distribution: the diagonal of the Fisher information with respect to that
-    Linear's output channels (sum over positions, per token). One sequence per forward/backward; no parameter
-    gradients are computed (only activation gradients, from the embedding output on).
-
-    With `embedding`, also (ids, F_rows): the token ids seen and, per id and hidden channel, the sum over that
-    id's positions of the squared gradient at the embedding output, over all tokens (F_rows [ids, hidden]): the
-    diagonal Fisher of the table's rows, each weighted by how often its token occurs."""
-    mods = dict(model.named_modules())
-    acc = {n: torch.zeros(mods[n].out_features, dtype=torch.float64) for n in names}
-    gen = torch.Generator().manual_seed(seed)
-    hooks = []
-
-    def on_output(name):
-        def record(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
-            acc[name].add_(g.detach().double().pow(2).flatten(0, -2).sum(0))
-
-        def hook(_m, _args, out):
-            if out.requires_grad:
-                out.register_hook(record)
-
-        return hook
-
-    ids_seen, emb_acc, where = None, None, {}
-    if embedding:
-        ids_seen, inverse = torch.unique(tokens, return_inverse=True)
-        emb_acc = torch.zeros(len(ids_seen), model.get_input_embeddings().embedding_dim, dtype=torch.float64)
-
-    def record_rows(g: torch.Tensor) -> None:
-        emb_acc.index_add_(0, where["rows"], g.detach().double().reshape(-1, g.shape[-1]).pow(2))
-
-    def grad_from_here(_m, _args, out):
-        out = out.detach().requires_grad_(True)
-        if emb_acc is not None:
-            out.register_hook(record_rows)
-        return out
-
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.requires_grad_(False)
-        model.eval()
-        hooks.append(model.get_input_embeddings().register_forward_hook(grad_from_here))
-        hooks += [mods[n].register_forward_hook(on_output(n)) for n in names]
-        with torch.enable_grad():
-            for k, seq in enumerate(tokens):
-                if embedding:
-                    where["rows"] = inverse[k]
-                logits = model(input_ids=seq[None], use_cache=False).logits[0].float()
-                logp = F.log_softmax(logits, -1)
-                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-                logp.gather(-1, y).sum().backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-    n_tokens = tokens.numel()
-    out = {n: (a / n_tokens).float() for n, a in acc.items()}
-    if embedding:
-        return out, (ids_seen, (emb_acc / n_tokens).float())
-    return out
 
 
 def _block_index(model, targets) -> dict[str, int]:
@@ -558,7 +300,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
             res = fisher_diagonals(model, tokens[: cfg.fisher_sequences], fnames, ctx.seed, embedding=has_table)
             fisher, emb_fisher = res if has_table else (res, None)
     t_fisher = time.perf_counter() - t_fisher
-    probe = _KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
+    probe = KLProbe(model, tokens[: cfg.kl_sequences]) if cfg.sensitivity == "kl" else None
     last = max(by_block)
     # with the lm_head to quantise, the calibration runs through every layer to the final norm
     walk_last = len(decoder_layers(model)) - 1 if need_head_h else last
@@ -579,7 +321,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
             H = hs[name].H if need_h else None
             row = []
             for option in options:
-                q = _Quantised(lin.weight, option, cfg, H, gptq_layer)
+                q = Quantised(lin.weight, option, cfg, H, gptq_layer)
                 if fisher is not None:
                     row.append(q.fisher_kl(H, fisher[name]))
                     continue
@@ -606,7 +348,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         w = mat_weight[name]
         row = []
         for option in options:
-            q = _Quantised(w, option, cfg, H_head if role != "embedding" else None, gptq_layer)
+            q = Quantised(w, option, cfg, H_head if role != "embedding" else None, gptq_layer)
             if probe is not None:
                 saved = w.data
                 w.data = q.weight.to(saved.dtype)  # a tied matrix: both roles change
@@ -651,7 +393,7 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
             if mods:
                 hs = cal.collect(layer, mods, HessianStat)
                 for name, lin in mods.items():
-                    layers[name] = _Quantised(lin.weight, chosen[name], cfg, hs[name].H, gptq_layer).layer(lin.bias)
+                    layers[name] = Quantised(lin.weight, chosen[name], cfg, hs[name].H, gptq_layer).layer(lin.bias)
                     set_module(model, name, layers[name])
             if i < walk_last or need_head_h:
                 cal.advance(layer)
@@ -659,10 +401,10 @@ def apply(handle: ModelHandle, cfg: LoBi, ctx: StepContext) -> StepReport:
         del cal
     else:
         for name, lin in targets:
-            layers[name] = _Quantised(lin.weight, chosen[name], cfg, None).layer(lin.bias)
+            layers[name] = Quantised(lin.weight, chosen[name], cfg, None).layer(lin.bias)
             set_module(model, name, layers[name])
     for name, role in mats:  # the lm_head by GPTQ on the quantised model's final norm outputs (quantizer gptq)
-        q = _Quantised(mat_weight[name], chosen[name], cfg, H_head if role != "embedding" else None, gptq_layer)
+        q = Quantised(mat_weight[name], chosen[name], cfg, H_head if role != "embedding" else None, gptq_layer)
         if role == "embedding":
             layers[name] = QuantEmbedding.from_codes(q.codes, q.grid, embed_scale(e.emb), correction=q.correction)
             set_module(model, name, layers[name])
