@@ -51,8 +51,7 @@ from budgetlm.methods.quant.embedding import (
 from budgetlm.methods.quant.gptq_sweep import FP16_MAX as FP16_MAX
 from budgetlm.methods.quant.gptq_sweep import FP16_TINY as FP16_TINY
 from budgetlm.methods.quant.gptq_sweep import MAX_DAMP_RETRIES as MAX_DAMP_RETRIES
-from budgetlm.methods.quant.gptq_sweep import column_sweep as _gptq  # looked up here at each call
-from budgetlm.methods.quant.gptq_sweep import dense_stand_in, ratio
+from budgetlm.methods.quant.gptq_sweep import dense_stand_in, gptq_layer, ratio
 from budgetlm.methods.quant.gptq_sweep import inverse_hessian_cholesky as inverse_hessian_cholesky
 from budgetlm.methods.quant.gptq_sweep import output_error_rows as output_error_rows
 from budgetlm.methods.quant.gptq_sweep import prepare_weight_and_hessian as prepare_weight_and_hessian
@@ -64,6 +63,9 @@ from budgetlm.methods.quant.quantizer import Grid
 from budgetlm.methods.quant.rtn import GridConfig, check_group
 from budgetlm.models.handle import ModelHandle
 
+# the column sweep as the step calls it (_gptq_with), looked up here at each call: test_gptq replaces it to check that
+# the sweep gets float32 inputs outside autocast
+_gptq = gptq_layer
 # calibration_dtype auto takes bfloat16 where a bf16 matmul measures at least this many times faster than float32
 # (the Hessians and the sweep stay float32, so a smaller matmul gain barely shows in the step's time)
 BF16_PAYS = 2.0
@@ -106,24 +108,6 @@ class GPTQ(GridConfig):
         if v <= 0:
             raise ValueError("block_size must be a positive integer (e.g. 128)")
         return v
-
-
-@torch.no_grad()
-def gptq_layer(
-    w: torch.Tensor,
-    H: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    static_groups: bool = False,
-    keep_zero: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Grid, torch.Tensor | None, dict]:
-    """Quantise one weight [out, in] given the Hessian H [in, in] of its inputs: GPTQ's column sweep
-    (gptq_sweep.column_sweep, which describes `keep_zero`, the result's layout and its stats)."""
-    return _gptq(w, H, bits, group_size, symmetric, damp, block_size, act_order, static_groups, keep_zero)
 
 
 def calibration_dtype(setting: str) -> tuple[str, str]:
@@ -218,9 +202,9 @@ def _quantise_embeddings(model: torch.nn.Module, cfg: GPTQ, H: torch.Tensor | No
 
 
 def _gptq_with(w: torch.Tensor, H: torch.Tensor, cfg: GPTQ, keep_zero: torch.Tensor | None = None):
-    """gptq_layer with the step's settings."""
+    """gptq_layer (as _gptq) with the step's settings."""
     args = (cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order, cfg.static_groups)
-    return gptq_layer(w, H, *args, keep_zero)
+    return _gptq(w, H, *args, keep_zero)
 
 
 def _quantise_group(group: list[str], mods: dict, hessians: dict, cfg: GPTQ, stats: dict) -> dict[str, QuantLinear]:

@@ -1,5 +1,5 @@
 """GPTQ's column sweep and the linear algebra around it, one weight and its Hessian at a time (no model, no
-calibration): the sweep itself (column_sweep, the body of gptq.gptq_layer), the upper Cholesky factor of the damped
+calibration): the sweep itself (gptq_layer, importable from gptq.py as before), the upper Cholesky factor of the damped
 inverse Hessian (shared with SparseGPT and Lo-Bi), the working copies of W and H with dead inputs handled and the
 output-error measures (shared with SparseGPT), grids rounded to the fp16 scales QuantLinear stores, the one-thread
 context the sweeps run in, and the dense stand-in a quantised Linear leaves for the calibration passes after it.
@@ -126,7 +126,7 @@ class single_thread:
 
 
 @torch.no_grad()
-def column_sweep(
+def gptq_layer(
     w: torch.Tensor,
     H: torch.Tensor,
     bits: int,
