@@ -23,6 +23,12 @@ the verifier's prefill (the call's time less the verifier's own prefill of the p
 the part of the time decoding can change; a draft's own prefill stays in), and its ratio; prompts whose output is
 identical to `hf`'s, GSM8K exact match (strict / flexible), and per level the acceptance, the mean accepted length per
 verification, the forwards, tokens fed, and the share of time.
+
+Why a chain wins or loses: the cost of one forward of each model of the run (verifier and drafts) on the KV cache of
+a prompt, for 1, 2, 4, 8 and 9 new tokens (median of repeats over the first --cost-prompts prompts), and per HSD
+variant the speed-up those costs predict from its own counters, (tokens per verification) x c_V(1) / (drafted tokens
+per verification x c_D(1) + c_V(proposal + 1)): a draft pays only when it is much cheaper than the verifier and the
+verifier's cost grows slowly with the tokens it checks at once.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -103,6 +110,43 @@ def text_of(tok, ids: list[int]) -> str:
     for s in STOP:
         text = text.split(s)[0]
     return text
+
+
+COST_TOKENS = (1, 2, 4, 8, 9)
+
+
+@torch.inference_mode()
+def forward_costs(model, prompts: list[list[int]], repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one forward of k new tokens on the KV cache of each prompt, for k in COST_TOKENS."""
+    from transformers import DynamicCache
+
+    times: dict[int, list[float]] = {k: [] for k in COST_TOKENS}
+    for ids in prompts:
+        cache, n = DynamicCache(), len(ids)
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        new = torch.tensor([ids[-max(COST_TOKENS) :]])
+        for k in COST_TOKENS:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(input_ids=new[:, :k], position_ids=torch.arange(n, n + k)[None], past_key_values=cache)
+                times[k].append(time.perf_counter() - t0)
+                cache.crop(-k)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def predicted_speedup(levels: list[dict], costs: dict[str, dict[int, float]]) -> float | None:
+    """The speed-up over plain decoding that the measured forward costs predict from a two-level run's counters."""
+    if not levels or len(levels) != 2 or not levels[1].get("rounds"):
+        return None
+    draft, ver = levels
+    rounds = ver["rounds"]
+    proposal = max(0, round(ver["proposed"] / rounds))
+    c_v, c_d = costs.get("verifier"), costs.get(draft["model"])
+    if c_v is None or c_d is None:
+        return None
+    k = min(COST_TOKENS, key=lambda t: abs(t - (proposal + 1)))
+    per_round = draft["drafted"] / rounds * c_d[1] + c_v[k]
+    return (ver["emitted"] / rounds) * c_v[1] / per_round
 
 
 def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
@@ -179,6 +223,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=DEFAULT)
+    ap.add_argument("--cost-prompts", type=int, default=2, help="prompts the forward costs are timed on (0: none)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,6 +243,21 @@ def main() -> None:
     runners = {v: make_runner(v, verifier, drafts, args.max_new) for v in variants}
     for v in variants:  # warm-up: kernel probes, first-call packing, allocator growth stay out of the timings
         runners[v](prompts[0][-64:], 8)
+    costs: dict[str, dict[int, float]] = {}
+    if args.cost_prompts > 0:  # every model of the run, the verifier first
+        models = {"verifier": verifier.model}
+        for v in variants:
+            spec = v[4:] if v.startswith("hsd:") else v[10:] if v.startswith("hf-assist:") else ""
+            fields = spec.replace(">", ":").split(":")
+            names = [f for f in fields if f and "=" not in f and f not in ("gated", "heuristic")]
+            for j, f in enumerate(names):  # "layers:10" spans two fields
+                name = f"layers:{names[j + 1]}" if f == "layers" else None if f.isdigit() else f
+                if name:
+                    models.setdefault(name, drafts(name))
+        for name, m in models.items():
+            costs[name] = forward_costs(m, prompts[: args.cost_prompts])
+            print(f"forward costs of {name}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[name].items()),
+                  file=sys.stderr)  # fmt: skip
     rec = {v: {"tokens": 0, "seconds": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None} for v in variants}
     hf_text: dict[int, str] = {}
     prefill = 0.0  # the verifier's own prefill of every prompt, timed apart: what no decoder can save
@@ -223,7 +283,8 @@ def main() -> None:
                     if r["levels"] is None:
                         r["levels"] = [{"model": lv["model"]} for lv in levels]
                     for acc, lv in zip(r["levels"], levels):
-                        for k in ("rounds", "proposed", "accepted", "drafted", "forwards", "tokens_fed", "seconds"):
+                        counters = ("rounds", "proposed", "accepted", "emitted", "drafted", "forwards", "tokens_fed")
+                        for k in (*counters, "seconds"):
                             acc[k] = acc.get(k, 0) + lv[k]
             if "hf" in rec:
                 hf_text[i] = rec["hf"]["texts"][i]
@@ -250,6 +311,7 @@ def main() -> None:
             "exact_match_strict": r["strict"] / n,
             "exact_match_flexible": r["flex"] / n,
             "levels": r["levels"],
+            "predicted_x_plain": predicted_speedup(r["levels"], costs),
         }
         rows.append(row)
     print(
@@ -278,9 +340,19 @@ def main() -> None:
         print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {row['decode_tok_s']:.1f} | {xd} | {same} | "
               f"{row['exact_match_strict']:.3f} / "
               f"{row['exact_match_flexible']:.3f} | {lv} |")  # fmt: skip
+    if costs:
+        print("\nOne forward on a prompt's KV cache, ms (x one token), by new tokens:")
+        print("| model | " + " | ".join(str(k) for k in COST_TOKENS) + " |")
+        print("|---|" + "---|" * len(COST_TOKENS))
+        for name, c in costs.items():
+            cells = [f"{c[k] * 1e3:.1f} ({c[k] / c[1]:.2f}x)" for k in COST_TOKENS]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        for row in rows:
+            if row["predicted_x_plain"] is not None:
+                print(f"{row['variant']}: the costs predict {row['predicted_x_plain']:.2f}x plain decoding")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "rows": rows, "forward_costs_s": costs}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class LevelStats:
             "accepted": self.accepted,
             "acceptance": self.accepted / self.proposed if self.proposed else None,
             "mean_accepted": self.accepted / self.rounds if self.rounds else None,
+            "emitted": self.emitted,
             "drafted": self.drafted,
             "borrowed": lm.borrowed,
             "forwards": lm.forwards,
