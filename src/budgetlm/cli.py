@@ -950,7 +950,8 @@ def _print_projection(work, projected: dict, as_json: bool) -> None:
     parts = first["memory_needed"].extra
     print(
         f"projected, not measured: needs = weights {human_bytes(parts['weights'])} + KV cache "
-        f"{human_bytes(parts['kv_cache'])} at {work.context:,} tokens + runtime {human_bytes(parts['runtime_overhead'])}"
+        f"{human_bytes(parts['kv_cache'])} at {work.context:,} tokens + runtime "
+        f"{human_bytes(parts['runtime_overhead'])} (stated, not measured)"
     )
     if isinstance(cal, dict):
         print(
