@@ -885,6 +885,8 @@ def devices(
         return
     if context is not None:
         dv.check_context(context, None)  # a bad number is refused before any model loads
+    if (Path(target) / "results.sqlite").is_file():
+        raise ConfigError(f"{target} is a study folder; give one of its cells ({Path(target) / 'cells'}/<cell>)")
     if (Path(target) / "result.json").is_file():
         work = dv.workload_from_cell(Path(target), context)
     else:
@@ -956,7 +958,7 @@ def _print_projection(work, projected: dict, as_json: bool) -> None:
     if isinstance(cal, dict):
         print(
             f"calibration: decode x {cal['ratio']:.2f}, this host's measured decode {cal['measured_decode_ms']:.3g} ms "
-            f"/ its roofline {cal['roofline_decode_ms']:.3g} ms ({cal['from']})"
+            f"/ its roofline {cal['roofline_decode_ms']:.3g} ms (measured in {cal['from']})"
         )
     else:
         print(f"calibration: {cal}; a cell folder (budgetlm run) calibrates by its measured decode")

@@ -137,9 +137,10 @@ def test_a_cell_folder_calibrates_by_its_own_decode(tmp_path):
     }
     phases = {"size": {k: {"value": v} for k, v in size.items()}, "speed": speed}
     (tmp_path / "result.json").write_text(json.dumps({"phases": phases, "model_folder": None, "source": "cell x"}))
-    (tmp_path / "config.json").write_text(json.dumps({"model": "tiny-random"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model": "tiny-random", "pipeline": "q8"}))
     work = dv.workload_from_cell(tmp_path, 100)
     assert work.calibration.ratio == pytest.approx(8.0) and work.kv_bytes_per_token == 1024
+    assert work.label == "tiny-random q8" and work.calibration.where == str(tmp_path)
     out = dv.project(work, _device())
     assert out["decode_ms_per_token"].value == pytest.approx(8 * (1.5e6 + 1024 * 100) / 10e9 * 1e3)
 
@@ -175,10 +176,12 @@ def test_cli_projects_a_model(run_main):
         (["devices", "tiny-random", "--context", "99999"], "context window (1024 tokens)"),
         (["devices", "tiny-random", "--context", "many"], "--context"),
         (["devices", "--context", "128"], "give a model or a cell folder"),
+        (["devices", "{study}"], "is a study folder; give one of its cells"),
     ],
 )
-def test_cli_bad_input_is_one_line(run_main, args, needle):
-    proc = run_main(*args)
+def test_cli_bad_input_is_one_line(run_main, tmp_path, args, needle):
+    (tmp_path / "results.sqlite").write_bytes(b"")
+    proc = run_main(*(a.format(study=tmp_path) for a in args))
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr

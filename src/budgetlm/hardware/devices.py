@@ -112,7 +112,7 @@ class Calibration:
     measured_ms: float
     roofline_ms: float
     bandwidth_gb_s: float
-    where: str
+    where: str  # the cell folder it was measured in
 
     @property
     def ratio(self) -> float:
@@ -208,7 +208,8 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     size, speed = phases.get("size", {}), phases.get("speed", {})
     if "read_bytes_per_token" not in size:
         raise ConfigError(f"{folder}: the cell was not benchmarked (no size phase); rerun it with bench enabled")
-    spec = result.get("model_folder") or json.loads((folder / "config.json").read_text())["model"]
+    cell = json.loads((folder / "config.json").read_text())
+    spec = result.get("model_folder") or cell["model"]
     module = skeleton(spec)
     if module is None:
         raise ModelError(f"{folder}: cannot read the config of its model {spec}")
@@ -217,11 +218,11 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     if "decode_ms_per_token" in speed and "decode_roofline_ms" in speed:
         dec, roof = speed["decode_ms_per_token"], speed["decode_roofline_ms"]
         calibration = Calibration(
-            dec["value"], roof["value"], roof["extra"].get("bandwidth_gb_s", float("nan")), f"{folder} (measured)"
+            dec["value"], roof["value"], roof["extra"].get("bandwidth_gb_s", float("nan")), str(folder)
         )
     dtype = speed.get("decode_ms_per_token", {}).get("extra", {}).get("dtype", "float32")
     return Workload(
-        label=str(result.get("source") or spec),
+        label=f"{cell['model']} {cell.get('pipeline', '')}".strip(),
         weights_bytes=size["stored_bytes"]["value"],
         read_bytes_per_token=size["read_bytes_per_token"]["value"],
         params=size["params"]["value"],
