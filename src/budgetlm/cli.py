@@ -958,7 +958,7 @@ def _print_projection(work, projected: dict, as_json: bool) -> None:
     if isinstance(cal, dict):
         print(
             f"calibration: decode x {cal['ratio']:.2f}, this host's measured decode {cal['measured_decode_ms']:.3g} ms "
-            f"/ its roofline {cal['roofline_decode_ms']:.3g} ms (measured in {cal['from']})"
+            f"/ its roofline {cal['roofline_decode_ms']:.3g} ms (measured in {cal['where']})"
         )
     else:
         print(f"calibration: {cal}; a cell folder (budgetlm run) calibrates by its measured decode")

@@ -73,7 +73,7 @@ def _work(calibration=None) -> dv.Workload:
 
 
 def test_projection_matches_a_hand_computation():
-    cal = dv.Calibration(measured_ms=30.0, roofline_ms=10.0, bandwidth_gb_s=20.0, where="test")
+    cal = dv.Calibration(measured_decode_ms=30.0, roofline_decode_ms=10.0, host_bandwidth_gb_s=20.0, where="test")
     out = dv.project(_work(cal), _device(), overhead_bytes=100e6)
     # by hand: KV cache 1000 B x 2000 tokens = 2e6 B; a decode step reads 300e6 + 2e6 B at 10e9 B/s = 30.2 ms,
     # computes 2 x 100e6 FLOP at 100e9 FLOP/s = 2 ms; memory-bound, times the host's 30 / 10 = 3 -> 90.6 ms

@@ -20,7 +20,7 @@ projection says it is uncalibrated (the bare roofline). The peak used is the fp3
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -109,23 +109,17 @@ def select(names: str | None, devices: dict[str, Device]) -> dict[str, Device]:
 class Calibration:
     """This host's decode against its own roofline: ratio = measured / roofline (>= 1 when the roofline holds)."""
 
-    measured_ms: float
-    roofline_ms: float
-    bandwidth_gb_s: float
+    measured_decode_ms: float
+    roofline_decode_ms: float
+    host_bandwidth_gb_s: float
     where: str  # the cell folder it was measured in
 
     @property
     def ratio(self) -> float:
-        return self.measured_ms / self.roofline_ms
+        return self.measured_decode_ms / self.roofline_decode_ms
 
     def to_dict(self) -> dict:
-        return {
-            "ratio": self.ratio,
-            "measured_decode_ms": self.measured_ms,
-            "roofline_decode_ms": self.roofline_ms,
-            "host_bandwidth_gb_s": self.bandwidth_gb_s,
-            "from": self.where,
-        }
+        return {"ratio": self.ratio, **asdict(self)}
 
 
 @dataclass(frozen=True)
