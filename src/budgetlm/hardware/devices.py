@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from budgetlm.errors import ConfigError, ModelError, unknown
+from budgetlm.errors import ConfigError, DataError, ModelError, unknown
 from budgetlm.results import Metric
 from budgetlm.utils import yaml_load
 
@@ -197,12 +197,13 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     from budgetlm.models.sources import skeleton
 
     folder = Path(folder)
-    result = json.loads((folder / "result.json").read_text())
-    phases = result.get("phases", {})
-    size, speed = phases.get("size", {}), phases.get("speed", {})
-    if "read_bytes_per_token" not in size:
-        raise ConfigError(f"{folder}: the cell was not benchmarked (no size phase); rerun it with bench enabled")
-    cell = json.loads((folder / "config.json").read_text())
+    result, cell = _read_json(folder / "result.json"), _read_json(folder / "config.json")
+    phases = result.get("phases") or {}
+    size, speed = phases.get("size") or {}, phases.get("speed") or {}
+    if any(k not in size for k in ("stored_bytes", "read_bytes_per_token", "params")):
+        raise DataError(f"{folder}: the cell was not benchmarked (its result.json has no size phase)")
+    if "model" not in cell:
+        raise DataError(f"{folder / 'config.json'} names no model; the study driver writes it")
     spec = result.get("model_folder") or cell["model"]
     module = skeleton(spec)
     if module is None:
@@ -224,6 +225,16 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
         context=context,
         calibration=calibration,
     )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not JSON ({exc}); a cell folder holds what `budgetlm run` wrote") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path} is not a JSON object; a cell folder holds what `budgetlm run` wrote")
+    return doc
 
 
 def project(
