@@ -15,6 +15,9 @@ where `ratio` is this host's measured decode ms / its roofline ms (hardware/host
 decode_roofline_ms), taken from the cell's own measurement when it has one; without one the ratio is 1 and the
 projection says it is uncalibrated (the bare roofline). The peak used is the fp32 one unless asked otherwise
 (budgetlm computes in fp32).
+Simplifications, stated: the weights counted for memory are the stored bytes (a pruned layer's dense copy or a 2/3-bit
+grid held in the 4-bit layout takes more); the prefill is scaled by the decode ratio (no host peak is measured to
+calibrate it by); the runtime overhead is a torch CPU process's, whatever runtime the device would use.
 """
 
 from __future__ import annotations
