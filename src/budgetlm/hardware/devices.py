@@ -216,7 +216,7 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     if "decode_ms_per_token" in speed and "decode_roofline_ms" in speed:
         dec, roof = speed["decode_ms_per_token"], speed["decode_roofline_ms"]
         calibration = Calibration(
-            dec["value"], roof["value"], roof["extra"].get("bandwidth_gb_s", float("nan")), str(folder)
+            dec["value"], roof["value"], roof.get("extra", {}).get("bandwidth_gb_s", float("nan")), str(folder)
         )
     dtype = speed.get("decode_ms_per_token", {}).get("extra", {}).get("dtype", "float32")
     return Workload(
