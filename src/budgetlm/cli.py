@@ -864,7 +864,7 @@ def devices(
     target: Annotated[
         str | None,
         typer.Argument(
-            metavar="[MODEL_OR_RESULT_DIR]",
+            metavar="MODEL_OR_RESULT_DIR",
             help="a model (as for bench) or a study's cell folder (its result.json); none: list the device profiles",
         ),
     ] = None,
