@@ -334,6 +334,18 @@ CASES: list[Case] = [
     Case("bench --runtime llama.cpp: --gguf-type cannot hold the codes",
          ("bench", "m", "--runtime", "llama.cpp", "--gguf-type", "Q4_0", "--out", "b"), (copy("tiny-nf4", "m"),),
          needle="--requantize", needs=("llama_cpp",)),
+    # --- devices
+    Case("devices: unknown device", ("devices", *T, "--device", "rpi9"), needle="unknown device 'rpi9'"),
+    Case("devices --context 0", ("devices", *T, "--context", "0"), needle="--context must be a positive"),
+    Case("devices --context past the window", ("devices", *T, "--context", "99999"), needle="context window"),
+    Case("devices --context without a model", ("devices", "--context", "64"), needle="give a model or a cell"),
+    Case("devices: a study folder for a cell", ("devices", "s"), (write("s/results.sqlite", b""),),
+         needle="is a study folder"),
+    Case("devices: a cell's result.json not JSON", ("devices", "c"),
+         (write("c/result.json", "{"), write("c/config.json", '{"model": "tiny-random"}')), needle="is not JSON"),
+    Case("devices: a cell not benchmarked", ("devices", "c"),
+         (write("c/result.json", '{"phases": {}}'), write("c/config.json", '{"model": "tiny-random"}')),
+         needle="not benchmarked"),
     # --- compress
     Case("compress: unknown method", ("compress", *T, "--method", "rtnn", "--out", "q"), needle="rtn"),
     Case("compress: no method", ("compress", *T, "--out", "q"), needle="--method"),

@@ -859,6 +859,111 @@ def compare(
     print(format_table(run_compare(dir_a, dir_b)))
 
 
+@app.command()
+def devices(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL_OR_RESULT_DIR",
+            help="a model (as for bench) or a study's cell folder (its result.json); none: list the device profiles",
+        ),
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="KV cache tokens projected (default 2048, or the model's window)")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="comma-separated device names (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the profiles or the projection as JSON")] = False,
+) -> None:
+    """Device profiles, or a model's projected fit, decode and prefill speed on each (a roofline, not measured)."""
+    from budgetlm.hardware import devices as dv
+
+    chosen = dv.select(device, dv.load_devices())
+    if target is None:
+        if context is not None:
+            raise ConfigError("--context applies to a projection; give a model or a cell folder")
+        _print_devices(chosen, as_json)
+        return
+    if context is not None:
+        dv.check_context(context, None)  # a bad number is refused before any model loads
+    if (Path(target) / "results.sqlite").is_file():
+        raise ConfigError(f"{target} is a study folder; give one of its cells ({Path(target) / 'cells'}/<cell>)")
+    if (Path(target) / "result.json").is_file():
+        work = dv.workload_from_cell(Path(target), context)
+    else:
+        from budgetlm.api import load
+
+        work = dv.workload_from_model(load(target), context)
+    _print_projection(work, dv.project_all(work, chosen), as_json)
+
+
+def _print_devices(profiles: dict, as_json: bool) -> None:
+    from budgetlm.units import number
+
+    if as_json:
+        print(json.dumps({n: d.model_dump(exclude_none=True) for n, d in profiles.items()}, indent=2))
+        return
+    rows = [
+        [
+            n,
+            d.label,
+            f"{number(d.memory_gib.value)} GiB",
+            f"{number(d.bandwidth_gb_s.value)} GB/s",
+            ", ".join(f"{p} {number(f.value)}" for p, f in d.peak_gops.items()),
+        ]
+        for n, d in profiles.items()
+    ]
+    _table("device profiles", ["name", "device", "memory", "bandwidth", "peak GOP/s"], rows)
+    for n, d in profiles.items():
+        figures = [("memory", d.memory_gib), ("bandwidth", d.bandwidth_gb_s)]
+        figures += [(f"peak {p}", f) for p, f in d.peak_gops.items()]
+        for what, f in figures:
+            derived = f"; derived: {f.derived}" if f.derived else ""
+            print(f"source: {n} {what}: {f.source}{derived}")
+
+
+def _print_projection(work, projected: dict, as_json: bool) -> None:
+    from budgetlm.units import format_value, human_bytes, number
+
+    first = next(iter(projected.values()))
+    cal = first["fits"].extra["calibration"]
+    if as_json:
+        doc = {
+            "projected": True,
+            "model": work.label,
+            "context": work.context,
+            "calibration": cal,
+            "devices": {n: {k: m.to_dict() for k, m in ms.items()} for n, ms in projected.items()},
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    rows = [
+        [
+            n,
+            ("yes" if ms["fits"].value else "no") + f" (of {number(ms['fits'].extra['memory_bytes'] / 2**30)} GiB)",
+            format_value(ms["memory_needed"].value, None, "B"),
+            format_value(ms["decode_ms_per_token"].value, None, "ms/token"),
+            ms["decode_ms_per_token"].extra["bound"],
+            format_value(ms["prefill_tok_s"].value, None, "tok/s"),
+        ]
+        for n, ms in projected.items()
+    ]
+    columns = ["device", "fits (memory)", "needs", "decode (projected)", "bound", "prefill (projected)"]
+    _table(f"{work.label}: projected at {work.context:,} tokens of context", columns, rows)
+    parts = first["memory_needed"].extra
+    print(
+        f"projected, not measured: needs = weights {human_bytes(parts['weights'])} + KV cache "
+        f"{human_bytes(parts['kv_cache'])} at {work.context:,} tokens + runtime "
+        f"{human_bytes(parts['runtime_overhead'])} (stated, not measured)"
+    )
+    if isinstance(cal, dict):
+        print(
+            f"calibration: decode x {cal['ratio']:.2f}, this host's measured decode {cal['measured_decode_ms']:.3g} ms "
+            f"/ its roofline {cal['roofline_decode_ms']:.3g} ms (measured in {cal['where']})"
+        )
+    else:
+        print(f"calibration: {cal}; a cell folder (budgetlm run) calibrates by its measured decode")
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: every user error ends as one `error: ...` line on stderr and exit code 2; SIGINT
     and SIGTERM as one `interrupted: ...` line and exit 130 / 143."""
