@@ -72,13 +72,18 @@ def generate(
 
 
 def run(
-    recipe: str | Path | None = None, out: str | Path | None = None, progress: bool = False, force: bool = False
+    recipe: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+    force: bool = False,
+    max_cells: int | None = None,
 ) -> Path:
     """Run a study (None: the bundled quickstart); returns its folder. An existing study at `out` is resumed; with
-    `force`, it (or anything else there) is moved aside and the study starts afresh."""
+    `force`, it (or anything else there) is moved aside and the study starts afresh. Lists of settings in a pipeline
+    (`bits: [2, 3, 4]`) expand as a product; `max_cells` refuses a plan of more cells."""
     from budgetlm.experiments.study import run_study
 
-    return run_study(recipe, out, progress=progress, force=force)
+    return run_study(recipe, out, progress=progress, force=force, max_cells=max_cells)
 
 
 def report(directory: str | Path) -> dict[str, Path]:

@@ -807,22 +807,26 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="start afresh: an existing study or other files at --out are moved aside")
     ] = False,
+    max_cells: Annotated[
+        int | None, typer.Option("--max-cells", help="refuse a plan of more cells (lists of settings multiply)")
+    ] = None,
 ) -> None:
     """Run a study: every model x pipeline cell is compressed, evaluated and measured; resumes if interrupted."""
     from budgetlm.experiments.study import run_study, summary_table
 
     if dry_run:
-        _print_plan(recipe)
+        _print_plan(recipe, max_cells)
         return
     _on_interrupt[0] = "finished cells are kept; rerun the same command to resume"
-    folder = run_study(recipe, out, progress=True, force=force)
+    folder = run_study(recipe, out, progress=True, force=force, max_cells=max_cells)
     _console().print(summary_table(folder))
     print(f"results in {folder}; `budgetlm report {folder}` writes report.md, results.csv and pareto.png")
 
 
-def _print_plan(recipe: Path | None) -> None:
+def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     from budgetlm.experiments.plan import model_label, plan
     from budgetlm.experiments.recipe import load_recipe
+    from budgetlm.experiments.study import check_max_cells
 
     def text(step: dict) -> str:
         keys = [k for k in step if k not in ("method", "targets", "ignore", "train")]
@@ -832,6 +836,7 @@ def _print_plan(recipe: Path | None) -> None:
 
     rec = load_recipe(recipe)
     cells = plan(rec)
+    check_max_cells(rec, cells, max_cells)
     rows = [[model_label(c.model), c.pipeline, c.id, " -> ".join(map(text, c.config["steps"])) or "-"] for c in cells]
     _table(
         f"{rec.name}: {len(cells)} cells; tasks {', '.join(rec.tasks)}", ["model", "pipeline", "cell", "steps"], rows

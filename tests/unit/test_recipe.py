@@ -279,3 +279,42 @@ def test_an_nm_pattern_is_not_read_as_a_base_60_number(tmp_path):
     assert r.pipelines["w"][0]["pattern"] == "2:4"
     assert parse_steps(["--method", "wanda", "--set", "pattern=2:4"])[0]["pattern"] == "2:4"
     assert yaml_load("4") == 4 and yaml_load("0.5") == 0.5 and yaml_load("null") is None
+
+
+def test_lists_of_settings_expand_as_a_product_in_order(tmp_path):
+    r = load_recipe(
+        write(
+            tmp_path,
+            """
+            models: [tiny-random]
+            pipelines:
+              q: [{method: fake-quant, bits: [2, 4, 8], group_size: [32, 64], targets: [q_proj, v_proj]}]
+              plain: [{method: fake-quant}]
+            tasks: [t-acc]
+            """,
+        )
+    )
+    expected = [f"q.bits-{b}.group_size-{g}" for b in (2, 4, 8) for g in (32, 64)]
+    assert list(r.pipelines) == [BASELINE, *expected, "plain"]
+    for name in expected:
+        step = r.pipelines[name][0]
+        b, g = name.split(".")[1:]
+        assert (step["bits"], step["group_size"]) == (int(b[5:]), int(g[11:]))
+        assert step["targets"] == ["q_proj", "v_proj"]  # a list-valued setting is a value, not a product
+    assert len(plan(r)) == 8 and len({c.id for c in plan(r)}) == 8
+    assert load_recipe(write(tmp_path, dump_recipe(r), "again.yaml")) == r  # the expanded recipe round-trips
+
+
+@pytest.mark.parametrize(
+    "pipelines, message",
+    [
+        ("q: [{method: fake-quant, bits: []}]", "pipelines.q[0].bits: an empty list"),
+        ("q: [{method: fake-quant, bits: [4, 8]}]\n  q.bits-4: [{method: fake-quant}]", "names 'q.bits-4' twice"),
+        ("q: [{method: fake-quant, bits: [4, x]}]", "bits"),
+    ],
+)
+def test_bad_lists_of_settings_are_one_line(tmp_path, pipelines, message):
+    text = f"models: [tiny-random]\npipelines:\n  {pipelines}\ntasks: [t-acc]\n"
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from budgetlm.data.tasks.base import Item, Task, TaskData, tasks
-from budgetlm.errors import BudgetLMError
+from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import RESULT
 from budgetlm.experiments.study import (
@@ -296,3 +296,14 @@ def test_real_cells_in_process_tiny_model(tmp_path, monkeypatch):
     assert steps["reports"][0]["method"] == "rtn" and steps["model_folder"].endswith("model")
     report = build_report(out)["markdown"].read_text()
     assert "| int8 | 6 |" in report
+
+
+def test_max_cells_refuses_a_larger_plan_before_anything_is_written(tmp_path, recipe):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        run_study(recipe, out, progress=False, runner=FakeRunner(), max_cells=2)
+    assert "expands to 3 cells" in str(err.value) and "--max-cells 2" in str(err.value)
+    assert not out.exists()
+    runner = FakeRunner()
+    run_study(recipe, out, progress=False, runner=runner, max_cells=3)  # exactly the plan's size runs
+    assert runner.ran == ["baseline", "q4", "q2"]

@@ -19,10 +19,12 @@ Errors are one line: "recipe x.yaml: pipelines.int8[0].bits: Input should be a v
 
 from __future__ import annotations
 
+import itertools
 import re
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -187,7 +189,13 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     if not recipe.tasks and not recipe.bench.enabled:
         raise ConfigError(f"{origin}: nothing to measure: tasks is empty and bench.enabled is false")
     pipelines: dict[str, list[dict]] = {BASELINE: []}
+    expanded: dict[str, list] = {}
     for name, steps in recipe.pipelines.items():
+        for full, combo in _expand(name, steps, origin).items():
+            if full in expanded or full in recipe.pipelines and full != name:
+                raise ConfigError(f"{origin}: pipelines.{name}: its settings' product names '{full}' twice; rename it")
+            expanded[full] = combo
+    for name, steps in expanded.items():
         if not _SAFE_NAME.match(name):
             raise ConfigError(f"{origin}: pipelines.{name}: a pipeline name must be letters, digits, '-', '_' or '.'")
         if name == BASELINE and steps:
@@ -204,6 +212,59 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
         fix = "remove {eval} from tasks or train this pipeline on other data"
         _check_contamination(steps, recipe.tasks, f"{origin}: pipelines.{name}", fix)
     return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
+
+
+def _takes_list(annotation: Any) -> bool:
+    """Whether a config field's type admits a list (its lists are values, not a product to expand)."""
+    if annotation is Any or annotation in (list, tuple, set, frozenset):
+        return True
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    if origin in (Union, types.UnionType, Annotated):
+        return any(_takes_list(a) for a in get_args(annotation))
+    return False
+
+
+def _label(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "x"
+
+
+def _expand(name: str, steps: list, origin: str) -> dict[str, list]:
+    """A pipeline whose steps give a list for a single-valued setting (`bits: [2, 3, 4]`) stands for the product of
+    those lists: one pipeline per combination, named `<name>.<key>-<value>...` in the lists' order. Lists of settings
+    that take lists (targets, ignore) are values, not products."""
+    from budgetlm.methods.base import methods
+
+    axes = []  # (step index, key, values)
+    for i, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        try:
+            fields = methods.get(step.get("method")).model_fields if isinstance(step.get("method"), str) else {}
+        except UnknownNameError:
+            fields = {}  # _resolve_step names the unknown method
+        for key, value in step.items():
+            if key == "method" or not isinstance(value, list) or key not in fields:
+                continue
+            if _takes_list(fields[key].annotation):
+                continue
+            if not value:
+                raise ConfigError(
+                    f"{origin}: pipelines.{name}[{i}].{key}: an empty list; give one value or a list of values to try"
+                )
+            axes.append((i, key, value))
+    if not axes:
+        return {name: steps}
+    out: dict[str, list] = {}
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        new = [dict(step) if isinstance(step, dict) else step for step in steps]
+        label = []
+        for (i, key, _), value in zip(axes, combo):
+            new[i][key] = value
+            label.append(f"{key}-{_label(value)}")
+        out[".".join([name, *label])] = new
+    return out
 
 
 def _resolve_step(step: dict | str, where: str, origin: str) -> dict:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from budgetlm.errors import BudgetLMError, Interrupted
+from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
@@ -44,6 +44,20 @@ class CellFailed(Exception):
     """A cell process that ended without a result; the message is its one-line error."""
 
 
+def check_max_cells(rec: Recipe, cells: list[Cell], max_cells: int | None) -> None:
+    """Refuse a plan of more cells than the user allowed (lists of settings multiply pipelines)."""
+    if max_cells is None:
+        return
+    if max_cells < 1:
+        raise ConfigError(f"--max-cells {max_cells}: allow at least 1 cell")
+    if len(cells) > max_cells:
+        raise ConfigError(
+            f"recipe {rec.name} expands to {len(cells)} cells ({len(rec.models)} model(s) x "
+            f"{len(cells) // max(1, len(rec.models))} pipelines, baseline included), more than --max-cells "
+            f"{max_cells}; raise --max-cells or shorten the lists of settings (`budgetlm run --dry-run` lists them)"
+        )
+
+
 def run_study(
     recipe: str | Path | Recipe | None = None,
     out_dir: str | Path | None = None,
@@ -51,6 +65,7 @@ def run_study(
     *,
     runner: Runner | None = None,
     force: bool = False,
+    max_cells: int | None = None,
 ) -> Path:
     """Run every unfinished cell of the recipe (None: the bundled quickstart); returns the study folder.
 
@@ -60,6 +75,7 @@ def run_study(
     out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
     check_output(out, "a study", marker=_is_study, force=force, resume=True)
     cells = plan(rec)
+    check_max_cells(rec, cells, max_cells)
     check_pipelines(rec)
     check_task_data(rec)
     if force and out.is_dir() and any(out.iterdir()):
