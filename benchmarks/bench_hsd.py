@@ -149,6 +149,17 @@ def predicted_speedup(levels: list[dict], costs: dict[str, dict[int, float]]) ->
     return (ver["emitted"] / rounds) * c_v[1] / per_round
 
 
+def parse_variant(variant: str) -> tuple[list[str], list[str]]:
+    """(draft names cheapest first, options) of an `hsd:` or `hf-assist:` variant; ([], []) for the others."""
+    kind, _, rest = variant.partition(":")
+    if kind not in ("hsd", "hf-assist"):
+        return [], []
+    names, opts = [], []
+    for f in rest.split(":"):  # "layers:10" spans two fields
+        (opts if ("=" in f or f in ("gated", "heuristic")) else names).append(f)
+    return ":".join(names).split(">"), opts
+
+
 def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
     """A function prompt ids -> (generated ids, seconds, levels) for one variant."""
     model, tok = verifier.model, verifier.tokenizer
@@ -178,10 +189,9 @@ def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
     if variant == "hf-lookup":
         return lambda ids, n=max_new: hf_run(ids, n, prompt_lookup_num_tokens=10)
     if variant.startswith("hf-assist:"):
-        parts = variant.split(":")[1:]
-        heuristic = parts[-1] == "heuristic"
-        name = ":".join(parts[:-1] if heuristic else parts)
-        assistant = copy.copy(drafts(name))
+        names, opts = parse_variant(variant)
+        heuristic = "heuristic" in opts
+        assistant = copy.copy(drafts(names[0]))
         assistant.generation_config = copy.deepcopy(model.generation_config)
         if heuristic:
             assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
@@ -189,12 +199,8 @@ def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
     if variant == "plain" or variant.startswith("hsd:"):
         chain, taus, max_draft, mode = [], [], 8, "exact"
         if variant.startswith("hsd:"):
-            fields = variant[4:].split(":")
-            names, opts = [], []
-            for f in fields:  # "layers:10" spans two fields
-                (opts if ("=" in f or f == "gated") else names).append(f)
-            spec = ":".join(names)
-            chain = [(d, drafts(d)) for d in spec.split(">")]
+            names, opts = parse_variant(variant)
+            chain = [(d, drafts(d)) for d in names]
             tau: float | None = 2.0
             for o in opts:
                 if o == "gated":
@@ -247,13 +253,8 @@ def main() -> None:
     if args.cost_prompts > 0:  # every model of the run, the verifier first
         models = {"verifier": verifier.model}
         for v in variants:
-            spec = v[4:] if v.startswith("hsd:") else v[10:] if v.startswith("hf-assist:") else ""
-            fields = spec.replace(">", ":").split(":")
-            names = [f for f in fields if f and "=" not in f and f not in ("gated", "heuristic")]
-            for j, f in enumerate(names):  # "layers:10" spans two fields
-                name = f"layers:{names[j + 1]}" if f == "layers" else None if f.isdigit() else f
-                if name:
-                    models.setdefault(name, drafts(name))
+            for name in parse_variant(v)[0]:
+                models.setdefault(name, drafts(name))
         for name, m in models.items():
             costs[name] = forward_costs(m, prompts[: args.cost_prompts])
             print(f"forward costs of {name}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[name].items()),
@@ -290,20 +291,24 @@ def main() -> None:
                 hf_text[i] = rec["hf"]["texts"][i]
             bar.advance(f"prompt {i + 1}: load {loadavg()}")
     base = rec["hf"]["tokens"] / rec["hf"]["seconds"] if "hf" in rec else None
-    base_decode = rec["hf"]["tokens"] / (rec["hf"]["seconds"] - prefill) if "hf" in rec else None
+
+    def after_prefill(r: dict) -> float | None:  # None: the call took no longer than the prefill timed apart (noise)
+        return r["tokens"] / (r["seconds"] - prefill) if r["seconds"] > prefill else None
+
+    base_decode = after_prefill(rec["hf"]) if "hf" in rec else None
     n = len(prompts)
     rows = []
     for v in variants:
         r = rec[v]
         tps = r["tokens"] / r["seconds"]
         same = sum(r["texts"][i] == hf_text[i] for i in hf_text) if hf_text else None
-        decode_tps = r["tokens"] / max(1e-9, r["seconds"] - prefill)
+        decode_tps = after_prefill(r)
         row = {
             "variant": v,
             "tok_s": tps,
             "x_hf": tps / base if base else None,
             "decode_tok_s": decode_tps,
-            "x_hf_decode": decode_tps / base_decode if base_decode else None,
+            "x_hf_decode": decode_tps / base_decode if base_decode and decode_tps else None,
             "identical_to_hf": same,
             "prompts": n,
             "tokens": r["tokens"],
@@ -337,7 +342,8 @@ def main() -> None:
         same = "-" if row["identical_to_hf"] is None else f"{row['identical_to_hf']}/{n}"
         x = "-" if row["x_hf"] is None else f"{row['x_hf']:.2f}x"
         xd = "-" if row["x_hf_decode"] is None else f"{row['x_hf_decode']:.2f}x"
-        print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {row['decode_tok_s']:.1f} | {xd} | {same} | "
+        dec = "-" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.1f}"
+        print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {dec} | {xd} | {same} | "
               f"{row['exact_match_strict']:.3f} / "
               f"{row['exact_match_flexible']:.3f} | {lv} |")  # fmt: skip
     if costs:
