@@ -1,0 +1,123 @@
+"""budgetlm's own 4-bit CPU kernel (q4.c), built on the host at first use and called through ctypes.
+
+The C source ships with the package; the first process that needs it compiles it with the host's C compiler
+(`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
+hashes the source, the compiler's version and the machine, so a shared home on another CPU builds its own copy.
+The build writes a temporary file and renames it: processes building at once never load a half-written library.
+No compiler, or a failed build, leaves the kernel unavailable (`status()` says why) and every layer on torch's
+paths; nothing fails. The AVX2 path is used only where the CPU runs AVX2 and FMA (checked by the library itself,
+so that it never executes an instruction the CPU lacks); whether budgetlm *takes* this kernel at all is decided by
+timing it against torch's on the host (methods/quant/kernels.py), never by CPU flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("q4.c")
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
+_status = "not built"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BUDGETLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "budgetlm")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """The compiled library for this source, compiler and machine (built once, then found in the cache)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + version.encode() + platform.machine().encode() + " ".join(FLAGS).encode())
+    out = cache_dir() / f"q4-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".q4-", suffix=".so.tmp")
+    os.close(fd)
+    try:
+        errors = ""
+        for extra in (["-fopenmp"], []):  # OpenMP threads where the compiler has them, else one thread
+            r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return out
+            errors = r.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{cc} failed: {errors[0]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot be built here (`status()` says why)."""
+    global _status
+    if os.environ.get("BUDGETLM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _status = "off (BUDGETLM_NATIVE=0)"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "no C compiler (cc / $CC) on this host"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status = f"build failed: {e}"
+        return None
+    c_int, ptr = ctypes.c_int, ctypes.c_void_p
+    lib.q4_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, c_int, ptr, ptr, c_int, ptr, c_int, c_int]
+    lib.q4_mm.restype = c_int
+    lib.q4_has_simd.restype = c_int
+    _status = "built (AVX2)" if lib.q4_has_simd() else "built (plain C: no AVX2/FMA on this CPU)"
+    return lib
+
+
+def status() -> str:
+    library()
+    return _status
+
+
+@lru_cache(maxsize=1)
+def simd() -> int:
+    lib = library()
+    return int(lib.q4_has_simd()) if lib is not None else 0
+
+
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
+          threads: int | None = None, vector: bool = True) -> torch.Tensor:  # fmt: skip
+    """x [M, K] float32 times the 4-bit weight of `packed` (uint8 [N, K/2], torch's CPU layout with blocks of
+    `block` rows) with float16 `scales` and zero points `zeros` [K/g, N]: float32 [M, N]. `threads` defaults to
+    torch's; `vector=False` takes the plain C path even where the AVX2 one runs (tests)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    m, k = x.shape
+    n = scales.shape[1]
+    y = torch.empty(m, n, dtype=torch.float32)
+    for t, dtype in ((packed, torch.uint8), (scales, torch.float16), (zeros, torch.float16)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise RuntimeError(f"q4_mm takes contiguous {dtype} tensors, not {t.dtype}")
+    if packed.numel() * 2 != n * k or zeros.shape != scales.shape or scales.shape[0] * g != k:
+        raise RuntimeError(f"q4_mm: codes {tuple(packed.shape)} and tables {tuple(scales.shape)} do not make {n}x{k}")
+    threads = torch.get_num_threads() if threads is None else threads
+    err = lib.q4_mm(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
+                    y.data_ptr(), threads, simd() if vector else 0)  # fmt: skip
+    if err:
+        raise RuntimeError(f"q4_mm refused a {n}x{k} layer (block {block}, group {g}): code {err}")
+    return y
