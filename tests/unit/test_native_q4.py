@@ -99,7 +99,8 @@ def test_no_compiler_leaves_torchs_kernel(monkeypatch):
         assert native.library() is None and "no C compiler" in native.status()
         assert kernels._four_bit(1) == "int4"
         with pytest.raises(RuntimeError, match="unavailable"):
-            native.q4_mm(torch.randn(1, 64), torch.zeros(64, 32, dtype=torch.uint8), 32, *[torch.zeros(2, 64).half()] * 2, 32)
+            tables = [torch.zeros(2, 64).half()] * 2
+            native.q4_mm(torch.randn(1, 64), torch.zeros(64, 32, dtype=torch.uint8), 32, *tables, 32)
     finally:
         native.library.cache_clear()
         native.simd.cache_clear()

@@ -9,12 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from budgetlm.methods.quant import kernels
+from budgetlm.methods.quant import kernels, native
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import find_grid, pack, quantize
-
-
-from budgetlm.methods.quant import native
 
 
 @pytest.fixture(params=["int4", "q4"])

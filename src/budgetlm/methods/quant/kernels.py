@@ -171,6 +171,11 @@ def q4_table(scales, zeros, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scales.half().t().contiguous(), zp.t().contiguous()
 
 
+def bind_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+    """q4_mm for one layer's codes and q4_table's tables, checked once: call(x [M, K]) -> float32 [M, N]."""
+    return native.bind_q4(packed, block_n(), scales, zeros, g)
+
+
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], g: int) -> torch.Tensor:
     """x [M, K] times int4_pack_grid's codes with q4_table's tables (groups of g columns): [M, N] in x's dtype."""
     return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g).to(x.dtype)
@@ -442,6 +447,13 @@ def four_bit_kernel(kind: str):
         yield
     finally:
         _four_forced = before
+
+
+def state() -> tuple:
+    """What a layer's path choice depends on besides its own grid and the call's size: a layer that cached its choice
+    (QuantLinear's fast path) reuses it while this is unchanged (the probes' functions are part of it, so that a
+    test or benchmark that replaces one invalidates every cached choice)."""
+    return (enabled(), _four_forced, torch.get_num_threads(), crossover, four_bit)
 
 
 def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:

@@ -73,6 +73,9 @@ class QuantLinear(torch.nn.Module):
         # budgetlm's own kernel's fp16 scale and zero-point tables [in/group, out] ("q4"); when it is the layer's
         # kernel, the bf16 table of torch's (_int4[1]) is dropped and rebuilt only if torch's is chosen again
         self._q4: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the decode fast path: (kernels.state() it was chosen under, crossover, bound kernel call) for a layer
+        # with no permutation, bias or correction whose kernel is "q4"; rebuilt when the state changes
+        self._fast: tuple | None = None
         self._int4_group = kernels.int4_group(bits, group_size, out_features, in_features)
 
     @property
@@ -199,7 +202,7 @@ class QuantLinear(torch.nn.Module):
         """torch's kernel's bf16 table (rebuilt if budgetlm's kernel served before and dropped it)."""
         if self._int4[1] is None:
             table = kernels.int4_table(self.scales, self.zeros, self.bits, self.group_size, self._int4_group)
-            self._int4, self._q4 = (self._int4[0], table), None
+            self._int4, self._q4, self._fast = (self._int4[0], table), None, None
         return self._int4[1]
 
     def _repack(self) -> tuple[torch.Tensor, ...]:
@@ -260,9 +263,28 @@ class QuantLinear(torch.nn.Module):
 
         return rows
 
+    def _fast_path(self):
+        """(state, crossover, call) of the decode fast path, or None where the layer has none (see __init__)."""
+        key = kernels.state()
+        fast = self._fast
+        if fast is not None and fast[0] == key:
+            return fast
+        self._fast = None
+        if self.perm is not None or self.bias is not None or self.rank or self.bits > 4:
+            return None
+        kind, cross = self._kernel_and_crossover()
+        if kind != "q4" or cross <= 0 or not self._int4_ready():
+            return None
+        s, z = self._q4_tables()
+        self._fast = (key, cross, kernels.bind_q4(self._int4[0], s, z, self.group_size))
+        return self._fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
+        fast = self._fast_path()
+        if fast is not None and flat.shape[0] < fast[1] and not (torch.is_grad_enabled() and flat.requires_grad):
+            return fast[2](flat).to(x.dtype).view(*lead, self.out_features)
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
         kind, cross = self._kernel_and_crossover()
@@ -301,7 +323,7 @@ class QuantLinear(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._int4 is not None:  # back to the dense form the file holds; repacked on the next kernel call
-            self._int4 = self._q4 = None
+            self._int4 = self._q4 = self._fast = None
             n, k = self.out_features, self.in_features
             if self.int8_kernel:
                 self.qweight = torch.zeros(n, k, dtype=torch.int8)

@@ -1,6 +1,7 @@
-"""budgetlm's own 4-bit CPU kernel (q4.c), built on the host at first use and called through ctypes.
+"""budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4-bit kernel
+(q4.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c, decode/lean.py).
 
-The C source ships with the package; the first process that needs it compiles it with the host's C compiler
+The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
 (`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
 hashes the source, the compiler's version and the machine, so a shared home on another CPU builds its own copy.
 The build writes a temporary file and renames it: processes building at once never load a half-written library.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "ops.c")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 _status = "not built"
 
@@ -41,7 +42,7 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     """The compiled library for this source, compiler and machine (built once, then found in the cache)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + version.encode() + platform.machine().encode() + " ".join(FLAGS).encode())
     out = cache_dir() / f"q4-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -52,7 +53,8 @@ def _build(cc: str) -> Path:
     try:
         errors = ""
         for extra in (["-fopenmp"], []):  # OpenMP threads where the compiler has them, else one thread
-            r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+            cmd = [cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, out)
                 return out
@@ -83,6 +85,17 @@ def library() -> ctypes.CDLL | None:
     lib.q4_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, c_int, ptr, ptr, c_int, ptr, c_int, c_int]
     lib.q4_mm.restype = c_int
     lib.q4_has_simd.restype = c_int
+    c_float = ctypes.c_float
+    lib.lean_rms_norm.argtypes = [ptr, ptr, c_int, c_int, c_float, ptr, c_int]
+    lib.lean_rms_norm.restype = None
+    lib.lean_add_rms_norm.argtypes = [ptr, ptr, ptr, c_int, c_int, c_float, ptr, c_int]
+    lib.lean_add_rms_norm.restype = None
+    lib.lean_rope_store.argtypes = [ptr, ptr, ptr, ptr, ptr, c_int, c_int, c_int, c_int, ptr, ptr, c_int, c_int]
+    lib.lean_rope_store.restype = None
+    lib.lean_attention.argtypes = [ptr, ptr, ptr, c_int, c_int, c_int, c_int, c_int, c_int, c_float, ptr, c_int]
+    lib.lean_attention.restype = c_int
+    lib.lean_silu_mul.argtypes = [ptr, ptr, c_int, ptr]
+    lib.lean_silu_mul.restype = None
     _status = "built (AVX2)" if lib.q4_has_simd() else "built (plain C: no AVX2/FMA on this CPU)"
     return lib
 
@@ -121,3 +134,25 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tenso
     if err:
         raise RuntimeError(f"q4_mm refused a {n}x{k} layer (block {block}, group {g}): code {err}")
     return y
+
+
+def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+    """q4_mm for one layer with its arguments checked once: call(x [M, K]) -> float32 [M, N]. The tensors must stay
+    alive and unchanged while the call is used (the layer that binds them holds them)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
+    n, k = scales.shape[1], scales.shape[0] * g
+    q4_mm(torch.zeros(1, k), packed, block, scales, zeros, g, threads=1)  # validates the shapes and dtypes
+    fn, pp, sp, zp, vec = lib.q4_mm, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), simd()
+    threads = torch.get_num_threads
+    held = (packed, scales, zeros)  # the pointers above stay valid while the call exists
+
+    def call(x: torch.Tensor, _held=held) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = torch.empty(x.shape[0], n)
+        fn(x.data_ptr(), x.shape[0], k, pp, n, block, sp, zp, g, y.data_ptr(), threads(), vec)
+        return y
+
+    return call
