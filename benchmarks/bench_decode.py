@@ -3,7 +3,8 @@ roofline, llama.cpp on the same codes, the KL cost of the kernels' bf16 activati
 processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
-    (a variant may end in @int4 or @q4: its 4-bit layers on torch's or budgetlm's kernel, else the host probe's)
+    (a variant may end in @int4 or @q4: its 4-bit layers on torch's or budgetlm's kernel, else the host probe's
+    choice; and in @hf: transformers' forward instead of budgetlm's lean runtime)
         [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
@@ -57,16 +58,33 @@ VARIANTS = {
 DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-all,rtn-w2g64-all"
 
 
-KERNELS = ("int4", "q4")  # `variant@int4` / `variant@q4`: the 4-bit layers on torch's / budgetlm's kernel
+# `variant@int4` / `variant@q4`: the 4-bit layers on torch's / budgetlm's kernel; `variant@hf`: transformers' forward
+# instead of budgetlm's lean runtime (decode/lean.py); several may follow one another (rtn-w4g64-all@int4@hf)
+OPTIONS = ("int4", "q4", "hf")
 
 
-def split_variant(name: str) -> tuple[str, str | None]:
-    base, _, kernel = name.partition("@")
-    return base, kernel or None
+def split_variant(name: str) -> tuple[str, list[str]]:
+    base, *options = name.split("@")
+    return base, options
 
 
-def kernel_choice(kernel: str | None):
-    return kernels.four_bit_kernel(kernel) if kernel else contextlib.nullcontext()
+@contextlib.contextmanager
+def kernel_choice(options: list[str]):
+    with contextlib.ExitStack() as stack:
+        for kind in ("int4", "q4"):
+            if kind in options:
+                stack.enter_context(kernels.four_bit_kernel(kind))
+        before = os.environ.get("BUDGETLM_LEAN")
+        if "hf" in options:
+            os.environ["BUDGETLM_LEAN"] = "0"
+        try:
+            yield
+        finally:
+            if "hf" in options:
+                if before is None:
+                    os.environ.pop("BUDGETLM_LEAN", None)
+                else:
+                    os.environ["BUDGETLM_LEAN"] = before
 
 
 def loadavg() -> str:
@@ -193,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if split_variant(n)[0] not in VARIANTS or split_variant(n)[1] not in (None, *KERNELS)]
+    unknown = [n for n in names if split_variant(n)[0] not in VARIANTS or set(split_variant(n)[1]) - set(OPTIONS)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4 or @q4")
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @hf")
     threads = [int(t) for t in args.threads.split(",")]
 
     prof = cpu_profile()
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {
             "variant": name,
             "steps": steps,
-            "four_bit_kernel": kernel or f"probe: {kernels.four_bit()}",
+            "options": kernel,
             "stored_mb": size["stored_bytes"].value / 1e6,
             "bpw": size["bpw"].value,
             "linear_bpw": size["linear_bpw"].value,
@@ -247,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pct_roofline": roof / dec.extra["median"] * 100,
                 "crossover": {k: kernels.crossover(k) for k in ("int4", "q4", "int8")},
                 "four_bit_probe": kernels.four_bit(),
+                "runtime": dec.extra.get("runtime"),
                 "loadavg": loadavg(),
             }
             if not args.no_llama_cpp:

@@ -441,8 +441,11 @@ def _bench_torch(model: str, load, measure, repeats: int, decode_tokens: int) ->
         "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
         "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
     }
+    from budgetlm.decode.lean import runtime_for
+
     info = {"name": "torch", "torch": torch.__version__, "threads": torch.get_num_threads()}
     info["dtype"] = compute_dtype(handle.model)
+    info["decoder"] = runtime_for(handle.model).label
     return results, info
 
 
@@ -450,7 +453,8 @@ def _runtime_lines(info: dict) -> list[str]:
     """The line under a benchmark's table that says what ran the model (and the GGUF export's notes)."""
     threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
     if info["name"] != "llama.cpp":
-        return [f"runtime: torch {info['torch']}, {info['dtype']}, {threads}"]
+        decoder = f", {info['decoder']} forward" if info.get("decoder") else ""
+        return [f"runtime: torch {info['torch']}, {info['dtype']}, {threads}{decoder}"]
     types = ", ".join(f"{n} {t}" for t, n in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]))
     codes = f"; {info['tensors_from_codes']} written from budgetlm's codes" if info["tensors_from_codes"] else ""
     lines = [

@@ -117,3 +117,21 @@ def test_the_build_is_cached_and_found_by_a_new_process(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert second == first and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@needs_lib
+@pytest.mark.parametrize("vector", [True, False])
+@pytest.mark.parametrize("n,k", [(64, 64), (130, 200), (2, 8)])
+def test_q8_equals_the_dequantised_product(vector, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(n, 1, generator=gen) * 0.01 + 1e-4).half()
+    w = codes.double() * scales.double()
+    call = native.bind_q8(codes, scales, vector=vector)
+    for m in (1, 2, 4, 5, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        want = x.double() @ w.t()
+        got = call(x)
+        assert got.shape == (m, n) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (m, vector)
+    assert native.bind_q8(codes[:, :6].contiguous(), scales) is None  # K not a multiple of 8: refused, not misread
+    assert native.bind_q8(codes[:1], scales[:1]) is None  # an odd row count

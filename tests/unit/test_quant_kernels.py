@@ -145,16 +145,20 @@ def test_act_order_and_low_rank_correction_on_every_path(use_kernels, act_order,
     assert torch.allclose(layer.effective_weight(), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("eight", ["int8", "int4x2"])
+@pytest.mark.parametrize("eight", ["int8", "int4x2", "q8"])
 @pytest.mark.parametrize("m", [1, 4, 64])
-def test_int8_path_and_its_crossover(use_kernels, monkeypatch, eight, m):
+@pytest.mark.parametrize("bias", [True, False])  # without a bias, "q8" takes the layer's bound fast path
+def test_int8_path_and_its_crossover(use_kernels, monkeypatch, eight, m, bias):
+    if eight == "q8" and native.library() is None:
+        pytest.skip(f"budgetlm's 8-bit kernel is not built here: {native.status()}")
     monkeypatch.setattr(kernels, "eight_bit", lambda n, k: eight)
-    layer, ref, b = make_layer(8, None, True)
+    layer, ref, b = make_layer(8, None, True, bias=bias)
     assert layer.kernel == eight and layer.path(m) == (eight if m < 32 else "dense")
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(5))
     want = F.linear(x, ref, b)
-    tol = 1e-2 if m < 32 else 1e-5
+    tol = 1e-2 if m < 32 and eight != "q8" else 1e-5  # torch's kernels round to bf16; q8 computes in float32
     assert (layer(x) - want).abs().max() <= tol * want.abs().max()
+    assert (layer._fast is not None) == (eight == "q8" and not bias)
 
 
 @pytest.mark.parametrize("symmetric,group,act_order", [(False, None, False), (True, 64, False), (False, 32, True)])
@@ -415,7 +419,7 @@ def test_eight_bit_probe_stays_small_for_a_large_layer(monkeypatch):
     monkeypatch.setattr(kernels.torch, "full", full)
     kernels._eight_bit.cache_clear()
     try:
-        assert kernels._eight_bit(65536, 512, 1) in ("int8", "int4x2")
+        assert kernels._eight_bit(65536, 512, 1) in ("int8", "int4x2", "q8")
     finally:
         kernels._eight_bit.cache_clear()
     assert seen and max(seen) <= 2 * (1 << 20)

@@ -173,7 +173,8 @@ class TorchGlue:
 
     @staticmethod
     def attend(q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float) -> torch.Tensor:
-        """Rotary on q, k [1, M, heads * d], k and v stored, causal attention over the cache: [1, M, heads * d]."""
+        """Rotary on q, k [1, M, heads * d], k and v stored, causal attention over the cache: [1, M, heads * d].
+        q may be overwritten (the C glue rotates it in place)."""
         m = q.shape[1]
         q = q.view(1, m, -1, d).transpose(1, 2)
         k = k.view(1, m, -1, d).transpose(1, 2)

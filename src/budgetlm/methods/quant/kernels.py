@@ -20,6 +20,8 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   without AVX512-BF16) torch's kernel is compute-bound and this one is faster. `four_bit()` times the two on
   the host, for one token over weights that exceed the last-level cache, and the faster one serves every <= 4-bit
   layer; an unavailable build (no C compiler) leaves "int4".
+- "q8": budgetlm's own 8-bit kernel (native/q8.c) for 8-bit symmetric per-channel grids, on the stored int8 codes
+  and fp16 scales, float32 activations: exact; `eight_bit()` times it with the other two.
 - "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
   block multiplied in float32: exact w.r.t. the stored grid and never more than a block of float32 weights alive.
 Which one a call takes depends on its token count M: the kernels win for a few tokens (decode reads fewer bytes),
@@ -171,6 +173,11 @@ def q4_table(scales, zeros, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scales.half().t().contiguous(), zp.t().contiguous()
 
 
+def bind_q8(codes: torch.Tensor, scales: torch.Tensor):
+    """budgetlm's 8-bit kernel for int8 codes [N, K] with fp16 per-row scales, checked once (None: shape refused)."""
+    return native.bind_q8(codes, scales)
+
+
 def bind_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
     """q4_mm for one layer's codes and q4_table's tables, checked once: call(x [M, K]) -> float32 [M, N]."""
     return native.bind_q4(packed, block_n(), scales, zeros, g)
@@ -282,7 +289,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 def _probe_layer(kind: str):
-    """A random layer of PROBE_SHAPE for `kind` ("int4", "int4x2" or "int8"): (kernel(x), dense(x))."""
+    """A random layer of PROBE_SHAPE for `kind` ("int4", "q4", "int4x2", "int8" or "q8"): (kernel(x), dense(x))."""
     from budgetlm.methods.quant.quantizer import find_grid, quantize
 
     n, k = PROBE_SHAPE
@@ -311,13 +318,14 @@ def _probe_layer(kind: str):
             codes = int8_split_codes(tuple(p[r0:r1] if i % 2 == 0 else p for i, p in enumerate(parts)), r1 - r0, k)
             return codes.float().sub_(128).mul_(grid.scales[r0:r1])
 
-    else:
+    else:  # "int8" or "q8": the stored int8 codes
         grid = find_grid(w, 8, None, symmetric=True)
         q8 = (quantize(w, grid).to(torch.int16) - 128).to(torch.int8)
         s8 = grid.scales[:, 0].to(torch.bfloat16)
+        own = bind_q8(q8, grid.scales[:, 0].half().contiguous()) if kind == "q8" else None
 
         def kernel(x):
-            return int8_mm(x, q8, s8)
+            return own(x) if own is not None else int8_mm(x, q8, s8)
 
         def rows(r0, r1):
             return q8[r0:r1].float().mul_(grid.scales[r0:r1])
@@ -358,7 +366,9 @@ COLD_BYTES = 40 << 20  # the eight-bit probe cycles through this many bytes of c
 def _eight_bit(n: int, k: int, threads: int) -> str:
     try:
         g = int4_group(8, k, n, k)
-        if not _layout_matches() or g is None:
+        halves = _layout_matches() and g is not None
+        own = native.library() is not None and k % 8 == 0 and n % 2 == 0
+        if not halves and not own:
             return "int8"
         b = block_n()
         n = min(n, max(b, COLD_BYTES // 2 // k // b * b))  # a large layer: a slice of its rows
@@ -368,13 +378,15 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
         hi = torch.full((copies, n, k // 2), 0x5A, dtype=torch.uint8)
         lo = torch.full((copies, n, k // 2), 0xA5, dtype=torch.uint8)
         scales = torch.full((n,), 1e-2, dtype=torch.bfloat16)
-        table = torch.full((k // g, n, 2), 1e-2, dtype=torch.bfloat16)
+        table = torch.full((k // g, n, 2), 1e-2, dtype=torch.bfloat16) if halves else None
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
-        calls = {
-            "int8": lambda i: int8_mm(x, q8[i], scales),
-            "int4x2": lambda i: int8_split_mm(x, (hi[i], table, lo[i], table), g),
-        }
-        times: dict[str, list[float]] = {"int8": [], "int4x2": []}
+        calls = {"int8": lambda i: int8_mm(x, q8[i], scales)}
+        if halves:
+            calls["int4x2"] = lambda i: int8_split_mm(x, (hi[i], table, lo[i], table), g)
+        if own:
+            bound = [native.bind_q8(q8[i], scales.half()) for i in range(copies)]
+            calls["q8"] = lambda i: bound[i](x)
+        times: dict[str, list[float]] = {name: [] for name in calls}
         for rnd in range(4):  # interleaved passes over every copy: cold weights, as in decode; the first warms up
             for name, fn in calls.items():
                 t0 = time.perf_counter()
@@ -389,7 +401,8 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
 
 def eight_bit(n: int, k: int) -> str:
     """The faster kernel for one token of an 8-bit symmetric per-channel [n, k] layer on this host: torch's int8
-    kernel ("int8") or the two 4-bit halves ("int4x2"), at torch's current thread count, timed over copies of
+    kernel ("int8"), the two 4-bit halves ("int4x2") or budgetlm's own 8-bit kernel ("q8": float32 activations,
+    exact; where it is built), at torch's current thread count, timed over copies of
     random codes that exceed the last-level cache, as a decode step reads its weights (measured once per process,
     shape and thread count; ~0.05 s each)."""
     return _eight_bit(n, k, torch.get_num_threads())

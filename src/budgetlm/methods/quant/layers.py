@@ -157,16 +157,14 @@ class QuantLinear(torch.nn.Module):
     @property
     def kernel(self) -> str | None:
         """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel) or "int4" (torch's), whichever
-        the host probe measured faster, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves), "int8" (torch's int8
-        kernel: 8-bit symmetric per-channel, where it measured faster than the halves) or None (dequantisation
-        only)."""
+        the host probe measured faster, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
+        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
+        measured fastest; None (dequantisation only)."""
         if self._int4 is not None and len(self._int4) == 4:
             return "int4x2"
         if self.bits == 8:
-            if self.int8_kernel and (
-                self._int4_group is None or kernels.eight_bit(self.out_features, self.in_features) == "int8"
-            ):
-                return "int8"
+            if self.int8_kernel:
+                return kernels.eight_bit(self.out_features, self.in_features)
             return "int4x2" if self._int4_group is not None else None
         if self._int4_group is None:
             return None
@@ -178,7 +176,7 @@ class QuantLinear(torch.nn.Module):
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "q4", "int4", "int4x2", "int8" or "dense"."""
+        """The path a call with `tokens` tokens takes: "q4", "int4", "q8", "int4x2", "int8" or "dense"."""
         kind, cross = self._kernel_and_crossover()
         return kernels.choose(kind, tokens, cross)
 
@@ -270,13 +268,18 @@ class QuantLinear(torch.nn.Module):
         if fast is not None and fast[0] == key:
             return fast
         self._fast = None
-        if self.perm is not None or self.bias is not None or self.rank or self.bits > 4:
+        if self.perm is not None or self.bias is not None or self.rank:
             return None
         kind, cross = self._kernel_and_crossover()
-        if kind != "q4" or cross <= 0 or not self._int4_ready():
+        if kind not in ("q4", "q8") or cross <= 0:
             return None
-        s, z = self._q4_tables()
-        self._fast = (key, cross, kernels.bind_q4(self._int4[0], s, z, self.group_size))
+        if kind == "q8":
+            call = kernels.bind_q8(self.qweight, self.scales)
+        elif self._int4_ready():
+            call = kernels.bind_q4(self._int4[0], *self._q4_tables(), self.group_size)
+        else:
+            return None
+        self._fast = (key, cross, call) if call is not None else None
         return self._fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,6 +302,8 @@ class QuantLinear(torch.nn.Module):
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
         elif path == "int4x2" and self._int4_ready():
             y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
+        elif path == "q8" and (call := kernels.bind_q8(self.qweight, self.scales)) is not None:
+            y = call(flat).to(x.dtype)
         elif path == "int8":
             y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
         else:
@@ -347,7 +352,7 @@ class QuantLinear(torch.nn.Module):
         if self._int4_group is None:
             return self.storage_bytes()
         n, k = self.out_features, self.in_features
-        if self.kernel == "int8":
+        if self.kernel in ("int8", "q8"):
             return self.storage_bytes()
         halves = 2 if self.bits == 8 else 1
         group = self.group_size if self.kernel == "q4" else self._int4_group  # q4: fp16 tables per stored group

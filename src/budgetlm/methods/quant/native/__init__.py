@@ -1,5 +1,6 @@
-"""budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4-bit kernel
-(q4.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c, decode/lean.py).
+"""budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4- and 8-bit
+kernels (q4.c, q8.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c,
+decode/lean.py).
 
 The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
 (`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "ops.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 _status = "not built"
 
@@ -85,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.q4_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, c_int, ptr, ptr, c_int, ptr, c_int, c_int]
     lib.q4_mm.restype = c_int
     lib.q4_has_simd.restype = c_int
+    lib.q8_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, ptr, c_int, c_int]
+    lib.q8_mm.restype = c_int
     c_float = ctypes.c_float
     lib.lean_rms_norm.argtypes = [ptr, ptr, c_int, c_int, c_float, ptr, c_int]
     lib.lean_rms_norm.restype = None
@@ -153,6 +156,32 @@ def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch
             x = x.float().contiguous()
         y = torch.empty(x.shape[0], n)
         fn(x.data_ptr(), x.shape[0], k, pp, n, block, sp, zp, g, y.data_ptr(), threads(), vec)
+        return y
+
+    return call
+
+
+def bind_q8(codes: torch.Tensor, scales: torch.Tensor, vector: bool = True):
+    """x [M, K] times int8 codes [N, K] with float16 per-row scales (any [N] or [N, 1] contiguous tensor): a call
+    checked once, call(x) -> float32 [M, N]. None where the kernel cannot take the shape (K % 8, odd N).
+    `vector=False`: the plain C path (tests)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"budgetlm's 8-bit kernel is unavailable: {status()}")
+    n, k = codes.shape
+    if codes.dtype != torch.int8 or not codes.is_contiguous() or scales.dtype != torch.float16:
+        raise RuntimeError("q8_mm takes contiguous int8 codes and float16 scales")
+    if not scales.is_contiguous() or scales.numel() != n or k % 8 or n % 2:
+        return None
+    fn, cp, sp, vec = lib.q8_mm, codes.data_ptr(), scales.data_ptr(), simd() if vector else 0
+    threads = torch.get_num_threads
+    held = (codes, scales)
+
+    def call(x: torch.Tensor, _held=held) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = torch.empty(x.shape[0], n)
+        fn(x.data_ptr(), x.shape[0], k, cp, n, sp, y.data_ptr(), threads(), vec)
         return y
 
     return call

@@ -31,6 +31,8 @@ static inline float half_to_float(uint16_t h) {
     float f; memcpy(&f, &bits, 4); return f;
 }
 
+float q4_half_to_float(uint16_t h) { return half_to_float(h); } /* for q8.c */
+
 /* one block of B rows, rows m0..m0+mc of x: y[m][n0 + r] = sum_k (q[r][k] - zp[gi][r]) * s[gi][r] * x[m][k] */
 static void block_scalar(const float *x, int mc, int K, const uint8_t *blk, int B, const uint16_t *s,
                          const uint16_t *z, int N, int g, float *y, int n0) {
