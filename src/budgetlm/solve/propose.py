@@ -214,7 +214,7 @@ def run_proposals(directory: str | Path, props: list[Proposal], progress: bool =
         raise ConfigError(f"{directory} records no recipe; --run adds pipelines to the recipe `budgetlm run` recorded")
     origin = f"the recipe recorded in {directory}"
     rec = parse_recipe(recorded, origin)
-    if planned is not None and [c.id for c in plan(rec)] != planned:
+    if planned is not None and {c.id for c in plan(rec)} != set(planned):  # (the store keeps the recipe's keys sorted)
         raise BudgetLMError(
             f"the cells of {directory} were planned by another budgetlm (its recipe gives other cell ids with budgetlm "
             f"{__version__}), so --run would run every cell again; rerun the study with this budgetlm first, or solve "
