@@ -136,7 +136,8 @@ def solve(directory: str | Path, limits: Limits, task: str | None = None) -> Sol
     with st.Store.open(directory) as store:
         cells = [c for c in store.cells() if c["status"] == "done"]
         rows = st.by_cell(store.rows([c["cell_id"] for c in cells]))
-        recipe = store.get_meta("recipe") or {}
+        recipe = store.get_meta("recipe")
+    recipe = recipe if isinstance(recipe, dict) else {}
     task, task_from = _task(directory, task, recipe, cells)
     metric = st.main_metric(list(dict.fromkeys(m for c in cells for m in rows.get(c["cell_id"], {}).get(task, {}))))
     candidates = []
