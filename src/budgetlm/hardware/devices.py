@@ -197,30 +197,36 @@ def workload_from_model(handle, context: int | None) -> Workload:
 def workload_from_cell(folder: Path, context: int | None) -> Workload:
     """A finished cell's workload: its measured size and decode (result.json), its model's config (the cell's saved
     model, else the model it started from), calibrated by its own decode against its own roofline."""
-    from budgetlm.models.sources import skeleton
-
     folder = Path(folder)
     result, cell = _read_json(folder / "result.json"), _read_json(folder / "config.json")
-    phases = result.get("phases") or {}
-    size, speed = phases.get("size") or {}, phases.get("speed") or {}
-    if any(k not in size for k in ("stored_bytes", "read_bytes_per_token", "params")):
-        raise DataError(f"{folder}: the cell was not benchmarked (its result.json has no size phase)")
     if "model" not in cell:
         raise DataError(f"{folder / 'config.json'} names no model; the study driver writes it")
+    label = f"{cell['model']} {cell.get('pipeline', '')}".strip()
     spec = result.get("model_folder") or cell["model"]
+    return workload_from_phases(result.get("phases") or {}, spec, label, str(folder), context)
+
+
+def workload_from_phases(phases: dict, spec: str, label: str, where: str, context: int | None) -> Workload:
+    """The workload of a measured model from its figures ({phase: {metric: {"value", "extra"}}}: a result.json's or
+    the results store's rows) and the config of `spec` (its model), calibrated by its decode against its roofline."""
+    from budgetlm.models.sources import skeleton
+
+    size, speed = phases.get("size") or {}, phases.get("speed") or {}
+    if any(k not in size for k in ("stored_bytes", "read_bytes_per_token", "params")):
+        raise DataError(f"{where}: the cell was not benchmarked (it has no size phase)")
     module = skeleton(spec)
     if module is None:
-        raise ModelError(f"{folder}: cannot read the config of its model {spec}")
+        raise ModelError(f"{where}: cannot read the config of its model {spec}")
     context = check_context(context, _window(module.config))
     calibration = None
     if "decode_ms_per_token" in speed and "decode_roofline_ms" in speed:
         dec, roof = speed["decode_ms_per_token"], speed["decode_roofline_ms"]
         calibration = Calibration(
-            dec["value"], roof["value"], roof.get("extra", {}).get("bandwidth_gb_s", float("nan")), str(folder)
+            dec["value"], roof["value"], (roof.get("extra") or {}).get("bandwidth_gb_s", float("nan")), where
         )
-    dtype = speed.get("decode_ms_per_token", {}).get("extra", {}).get("dtype", "float32")
+    dtype = (speed.get("decode_ms_per_token", {}).get("extra") or {}).get("dtype", "float32")
     return Workload(
-        label=f"{cell['model']} {cell.get('pipeline', '')}".strip(),
+        label=label,
         weights_bytes=size["stored_bytes"]["value"],
         read_bytes_per_token=size["read_bytes_per_token"]["value"],
         params=size["params"]["value"],
