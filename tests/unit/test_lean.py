@@ -107,13 +107,45 @@ def test_small_m_linear_is_the_same_product():
         torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_runtime_choice():
+def gemma(window: int, dtype=torch.float32, softcap=None):
+    """A tiny Gemma 3: sliding-window layers (window shorter than the sequences) and full ones, logit soft-cap."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+    cfg = Gemma3TextConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=window, layer_types=kinds, max_position_embeddings=512,
+        initializer_range=0.2, final_logit_softcapping=30.0, attn_logit_softcapping=softcap,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)  # Gemma's norms start at 0 (x (1 + 0)): give them something to get wrong
+    return model
+
+
+@pytest.mark.parametrize("name", GLUES)
+def test_lean_gemma3_equals_transformers(name):
+    model = gemma(window=6)
+    rt = lean.LeanGemma3(model, glue(name))
+    seq = torch.randint(0, 250, (30,), generator=torch.Generator().manual_seed(7)).tolist()
+    want = full_logits(model, seq)
+    cache = rt.new_cache()
+    got = [rt(torch.tensor([seq[:10]]), 0, cache, 10)[0], rt(torch.tensor([seq[10:11]]), 10, cache, 1)[0]]
+    got.append(rt(torch.tensor([seq[11:14]]), 11, cache, 3)[0][:2])  # a proposal of three, the last rejected
+    cache.crop(-1)
+    got.append(rt(torch.tensor([seq[13:30]]), 13, cache, 17)[0])  # 17 rows: torch's attention, windowed mask
+    got = torch.cat(got)
+    # transformers computes Gemma's norms in float32 whatever the model's dtype; the lean forward in the model's
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_runtime_choice():
     assert isinstance(runtime_for(llama()), LeanLlama)
-    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))  # fmt: skip
-    assert isinstance(runtime_for(gemma.eval()), HFRuntime)
+    assert isinstance(runtime_for(gemma(window=4)), lean.LeanGemma3)
+    assert isinstance(runtime_for(gemma(window=4, softcap=50.0)), HFRuntime)  # attention soft-cap: not lean
     model = llama()
     model.model.layers[1].register_forward_hook(lambda *a: None)
     assert lean.lean_reason(model) == "forward hooks"
@@ -136,14 +168,16 @@ def rope_ref(x, cos, sin):
     return x * cos[:, None] + rot * sin[:, None]
 
 
-def attention_ref(q, keys, values, start):
-    """q [M, H, D]; keys, values [KV, L, D]; token m sees positions 0..start+m; head h reads kv head h // (H/KV)."""
+def attention_ref(q, keys, values, start, window=0):
+    """q [M, H, D]; keys, values [KV, L, D]; token m sees positions 0..start+m (the last `window` of them if > 0);
+    head h reads kv head h // (H/KV)."""
     m_rows, heads, d = q.shape
     group = heads // keys.shape[0]
     out = torch.zeros_like(q)
     for m in range(m_rows):
+        first = max(0, start + m + 1 - window) if window else 0
         for h in range(heads):
-            k, v = keys[h // group, : start + m + 1], values[h // group, : start + m + 1]
+            k, v = keys[h // group, first : start + m + 1], values[h // group, first : start + m + 1]
             p = torch.softmax(q[m, h] @ k.t() / math.sqrt(d), -1)
             out[m, h] = p @ v
     return out
@@ -151,8 +185,10 @@ def attention_ref(q, keys, values, start):
 
 @needs_lib
 @pytest.mark.parametrize("simd", [0, 1])
-@pytest.mark.parametrize("m,start,heads,kv", [(1, 0, 4, 2), (1, 9, 9, 3), (3, 5, 4, 4), (5, 0, 6, 1)])
-def test_c_rope_store_and_attention(simd, m, start, heads, kv):
+@pytest.mark.parametrize(
+    "m,start,heads,kv,window", [(1, 0, 4, 2, 0), (1, 9, 9, 3, 0), (3, 5, 4, 4, 0), (5, 0, 6, 1, 0), (4, 9, 4, 2, 5)]
+)
+def test_c_rope_store_and_attention(simd, m, start, heads, kv, window):
     if simd and not native.simd():
         pytest.skip("no AVX2 path on this CPU")
     d, cap = 16, 32
@@ -166,13 +202,14 @@ def test_c_rope_store_and_attention(simd, m, start, heads, kv):
     old_k, old_v = torch.randn(1, kv, start, d, generator=g), torch.randn(1, kv, start, d, generator=g)
     cache.keys[0][:, :, :start], cache.values[0][:, :, :start] = old_k, old_v
     cache.length = start
-    out = CGlue(native.library(), simd).attend(q.clone(), k, v, cos[None], sin[None], cache, 0, start, d, d**-0.5)
+    c = CGlue(native.library(), simd)
+    out = c.attend(q.clone(), k, v, cos[None], sin[None], cache, 0, start, d, d**-0.5, window)
     k_rot = rope_ref(k.view(m, kv, d), cos, sin)
     torch.testing.assert_close(cache.keys[0][0, :, start : start + m], k_rot.transpose(0, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(cache.values[0][0, :, start : start + m], v.view(m, kv, d).transpose(0, 1))
     keys = torch.cat([old_k[0], k_rot.transpose(0, 1)], 1)
     values = torch.cat([old_v[0], v.view(m, kv, d).transpose(0, 1)], 1)
-    want = attention_ref(rope_ref(q.view(m, heads, d), cos, sin), keys, values, start)
+    want = attention_ref(rope_ref(q.view(m, heads, d), cos, sin), keys, values, start, window)
     torch.testing.assert_close(out.view(m, heads, d), want, rtol=1e-5, atol=1e-5)
 
 
@@ -189,9 +226,9 @@ def test_c_norms_and_silu(simd):
     def rms(t):
         return norm.weight * (t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5))
 
-    torch.testing.assert_close(c.rms(x, norm), rms(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.rms(x, norm.weight, 1e-5), rms(x), rtol=1e-5, atol=1e-6)
     h = x.clone()
-    torch.testing.assert_close(c.add_rms(h, delta, norm), rms(x + delta), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.add_rms(h, delta, norm.weight, 1e-5), rms(x + delta), rtol=1e-5, atol=1e-6)
     assert torch.equal(h, x + delta)  # the residual stream updated in place
     gate, up = torch.randn(1, 2, 50), torch.randn(1, 2, 50)
     torch.testing.assert_close(c.silu_mul(gate, up), gate / (1 + torch.exp(-gate)) * up, rtol=1e-5, atol=1e-6)

@@ -164,17 +164,19 @@ class TorchGlue:
     against, and the path where the C library is not built)."""
 
     @staticmethod
-    def rms(x: torch.Tensor, norm) -> torch.Tensor:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight."""
+        return F.rms_norm(x, weight.shape, weight, eps)
 
-    def add_rms(self, h: torch.Tensor, delta: torch.Tensor, norm) -> torch.Tensor:
+    def add_rms(self, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """h += delta in place (the residual stream), then rms(h)."""
         h.add_(delta)
-        return self.rms(h, norm)
+        return self.rms(h, weight, eps)
 
     @staticmethod
-    def attend(q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float) -> torch.Tensor:
-        """Rotary on q, k [1, M, heads * d], k and v stored, causal attention over the cache: [1, M, heads * d].
-        q may be overwritten (the C glue rotates it in place)."""
+    def attend(q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0):
+        """Rotary on q, k [1, M, heads * d], k and v stored, causal attention over the cache (the last `window`
+        positions only when window > 0): [1, M, heads * d]. q may be overwritten (the C glue rotates it in place)."""
         m = q.shape[1]
         q = q.view(1, m, -1, d).transpose(1, 2)
         k = k.view(1, m, -1, d).transpose(1, 2)
@@ -184,8 +186,10 @@ class TorchGlue:
         k = k * cos + _rotate_half(k) * sin
         keys, values = cache.write(layer, start, k, v)
         mask = None
-        if m > 1:  # position start + i sees positions 0..start + i
+        if m > 1 or (window and start + m > window):  # position start + i sees positions 0..start + i
             mask = torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start)
+            if window:  # ... and only those less than `window` before it
+                mask &= ~torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start - window)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(1, m, -1)
 
@@ -204,26 +208,25 @@ class CGlue(TorchGlue):
     def __init__(self, lib, simd: int):
         self.lib, self.simd = lib, simd
 
-    def rms(self, x: torch.Tensor, norm) -> torch.Tensor:
+    def rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
         out = torch.empty_like(x)
         d = x.shape[-1]
-        self.lib.lean_rms_norm(x.data_ptr(), norm.weight.data_ptr(), x.numel() // d, d, norm.variance_epsilon,
-                               out.data_ptr(), self.simd)  # fmt: skip
+        self.lib.lean_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps, out.data_ptr(), self.simd)
         return out
 
-    def add_rms(self, h: torch.Tensor, delta: torch.Tensor, norm) -> torch.Tensor:
+    def add_rms(self, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         delta = delta.contiguous()
         out = torch.empty_like(h)
         d = h.shape[-1]
-        self.lib.lean_add_rms_norm(h.data_ptr(), delta.data_ptr(), norm.weight.data_ptr(), h.numel() // d, d,
-                                   norm.variance_epsilon, out.data_ptr(), self.simd)  # fmt: skip
+        self.lib.lean_add_rms_norm(h.data_ptr(), delta.data_ptr(), weight.data_ptr(), h.numel() // d, d, eps,
+                                   out.data_ptr(), self.simd)  # fmt: skip
         return out
 
-    def attend(self, q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float):
+    def attend(self, q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0):
         m = q.shape[1]
         if m > C_ATTENTION_ROWS:  # a prompt: torch's blocked attention kernel does the quadratic work faster
-            return super().attend(q, k, v, cos, sin, cache, layer, start, d, scale)
+            return super().attend(q, k, v, cos, sin, cache, layer, start, d, scale, window)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         heads, kv_heads = q.shape[-1] // d, k.shape[-1] // d
         kc, vc = cache.keys[layer], cache.values[layer]
@@ -233,7 +236,7 @@ class CGlue(TorchGlue):
                                  kv_heads, d, kc.data_ptr(), vc.data_ptr(), cap, start)  # fmt: skip
         out = torch.empty_like(q)
         err = self.lib.lean_attention(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), m, heads, kv_heads, d, cap, start,
-                                      scale, out.data_ptr(), self.simd)  # fmt: skip
+                                      scale, window, out.data_ptr(), self.simd)  # fmt: skip
         if err:
             raise MemoryError("lean runtime: no memory for the attention scores")
         return out
@@ -292,20 +295,81 @@ class LeanLlama:
         delta = None
         for i, layer in enumerate(self.layers):
             att, mlp = layer.self_attn, layer.mlp
-            a = g.rms(h, layer.input_layernorm) if delta is None else g.add_rms(h, delta, layer.input_layernorm)
+            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+            eps = n1.variance_epsilon
+            a = g.rms(h, n1.weight, eps) if delta is None else g.add_rms(h, delta, n1.weight, eps)
             q, k, v = lin(att.q_proj, a), lin(att.k_proj, a), lin(att.v_proj, a)
             o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling)
-            a = g.add_rms(h, lin(att.o_proj, o), layer.post_attention_layernorm)
+            a = g.add_rms(h, lin(att.o_proj, o), n2.weight, n2.variance_epsilon)
             delta = lin(mlp.down_proj, g.silu_mul(lin(mlp.gate_proj, a), lin(mlp.up_proj, a)))
         cache.length = end
         if delta is not None:
             h.add_(delta)
         h = h[:, -keep:] if keep else h
-        return lin(self.head, g.rms(h, self.norm))
+        return lin(self.head, g.rms(h, self.norm.weight, self.norm.variance_epsilon))
 
     @staticmethod
     def copy_layers(dst: StaticKV, src: StaticKV, layers: int, start: int, end: int) -> None:
         dst.copy_from(src, layers, start, end)
+
+
+class LeanGemma3(LeanLlama):
+    """The lean forward of a Gemma3ForCausalLM: Gemma's RMSNorm (times 1 + w) before and after attention and the
+    MLP, per-head norms of queries and keys, sliding-window layers with their own rotary embedding, the scaled
+    embedding (the model's module), GELU (the model's activation) and the final logit soft-cap."""
+
+    def __init__(self, model: torch.nn.Module, glue: TorchGlue | None = None):
+        super().__init__(model, glue)
+        cfg = model.config
+        self.types = list(cfg.layer_types)[: len(self.layers)]
+        self.window = int(cfg.sliding_window or 0)
+        self.softcap = cfg.final_logit_softcapping
+
+        def scaled(norm):  # Gemma's norm multiplies by (1 + w) in float32, as its forward does
+            return (1.0 + norm.weight.float()).to(self.dtype), norm.eps
+
+        self.norms = [
+            [scaled(n) for n in (y.input_layernorm, y.post_attention_layernorm, y.pre_feedforward_layernorm,
+                                 y.post_feedforward_layernorm, y.self_attn.q_norm, y.self_attn.k_norm)]
+            for y in self.layers
+        ]  # fmt: skip
+        self.final = scaled(self.norm)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
+        m = ids.shape[1]
+        end = start + m
+        if start != cache.length:
+            raise RuntimeError(f"lean runtime: the cache holds {cache.length} positions, asked to continue at {start}")
+        cache.reserve(end)
+        rows, g, d = small_m_rows(), self.glue, self.head_dim
+
+        def lin(module, x):
+            return small_m_linear(module, x, rows) if type(module) is torch.nn.Linear else module(x)
+
+        h = self.embed(ids).contiguous()
+        pos = torch.arange(start, end).unsqueeze(0)
+        rope = {t: self.rotary(h, pos, t) for t in set(self.types)}
+        for i, layer in enumerate(self.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            (w_in, e_in), (w_pa, e_pa), (w_pf, e_pf), (w_ff, e_ff), (w_q, e_q), (w_k, e_k) = self.norms[i]
+            a = g.rms(h, w_in, e_in)
+            q = g.rms(lin(att.q_proj, a).view(1, m, -1, d), w_q, e_q).view(1, m, -1)
+            k = g.rms(lin(att.k_proj, a).view(1, m, -1, d), w_k, e_k).view(1, m, -1)
+            v = lin(att.v_proj, a)
+            cos, sin = rope[self.types[i]]
+            window = self.window if self.types[i] == "sliding_attention" else 0
+            o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling, window)
+            h.add_(g.rms(lin(att.o_proj, o), w_pa, e_pa))
+            a = g.rms(h, w_pf, e_pf)
+            f = lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, a)) * lin(mlp.up_proj, a))
+            h.add_(g.rms(f, w_ff, e_ff))
+        cache.length = end
+        h = h[:, -keep:] if keep else h
+        logits = lin(self.head, g.rms(h, *self.final))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def cached_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,8 +390,10 @@ def lean_reason(model: torch.nn.Module) -> str | None:
 
     if os.environ.get("BUDGETLM_LEAN", "1").strip().lower() in ("0", "false", "no", "off"):
         return "BUDGETLM_LEAN=0"
+    if type(model).__name__ == "Gemma3ForCausalLM":
+        return _gemma3_reason(model)
     if type(model) is not ml.LlamaForCausalLM:
-        return f"{type(model).__name__} is not a LlamaForCausalLM"
+        return f"{type(model).__name__} is neither a LlamaForCausalLM nor a Gemma3ForCausalLM"
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
@@ -348,6 +414,35 @@ def lean_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _gemma3_reason(model: torch.nn.Module) -> str | None:
+    from transformers.models.gemma3 import modeling_gemma3 as mg
+
+    cfg = model.config
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    inner = model.model
+    if type(inner.norm) is not mg.Gemma3RMSNorm or type(inner.rotary_emb) is not mg.Gemma3RotaryEmbedding:
+        return "a replaced norm or rotary embedding"
+    if not len(inner.layers) or len(cfg.layer_types) < len(inner.layers):
+        return "no layers, or layer types missing"
+    if any(t not in ("sliding_attention", "full_attention") for t in cfg.layer_types):
+        return "an unknown layer type"
+    for layer in inner.layers:
+        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.self_attn.q_norm)
+        kinds = (mg.Gemma3DecoderLayer, mg.Gemma3Attention, mg.Gemma3MLP, mg.Gemma3RMSNorm, mg.Gemma3RMSNorm)
+        if any(type(p) is not t for p, t in zip(parts, kinds)):
+            return "a replaced decoder module"
+        if layer._forward_hooks or layer._forward_pre_hooks or layer.self_attn._forward_hooks:
+            return "forward hooks"
+    if model.training:
+        return "a model in training mode"
+    return None
+
+
 def runtime_for(model: torch.nn.Module):
-    """LeanLlama where it can run the model, else transformers' forward."""
-    return LeanLlama(model) if lean_reason(model) is None else HFRuntime(model)
+    """The lean forward where it can run the model (LeanLlama, LeanGemma3), else transformers' forward."""
+    if lean_reason(model) is not None:
+        return HFRuntime(model)
+    return LeanGemma3(model) if type(model).__name__ == "Gemma3ForCausalLM" else LeanLlama(model)

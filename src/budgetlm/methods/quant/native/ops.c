@@ -35,27 +35,28 @@ ALWAYS_INLINE void rms_rows(const float *x, const float *w, int M, int D, float 
 }
 
 ALWAYS_INLINE void attention_rows(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D,
-                                  int cap, int start, float scale, float *out, float *p) {
+                                  int cap, int start, float scale, int window, float *out, float *p) {
     const int group = H / KV;
     for (int m = 0; m < M; m++) {
         const int len = start + m + 1;
+        const int first = window > 0 && len > window ? len - window : 0; /* a sliding window: the last `window` */
         for (int h = 0; h < H; h++) {
             const float *qh = q + ((size_t)m * H + h) * D;
             const float *K = kc + (size_t)(h / group) * cap * D, *V = vc + (size_t)(h / group) * cap * D;
             float mx = -INFINITY;
-            for (int j = 0; j < len; j++) {
+            for (int j = first; j < len; j++) {
                 p[j] = dot(qh, K + (size_t)j * D, D) * scale;
                 if (p[j] > mx) mx = p[j];
             }
             float sum = 0.f;
-            for (int j = 0; j < len; j++) {
+            for (int j = first; j < len; j++) {
                 p[j] = expf(p[j] - mx);
                 sum += p[j];
             }
             float *o = out + ((size_t)m * H + h) * D;
             memset(o, 0, sizeof(float) * D);
             const float inv = 1.f / sum;
-            for (int j = 0; j < len; j++) axpy(o, p[j] * inv, V + (size_t)j * D, D);
+            for (int j = first; j < len; j++) axpy(o, p[j] * inv, V + (size_t)j * D, D);
         }
     }
 }
@@ -69,8 +70,8 @@ ALWAYS_INLINE void add_rms_body(float *h, const float *delta, const float *w, in
     rms_rows(h, w, M, D, eps, out);
 }
 ALWAYS_INLINE void attn_body(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap,
-                             int start, float scale, float *out, float *p) {
-    attention_rows(q, kc, vc, M, H, KV, D, cap, start, scale, out, p);
+                             int start, float scale, int window, float *out, float *p) {
+    attention_rows(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -78,13 +79,13 @@ static void rms_generic(const float *x, const float *w, int M, int D, float eps,
 __attribute__((target("avx2,fma"))) static void rms_avx2(const float *x, const float *w, int M, int D, float eps, float *out) { rms_body(x, w, M, D, eps, out); }
 static void add_rms_generic(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
 __attribute__((target("avx2,fma"))) static void add_rms_avx2(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
-static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, out, p); }
-__attribute__((target("avx2,fma"))) static void attn_avx2(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, out, p); }
+static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
+__attribute__((target("avx2,fma"))) static void attn_avx2(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
 #define CHOOSE(name, simd) ((simd) ? name##_avx2 : name##_generic)
 #else
 static void rms_generic(const float *x, const float *w, int M, int D, float eps, float *out) { rms_body(x, w, M, D, eps, out); }
 static void add_rms_generic(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
-static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, out, p); }
+static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
 #define CHOOSE(name, simd) name##_generic
 #endif
 
@@ -127,13 +128,14 @@ void lean_rope_store(float *q, const float *k, const float *v, const float *cos_
     }
 }
 
-/* out [M, H, D]: token m attends to cache positions 0..start+m (causal); head h reads key/value head h / (H/KV).
-   Returns 1 when the scratch cannot be allocated. */
+/* out [M, H, D]: token m attends to cache positions 0..start+m (causal), only the last `window` of them when
+   window > 0 (a sliding-window layer); head h reads key/value head h / (H/KV). Returns 1 when the scratch cannot be
+   allocated. */
 int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
-                   float scale, float *out, int simd) {
+                   float scale, int window, float *out, int simd) {
     float *p = malloc(sizeof(float) * (size_t)(start + M));
     if (!p) return 1;
-    CHOOSE(attn, simd)(q, kc, vc, M, H, KV, D, cap, start, scale, out, p);
+    CHOOSE(attn, simd)(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p);
     free(p);
     return 0;
 }
