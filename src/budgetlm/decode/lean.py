@@ -185,12 +185,16 @@ class TorchGlue:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = cache.write(layer, start, k, v)
-        mask = None
-        if m > 1 or (window and start + m > window):  # position start + i sees positions 0..start + i
+        mask, causal = None, False
+        if start == 0 and m > 1 and not (window and m > window):
+            causal = True  # a prompt from position 0: the kernel's own causal path (no mask to read)
+        elif m > 1 or (window and start + m > window):  # position start + i sees positions 0..start + i
             mask = torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start)
             if window:  # ... and only those less than `window` before it
                 mask &= ~torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start - window)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
         return o.transpose(1, 2).reshape(1, m, -1)
 
     @staticmethod
