@@ -23,6 +23,7 @@ calibrate it by); the runtime overhead is a torch CPU process's, whatever runtim
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,7 @@ GIB = 2**30
 # batch 1): stated, not measured per device
 OVERHEAD_BYTES = 512 * 2**20
 DEFAULT_CONTEXT = 2048
+SIZE_ROWS = ("stored_bytes", "read_bytes_per_token", "params")  # the size rows a projection needs of a cell
 Precision = Literal["fp32", "fp16", "int8"]
 
 
@@ -202,8 +204,7 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     folder = Path(folder)
     result, cell = _read_json(folder / "result.json"), _read_json(folder / "config.json")
     phases = result.get("phases") or {}
-    size, speed = phases.get("size") or {}, phases.get("speed") or {}
-    if any(k not in size for k in ("stored_bytes", "read_bytes_per_token", "params")):
+    if any(k not in (phases.get("size") or {}) for k in SIZE_ROWS):
         raise DataError(f"{folder}: the cell was not benchmarked (its result.json has no size phase)")
     if "model" not in cell:
         raise DataError(f"{folder / 'config.json'} names no model; the study driver writes it")
@@ -211,20 +212,32 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
     module = skeleton(spec)
     if module is None:
         raise ModelError(f"{folder}: cannot read the config of its model {spec}")
-    context = check_context(context, _window(module.config))
+    label = f"{cell['model']} {cell.get('pipeline', '')}".strip()
+    return workload_from_phases(phases, module.config, label, str(folder), context)
+
+
+def workload_from_phases(phases: dict, config, label: str, where: str, context: int | None) -> Workload:
+    """A cell's workload from its rows ({phase: {metric: {"value", "extra"}}}: result.json's phases or the results
+    store's) and its model's config (for the KV cache), calibrated by the cell's decode against its roofline when
+    both were measured; `where` names the cell (its folder) in the calibration."""
+    size, speed = phases.get("size") or {}, phases.get("speed") or {}
+    missing = [k for k in SIZE_ROWS if k not in size]
+    if missing:
+        raise DataError(f"{where}: the cell was not benchmarked (no size {', '.join(missing)})")
+    context = check_context(context, _window(config))
     calibration = None
-    if "decode_ms_per_token" in speed and "decode_roofline_ms" in speed:
-        dec, roof = speed["decode_ms_per_token"], speed["decode_roofline_ms"]
+    dec, roof = speed.get("decode_ms_per_token"), speed.get("decode_roofline_ms")
+    if dec and roof and all(math.isfinite(r["value"] or math.nan) and r["value"] > 0 for r in (dec, roof)):
         calibration = Calibration(
-            dec["value"], roof["value"], roof.get("extra", {}).get("bandwidth_gb_s", float("nan")), str(folder)
+            dec["value"], roof["value"], (roof.get("extra") or {}).get("bandwidth_gb_s", float("nan")), where
         )
-    dtype = speed.get("decode_ms_per_token", {}).get("extra", {}).get("dtype", "float32")
+    dtype = (speed.get("decode_ms_per_token", {}).get("extra") or {}).get("dtype", "float32")
     return Workload(
-        label=f"{cell['model']} {cell.get('pipeline', '')}".strip(),
+        label=label,
         weights_bytes=size["stored_bytes"]["value"],
         read_bytes_per_token=size["read_bytes_per_token"]["value"],
         params=size["params"]["value"],
-        kv_bytes_per_token=kv_bytes_per_token(module.config, _value_bytes(dtype), context),
+        kv_bytes_per_token=kv_bytes_per_token(config, _value_bytes(dtype), context),
         context=context,
         calibration=calibration,
     )
