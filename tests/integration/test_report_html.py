@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetlm.experiments import store as st
 from budgetlm.report import figures as fg
-from budgetlm.report.build import build_report
+from budgetlm.report.build import build_report, load_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -68,16 +67,9 @@ def tiny_study(tmp_path_factory):
 
 
 def _cells(study: Path) -> tuple[list[dict], list[str]]:
-    """The report's done cells as the figure functions take them (labels, folders, rows) and the tasks."""
-    from budgetlm.experiments.plan import Cell
-
-    with st.Store.open(study) as s:
-        cells = [c for c in s.plan_cells() if c["status"] == "done"]
-        by = st.by_cell(s.rows())
-    for c in cells:
-        c.update(label=c["pipeline"], phases=by[c["cell_id"]])
-        c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
-    return cells, list(dict.fromkeys(t for c in cells for t in c["config"]["tasks"]))
+    """The report's done cells as the figure functions take them, and the tasks."""
+    _, cells, _, tasks = load_study(study)
+    return [c for c in cells if c["status"] == "done"], tasks
 
 
 def chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:

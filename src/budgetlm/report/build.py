@@ -36,17 +36,7 @@ def build_report(directory: str | Path) -> dict[str, Path]:
     """Write report.md, results.csv, pareto.png and report.html into the study folder; returns their paths by
     kind."""
     directory = Path(directory)
-    with st.Store.open(directory) as store:
-        cells = store.plan_cells()
-        rows = store.rows([c["cell_id"] for c in cells])
-        recipe = store.get_meta("recipe") or {}
-    by = st.by_cell(rows)
-    several = len({c["model"] for c in cells}) > 1
-    for c in cells:
-        c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
-        c["phases"] = by.get(c["cell_id"], {})
-        c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
-    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    recipe, cells, rows, tasks = load_study(directory)
     devices = chosen_devices(recipe, None)
     table_devices = list(chosen_devices(recipe, DEFAULT_DEVICES))
     done = [c for c in cells if c["status"] == "done"]
@@ -60,6 +50,24 @@ def build_report(directory: str | Path) -> dict[str, Path]:
     _write(paths["markdown"], text)
     paths["html"] = html_report(directory, recipe, cells, tasks, projections, devices)
     return paths
+
+
+def load_study(directory: Path) -> tuple[dict, list[dict], list[dict], list[str]]:
+    """(the recipe, the plan's cells, their rows, the tasks) from the store; each cell also gets its `label` (the
+    pipeline, with the model when there are several), `folder` (relative to the study folder) and `phases`
+    ({task_or_phase: {metric: row}})."""
+    with st.Store.open(directory) as store:
+        cells = store.plan_cells()
+        rows = store.rows([c["cell_id"] for c in cells])
+        recipe = store.get_meta("recipe") or {}
+    by = st.by_cell(rows)
+    several = len({c["model"] for c in cells}) > 1
+    for c in cells:
+        c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
+        c["phases"] = by.get(c["cell_id"], {})
+        c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
+    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    return recipe, cells, rows, tasks
 
 
 def html_report(directory: Path, recipe: dict, cells: list[dict], tasks: list[str], projections: dict,

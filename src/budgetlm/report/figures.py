@@ -135,6 +135,10 @@ def pareto_figures(cells: list[dict], tasks: list[str]) -> list[Pareto]:
             continue
         higher = not st.lower_is_better(metric)
         panels = [_panel(cells, task, metric, higher, axis) for axis in COST_AXES]
+        if not any(p.marks for p in panels):
+            note = "; ".join(p.note for p in panels)
+            out.append(Pareto(f"pareto-{k}", f"{task}: Pareto fronts", "", note, task, metric, higher, panels))
+            continue
         used = sorted({m.cell_id for p in panels for m in p.marks})
         caption = (
             f"Store rows: y = {task}/{metric}; x = " + ", ".join(a.row for a in COST_AXES)
