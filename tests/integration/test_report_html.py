@@ -4,7 +4,6 @@ network shut off. No console errors, every figure drawn with all its data points
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -33,37 +32,21 @@ PIPELINES = """
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
+@pytest.fixture
+def tiny_study(tmp_path, tiny_study_data):
     """Six cells on tiny-random (baseline, rtn, magnitude pruning with and without a following int8 step: a
-    pairing for the slope chart) on a local ARC-Easy file and text perplexity, with a tiny benchmark."""
-    from budgetlm.data.tasks.base import tasks
-    from budgetlm.data.tasks.hub import HUB_TASKS
+    pairing for the slope chart) on a local ARC-Easy file and text perplexity, with a tiny benchmark; the cells
+    run in this process."""
     from budgetlm.experiments.cell import run_cell
     from budgetlm.experiments.study import run_study
-    from budgetlm.results import Metric
 
-    tmp = tmp_path_factory.mktemp("study")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setitem(tasks._items, "arc_easy", HUB_TASKS["arc_easy"])
-        mp.setattr("budgetlm.hardware.bench.memory_bandwidth", lambda: Metric(10.0, unit="GB/s"))
-        data = tmp / "data" / "arc_easy"
-        data.mkdir(parents=True)
-        with open(data / "test.jsonl", "w") as f:
-            for i in range(10):
-                choices = {"text": [str(i + 1), str(i + 2), "blue", "seven"], "label": ["A", "B", "C", "D"]}
-                item = {"id": f"q{i}", "question": f"{i} plus one?", "choices": choices, "answerKey": "A"}
-                f.write(json.dumps(item) + "\n")
-        recipe = tmp / "r.yaml"
-        recipe.write_text(
-            f"name: tiny-html\nmodels: [tiny-random]\npipelines:{PIPELINES}tasks: [arc_easy, text-ppl]\nlimit: 6\n"
-            f"data_dir: {tmp / 'data'}\nbench: {{prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}}\n"
-        )
-        out = run_study(recipe, tmp / "out", progress=False, runner=lambda folder, on_status: run_cell(folder))
-        paths = build_report(out)
-    return out, paths
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"name: tiny-html\nmodels: [tiny-random]\npipelines:{PIPELINES}tasks: [arc_easy, text-ppl]\nlimit: 6\n"
+        f"data_dir: {tiny_study_data}\nbench: {{prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}}\n"
+    )
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=lambda folder, on_status: run_cell(folder))
+    return out, build_report(out)
 
 
 def _cells(study: Path) -> tuple[list[dict], list[str]]:

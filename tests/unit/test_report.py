@@ -100,7 +100,7 @@ def test_report_markdown_tables(study):
         "| rpi5 decode s/tok (projected) | jetson-nano decode s/tok (projected) | apple-m2 decode s/tok (projected) |"
     )
     note = next(ln for ln in lines if ln.startswith("Device columns are projected, not measured"))
-    assert "Not projected ('-'): baseline: no size/read_bytes_per_token, size/params in the store" in note
+    assert "Not projected ('-'): baseline: cells/smollm2-135m_baseline_b0: the cell was not benchmarked" in note
     assert "Energy unavailable: no RAPL here." in lines
     assert "| rtn-int8 | step1-rtn | 2.5 | - |" in lines
     assert any(ln.startswith("| baseline | 3.11.7 | 2.13.0 | - | - | Test CPU | 2 | 2 | abcdef1234 |") for ln in lines)

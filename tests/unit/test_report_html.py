@@ -167,7 +167,7 @@ def test_a_study_without_benchmarks_says_so_instead_of_failing(tmp_path):
         assert all(not p.marks and p.note.startswith("no cell has both") for p in fig.panels)
         assert fig.note.startswith(f"no cell has both size/stored_bytes and {fig.task}/{fig.metric} in the store; ")
     heat = fg.device_heatmap(cells, project_cells(tmp_path, cells, dv.load_devices()), dv.load_devices())
-    assert heat.note.startswith("no projection: baseline: no size/stored_bytes, size/read_bytes_per_token")
+    assert heat.note.startswith("no projection: baseline: cells/tiny-random_baseline_tiny-baseline: the cell was not")
     paths = build_report(tmp_path)
     page = paths["html"].read_text()
     assert "no cell has both size/stored_bytes and t-acc/acc in the store" in page
@@ -195,7 +195,10 @@ def test_device_projection_equals_the_devices_module(study):
     profiles = dv.load_devices()
     heat = fg.device_heatmap(cells, project_cells(study, cells, profiles), profiles)
     assert heat.cols == list(profiles) and "nobench" not in " ".join(heat.rows)
-    assert "Not projected: nobench: no size/stored_bytes" in heat.caption and "Projected, not measured" in heat.caption
+    assert (
+        "Not projected: nobench: cells/tiny-random_nobench_tiny-nobench: the cell was not benchmarked" in heat.caption
+    )
+    assert "Projected, not measured" in heat.caption
     config = tiny_config()
     for i, cid in enumerate(heat.cell_ids):
         size, speed = (dict(CELLS[heat.rows[i]][1][p]) for p in ("size", "speed"))

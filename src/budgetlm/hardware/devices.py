@@ -22,6 +22,7 @@ calibrate it by); the runtime overhead is a torch CPU process's, whatever runtim
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -199,31 +200,25 @@ def workload_from_model(handle, context: int | None) -> Workload:
 def workload_from_cell(folder: Path, context: int | None) -> Workload:
     """A finished cell's workload: its measured size and decode (result.json), its model's config (the cell's saved
     model, else the model it started from), calibrated by its own decode against its own roofline."""
-    from budgetlm.models.sources import skeleton
-
     folder = Path(folder)
     result, cell = _read_json(folder / "result.json"), _read_json(folder / "config.json")
-    phases = result.get("phases") or {}
-    if any(k not in (phases.get("size") or {}) for k in SIZE_ROWS):
-        raise DataError(f"{folder}: the cell was not benchmarked (its result.json has no size phase)")
     if "model" not in cell:
         raise DataError(f"{folder / 'config.json'} names no model; the study driver writes it")
-    spec = result.get("model_folder") or cell["model"]
-    module = skeleton(spec)
-    if module is None:
-        raise ModelError(f"{folder}: cannot read the config of its model {spec}")
     label = f"{cell['model']} {cell.get('pipeline', '')}".strip()
-    return workload_from_phases(phases, module.config, label, str(folder), context)
+    spec = result.get("model_folder") or cell["model"]
+    return workload_from_phases(result.get("phases") or {}, spec, label, str(folder), context)
 
 
-def workload_from_phases(phases: dict, config, label: str, where: str, context: int | None) -> Workload:
-    """A cell's workload from its rows ({phase: {metric: {"value", "extra"}}}: result.json's phases or the results
-    store's) and its model's config (for the KV cache), calibrated by the cell's decode against its roofline when
-    both were measured; `where` names the cell (its folder) in the calibration."""
+def workload_from_phases(phases: dict, spec: str, label: str, where: str, context: int | None) -> Workload:
+    """The workload of a measured model from its figures ({phase: {metric: {"value", "extra"}}}: a result.json's or
+    the results store's rows) and the config of `spec` (its model), calibrated by its decode against its roofline
+    when both were measured; `where` names the cell (its folder)."""
     size, speed = phases.get("size") or {}, phases.get("speed") or {}
-    missing = [k for k in SIZE_ROWS if k not in size]
-    if missing:
-        raise DataError(f"{where}: the cell was not benchmarked (no size {', '.join(missing)})")
+    if any(k not in size for k in SIZE_ROWS):
+        raise DataError(f"{where}: the cell was not benchmarked (it has no size phase)")
+    config = model_config(str(spec))
+    if config is None:
+        raise ModelError(f"{where}: cannot read the config of its model {spec}")
     context = check_context(context, _window(config))
     calibration = None
     dec, roof = speed.get("decode_ms_per_token"), speed.get("decode_roofline_ms")
@@ -241,6 +236,16 @@ def workload_from_phases(phases: dict, config, label: str, where: str, context: 
         context=context,
         calibration=calibration,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def model_config(spec: str):
+    """A model's config read through its skeleton (None when unreadable), once per process: a study's cells share a
+    few models, and reading Gemma 3's from its GGUF takes ~25 s here."""
+    from budgetlm.models.sources import skeleton
+
+    module = skeleton(spec)
+    return None if module is None else module.config
 
 
 def _read_json(path: Path) -> dict:

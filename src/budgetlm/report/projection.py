@@ -32,35 +32,17 @@ def project_cells(
     directory: Path, cells: list[dict], devices: dict[str, dv.Device], context: int | None = None
 ) -> dict[str, dict[str, dict] | str]:
     """{cell_id: {device: projected metrics (devices.project)}, or the reason the cell has no projection}."""
-    configs: dict[str, object] = {}
     out: dict[str, dict[str, dict] | str] = {}
     for c in cells:
-        size = c["phases"].get("size", {})
-        missing = [m for m in dv.SIZE_ROWS if m not in size]
-        if missing:
-            out[c["cell_id"]] = f"no size/{', size/'.join(missing)} in the store (not benchmarked)"
-            continue
         saved = Path(directory) / c["folder"] / "model"
         spec = str(saved) if saved.is_dir() else c["model"]
-        if spec not in configs:
-            configs[spec] = _config(spec)
-        if configs[spec] is None:
-            out[c["cell_id"]] = f"the config of its model {spec} is unreadable here (needed for the KV cache)"
-            continue
         try:
-            work = dv.workload_from_phases(c["phases"], configs[spec], c["label"], c["folder"], context)
+            work = dv.workload_from_phases(c["phases"], spec, c["label"], c["folder"], context)
         except BudgetLMError as exc:
             out[c["cell_id"]] = str(exc)
             continue
         out[c["cell_id"]] = dv.project_all(work, devices)
     return out
-
-
-def _config(spec: str):
-    from budgetlm.models.sources import skeleton
-
-    module = skeleton(spec)
-    return None if module is None else module.config
 
 
 def decode_s(projected: dict) -> tuple[float, bool]:
