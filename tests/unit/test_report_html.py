@@ -1,6 +1,6 @@
 """report.html's figures as data (report/figures.py) checked against the store, the device projection against
 hardware/devices.py, and the page itself (self-contained, every figure present with its caption). The browser test
-is tests/integration/test_report_html.py."""
+is tests/integration/test_report_browser.py."""
 
 from __future__ import annotations
 

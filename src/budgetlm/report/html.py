@@ -138,8 +138,8 @@ def _heatmap(fig: Heatmap):
     values = [[math.nan if v is None else v for v in row] for row in fig.values]
     z = [[math.log10(v) if fig.log and v > 0 else v for v in row] for row in values]
     colorbar = {"title": {"text": fig.colorbar}}
-    if fig.log:
-        finite = [v for row in z for v in row if not math.isnan(v)]
+    finite = [v for row in z for v in row if not math.isnan(v)]
+    if fig.log and finite:
         ticks = list(range(math.floor(min(finite)), math.ceil(max(finite)) + 1))
         colorbar.update(tickvals=ticks, ticktext=[f"{10.0**t:g}" for t in ticks])
     custom = [[[cid, folder] for _ in fig.cols] for cid, folder in zip(fig.cell_ids, fig.folders)]
