@@ -216,7 +216,7 @@ def workload_from_phases(phases: dict, spec: str, label: str, where: str, contex
     size, speed = phases.get("size") or {}, phases.get("speed") or {}
     if any(k not in size for k in SIZE_ROWS):
         raise DataError(f"{where}: the cell was not benchmarked (it has no size phase)")
-    config = model_config(str(spec))
+    config = config_of(str(spec))
     if config is None:
         raise ModelError(f"{where}: cannot read the config of its model {spec}")
     context = check_context(context, _window(config))
@@ -239,7 +239,7 @@ def workload_from_phases(phases: dict, spec: str, label: str, where: str, contex
 
 
 @functools.lru_cache(maxsize=64)
-def model_config(spec: str):
+def config_of(spec: str):
     """A model's config read through its skeleton (None when unreadable), once per process: a study's cells share a
     few models, and reading Gemma 3's from its GGUF takes ~25 s here."""
     from budgetlm.models.sources import skeleton
