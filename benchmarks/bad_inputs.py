@@ -197,6 +197,35 @@ def recipe(text: str, name: str = "r.yaml") -> Setup:
     return write(name, text)
 
 
+def study(to: str, **meta) -> Setup:
+    """A finished study of tiny-random at `to`, as its store records it (a baseline and an int8 cell with a score, a
+    size, a decode speed and a peak RSS each; no cell folders), then `meta` written over its meta keys."""
+
+    def setup(root: Path) -> None:
+        from budgetlm.experiments import store as st
+        from budgetlm.experiments.plan import plan
+        from budgetlm.experiments.recipe import parse_recipe
+
+        rec = parse_recipe({"name": "s", "models": ["tiny-random"], "tasks": ["text-cloze"],
+                            "pipelines": {"int8": [{"method": "rtn", "bits": 8}]}})  # fmt: skip
+        cells = plan(rec)
+        with st.Store(root / to) as s:
+            s.set_meta("plan", [c.id for c in cells])
+            s.set_meta("recipe", rec.model_dump(mode="json"))
+            for cell, (acc, size) in zip(cells, [(0.8, 2e6), (0.7, 6e5)]):
+                s.start_cell(cell.id, cell.model, cell.pipeline, cell.config)
+                s.finish_cell(cell.id, {
+                    "text-cloze": {"acc": {"value": acc, "stderr": 0.05, "n": 40}},
+                    "size": {"stored_bytes": {"value": size, "unit": "B"}},
+                    "speed": {"decode_ms_per_token": {"value": size / 1e5, "unit": "ms/token"}},
+                    "memory": {"peak_rss_benchmark": {"value": 2e8, "unit": "B"}},
+                })  # fmt: skip
+            for key, value in meta.items():
+                s.set_meta(key, value)
+
+    return setup
+
+
 GSM_SYMBOLIC_TRAINED = '[{"method": "train", "config": {"data": {"task": "gsm_symbolic", "split": "train"}}}]'
 
 
@@ -493,6 +522,27 @@ CASES: list[Case] = [
          (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
                  "gsm_symbolic}}]}\n"),),
          needle="evaluating gsm8k after training on gsm_symbolic"),
+    # --- solve (a budget over a study's cells)
+    Case("solve: not a study folder", ("solve", "mine", "--max-size", "1MB"), (USER,), needle="no results.sqlite"),
+    Case("solve: no budget", ("solve", "s"), (study("s"),), needle="give a budget"),
+    Case("solve: unknown task", ("solve", "s", "--max-size", "1MB", "--task", "text-clozz"), (study("s"),),
+         needle="did you mean: text-cloze"),
+    Case("solve: unknown device", ("solve", "s", "--max-size", "1MB", "--device", "rpi9"), (study("s"),),
+         needle="unknown device 'rpi9'"),
+    Case("solve: a size without a unit", ("solve", "s", "--max-size", "100"), (study("s"),), needle="has no unit"),
+    Case("solve: a size in an unknown unit", ("solve", "s", "--max-rss", "1XB"), (study("s"),),
+         needle="unknown unit 'XB'"),
+    Case("solve: a time that is not one", ("solve", "s", "--max-ms-per-token", "fast"), (study("s"),),
+         needle="is not a time"),
+    Case("solve: a time of 0", ("solve", "s", "--max-ms-per-token", "0"), (study("s"),), needle="positive"),
+    Case("solve: --context without --device", ("solve", "s", "--max-size", "1MB", "--context", "64"), (study("s"),),
+         needle="--context applies to a projection"),
+    Case("solve: no cell meets the budget", ("solve", "s", "--max-size", "500KB"), (study("s"),),
+         needle="closest: int8 (tiny-random)"),
+    Case("solve: a store of another budgetlm", ("solve", "s", "--max-size", "1MB"), (study("s", schema=99),),
+         needle="incompatible budgetlm"),
+    Case("solve --run: cells planned by another budgetlm", ("solve", "s", "--max-size", "1MB", "--run"),
+         (study("s", plan=["0123456789ab", "ba9876543210"]),), needle="planned by another budgetlm"),
     # --- report and compare
     Case("report: not a study folder", ("report", "mine"), (USER,), needle="study"),
     Case("report: missing folder", ("report", "nowhere"), needle="nowhere"),

@@ -3,6 +3,8 @@ roofline, llama.cpp on the same codes, the KL cost of the kernels' bf16 activati
 processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
+    (a variant may end in @int4 or @q4: its 4-bit layers on torch's or budgetlm's kernel, else the host probe's
+    choice; and in @hf: transformers' forward instead of budgetlm's lean runtime)
         [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
@@ -24,6 +26,7 @@ The machine is shared and noisy: load averages are printed, and figures are medi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -53,6 +56,35 @@ VARIANTS = {
     "rtn-w2g64-all": [{"method": "rtn", "bits": 2, "group_size": 64, **ALL}],
 }
 DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-all,rtn-w2g64-all"
+
+
+# `variant@int4` / `variant@q4`: the 4-bit layers on torch's / budgetlm's kernel; `variant@hf`: transformers' forward
+# instead of budgetlm's lean runtime (decode/lean.py); several may follow one another (rtn-w4g64-all@int4@hf)
+OPTIONS = ("int4", "q4", "hf")
+
+
+def split_variant(name: str) -> tuple[str, list[str]]:
+    base, *options = name.split("@")
+    return base, options
+
+
+@contextlib.contextmanager
+def kernel_choice(options: list[str]):
+    with contextlib.ExitStack() as stack:
+        for kind in ("int4", "q4"):
+            if kind in options:
+                stack.enter_context(kernels.four_bit_kernel(kind))
+        before = os.environ.get("BUDGETLM_LEAN")
+        if "hf" in options:
+            os.environ["BUDGETLM_LEAN"] = "0"
+        try:
+            yield
+        finally:
+            if "hf" in options:
+                if before is None:
+                    os.environ.pop("BUDGETLM_LEAN", None)
+                else:
+                    os.environ["BUDGETLM_LEAN"] = before
 
 
 def loadavg() -> str:
@@ -179,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if split_variant(n)[0] not in VARIANTS or set(split_variant(n)[1]) - set(OPTIONS)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @hf")
     threads = [int(t) for t in args.threads.split(",")]
 
     prof = cpu_profile()
@@ -196,16 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     handles, rows = {}, {}
     for name in names:
         handle = load(args.model)
-        steps = [dict(s) for s in VARIANTS[name]]
+        base_name, kernel = split_variant(name)
+        steps = [dict(s) for s in VARIANTS[base_name]]
         if steps:
             apply(handle, steps)
         handle.save(tmp / name)
-        size = model_size(handle)
-        kl = None if args.no_kl else kl_to_exact(handle)
+        with kernel_choice(kernel):
+            kl = None if args.no_kl else kl_to_exact(handle)
+            size = model_size(handle)
         handles[name] = handle
         rows[name] = {
             "variant": name,
             "steps": steps,
+            "options": kernel,
             "stored_mb": size["stored_bytes"].value / 1e6,
             "bpw": size["bpw"].value,
             "linear_bpw": size["linear_bpw"].value,
@@ -218,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(t)
         for name in names:
             h = handles[name]
-            dec = decode_speed(h, args.tokens, args.prompt, args.repeats, 1, seed=0)
-            pre = prefill_speed(h.model, args.prefill, max(1, args.repeats // 2), 1, seed=0)
+            with kernel_choice(split_variant(name)[1]):
+                dec = decode_speed(h, args.tokens, args.prompt, args.repeats, 1, seed=0)
+                pre = prefill_speed(h.model, args.prefill, max(1, args.repeats // 2), 1, seed=0)
             roof = decode_roofline_ms(rows[name]["read_mb_per_token"] * 1e6, bw.value)
             cell = {
                 "decode_ms": dec.extra["median"],
@@ -227,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 "prefill_tok_s": pre.extra["median"],
                 "roofline_ms": roof,
                 "pct_roofline": roof / dec.extra["median"] * 100,
-                "crossover": {k: kernels.crossover(k) for k in ("int4", "int8")},
+                "crossover": {k: kernels.crossover(k) for k in ("int4", "q4", "int8")},
+                "four_bit_probe": kernels.four_bit(),
+                "runtime": dec.extra.get("runtime"),
                 "loadavg": loadavg(),
             }
             if not args.no_llama_cpp:
@@ -252,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: dict, names: list[str], threads: list[int]) -> str:
     head = (
-        f"{'variant':<14} {'thr':>3} {'MB':>6} {'bpw':>5} {'lin':>5} {'ms/tok':>7} {'x fp32':>6} {'% roof':>6} "
+        f"{'variant':<22} {'thr':>3} {'MB':>6} {'bpw':>5} {'lin':>5} {'ms/tok':>7} {'x fp32':>6} {'% roof':>6} "
         f"{'pre tok/s':>9} {'x fp32':>6} {'KL':>7} {'ppl':>7} {'llama.cpp':>16} {'ours/llama':>10} {'RSS MB':>7} "
         f"{'+base':>6} {'x fp32':>6}"
     )
@@ -281,7 +319,7 @@ def table(rows: dict, names: list[str], threads: list[int]) -> str:
                 else "-"
             )
             lines.append(
-                f"{name:<14} {t:>3} {r['stored_mb']:>6.1f} {r['bpw']:>5.2f} {r['linear_bpw']:>5.2f} "
+                f"{name:<22} {t:>3} {r['stored_mb']:>6.1f} {r['bpw']:>5.2f} {r['linear_bpw']:>5.2f} "
                 f"{c['decode_ms']:>7.2f} {base['decode_ms'] / c['decode_ms']:>5.2f}x {c['pct_roofline']:>5.1f}% "
                 f"{c['prefill_tok_s']:>9.0f} {c['prefill_tok_s'] / base['prefill_tok_s']:>5.2f}x {kl:>7} {ppl:>7} "
                 f"{lcs:>16} {ratio:>10} {rss_s} {rss_x:>6}"

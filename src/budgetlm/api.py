@@ -86,6 +86,55 @@ def run(
     return run_study(recipe, out, progress=progress, force=force, max_cells=max_cells)
 
 
+def solve(
+    directory: str | Path,
+    max_size: float | str | None = None,
+    max_ms_per_token: float | str | None = None,
+    max_rss: float | str | None = None,
+    device: str | None = None,
+    task: str | None = None,
+    context: int | None = None,
+    run: bool = False,
+    progress: bool = False,
+):
+    """The most accurate evaluated cell of a study within a budget (sizes in bytes or with a unit: "100MB",
+    "1.5GiB"; decode in ms/token, measured here or, with `device`, projected there), its Pareto neighbours and
+    proposals (pipelines not yet run: neighbouring settings of the best cells). With `run`, the proposals are
+    evaluated as new cells of the study first and the solution is made again. Returns a budgetlm.solve.choose.Solution
+    (`budgetlm.solve.show.to_dict` turns it into what `budgetlm solve --json` prints)."""
+    from budgetlm.solve.choose import Limits
+    from budgetlm.solve.choose import solve as choose
+    from budgetlm.solve.propose import proposals, run_proposals
+    from budgetlm.units import parse_bytes, parse_ms
+
+    limits = Limits(
+        _amount(max_size, parse_bytes, "--max-size"),
+        _amount(max_ms_per_token, parse_ms, "--max-ms-per-token"),
+        _amount(max_rss, parse_bytes, "--max-rss"),
+        device,
+        context,
+    )
+    solution = choose(directory, limits, task)
+    todo = proposals(solution)
+    if run and todo:
+        run_proposals(directory, todo, progress=progress)
+        solution = choose(directory, limits, task)
+        proposals(solution)
+        solution.ran = [p.name for p in todo]
+    return solution
+
+
+def _amount(value: float | str | None, parse, flag: str) -> float | None:
+    """A limit given as text ("100MB", "30ms") or as a number (bytes, ms)."""
+    from budgetlm.errors import ConfigError
+
+    if value is None or isinstance(value, str):
+        return value if value is None else parse(value, flag)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{flag} {value!r} must be a positive number")
+    return float(value)
+
+
 def report(directory: str | Path) -> dict[str, Path]:
     """Write report.md, results.csv, pareto.png and report.html for a study folder; returns their paths by kind."""
     from budgetlm.report.build import build_report

@@ -441,8 +441,11 @@ def _bench_torch(model: str, load, measure, repeats: int, decode_tokens: int) ->
         "peak_rss_load": Metric(float(rss_load.peak_bytes), unit="B"),
         "peak_rss_benchmark": Metric(float(rss_bench.peak_bytes), unit="B"),
     }
+    from budgetlm.decode.lean import runtime_for
+
     info = {"name": "torch", "torch": torch.__version__, "threads": torch.get_num_threads()}
     info["dtype"] = compute_dtype(handle.model)
+    info["decoder"] = runtime_for(handle.model).label
     return results, info
 
 
@@ -450,7 +453,8 @@ def _runtime_lines(info: dict) -> list[str]:
     """The line under a benchmark's table that says what ran the model (and the GGUF export's notes)."""
     threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
     if info["name"] != "llama.cpp":
-        return [f"runtime: torch {info['torch']}, {info['dtype']}, {threads}"]
+        decoder = f", {info['decoder']} forward" if info.get("decoder") else ""
+        return [f"runtime: torch {info['torch']}, {info['dtype']}, {threads}{decoder}"]
     types = ", ".join(f"{n} {t}" for t, n in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]))
     codes = f"; {info['tensors_from_codes']} written from budgetlm's codes" if info["tensors_from_codes"] else ""
     lines = [
@@ -850,6 +854,51 @@ def report(directory: Annotated[Path, typer.Argument(help="a study folder")]) ->
 
     for kind, path in build(directory).items():
         print(f"{kind}: {path}")
+
+
+@app.command()
+def solve(
+    directory: Annotated[Path, typer.Argument(help="a study folder (`budgetlm run`)")],
+    max_size: Annotated[
+        str | None, typer.Option("--max-size", help="stored size at most, with a unit: 100MB, 1.5GiB")
+    ] = None,
+    max_ms_per_token: Annotated[
+        str | None,
+        typer.Option("--max-ms-per-token", help="decode ms per token at most (measured here; projected with --device)"),
+    ] = None,
+    max_rss: Annotated[
+        str | None,
+        typer.Option("--max-rss", help="peak RSS at most, with a unit (measured; with --device the projected need)"),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="project decode and memory onto this device (`budgetlm devices`); must fit"),
+    ] = None,
+    task: Annotated[str | None, typer.Option("--task", help="task to maximise (default: the study's first)")] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="KV cache tokens of a --device projection (default 2048)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    run: Annotated[bool, typer.Option("--run", help="evaluate the proposals as new cells of the study first")] = False,
+) -> None:
+    """The most accurate cell of a study within a budget, its Pareto neighbours, and pipelines worth running next."""
+    from budgetlm.api import solve as solve_budget
+    from budgetlm.solve.show import print_solution, to_dict
+
+    if run:
+        resume = f"budgetlm run {directory / 'recipe.solve.yaml'} --out {directory}"
+        _on_interrupt[0] = f"finished cells are kept; `{resume}` resumes"
+    solution = solve_budget(directory, max_size, max_ms_per_token, max_rss, device, task, context, run, progress=True)
+    if as_json:
+        print(json.dumps(to_dict(solution), indent=2))
+        return
+    if run:
+        ran = ", ".join(solution.ran) or "nothing (no proposal)"
+        print(f"ran: {ran}")
+    given = [("--max-size", max_size), ("--max-ms-per-token", max_ms_per_token), ("--max-rss", max_rss),
+             ("--device", device), ("--task", task), ("--context", context)]  # fmt: skip
+    command = " ".join(["budgetlm solve", str(directory), *(f"{k} {v}" for k, v in given if v is not None)])
+    print_solution(solution, _console(), command)
 
 
 @app.command()

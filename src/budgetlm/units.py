@@ -2,12 +2,16 @@
 
 Bytes in decimal units (KB, MB, GB: 10^3, 10^6, 10^9 bytes, as the reports use), seconds as s / min / h,
 counts in thousands or millions, other values with 4 significant digits and thousands separators (never
-exponent notation below 10^9).
+exponent notation below 10^9). And back: sizes and times a person types (`--max-size 1.5GiB`, `--max-ms-per-token
+30`) as numbers, a one-line error for anything else.
 """
 
 from __future__ import annotations
 
 import math
+import re
+
+from budgetlm.errors import ConfigError, suggest
 
 _BYTE_UNITS = ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"))
 
@@ -83,3 +87,42 @@ def format_value(value: float, stderr: float | None = None, unit: str = "") -> s
     if unit == "count":
         return human_count(value)
     return number(value) + _stderr(stderr) + (f" {unit}" if unit else "")
+
+
+# ---------------------------------------------------------------------------------------------- numbers from people
+
+_SIZE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_SIZE_UNITS["TiB"] = 2**40
+_AMOUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_bytes(text: str, flag: str = "size") -> float:
+    """'100MB' -> 1e8, '1.5GiB' -> 1.5 x 2^30 (decimal KB/MB/GB/TB as the tables show them, binary KiB/MiB/GiB/TiB;
+    the unit's case does not matter). A bare number, an unknown unit or a size of 0 is a one-line ConfigError
+    naming `flag`."""
+    match = _AMOUNT.match(str(text))
+    units = ", ".join(_SIZE_UNITS)
+    if match is None:
+        raise ConfigError(f"{flag} {text!r} is not a size; give a number and a unit, e.g. 100MB or 1.5GiB ({units})")
+    amount, unit = float(match.group(1)), match.group(2)
+    scale = {k.lower(): v for k, v in _SIZE_UNITS.items()}.get(unit.lower())
+    if not unit:
+        raise ConfigError(f"{flag} {text!r} has no unit; give one, e.g. {match.group(1)}MB ({units})")
+    if scale is None:
+        raise ConfigError(f"{flag} {text!r}: unknown unit '{unit}'{suggest(unit, _SIZE_UNITS)}; use {units}")
+    if not amount > 0 or not math.isfinite(amount):
+        raise ConfigError(f"{flag} {text!r} must be a positive size, e.g. 100MB")
+    return amount * scale
+
+
+def parse_ms(text: str, flag: str = "time") -> float:
+    """'30' or '30ms' -> 30.0, '0.03s' -> 30.0 (milliseconds); anything else, or not above 0, is a one-line
+    ConfigError naming `flag`."""
+    match = _AMOUNT.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in ("", "ms", "s"):
+        raise ConfigError(f"{flag} {text!r} is not a time; give milliseconds, e.g. 30 or 30ms (or 0.03s)")
+    ms = float(match.group(1)) * (1000.0 if unit == "s" else 1.0)
+    if not ms > 0 or not math.isfinite(ms):
+        raise ConfigError(f"{flag} {text!r} must be a positive time, e.g. 30 (ms)")
+    return ms

@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from budgetlm.decode.cached import CachedLM
 from budgetlm.decode.drafts import first_layers
 from budgetlm.decode.generate import Generator
+from budgetlm.decode.lean import cached_kv
 from budgetlm.decode.speculative import Chain, Sampler, entropy
 from budgetlm.models.sources import tiny_config, tiny_tokenizer
 
@@ -173,10 +174,11 @@ def test_rollback_leaves_the_cache_as_a_fresh_run_would():
         torch.testing.assert_close(rows, want, rtol=1e-10, atol=1e-10)
         lm.logits(b + [12], len(b))
         fresh.logits(b + [12], len(b))
-        for la, lb in zip(lm.cache.layers, fresh.cache.layers):
-            assert la.keys.shape == lb.keys.shape
-            torch.testing.assert_close(la.keys, lb.keys, rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(la.values, lb.values, rtol=1e-10, atol=1e-10)
+        for i in range(model.config.num_hidden_layers):
+            (ka, va), (kb, vb) = cached_kv(lm.cache, i), cached_kv(fresh.cache, i)
+            assert ka.shape == kb.shape == (1, model.config.num_key_value_heads, len(b) + 1, ka.shape[-1])
+            torch.testing.assert_close(ka, kb, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-10)
         assert lm.tokens == b + [12]
 
 

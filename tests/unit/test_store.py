@@ -110,3 +110,31 @@ def test_metric_classification():
     assert st.main_metric(["kld", "perplexity", "top1_agreement"]) == "perplexity"
     assert st.main_metric(["custom_score"]) == "custom_score"
     assert st.main_metric([]) is None
+
+
+def test_a_store_records_its_layout_and_refuses_another(tmp_path):
+    from budgetlm import __version__
+
+    with st.Store(tmp_path / "new") as s:
+        assert s.get_meta("schema") == st.SCHEMA_VERSION and s.get_meta("budgetlm") == __version__
+    # a store from before the layout was recorded reads as layout 1
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / st.FILENAME)
+    conn.executescript(st._SCHEMA)
+    conn.close()
+    with st.Store.open(old) as s:
+        assert s.get_meta("schema") is None and s.cells() == []
+    with st.Store(tmp_path / "new") as s:
+        s.set_meta("schema", st.SCHEMA_VERSION + 1)
+    with pytest.raises(BudgetLMError, match=rf"incompatible budgetlm \({__version__}: store layout 2;") as e:
+        st.Store.open(tmp_path / "new")
+    assert "\n" not in str(e.value)
+    # a column this code reads is missing: the same refusal, naming it
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    conn = sqlite3.connect(odd / st.FILENAME)
+    conn.executescript(st._SCHEMA.replace("unit TEXT, source TEXT,", "unit TEXT,"))
+    conn.close()
+    with pytest.raises(BudgetLMError, match=r"\(an earlier budgetlm: missing rows.source;"):
+        st.Store(odd)

@@ -9,9 +9,10 @@ import json
 import pytest
 
 from budgetlm.cli import _print_results
+from budgetlm.errors import ConfigError
 from budgetlm.hardware.contention import contended, recorded_load
 from budgetlm.results import Metric
-from budgetlm.units import byte_unit, format_value, human_bytes, human_count, human_seconds
+from budgetlm.units import byte_unit, format_value, human_bytes, human_count, human_seconds, parse_bytes, parse_ms
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,17 @@ def test_results_json_keeps_raw_numbers(capsys):
     data = json.loads(out)
     assert data["size"]["stored_bytes"] == 1.714e8 and data["size"]["linear_bpw"] == 4.5
     assert err.startswith("warning: text-ppl perplexity:")
+
+
+def test_sizes_and_times_people_type():
+    assert parse_bytes("100MB") == 1e8 and parse_bytes("1.5GiB") == 1.5 * 2**30 and parse_bytes(" 2 kib ") == 2048
+    assert parse_bytes("512B") == 512 and parse_bytes("1e3KB") == 1e6 and parse_bytes("0.5tb") == 5e11
+    assert parse_ms("30") == 30 and parse_ms("30ms") == 30 and parse_ms("0.03s") == pytest.approx(30)
+    for text, needle in [("100", "has no unit"), ("1XB", "unknown unit 'XB'"), ("lots", "is not a size"),
+                         ("0MB", "positive"), ("-1GB", "is not a size"), ("", "is not a size")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=needle) as e:
+            parse_bytes(text, "--max-size")
+        assert str(e.value).startswith(f"--max-size {text!r}")
+    for text in ("fast", "0", "30 min", "-5"):
+        with pytest.raises(ConfigError, match=r"--max-ms-per-token .* (not a time|positive)"):
+            parse_ms(text, "--max-ms-per-token")

@@ -1,11 +1,12 @@
 """A causal LM with its KV cache and the tokens the cache holds: the unit every decoding strategy steps.
 
 `CachedLM.logits(seq, start)` returns the next-token logits after every position from `start` to the end of `seq`.
-It keeps the longest prefix its cache shares with `seq`, rolls the cache back to it (`DynamicCache.crop`) and
-feeds only the tokens after it. The logits of the positions it fed are kept until they are rolled back, so asking
-again for a position already computed costs nothing: a speculative level that verified a proposal reads the rows of
-the tokens it accepted without another forward. A prompt's prefill keeps only its last row (the head over a
-49k-token vocabulary costs as much as a layer).
+It keeps the longest prefix its cache shares with `seq`, rolls the cache back to it (`crop`) and feeds only the
+tokens after it, through budgetlm's decode runtime (decode/lean.py: the lean forward with a static key/value cache
+for Llama-architecture models, transformers' forward with a DynamicCache for the others). The logits of the
+positions it fed are kept until they are rolled back, so asking again for a position already computed costs nothing:
+a speculative level that verified a proposal reads the rows of the tokens it accepted without another forward. A
+prompt's prefill keeps only its last row (the head over a 49k-token vocabulary costs as much as a layer).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import torch
 
 class CachedLM:
     def __init__(self, model: torch.nn.Module, name: str):
-        from transformers import DynamicCache
+        from budgetlm.decode.lean import runtime_for
 
         self.model = model
         self.name = name
-        # no config: every layer keeps all its keys and values, sliding-window layers too (their masks still come
-        # from the model's config), so a rollback to any earlier position is a slice. transformers' sliding layers
-        # trim to the window at each crop, after which a second, deeper rollback (a 3-level chain) is impossible.
-        self.cache = DynamicCache()
+        self.runtime = runtime_for(model)
+        self.cache = self.runtime.new_cache()  # every layer keeps all its keys and values (rollback to any position)
         self.tokens: list[int] = []  # tokens whose keys and values are in the cache
         self.rows: list[torch.Tensor | None] = []  # fp32 logits after each cached position (None: not kept)
         self._forgotten = 0  # rows before this position are None
@@ -58,15 +57,8 @@ class CachedLM:
         if new:
             t0 = time.perf_counter()
             ids = torch.tensor([new], dtype=torch.long)
-            pos = torch.arange(shared, len(seq)).unsqueeze(0)
-            out = self.model(
-                input_ids=ids,
-                position_ids=pos,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=len(seq) - max(start, shared),  # the rows asked for, never a prompt's others
-            )
-            rows = out.logits[0].float()
+            keep = len(seq) - max(start, shared)  # the rows asked for, never a prompt's others
+            rows = self.runtime(ids, shared, self.cache, keep)[0].float()
             kept: list[torch.Tensor | None] = [None] * (len(new) - rows.shape[0]) + list(rows)
             self.tokens += new
             self.rows += kept
@@ -79,14 +71,12 @@ class CachedLM:
         """A draft made of the verifier's first K layers (`lender`) computes the same keys and values as the
         verifier's first K layers: copy those the verifier already holds (a prompt's prefill) instead of computing
         them, up to the positions whose logits are asked for."""
-        if self.lender is None:
+        if self.lender is None or type(self.lender.runtime) is not type(self.runtime):
             return shared
         upto = min(_common_prefix(self.lender.tokens, seq), start, len(seq) - 1)
         if upto <= shared:
             return shared
-        for i in range(self.lent_layers):
-            src = self.lender.cache.layers[i]
-            self.cache.update(src.keys[..., shared:upto, :], src.values[..., shared:upto, :], i)
+        self.runtime.copy_layers(self.cache, self.lender.cache, self.lent_layers, shared, upto)
         self.tokens += seq[shared:upto]
         self.rows += [None] * (upto - shared)
         self.borrowed += upto - shared

@@ -6,6 +6,9 @@
 
 A cell's rows and its status 'done' are committed in one transaction, so a study killed at any moment
 leaves each cell either complete or absent. Statuses: running, done, failed, interrupted.
+A new store records the layout of its tables (meta 'schema', SCHEMA_VERSION) and the budgetlm that made it (meta
+'budgetlm'); a store of a later layout, or one missing a column this code reads, is refused in one line (a store
+made before the key existed has layout 1).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from budgetlm._version import __version__
 from budgetlm.errors import BudgetLMError
 
 FILENAME = "results.sqlite"
+SCHEMA_VERSION = 1  # the tables below; raise it when a change makes older code misread a store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (
@@ -35,6 +40,7 @@ CREATE TABLE IF NOT EXISTS cells (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 _ROW_COLUMNS = ("cell_id", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source", "extra_json")
+_CELL_COLUMNS = ("cell_id", "model", "pipeline", "config_json", "env_json", "status", "started", "finished", "error")
 
 
 def is_study(directory: str | Path) -> bool:
@@ -62,16 +68,24 @@ class Store:
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / FILENAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
         self.conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
         self.conn.row_factory = sqlite3.Row
         try:
             self.conn.execute("PRAGMA journal_mode=DELETE")
             self.conn.executescript(_SCHEMA)
+            if new:
+                self.set_meta("schema", SCHEMA_VERSION)
+                self.set_meta("budgetlm", __version__)
+            check_schema(self.conn, self.path)
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             raise BudgetLMError(
                 f"{self.path} is not a budgetlm results store ({exc}); move it away, or give another study folder"
             ) from None
+        except BudgetLMError:
+            self.conn.close()
+            raise
 
     @classmethod
     def open(cls, directory: str | Path) -> Store:
@@ -187,6 +201,28 @@ class Store:
             d["extra"] = json.loads(d.pop("extra_json") or "{}")
             out.append(d)
         return _select(out, cell_ids)
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse, in one line, a store this code would misread: another layout (meta 'schema') or a missing column."""
+    wanted = {"rows": _ROW_COLUMNS, "cells": _CELL_COLUMNS, "meta": ("key", "value")}
+    missing = []
+    for table, names in wanted.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        missing += [f"{table}.{c}" for c in names if c not in have]
+    meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('schema', 'budgetlm')").fetchall())
+    try:
+        schema = json.loads(meta.get("schema", "1"))
+        writer = json.loads(meta["budgetlm"]) if "budgetlm" in meta else "an earlier budgetlm"
+    except ValueError:
+        schema, writer = meta.get("schema"), "an unknown budgetlm"
+    if schema == SCHEMA_VERSION and not missing:
+        return
+    what = f"missing {', '.join(missing[:3])}" if missing else f"store layout {schema}"
+    raise BudgetLMError(
+        f"{path} was written by an incompatible budgetlm ({writer}: {what}; budgetlm {__version__} reads store layout "
+        f"{SCHEMA_VERSION}); read it with the budgetlm that wrote it, or rerun the study into a new folder"
+    )
 
 
 class _Transaction:

@@ -4,8 +4,11 @@ Inputs are random token ids drawn with a seed from the model's vocabulary (the c
 work of a dense model), batch 1 unless asked, everything under torch.inference_mode().
 - prefill: one forward pass over n tokens that fills a KV cache and computes the last position's logits only
   (as generation does); value = tokens/s.
-- decode: a prompt is prefilled into a DynamicCache (not timed), then n_new greedy steps of one token each are
+- decode: a prompt is prefilled into a KV cache (not timed), then n_new greedy steps of one token each are
   timed; value = ms per token.
+Both run through budgetlm's decode runtime (decode/lean.py: the lean forward for Llama-architecture models at
+batch 1, transformers' forward otherwise), the one `budgetlm generate` and speculative decoding use; the runtime is
+named in every figure's extra.
 Each Metric carries the mean over repeats as value, the standard error of that mean as stderr (schema
 convention), and in extra: sd, median, every repeat, threads, dtype, CPU model, batch size, load average before
 and after and the CPUs usable (a busy machine slows 2-thread torch 10x: hardware/contention.py flags a figure
@@ -25,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from budgetlm.decode.lean import HFRuntime, runtime_for
 from budgetlm.hardware.contention import usable_cpus
 from budgetlm.hardware.energy import EnergyMeter
 from budgetlm.hardware.host import cpu_model
@@ -92,12 +96,6 @@ def _tokens(model: torch.nn.Module, batch: int, n: int, seed: int) -> torch.Tens
 
 def _last_logits_kwargs(model: torch.nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _new_cache(model: torch.nn.Module):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
 
 
 def _check(n: int, what: str, limit: int | None) -> None:
@@ -168,23 +166,30 @@ def prefill_speed(
     ids = _tokens(model, batch_size, n_tokens, seed)
     kw = _last_logits_kwargs(model)
     info = run_info(model, batch_size)
+    rt = runtime_for(model) if batch_size == 1 else HFRuntime(model)
+
+    def one_pass():
+        if batch_size == 1:
+            return rt(ids, 0, rt.new_cache(), 1)
+        return model(input_ids=ids, use_cache=True, **kw)
+
     rates, meters = [], []
     with _gc_paused():
         for w in range(warmup):
             status(f"warm-up {w + 1}/{warmup}")
-            model(input_ids=ids, use_cache=True, **kw)
+            one_pass()
         for r in range(repeats):
             status(f"repeat {r + 1}/{repeats}")
             meter = EnergyMeter() if energy else None
             with meter or nullcontext():
                 t0 = time.perf_counter()
-                model(input_ids=ids, use_cache=True, **kw)
+                one_pass()
                 dt = time.perf_counter() - t0
             if meter is not None:
                 meters.append(meter)
             rates.append(batch_size * n_tokens / dt)
     energy_x = _energy_extra(meters, batch_size * n_tokens * repeats) if energy else {}
-    return _metric(rates, "tok/s", info, energy_x, n_tokens=n_tokens, warmup=warmup, seed=seed)
+    return _metric(rates, "tok/s", info, energy_x, n_tokens=n_tokens, warmup=warmup, seed=seed, runtime=rt.label)
 
 
 @torch.inference_mode()
@@ -206,20 +211,20 @@ def decode_speed(
     _check(n_new, "decode tokens", None)
     _check(prompt_len + n_new, "prompt + decode tokens", context_limit(model))
     prompt = _tokens(model, 1, prompt_len, seed)
-    kw = _last_logits_kwargs(model)
     info = run_info(model, 1)
+    rt = runtime_for(model)
 
     def one_run(meter: EnergyMeter | None) -> tuple[float, list[float]]:
-        cache = _new_cache(model)
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, **kw)
-        nxt = out.logits[:, -1:].argmax(-1)
+        cache = rt.new_cache()
+        nxt = rt(prompt, 0, cache, 1)[:, -1:].argmax(-1)
+        pos = prompt_len
         steps = []
         with meter or nullcontext():
             t0 = time.perf_counter()
             for _ in range(n_new):
                 ts = time.perf_counter()
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
-                nxt = out.logits[:, -1:].argmax(-1)
+                nxt = rt(nxt, pos, cache, 1)[:, -1:].argmax(-1)
+                pos += 1
                 steps.append((time.perf_counter() - ts) * 1e3)
             total = time.perf_counter() - t0
         return total * 1e3 / n_new, steps
@@ -251,6 +256,7 @@ def decode_speed(
         prompt_len=prompt_len,
         warmup=warmup,
         seed=seed,
-        kv_cache="DynamicCache",
+        kv_cache=type(rt.new_cache()).__name__,
+        runtime=rt.label,
         decoding="greedy",
     )

@@ -14,6 +14,14 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
 - "int8": torch's int8 weight-only kernel (`_weight_int8pack_mm`) for 8-bit symmetric per-channel grids: one byte
   per weight, bfloat16 activations and scales. On an AMD EPYC (1 thread) it read ~2.5 GB/s on a 49152 x 576
   lm_head (12 ms) where the two halves took ~3 ms; `eight_bit()` measures which one is faster on the host.
+- "q4": budgetlm's own 4-bit kernel (methods/quant/native/q4.c, compiled on the host at first use) for the same
+  grids and the same packed codes: float32 activations, the stored fp16 scales and zero points widened to float32,
+  so it computes exactly the product with the dequantised weight (no bf16 rounding); where bf16 is emulated (AVX2
+  without AVX512-BF16) torch's kernel is compute-bound and this one is faster. `four_bit()` times the two on
+  the host, for one token over weights that exceed the last-level cache, and the faster one serves every <= 4-bit
+  layer; an unavailable build (no C compiler) leaves "int4".
+- "q8": budgetlm's own 8-bit kernel (native/q8.c) for 8-bit symmetric per-channel grids, on the stored int8 codes
+  and fp16 scales, float32 activations: exact; `eight_bit()` times it with the other two.
 - "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
   block multiplied in float32: exact w.r.t. the stored grid and never more than a block of float32 weights alive.
 Which one a call takes depends on its token count M: the kernels win for a few tokens (decode reads fewer bytes),
@@ -40,6 +48,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from budgetlm.methods.quant import native
 
 INT4_GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, largest first
 LAYOUT_BLOCKS = (64, 32, 16)  # candidate output rows per block of torch's CPU 4-bit layout
@@ -138,19 +148,44 @@ def int4_pack_grid(codes, scales, zeros, bits: int, group_size: int, g: int) -> 
     The kernel computes (c - 8) * s + z with bf16 s and z. For grids of at most 3 bits the codes are stored shifted
     by 8 - zp (c = q + 8 - zp stays in 0..15), so that z = 0 and only the scale is rounded to bf16; 4-bit codes
     fill 0..15 and keep z = (8 - zp) * s (rounded to bf16 too)."""
-    s = scales.float()
-    zp = _offsets(zeros, bits, s)
     if bits <= 3:
+        zp = _offsets(zeros, bits, scales)
         shift = (8 - zp).to(torch.int16).repeat_interleave(group_size, dim=1)
         codes = (codes.to(torch.int16) + shift).to(torch.uint8)
-        z = torch.zeros_like(s)
-    else:
-        z = (8 - zp) * s
+    return pack_int4(codes), int4_table(scales, zeros, bits, group_size, g)
+
+
+def int4_table(scales, zeros, bits: int, group_size: int, g: int) -> torch.Tensor:
+    """torch's kernel's bf16 table [K/g, N, 2] of (scale, offset) for int4_pack_grid's codes: z = 0 for the shifted
+    codes of grids of at most 3 bits, z = (8 - zp) * s for 4-bit ones."""
+    s = scales.float()
+    z = torch.zeros_like(s) if bits <= 3 else (8 - _offsets(zeros, bits, s)) * s
     rep = group_size // g
     if rep > 1:
         s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)
-    table = torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)
-    return pack_int4(codes), table
+    return torch.stack([s.t(), z.t()], dim=-1).contiguous().to(torch.bfloat16)
+
+
+def q4_table(scales, zeros, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """budgetlm's kernel's tables for int4_pack_grid's codes: fp16 scales and zero points [K/group, N] (the
+    layer's own groups; 8 for the shifted codes of grids of at most 3 bits). Both exact in fp16."""
+    zp = torch.full_like(scales, 8, dtype=torch.float16) if bits <= 3 else _offsets(zeros, bits, scales).half()
+    return scales.half().t().contiguous(), zp.t().contiguous()
+
+
+def bind_q8(codes: torch.Tensor, scales: torch.Tensor):
+    """budgetlm's 8-bit kernel for int8 codes [N, K] with fp16 per-row scales, checked once (None: shape refused)."""
+    return native.bind_q8(codes, scales)
+
+
+def bind_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+    """q4_mm for one layer's codes and q4_table's tables, checked once: call(x [M, K]) -> float32 [M, N]."""
+    return native.bind_q4(packed, block_n(), scales, zeros, g)
+
+
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], g: int) -> torch.Tensor:
+    """x [M, K] times int4_pack_grid's codes with q4_table's tables (groups of g columns): [M, N] in x's dtype."""
+    return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g).to(x.dtype)
 
 
 def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
@@ -254,19 +289,20 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 def _probe_layer(kind: str):
-    """A random layer of PROBE_SHAPE for `kind` ("int4", "int4x2" or "int8"): (kernel(x), dense(x))."""
+    """A random layer of PROBE_SHAPE for `kind` ("int4", "q4", "int4x2", "int8" or "q8"): (kernel(x), dense(x))."""
     from budgetlm.methods.quant.quantizer import find_grid, quantize
 
     n, k = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen)
-    if kind == "int4":
+    if kind in ("int4", "q4"):
         grid = find_grid(w, 4, 64, symmetric=False)
         codes = quantize(w, grid)
         packed, table = int4_pack_grid(codes, grid.scales, grid.zeros, 4, 64, 64)
+        tables = q4_table(grid.scales, grid.zeros, 4)
 
         def kernel(x):
-            return int4_mm(x, packed, 64, table)
+            return q4_mm(x, packed, tables, 64) if kind == "q4" else int4_mm(x, packed, 64, table)
 
         def rows(r0, r1):
             return int4_dequantize(packed[r0:r1], grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k)
@@ -282,13 +318,14 @@ def _probe_layer(kind: str):
             codes = int8_split_codes(tuple(p[r0:r1] if i % 2 == 0 else p for i, p in enumerate(parts)), r1 - r0, k)
             return codes.float().sub_(128).mul_(grid.scales[r0:r1])
 
-    else:
+    else:  # "int8" or "q8": the stored int8 codes
         grid = find_grid(w, 8, None, symmetric=True)
         q8 = (quantize(w, grid).to(torch.int16) - 128).to(torch.int8)
         s8 = grid.scales[:, 0].to(torch.bfloat16)
+        own = bind_q8(q8, grid.scales[:, 0].half().contiguous()) if kind == "q8" else None
 
         def kernel(x):
-            return int8_mm(x, q8, s8)
+            return own(x) if own is not None else int8_mm(x, q8, s8)
 
         def rows(r0, r1):
             return q8[r0:r1].float().mul_(grid.scales[r0:r1])
@@ -302,7 +339,7 @@ def _probe_layer(kind: str):
 @lru_cache(maxsize=16)
 def _crossover(kind: str, threads: int) -> int:
     try:
-        if kind in ("int4", "int4x2") and not _layout_matches():
+        if kind in ("int4", "int4x2", "q4") and not _layout_matches():
             return 0
         kernel, dense = _probe_layer(kind)
         k = PROBE_SHAPE[1]
@@ -329,7 +366,9 @@ COLD_BYTES = 40 << 20  # the eight-bit probe cycles through this many bytes of c
 def _eight_bit(n: int, k: int, threads: int) -> str:
     try:
         g = int4_group(8, k, n, k)
-        if not _layout_matches() or g is None:
+        halves = _layout_matches() and g is not None
+        own = native.library() is not None and k % 8 == 0 and n % 2 == 0
+        if not halves and not own:
             return "int8"
         b = block_n()
         n = min(n, max(b, COLD_BYTES // 2 // k // b * b))  # a large layer: a slice of its rows
@@ -339,13 +378,15 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
         hi = torch.full((copies, n, k // 2), 0x5A, dtype=torch.uint8)
         lo = torch.full((copies, n, k // 2), 0xA5, dtype=torch.uint8)
         scales = torch.full((n,), 1e-2, dtype=torch.bfloat16)
-        table = torch.full((k // g, n, 2), 1e-2, dtype=torch.bfloat16)
+        table = torch.full((k // g, n, 2), 1e-2, dtype=torch.bfloat16) if halves else None
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
-        calls = {
-            "int8": lambda i: int8_mm(x, q8[i], scales),
-            "int4x2": lambda i: int8_split_mm(x, (hi[i], table, lo[i], table), g),
-        }
-        times: dict[str, list[float]] = {"int8": [], "int4x2": []}
+        calls = {"int8": lambda i: int8_mm(x, q8[i], scales)}
+        if halves:
+            calls["int4x2"] = lambda i: int8_split_mm(x, (hi[i], table, lo[i], table), g)
+        if own:
+            bound = [native.bind_q8(q8[i], scales.half()) for i in range(copies)]
+            calls["q8"] = lambda i: bound[i](x)
+        times: dict[str, list[float]] = {name: [] for name in calls}
         for rnd in range(4):  # interleaved passes over every copy: cold weights, as in decode; the first warms up
             for name, fn in calls.items():
                 t0 = time.perf_counter()
@@ -360,10 +401,72 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
 
 def eight_bit(n: int, k: int) -> str:
     """The faster kernel for one token of an 8-bit symmetric per-channel [n, k] layer on this host: torch's int8
-    kernel ("int8") or the two 4-bit halves ("int4x2"), at torch's current thread count, timed over copies of
+    kernel ("int8"), the two 4-bit halves ("int4x2") or budgetlm's own 8-bit kernel ("q8": float32 activations,
+    exact; where it is built), at torch's current thread count, timed over copies of
     random codes that exceed the last-level cache, as a decode step reads its weights (measured once per process,
     shape and thread count; ~0.05 s each)."""
     return _eight_bit(n, k, torch.get_num_threads())
+
+
+@lru_cache(maxsize=8)
+def _four_bit(threads: int) -> str:
+    if not _layout_matches() or native.library() is None:
+        return "int4"
+    try:
+        n, k, g = 1536, 576, 64  # an MLP projection of a small model; copies of it beyond the last-level cache
+        copies = max(2, COLD_BYTES // (n * k // 2))
+        packed = torch.full((copies, n, k // 2), 0x5A, dtype=torch.uint8)
+        scales = torch.full((n, k // g), 1e-2)
+        zeros = torch.full((n, k // g), 7.0)
+        table, tables = int4_table(scales, zeros, 4, g, g), q4_table(scales, zeros, 4)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
+        calls = {"int4": lambda i: int4_mm(x, packed[i], g, table), "q4": lambda i: q4_mm(x, packed[i], tables, g)}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for rnd in range(4):  # interleaved passes over every copy, cold as in decode; the first warms up
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                for i in range(copies):
+                    fn(i)
+                if rnd:
+                    times[name].append(time.perf_counter() - t0)
+        return min(times, key=lambda name: statistics.median(times[name]))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return "int4"
+
+
+_four_forced: str | None = None  # set by four_bit_kernel()
+
+
+def four_bit() -> str:
+    """The faster kernel for one token of a <= 4-bit layer on this host: torch's ("int4") or budgetlm's own ("q4"),
+    at torch's current thread count, timed over copies of a layer that exceed the last-level cache (measured once
+    per process and thread count; ~0.1 s). "int4" where budgetlm's kernel is not built."""
+    if _four_forced is not None:
+        return _four_forced
+    return _four_bit(torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def four_bit_kernel(kind: str):
+    """Within the block, <= 4-bit layers take `kind` ("int4" or "q4") whatever the probe found: to time or check
+    the two kernels side by side (benchmarks/bench_decode.py's `variant@int4`)."""
+    global _four_forced
+    if kind not in ("int4", "q4"):
+        raise ValueError(f"no 4-bit kernel {kind!r}: int4 or q4")
+    if kind == "q4" and native.library() is None:
+        raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {native.status()}")
+    before, _four_forced = _four_forced, kind
+    try:
+        yield
+    finally:
+        _four_forced = before
+
+
+def state() -> tuple:
+    """What a layer's path choice depends on besides its own grid and the call's size: a layer that cached its choice
+    (QuantLinear's fast path) reuses it while this is unchanged (the probes' functions are part of it, so that a
+    test or benchmark that replaces one invalidates every cached choice)."""
+    return (enabled(), _four_forced, torch.get_num_threads(), crossover, four_bit)
 
 
 def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:

@@ -70,6 +70,12 @@ class QuantLinear(torch.nn.Module):
         # the codes in the int4 kernel's layout with its table: (packed, table), or for 8-bit grids the two halves
         # (packed_hi, table_hi, packed_lo, table_lo); None until the first kernel call
         self._int4: tuple[torch.Tensor, ...] | None = None
+        # budgetlm's own kernel's fp16 scale and zero-point tables [in/group, out] ("q4"); when it is the layer's
+        # kernel, the bf16 table of torch's (_int4[1]) is dropped and rebuilt only if torch's is chosen again
+        self._q4: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the decode fast path: (kernels.state() it was chosen under, crossover, bound kernel call) for a layer
+        # with no permutation, bias or correction whose kernel is "q4"; rebuilt when the state changes
+        self._fast: tuple | None = None
         self._int4_group = kernels.int4_group(bits, group_size, out_features, in_features)
 
     @property
@@ -150,18 +156,19 @@ class QuantLinear(torch.nn.Module):
     # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
     @property
     def kernel(self) -> str | None:
-        """The kernel this layer's grid takes: "int4" (2-4 bits), "int4x2" (8 bits as two 4-bit halves), "int8"
-        (torch's int8 kernel: 8-bit symmetric per-channel, where it measured faster than the halves) or None
-        (dequantisation only)."""
-        if self._int4 is not None:
-            return "int4x2" if len(self._int4) == 4 else "int4"
+        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel) or "int4" (torch's), whichever
+        the host probe measured faster, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
+        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
+        measured fastest; None (dequantisation only)."""
+        if self._int4 is not None and len(self._int4) == 4:
+            return "int4x2"
         if self.bits == 8:
-            if self.int8_kernel and (
-                self._int4_group is None or kernels.eight_bit(self.out_features, self.in_features) == "int8"
-            ):
-                return "int8"
+            if self.int8_kernel:
+                return kernels.eight_bit(self.out_features, self.in_features)
             return "int4x2" if self._int4_group is not None else None
-        return "int4" if self._int4_group is not None else None
+        if self._int4_group is None:
+            return None
+        return "q4" if kernels.four_bit() == "q4" else "int4"
 
     def _kernel_and_crossover(self) -> tuple[str | None, int]:
         """The kernel in use (None when kernels are off) and the token count from which dense wins."""
@@ -169,7 +176,7 @@ class QuantLinear(torch.nn.Module):
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "int4", "int4x2", "int8" or "dense"."""
+        """The path a call with `tokens` tokens takes: "q4", "int4", "q8", "int4x2", "int8" or "dense"."""
         kind, cross = self._kernel_and_crossover()
         return kernels.choose(kind, tokens, cross)
 
@@ -181,6 +188,20 @@ class QuantLinear(torch.nn.Module):
             self._int4 = self._repack()
             self.qweight = torch.empty(0, dtype=self.qweight.dtype)  # the state dict rebuilds it (_save_to_state_dict)
         return True
+
+    def _q4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """budgetlm's kernel's tables (built once); torch's bf16 table is dropped while this kernel serves."""
+        if self._q4 is None:
+            self._q4 = kernels.q4_table(self.scales, self.zeros, self.bits)
+            self._int4 = (self._int4[0], None)
+        return self._q4
+
+    def _int4_table(self) -> torch.Tensor:
+        """torch's kernel's bf16 table (rebuilt if budgetlm's kernel served before and dropped it)."""
+        if self._int4[1] is None:
+            table = kernels.int4_table(self.scales, self.zeros, self.bits, self.group_size, self._int4_group)
+            self._int4, self._q4, self._fast = (self._int4[0], table), None, None
+        return self._int4[1]
 
     def _repack(self) -> tuple[torch.Tensor, ...]:
         """The kernel's form of the stored codes, built a block of rows at a time (a few MB of temporaries, not
@@ -240,19 +261,49 @@ class QuantLinear(torch.nn.Module):
 
         return rows
 
+    def _fast_path(self):
+        """(state, crossover, call) of the decode fast path, or None where the layer has none (see __init__)."""
+        key = kernels.state()
+        fast = self._fast
+        if fast is not None and fast[0] == key:
+            return fast
+        self._fast = None
+        if self.perm is not None or self.bias is not None or self.rank:
+            return None
+        kind, cross = self._kernel_and_crossover()
+        if kind not in ("q4", "q8") or cross <= 0:
+            return None
+        if kind == "q8":
+            call = kernels.bind_q8(self.qweight, self.scales)
+        elif self._int4_ready():
+            call = kernels.bind_q4(self._int4[0], *self._q4_tables(), self.group_size)
+        else:
+            return None
+        self._fast = (key, cross, call) if call is not None else None
+        return self._fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
+        fast = self._fast_path()
+        if fast is not None and flat.shape[0] < fast[1] and not (torch.is_grad_enabled() and flat.requires_grad):
+            return fast[2](flat).to(x.dtype).view(*lead, self.out_features)
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
         kind, cross = self._kernel_and_crossover()
-        if kind in ("int4", "int4x2") and cross > 0 and self._int4 is None:
+        if kind in ("int4", "int4x2", "q4") and cross > 0 and self._int4 is None:
             self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
         path = kernels.choose(kind, flat.shape[0], cross)
-        if path == "int4" and self._int4_ready():
-            y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4[1])
+        if torch.is_grad_enabled() and flat.requires_grad:
+            path = "dense"  # the kernels have no backward: a gradient through the layer takes the exact path
+        if path == "q4" and self._int4_ready():
+            y = kernels.q4_mm(flat, self._int4[0], self._q4_tables(), self.group_size)
+        elif path == "int4" and self._int4_ready():
+            y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
         elif path == "int4x2" and self._int4_ready():
             y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
+        elif path == "q8" and (call := kernels.bind_q8(self.qweight, self.scales)) is not None:
+            y = call(flat).to(x.dtype)
         elif path == "int8":
             y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
         else:
@@ -277,7 +328,7 @@ class QuantLinear(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._int4 is not None:  # back to the dense form the file holds; repacked on the next kernel call
-            self._int4 = None
+            self._int4 = self._q4 = self._fast = None
             n, k = self.out_features, self.in_features
             if self.int8_kernel:
                 self.qweight = torch.zeros(n, k, dtype=torch.int8)
@@ -294,16 +345,18 @@ class QuantLinear(torch.nn.Module):
         return codes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def memory_bytes(self) -> int:
-        """Bytes of the weight a forward reads in memory: with the int4 kernel, its layout (4 bits per weight for
-        2- and 3-bit grids too) and its bf16 table of scales and offsets instead of the packed codes and fp16
-        scales/zeros; otherwise what is stored. hardware/size.py counts it in read_bytes_per_token."""
+        """Bytes of the weight a forward reads in memory: with a 4-bit kernel, its layout (4 bits per weight for
+        2- and 3-bit grids too) and its table (torch's: bf16 scales and offsets per kernel group; budgetlm's: fp16
+        scales and zero points per stored group) instead of the packed codes and fp16 scales/zeros; otherwise what
+        is stored. hardware/size.py counts it in read_bytes_per_token."""
         if self._int4_group is None:
             return self.storage_bytes()
         n, k = self.out_features, self.in_features
-        if self.kernel == "int8":
+        if self.kernel in ("int8", "q8"):
             return self.storage_bytes()
         halves = 2 if self.bits == 8 else 1
-        layout = halves * (n * k // 2 + (k // self._int4_group) * n * 2 * 2)
+        group = self.group_size if self.kernel == "q4" else self._int4_group  # q4: fp16 tables per stored group
+        layout = halves * (n * k // 2 + (k // group) * n * 2 * 2)
         extra = [self.perm, self.lr_u, self.lr_v]
         return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
