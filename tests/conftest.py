@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 
@@ -43,6 +44,29 @@ def offline_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def tiny_study_data(tmp_path, monkeypatch):
+    """What a study of real cells on tiny-random needs, offline: arc_easy read from a local file of ten ARC-style
+    items (the folder returned, a recipe's data_dir) and the host's memory bandwidth stubbed (it takes seconds to
+    measure and is not what such tests are about)."""
+    from budgetlm.data.tasks.base import tasks
+    from budgetlm.data.tasks.hub import HUB_TASKS
+    from budgetlm.results import Metric
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setitem(tasks._items, "arc_easy", HUB_TASKS["arc_easy"])
+    monkeypatch.setattr("budgetlm.hardware.bench.memory_bandwidth", lambda: Metric(10.0, unit="GB/s"))
+    data = tmp_path / "data"
+    (data / "arc_easy").mkdir(parents=True)
+    with open(data / "arc_easy" / "test.jsonl", "w") as f:
+        for i in range(10):
+            choices = {"text": [str(i + 1), str(i + 2), "blue", "seven"], "label": ["A", "B", "C", "D"]}
+            f.write(json.dumps({"id": f"q{i}", "question": f"{i} plus one?", "choices": choices, "answerKey": "A"}))
+            f.write("\n")
+    return data
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def _amount(value: float | str | None, parse, flag: str) -> float | None:
 
 
 def report(directory: str | Path) -> dict[str, Path]:
-    """Write report.md, results.csv and pareto.png for a study folder."""
+    """Write report.md, results.csv, pareto.png and report.html for a study folder; returns their paths by kind."""
     from budgetlm.report.build import build_report
 
     return build_report(directory)

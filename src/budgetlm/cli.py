@@ -849,7 +849,7 @@ def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
 
 @app.command()
 def report(directory: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
-    """Write report.md, results.csv and pareto.png for a study folder."""
+    """Write report.md, results.csv, pareto.png and report.html (one self-contained page) for a study folder."""
     from budgetlm.api import report as build
 
     for kind, path in build(directory).items():

@@ -101,7 +101,7 @@ def test_bundled_model_study_report_eval_and_compare(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rep = cli("report", str(study))
     assert rep.returncode == 0, rep.stderr
-    for name in ("report.md", "results.csv", "pareto.png"):
+    for name in ("report.md", "results.csv", "pareto.png", "report.html"):
         assert (study / name).stat().st_size > 0
     con = sqlite3.connect(study / "results.sqlite")
     rows = {

@@ -61,7 +61,7 @@ def study(tmp_path):
 
 def test_report_files(study):
     paths = build_report(study)
-    assert set(paths) == {"markdown", "csv", "pareto"}
+    assert set(paths) == {"markdown", "csv", "pareto", "html"}
     assert paths["pareto"].read_bytes()[:8] == PNG_MAGIC
     with open(paths["csv"], newline="") as f:
         records = list(csv.DictReader(f))
@@ -92,9 +92,15 @@ def test_report_markdown_tables(study):
     cost = next(ln for ln in lines if ln.startswith("| rtn-int8 | 160.0 |"))
     cells = [c.strip() for c in cost.strip("|").split("|")]
     assert cells[:8] == ["rtn-int8", "160.0", "-", "1.28", "-", "600", "700", "-"]
-    assert cells[8:] == ["700 ± 10", "35.0 ± 1.0", "60", "0.250", "3.20 (contended)"]  # load 3.2 on 2 CPUs
+    assert cells[8:13] == ["700 ± 10", "35.0 ± 1.0", "60", "0.250", "3.20 (contended)"]  # load 3.2 on 2 CPUs
+    assert cells[13:] == ["-", "-", "-"]  # the device columns: no bytes read per token nor params stored
     base_cost = next(ln for ln in lines if ln.startswith("| baseline | 516.0 |"))
-    assert base_cost.rstrip(" |").endswith("unavailable | 0.50")
+    assert base_cost.rstrip(" |").endswith("unavailable | 0.50 | - | - | -")
+    assert lines[lines.index("## Cost") + 2].endswith(
+        "| rpi5 decode s/tok (projected) | jetson-nano decode s/tok (projected) | apple-m2 decode s/tok (projected) |"
+    )
+    note = next(ln for ln in lines if ln.startswith("Device columns are projected, not measured"))
+    assert "Not projected ('-'): baseline: cells/smollm2-135m_baseline_b0: the cell was not benchmarked" in note
     assert "Energy unavailable: no RAPL here." in lines
     assert "| rtn-int8 | step1-rtn | 2.5 | - |" in lines
     assert any(ln.startswith("| baseline | 3.11.7 | 2.13.0 | - | - | Test CPU | 2 | 2 | abcdef1234 |") for ln in lines)

@@ -242,29 +242,16 @@ def test_subprocess_runner_reports_the_cell_error_in_one_line(tmp_path):
     assert (folder / "log.txt").read_text().strip() == f"error: {msg}"
 
 
-def test_real_cells_in_process_tiny_model(tmp_path, monkeypatch):
+def test_real_cells_in_process_tiny_model(tmp_path, tiny_study_data):
     """The whole flow on tiny-random with a real method, a real task from a local file and a tiny benchmark;
     the cells run in this process (the subprocess path is covered above), then the report is built."""
-    from budgetlm.data.tasks.hub import HUB_TASKS
     from budgetlm.experiments.cell import run_cell
     from budgetlm.report.build import build_report
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setitem(tasks._items, "arc_easy", HUB_TASKS["arc_easy"])
-    # the host's memory bandwidth takes seconds to measure and is not what this test is about
-    monkeypatch.setattr("budgetlm.hardware.bench.memory_bandwidth", lambda: Metric(10.0, unit="GB/s"))
-    data = tmp_path / "data" / "arc_easy"
-    data.mkdir(parents=True)
-    with open(data / "test.jsonl", "w") as f:
-        for i in range(10):
-            choices = {"text": [str(i + 1), str(i + 2), "blue", "seven"], "label": ["A", "B", "C", "D"]}
-            f.write(json.dumps({"id": f"q{i}", "question": f"{i} plus one?", "choices": choices, "answerKey": "A"}))
-            f.write("\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"name: tiny\nmodels: [tiny-random]\npipelines: {{int8: [{{method: rtn, bits: 8}}]}}\ntasks: [arc_easy]\n"
-        f"limit: 6\ndata_dir: {tmp_path / 'data'}\n"
+        f"limit: 6\ndata_dir: {tiny_study_data}\n"
         "bench: {prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}\n"
     )
     statuses = []

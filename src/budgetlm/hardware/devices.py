@@ -22,7 +22,9 @@ calibrate it by); the runtime overhead is a torch CPU process's, whatever runtim
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +41,7 @@ GIB = 2**30
 # batch 1): stated, not measured per device
 OVERHEAD_BYTES = 512 * 2**20
 DEFAULT_CONTEXT = 2048
+SIZE_ROWS = ("stored_bytes", "read_bytes_per_token", "params")  # the size rows a projection needs of a cell
 Precision = Literal["fp32", "fp16", "int8"]
 
 
@@ -208,19 +211,18 @@ def workload_from_cell(folder: Path, context: int | None) -> Workload:
 
 def workload_from_phases(phases: dict, spec: str, label: str, where: str, context: int | None) -> Workload:
     """The workload of a measured model from its figures ({phase: {metric: {"value", "extra"}}}: a result.json's or
-    the results store's rows) and the config of `spec` (its model), calibrated by its decode against its roofline."""
-    from budgetlm.models.sources import skeleton
-
+    the results store's rows) and the config of `spec` (its model), calibrated by its decode against its roofline
+    when both were measured; `where` names the cell (its folder)."""
     size, speed = phases.get("size") or {}, phases.get("speed") or {}
-    if any(k not in size for k in ("stored_bytes", "read_bytes_per_token", "params")):
+    if any(k not in size for k in SIZE_ROWS):
         raise DataError(f"{where}: the cell was not benchmarked (it has no size phase)")
-    module = skeleton(spec)
-    if module is None:
+    config = config_of(str(spec))
+    if config is None:
         raise ModelError(f"{where}: cannot read the config of its model {spec}")
-    context = check_context(context, _window(module.config))
+    context = check_context(context, _window(config))
     calibration = None
-    if "decode_ms_per_token" in speed and "decode_roofline_ms" in speed:
-        dec, roof = speed["decode_ms_per_token"], speed["decode_roofline_ms"]
+    dec, roof = speed.get("decode_ms_per_token"), speed.get("decode_roofline_ms")
+    if dec and roof and all(math.isfinite(r["value"] or math.nan) and r["value"] > 0 for r in (dec, roof)):
         calibration = Calibration(
             dec["value"], roof["value"], (roof.get("extra") or {}).get("bandwidth_gb_s", float("nan")), where
         )
@@ -230,10 +232,20 @@ def workload_from_phases(phases: dict, spec: str, label: str, where: str, contex
         weights_bytes=size["stored_bytes"]["value"],
         read_bytes_per_token=size["read_bytes_per_token"]["value"],
         params=size["params"]["value"],
-        kv_bytes_per_token=kv_bytes_per_token(module.config, _value_bytes(dtype), context),
+        kv_bytes_per_token=kv_bytes_per_token(config, _value_bytes(dtype), context),
         context=context,
         calibration=calibration,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def config_of(spec: str):
+    """A model's config read through its skeleton (None when unreadable), once per process: a study's cells share a
+    few models, and reading Gemma 3's from its GGUF takes ~25 s here."""
+    from budgetlm.models.sources import skeleton
+
+    module = skeleton(spec)
+    return None if module is None else module.config
 
 
 def _read_json(path: Path) -> dict:

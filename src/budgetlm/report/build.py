@@ -5,6 +5,10 @@ DIR/report.md     a table per task (value ± stderr, recovery % of the baseline)
                   the environment every figure was measured in
 DIR/results.csv   every row: one per cell x task/phase x metric, with model and pipeline
 DIR/pareto.png    each task's headline metric against stored size, Pareto front drawn
+DIR/report.html   one self-contained page (plotly, its script inlined): Pareto fronts of each task against four
+                  costs, recovery and projected-device heatmaps, slope charts (report/figures.py, report/html.py)
+The device columns of the cost table and the device heatmap are projections (report/projection.py), never
+measurements: the recipe's `devices`, else DEFAULT_DEVICES in the table and every profile in the heatmap.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import math
 from pathlib import Path
 
 from budgetlm.experiments import store as st
-from budgetlm.experiments.plan import model_label
+from budgetlm.experiments.plan import Cell, model_label
 from budgetlm.hardware.contention import contended, recorded_load
+from budgetlm.report import figures as fg
+from budgetlm.report.html import write_html
 from budgetlm.report.plots import Panel, Point, pareto_plot
+from budgetlm.report.projection import DEFAULT_DEVICES, chosen_devices, contexts, describe, project_cells
 
 CSV_COLUMNS = ["cell_id", "model", "pipeline", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source",
                "extra_json"]  # fmt: skip
@@ -26,8 +33,29 @@ MB = 1e6
 
 
 def build_report(directory: str | Path) -> dict[str, Path]:
-    """Write report.md, results.csv and pareto.png into the study folder; returns their paths by kind."""
+    """Write report.md, results.csv, pareto.png and report.html into the study folder; returns their paths by
+    kind."""
     directory = Path(directory)
+    recipe, cells, rows, tasks = load_study(directory)
+    devices = chosen_devices(recipe, None)
+    table_devices = list(chosen_devices(recipe, DEFAULT_DEVICES))
+    done = [c for c in cells if c["status"] == "done"]
+    projections = project_cells(directory, done, devices)
+    paths = {
+        "csv": write_csv(rows, directory / "results.csv"),
+        "pareto": pareto_plot(pareto_panels(cells, tasks), directory / "pareto.png", recipe.get("name", "")),
+    }
+    text = markdown(directory, recipe, cells, tasks, projections, table_devices)
+    paths["markdown"] = directory / "report.md"
+    _write(paths["markdown"], text)
+    paths["html"] = html_report(directory, recipe, cells, tasks, projections, devices)
+    return paths
+
+
+def load_study(directory: Path) -> tuple[dict, list[dict], list[dict], list[str]]:
+    """(the recipe, the plan's cells, their rows, the tasks) from the store; each cell also gets its `label` (the
+    pipeline, with the model when there are several), `folder` (relative to the study folder) and `phases`
+    ({task_or_phase: {metric: row}})."""
     with st.Store.open(directory) as store:
         cells = store.plan_cells()
         rows = store.rows([c["cell_id"] for c in cells])
@@ -37,15 +65,31 @@ def build_report(directory: str | Path) -> dict[str, Path]:
     for c in cells:
         c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
         c["phases"] = by.get(c["cell_id"], {})
+        c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
     tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
-    paths = {
-        "csv": write_csv(rows, directory / "results.csv"),
-        "pareto": pareto_plot(pareto_panels(cells, tasks), directory / "pareto.png", recipe.get("name", "")),
-    }
-    text = markdown(directory, recipe, cells, tasks)
-    paths["markdown"] = directory / "report.md"
-    _write(paths["markdown"], text)
-    return paths
+    return recipe, cells, rows, tasks
+
+
+def html_report(directory: Path, recipe: dict, cells: list[dict], tasks: list[str], projections: dict,
+                devices: dict) -> Path:  # fmt: skip
+    done = [c for c in cells if c["status"] == "done"]
+    slopes, slope_note = fg.slope_figures(done, tasks)
+    name = recipe.get("name", directory.name)
+    intro = [
+        f"Study folder {directory}; built {dt.datetime.now().isoformat(timespec='seconds')} from results.sqlite alone. "
+        f"{len(done)} of {len(cells)} cells done"
+        + "".join(f"; {c['label']}: {c['status']}" for c in cells if c["status"] != "done") + ".",
+        "Every figure names the store rows it came from under it; hovering a point or a cell shows its cell id and "
+        "folder (relative to this page). Measured figures and projected ones are kept apart: only the device section "
+        "holds projections.",
+    ]  # fmt: skip
+    sections = [
+        ("Pareto fronts (measured)", fg.pareto_figures(done, tasks), "no tasks in the study"),
+        ("Recovery of the baseline (measured)", [fg.recovery_heatmap(done, tasks)], ""),
+        ("Devices (projected, not measured)", [fg.device_heatmap(done, projections, devices)], ""),
+        ("Slope charts (measured)", slopes, slope_note),
+    ]
+    return write_html(directory / "report.html", f"Study {name}", intro, sections)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -81,7 +125,9 @@ def pareto_panels(cells: list[dict], tasks: list[str]) -> list[Panel]:
 # ---------------------------------------------------------------------------------------------- markdown
 
 
-def markdown(directory: Path, recipe: dict, cells: list[dict], tasks: list[str]) -> str:
+def markdown(
+    directory: Path, recipe: dict, cells: list[dict], tasks: list[str], projections: dict, devices: list[str]
+) -> str:
     done = [c for c in cells if c["status"] == "done"]
     out = [f"# Study {recipe.get('name', directory.name)}", ""]
     out.append(f"Folder `{directory}`; report built {dt.datetime.now().isoformat(timespec='seconds')} from "
@@ -102,10 +148,11 @@ def markdown(directory: Path, recipe: dict, cells: list[dict], tasks: list[str])
     out += ["", "## Tasks", "", "Value ± standard error; recovery = 100 × value / the baseline cell's value.", ""]
     for task in tasks:
         out += task_table(task, done)
-    out += ["## Cost", ""] + cost_table(done) + [""]
+    out += ["## Cost", ""] + cost_table(done, projections, devices) + [""]
     out += step_table(done)
     out += ["## Environment", ""] + env_table(done)
-    out += ["", "Files: `results.csv` (every row), `pareto.png`, `cells/<cell>/` (config, env, per-item logs).", ""]
+    out += ["", "Files: `results.csv` (every row), `pareto.png`, `report.html` (interactive figures), `cells/<cell>/` "
+            "(config, env, per-item logs).", ""]  # fmt: skip
     return "\n".join(out)
 
 
@@ -137,12 +184,14 @@ def task_table(task: str, cells: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def cost_table(cells: list[dict]) -> list[str]:
+def cost_table(cells: list[dict], projections: dict | None = None, devices: list[str] = ()) -> list[str]:
     prefill = list(dict.fromkeys(p for c in cells for p in st.prefill_metrics(c["phases"])))
     head = ["pipeline", "stored MB", "params M", "bpw", "linear bpw", "peak RSS load MB", "peak RSS eval MB",
             "peak RSS bench MB"]  # fmt: skip
     head += [f"prefill tok/s @{p.split('@')[1]}" for p in prefill]
     head += ["decode ms/tok", "% of roofline", "energy J/tok (decode)", "load avg (bench)"]
+    head += [f"{d} decode s/tok (projected)" for d in devices]
+    projections = projections or {}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     reasons: set[str] = set()
     for c in cells:
@@ -166,6 +215,7 @@ def cost_table(cells: list[dict]) -> list[str]:
         load = recorded_load(extras)
         busy = contended(extras, (c.get("env") or {}).get("cores"))
         line.append("-" if load is None else f"{load:.2f}" + (" (contended)" if busy else ""))
+        line += _projected(projections.get(c["cell_id"]), devices)
         lines.append("| " + " | ".join(line) + " |")
     bw = next((st.value(c["phases"], "host", "mem_bandwidth_gb_s") for c in cells if "host" in c["phases"]), None)
     notes = [
@@ -177,7 +227,29 @@ def cost_table(cells: list[dict]) -> list[str]:
     if bw:
         notes.append(f"Roofline: bytes read per decoded token / measured memory bandwidth ({bw:.1f} GB/s).")
     notes += [f"Energy {r}." for r in sorted(reasons)]
+    if devices:
+        notes.append(_projection_note(cells, projections))
     return lines + notes
+
+
+def _projected(per_device: dict | str | None, devices: list[str]) -> list[str]:
+    if not isinstance(per_device, dict):
+        return ["-"] * len(devices)
+    return [describe(per_device[d]) for d in devices]
+
+
+def _projection_note(cells: list[dict], projections: dict) -> str:
+    missing = [
+        f"{c['label']}: {projections[c['cell_id']]}" for c in cells if isinstance(projections.get(c["cell_id"]), str)
+    ]
+    text = (
+        "Device columns are projected, not measured (hardware/devices.py, as `budgetlm devices`): decode s/token = the "
+        "cell's measured-to-roofline decode ratio here x max((bytes read per token + KV cache) / the device's "
+        "bandwidth, 2 x params / its fp32 peak), at " + (" / ".join(f"{n:,}" for n in contexts(projections)) or "-")
+        + " tokens of context; 'does not fit': weights + KV cache + runtime overhead exceed the device's memory; "
+        "'uncalibrated': no decode measured here, the bare roofline."
+    )  # fmt: skip
+    return text + (f" Not projected ('-'): {'; '.join(missing)}." if missing else "")
 
 
 def step_table(cells: list[dict]) -> list[str]:
