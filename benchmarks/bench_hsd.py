@@ -49,6 +49,7 @@ from budgetlm.data.tasks.base import TaskContext
 from budgetlm.data.tasks.reasoning import GSM8K
 from budgetlm.decode.drafts import first_layers
 from budgetlm.decode.generate import Generator
+from budgetlm.decode.lean import runtime_for
 from budgetlm.evaluation.harness import sample_items
 from budgetlm.progress import Progress
 
@@ -117,18 +118,18 @@ COST_TOKENS = (1, 2, 4, 8, 9)
 
 @torch.inference_mode()
 def forward_costs(model, prompts: list[list[int]], repeats: int = 3) -> dict[int, float]:
-    """Median seconds of one forward of k new tokens on the KV cache of each prompt, for k in COST_TOKENS."""
-    from transformers import DynamicCache
-
+    """Median seconds of one forward of k new tokens on the KV cache of each prompt, for k in COST_TOKENS, through
+    the decode runtime budgetlm's decoding uses (decode/lean.py), every row's logits kept (as a verification)."""
+    rt = runtime_for(model)
     times: dict[int, list[float]] = {k: [] for k in COST_TOKENS}
     for ids in prompts:
-        cache, n = DynamicCache(), len(ids)
-        model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, n = rt.new_cache(), len(ids)
+        rt(torch.tensor([ids]), 0, cache, 1)
         new = torch.tensor([ids[-max(COST_TOKENS) :]])
         for k in COST_TOKENS:
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                model(input_ids=new[:, :k], position_ids=torch.arange(n, n + k)[None], past_key_values=cache)
+                rt(new[:, :k], n, cache, k)
                 times[k].append(time.perf_counter() - t0)
                 cache.crop(-k)
     return {k: statistics.median(v) for k, v in times.items()}
