@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pct_roofline": roof / dec.extra["median"] * 100,
                 "crossover": {k: kernels.crossover(k) for k in ("int4", "q4", "int8")},
                 "four_bit_probe": kernels.four_bit(),
-                "runtime": dec.extra.get("runtime"),
+                "runtime": dec.extra.get("decoder"),
                 "loadavg": loadavg(),
             }
             if not args.no_llama_cpp:

@@ -23,6 +23,7 @@ from budgetlm.export.gguf import read_layout
 from budgetlm.hardware import llamacpp
 from budgetlm.hardware.size import model_size
 from budgetlm.hardware.speed import _tokens
+from budgetlm.methods.quant import native
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -293,7 +294,8 @@ def test_torch_runtime_records_itself(capsys):
     assert code == 0
     doc = json.loads(stdout)
     assert doc["runtime"] == {"name": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "dtype": "float32"}  # fmt: skip
+                              "dtype": "float32", "decoder": "lean (C glue)" if native.library() else
+                              "lean (torch glue)"}  # fmt: skip
     assert "prefill_tok_s@128" in doc["speed"]
 
 

@@ -189,7 +189,7 @@ def prefill_speed(
                 meters.append(meter)
             rates.append(batch_size * n_tokens / dt)
     energy_x = _energy_extra(meters, batch_size * n_tokens * repeats) if energy else {}
-    return _metric(rates, "tok/s", info, energy_x, n_tokens=n_tokens, warmup=warmup, seed=seed, runtime=rt.label)
+    return _metric(rates, "tok/s", info, energy_x, n_tokens=n_tokens, warmup=warmup, seed=seed, decoder=rt.label)
 
 
 @torch.inference_mode()
@@ -257,6 +257,6 @@ def decode_speed(
         warmup=warmup,
         seed=seed,
         kv_cache=type(rt.new_cache()).__name__,
-        runtime=rt.label,
+        decoder=rt.label,
         decoding="greedy",
     )
