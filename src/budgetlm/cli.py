@@ -824,7 +824,7 @@ def run(
     _on_interrupt[0] = "finished cells are kept; rerun the same command to resume"
     folder = run_study(recipe, out, progress=True, force=force, max_cells=max_cells)
     _console().print(summary_table(folder))
-    print(f"results in {folder}; `budgetlm report {folder}` writes report.md, results.csv and pareto.png")
+    print(f"results in {folder}; `budgetlm report {folder}` writes report.html, report.md, results.csv and pareto.png")
 
 
 def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
