@@ -282,17 +282,24 @@ class LeanLlama:
     def new_cache(self) -> StaticKV:
         return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
-    @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
+    @staticmethod
+    def _begin(ids: torch.Tensor, start: int, cache: StaticKV):
+        """(new tokens, end position, lin(module, x)) for a call continuing `cache` at `start`."""
         m = ids.shape[1]
-        end = start + m
         if start != cache.length:
             raise RuntimeError(f"lean runtime: the cache holds {cache.length} positions, asked to continue at {start}")
-        cache.reserve(end)
-        rows, g, d = small_m_rows(), self.glue, self.head_dim
+        cache.reserve(start + m)
+        rows = small_m_rows()
 
         def lin(module, x):
             return small_m_linear(module, x, rows) if type(module) is torch.nn.Linear else module(x)
+
+        return m, start + m, lin
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
+        m, end, lin = self._begin(ids, start, cache)
+        g, d = self.glue, self.head_dim
 
         h = self.embed(ids).contiguous()
         cos, sin = self.rotary(h, torch.arange(start, end).unsqueeze(0))
@@ -341,15 +348,8 @@ class LeanGemma3(LeanLlama):
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
-        m = ids.shape[1]
-        end = start + m
-        if start != cache.length:
-            raise RuntimeError(f"lean runtime: the cache holds {cache.length} positions, asked to continue at {start}")
-        cache.reserve(end)
-        rows, g, d = small_m_rows(), self.glue, self.head_dim
-
-        def lin(module, x):
-            return small_m_linear(module, x, rows) if type(module) is torch.nn.Linear else module(x)
+        m, end, lin = self._begin(ids, start, cache)
+        g, d = self.glue, self.head_dim
 
         h = self.embed(ids).contiguous()
         pos = torch.arange(start, end).unsqueeze(0)
@@ -406,10 +406,15 @@ def lean_reason(model: torch.nn.Module) -> str | None:
         return "a replaced norm or rotary embedding"
     if not len(inner.layers):
         return "no layers"
-    for layer in inner.layers:
-        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
-        kinds = (ml.LlamaDecoderLayer, ml.LlamaAttention, ml.LlamaMLP, ml.LlamaRMSNorm, ml.LlamaRMSNorm)
-        if any(type(p) is not t for p, t in zip(parts, kinds)):
+    kinds = (ml.LlamaDecoderLayer, ml.LlamaAttention, ml.LlamaMLP, ml.LlamaRMSNorm)
+    return _layers_reason(model, kinds, lambda y: y.post_attention_layernorm)
+
+
+def _layers_reason(model: torch.nn.Module, kinds: tuple, norm_of) -> str | None:
+    """Why the decoder layers are not the architecture's own (module types `kinds`: layer, attention, MLP, norm)."""
+    for layer in model.model.layers:
+        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, norm_of(layer))
+        if any(type(p) is not t for p, t in zip(parts, (*kinds, kinds[-1]))):
             return "a replaced decoder module"
         if layer._forward_hooks or layer._forward_pre_hooks or layer.self_attn._forward_hooks:
             return "forward hooks"
@@ -433,16 +438,8 @@ def _gemma3_reason(model: torch.nn.Module) -> str | None:
         return "no layers, or layer types missing"
     if any(t not in ("sliding_attention", "full_attention") for t in cfg.layer_types):
         return "an unknown layer type"
-    for layer in inner.layers:
-        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.self_attn.q_norm)
-        kinds = (mg.Gemma3DecoderLayer, mg.Gemma3Attention, mg.Gemma3MLP, mg.Gemma3RMSNorm, mg.Gemma3RMSNorm)
-        if any(type(p) is not t for p, t in zip(parts, kinds)):
-            return "a replaced decoder module"
-        if layer._forward_hooks or layer._forward_pre_hooks or layer.self_attn._forward_hooks:
-            return "forward hooks"
-    if model.training:
-        return "a model in training mode"
-    return None
+    kinds = (mg.Gemma3DecoderLayer, mg.Gemma3Attention, mg.Gemma3MLP, mg.Gemma3RMSNorm)
+    return _layers_reason(model, kinds, lambda y: y.self_attn.q_norm)
 
 
 def runtime_for(model: torch.nn.Module):

@@ -362,6 +362,20 @@ def crossover(kind: str) -> int:
 COLD_BYTES = 40 << 20  # the eight-bit probe cycles through this many bytes of codes: more than a last-level cache
 
 
+def fastest(calls: dict, copies: int) -> str:
+    """The name of the fastest of `calls` (name -> fn(i) on copy i of a layer), timed in interleaved passes over every
+    copy (cold weights, as a decode step reads them); the first pass warms up, the median of three decides."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for rnd in range(4):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            for i in range(copies):
+                fn(i)
+            if rnd:
+                times[name].append(time.perf_counter() - t0)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
 @lru_cache(maxsize=64)
 def _eight_bit(n: int, k: int, threads: int) -> str:
     try:
@@ -386,15 +400,7 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
         if own:
             bound = [native.bind_q8(q8[i], scales.half()) for i in range(copies)]
             calls["q8"] = lambda i: bound[i](x)
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for rnd in range(4):  # interleaved passes over every copy: cold weights, as in decode; the first warms up
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                for i in range(copies):
-                    fn(i)
-                if rnd:
-                    times[name].append(time.perf_counter() - t0)
-        return min(times, key=lambda name: statistics.median(times[name]))
+        return fastest(calls, copies)
     except (RuntimeError, AttributeError, NotImplementedError):
         return "int8"
 
@@ -421,15 +427,7 @@ def _four_bit(threads: int) -> str:
         table, tables = int4_table(scales, zeros, 4, g, g), q4_table(scales, zeros, 4)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
         calls = {"int4": lambda i: int4_mm(x, packed[i], g, table), "q4": lambda i: q4_mm(x, packed[i], tables, g)}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for rnd in range(4):  # interleaved passes over every copy, cold as in decode; the first warms up
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                for i in range(copies):
-                    fn(i)
-                if rnd:
-                    times[name].append(time.perf_counter() - t0)
-        return min(times, key=lambda name: statistics.median(times[name]))
+        return fastest(calls, copies)
     except (RuntimeError, AttributeError, NotImplementedError):
         return "int4"
 
