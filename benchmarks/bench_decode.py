@@ -134,7 +134,8 @@ from transformers import AutoTokenizer
 imports = rss_bytes()
 # the runtime's own footprint: the same code paths on the tiny model, the probes, the folder's tokenizer
 decode_speed(load("tiny-random"), 4, 8, 1, 0)
-kernels.crossover("int4"), kernels.crossover("int8")
+kernels.crossover("int4"), kernels.crossover("int8"), kernels.crossover("q4"), kernels.crossover("q8")
+kernels.four_bit()  # the 4-bit probe's cold copies (~40 MB, freed): the runtime's, not the model's
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 base = rss_bytes()
 reset_hwm()
