@@ -360,6 +360,10 @@ def crossover(kind: str) -> int:
 
 
 COLD_BYTES = 40 << 20  # the eight-bit probe cycles through this many bytes of codes: more than a last-level cache
+# at most this many copies of a layer: a small layer's probe stays a few thousand calls (a 64 x 64 layer would need
+# ~10,000 copies to fill COLD_BYTES, seconds of per-call overhead in every process that loads a tiny model); a
+# model that small is read from cache anyway
+MAX_COPIES = 256
 
 
 def fastest(calls: dict, copies: int) -> str:
@@ -386,7 +390,7 @@ def _eight_bit(n: int, k: int, threads: int) -> str:
             return "int8"
         b = block_n()
         n = min(n, max(b, COLD_BYTES // 2 // k // b * b))  # a large layer: a slice of its rows
-        copies = max(2, COLD_BYTES // (n * k))
+        copies = min(MAX_COPIES, max(2, COLD_BYTES // (n * k)))
         # the kernels' speed does not depend on the code values: constant bytes are valid codes and packed layouts
         q8 = torch.full((copies, n, k), 0x35, dtype=torch.int8)
         hi = torch.full((copies, n, k // 2), 0x5A, dtype=torch.uint8)
