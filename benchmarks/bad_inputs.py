@@ -493,6 +493,16 @@ CASES: list[Case] = [
          (recipe("models: [tiny-random]\ntasks: [gsm8k]\npipelines: {ft: [{method: lora, train: {data: " +
                  "gsm_symbolic}}]}\n"),),
          needle="evaluating gsm8k after training on gsm_symbolic"),
+    Case("run: --runner ray without the ray package", ("run", "r.yaml", "--out", "s", "--runner", "ray"),
+         (recipe(TINY_RECIPE),), without=("ray",), needle="pip install 'budgetlm[ray]'"),
+    Case("run: --runner ray, no cluster at --address", ("run", "r.yaml", "--out", "s", "--runner", "ray",
+         "--address", "127.0.0.1:1"), (recipe(TINY_RECIPE),), needs=("ray",), needle="no Ray cluster answers"),
+    Case("run: --address with the local runner", ("run", "r.yaml", "--out", "s", "--address", "127.0.0.1:1"),
+         (recipe(TINY_RECIPE),), needle="--runner ray"),
+    Case("run: unknown runner", ("run", "r.yaml", "--out", "s", "--runner", "rey"), (recipe(TINY_RECIPE),),
+         needle="did you mean: ray"),
+    Case("run: threads 0", ("run", "r.yaml", "--out", "s"), (recipe(TINY_RECIPE + "threads: 0\n"),),
+         needle="threads"),
     # --- report and compare
     Case("report: not a study folder", ("report", "mine"), (USER,), needle="study"),
     Case("report: missing folder", ("report", "nowhere"), needle="nowhere"),

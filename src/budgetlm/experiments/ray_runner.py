@@ -23,6 +23,7 @@ store, as it does for the local runner.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
 from budgetlm.experiments.cell import RESULT
 from budgetlm.experiments.plan import Cell
 
-INSTALL = "pip install 'budgetlm[ray]'"
+INSTALL = "pip install 'budgetlm[ray]' (from a checkout: pip install -e '.[ray]')"
 DEFAULT_PORT = 6379  # `ray start --head`'s
 
 
@@ -112,10 +113,15 @@ class RayPool:
 
 
 def import_ray():
+    """The ray module, or a one-line error naming the extra to install (looked up first with find_spec, as the other
+    optional packages are)."""
+    missing = BudgetLMError(f"--runner ray needs the ray package, which is not installed: {INSTALL}")
+    if importlib.util.find_spec("ray") is None:
+        raise missing
     try:
         import ray
     except ImportError:
-        raise BudgetLMError(f"--runner ray needs the ray package, which is not installed: {INSTALL}") from None
+        raise missing from None
     return ray
 
 
