@@ -5,6 +5,7 @@ rerunning the cells that finished."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_study import FakeRunner, registries  # noqa: F401 - the study tests' fake runner, method and tasks
+from test_study import FakeRunner, recipe, registries  # noqa: F401 - the study tests' fake runner, method, tasks
 
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.experiments import ray_runner
@@ -24,15 +25,9 @@ from budgetlm.experiments import store as st
 from budgetlm.experiments.study import CellFailed, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = """
-name: demo
-models: [tiny-random]
-pipelines:
-  q4: [{method: fake-quant, bits: 4}]
-  q2: [{method: fake-quant, bits: 2}]
-tasks: [t-acc, t-ppl]
-limit: 5
-"""
+_spec = importlib.util.spec_from_file_location("kill_resume", ROOT / "benchmarks" / "kill_resume.py")
+kill_resume = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_resume)
 
 
 class FakeRayError(Exception):
@@ -100,10 +95,9 @@ class FakeRay:
 
 
 @pytest.fixture
-def recipe(tmp_path):
-    path = tmp_path / "study.yaml"
-    path.write_text(RECIPE)
-    return path
+def demo(request):
+    """test_study's recipe: baseline, q4 and q2 of the fake method on t-acc and t-ppl."""
+    return request.getfixturevalue("recipe")
 
 
 def with_ray(monkeypatch, fake: FakeRay) -> FakeRay:
@@ -116,10 +110,10 @@ def stored(out):
         return {c["pipeline"]: c for c in s.cells()}
 
 
-def test_cells_are_ray_tasks_reserving_their_threads_after_their_baseline(tmp_path, recipe, monkeypatch):
-    recipe.write_text(RECIPE + "threads: 2\n")
+def test_cells_are_ray_tasks_reserving_their_threads_after_their_baseline(tmp_path, demo, monkeypatch):
+    demo.write_text(demo.read_text() + "threads: 2\n")
     ray = with_ray(monkeypatch, FakeRay())
-    out = run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+    out = run_study(demo, tmp_path / "out", progress=False, runner="ray")
     assert ray.submitted == [
         {"pipeline": "baseline", "num_cpus": 2, "threads": 2, "after": []},
         {"pipeline": "q4", "num_cpus": 2, "threads": 2, "after": ["baseline"]},
@@ -131,17 +125,17 @@ def test_cells_are_ray_tasks_reserving_their_threads_after_their_baseline(tmp_pa
     assert ray.initialized  # a connection this process had before is left open
     # resumed with the baseline done: nothing waits for it, nothing reruns
     again = with_ray(monkeypatch, FakeRay())
-    run_study(recipe, out, progress=False, runner="ray")
+    run_study(demo, out, progress=False, runner="ray")
     assert again.submitted == []
 
 
-def test_a_recipe_without_threads_reserves_one_cpu_per_cell(tmp_path, recipe, monkeypatch):
+def test_a_recipe_without_threads_reserves_one_cpu_per_cell(tmp_path, demo, monkeypatch):
     ray = with_ray(monkeypatch, FakeRay())
-    run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+    run_study(demo, tmp_path / "out", progress=False, runner="ray")
     assert {(t["num_cpus"], t["threads"]) for t in ray.submitted} == {(1, 1)}
 
 
-def test_failed_cells_lost_results_and_crashed_tasks_are_recorded_one_line_each(tmp_path, recipe, monkeypatch):
+def test_failed_cells_lost_results_and_crashed_tasks_are_recorded_one_line_each(tmp_path, demo, monkeypatch):
     fails = FakeRunner(fail="q4")
 
     def runner(folder, on_status):
@@ -155,7 +149,7 @@ def test_failed_cells_lost_results_and_crashed_tasks_are_recorded_one_line_each(
 
     with_ray(monkeypatch, FakeRay(runner))
     with pytest.raises(BudgetLMError) as err:
-        run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+        run_study(demo, tmp_path / "out", progress=False, runner="ray")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("3 of 3 cells failed")
     cells = stored(tmp_path / "out")
@@ -165,15 +159,15 @@ def test_failed_cells_lost_results_and_crashed_tasks_are_recorded_one_line_each(
     assert "must be a shared path every node sees" in cells["q2"]["error"]
 
 
-def test_an_interrupted_driver_cancels_its_tasks_and_resumes(tmp_path, recipe, monkeypatch):
+def test_an_interrupted_driver_cancels_its_tasks_and_resumes(tmp_path, demo, monkeypatch):
     ray = with_ray(monkeypatch, FakeRay(interrupt_at_wait=2))  # the 2nd wait: the baseline was stored, q4 queued
     with pytest.raises(KeyboardInterrupt):
-        run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+        run_study(demo, tmp_path / "out", progress=False, runner="ray")
     assert ray.cancelled == ["q4"]
     cells = stored(tmp_path / "out")
     assert cells["baseline"]["status"] == "done" and cells["q4"]["status"] == "interrupted" and "q2" not in cells
     again = with_ray(monkeypatch, FakeRay())
-    run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+    run_study(demo, tmp_path / "out", progress=False, runner="ray")
     # q4 wrote its result.json before the interrupt (the stand-in runs at submission): it is read, not rerun
     assert [t["pipeline"] for t in again.submitted] == ["q2"]
     assert {c["status"] for c in stored(tmp_path / "out").values()} == {"done"}
@@ -185,13 +179,13 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_address_nobody_answers_is_one_line_before_anything_is_written(tmp_path, recipe, monkeypatch):
+def test_an_address_nobody_answers_is_one_line_before_anything_is_written(tmp_path, demo, monkeypatch):
     ray = with_ray(monkeypatch, FakeRay(initialized=False))
     ray.init = lambda **kw: pytest.fail("ray.init must not be reached")
     address = f"127.0.0.1:{closed_port()}"
     t0 = time.perf_counter()
     with pytest.raises(BudgetLMError) as err:
-        run_study(recipe, tmp_path / "out", progress=False, runner="ray", address=address)
+        run_study(demo, tmp_path / "out", progress=False, runner="ray", address=address)
     assert time.perf_counter() - t0 < 10
     assert str(err.value).startswith(f"--address {address}: no Ray cluster answers there (Connection refused)")
     assert not (tmp_path / "out").exists()
@@ -217,21 +211,21 @@ def test_connection_errors_are_one_line_and_restore_the_sigterm_handler(monkeypa
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_without_ray_installed_the_error_names_the_extra(tmp_path, recipe, monkeypatch):
+def test_without_ray_installed_the_error_names_the_extra(tmp_path, demo, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(BudgetLMError, match=r"pip install 'budgetlm\[ray\]'"):
-        run_study(recipe, tmp_path / "out", progress=False, runner="ray")
+        run_study(demo, tmp_path / "out", progress=False, runner="ray")
     assert not (tmp_path / "out").exists()
 
 
-def test_runner_names_and_address_are_checked(tmp_path, recipe):
+def test_runner_names_and_address_are_checked(tmp_path, demo):
     with pytest.raises(ConfigError, match=r"unknown runner 'rey' \(did you mean: ray\?\)"):
-        run_study(recipe, tmp_path / "out", progress=False, runner="rey")
+        run_study(demo, tmp_path / "out", progress=False, runner="rey")
     with pytest.raises(ConfigError, match="add --runner ray"):
-        run_study(recipe, tmp_path / "out", progress=False, runner="local", address="10.0.0.1:6379")
+        run_study(demo, tmp_path / "out", progress=False, runner="local", address="10.0.0.1:6379")
     assert not (tmp_path / "out").exists()
 
 
@@ -281,16 +275,16 @@ def local_ray():
 def tiny_on_ray(local_ray, tmp_path_factory):
     """The tiny grid run once, uninterrupted, as Ray tasks: (recipe, study folder)."""
     root = tmp_path_factory.mktemp("tiny")
-    recipe = root / "r.yaml"
-    recipe.write_text(TINY)
-    return recipe, run_study(recipe, root / "ray", progress=False, runner="ray")
+    path = root / "r.yaml"
+    path.write_text(TINY)
+    return path, run_study(path, root / "ray", progress=False, runner="ray")
 
 
 @pytest.mark.slow
 def test_ray_gives_the_local_runners_metrics(tmp_path, local_ray, tiny_on_ray):
-    recipe, remote = tiny_on_ray
+    tiny, remote = tiny_on_ray
     assert local_ray.is_initialized()  # the test's own connection is left open
-    local = run_study(recipe, tmp_path / "local", progress=False)
+    local = run_study(tiny, tmp_path / "local", progress=False)
     rows = comparable(local)
     assert {k[0] for k in rows} == {"baseline", "rtn.bits-2", "rtn.bits-8", "prune"}
     assert {("text-cloze", "acc"), ("text-cloze", "acc_recovery_pct")} <= {k[1:] for k in rows}
@@ -301,25 +295,12 @@ def test_ray_gives_the_local_runners_metrics(tmp_path, local_ray, tiny_on_ray):
         assert "status: done" in (folder / "log.txt").read_text()  # the cell process's own log, as locally
 
 
-def cell_processes(study: Path) -> list[int]:
-    """Live cell processes (python -m budgetlm.experiments.cell) working in `study`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"budgetlm.experiments.cell" in cmd and any(str(study).encode() in part for part in cmd):
-            found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow
 def test_a_driver_killed_mid_run_resumes_without_rerunning_finished_cells(tmp_path, local_ray, tiny_on_ray):
-    recipe, uninterrupted = tiny_on_ray
+    tiny, uninterrupted = tiny_on_ray
     out = tmp_path / "study"
     address = local_ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "budgetlm.cli", "run", str(recipe), "--out", str(out), "--runner", "ray"]
+    cmd = [sys.executable, "-m", "budgetlm.cli", "run", str(tiny), "--out", str(out), "--runner", "ray"]
     driver = subprocess.Popen([*cmd, "--address", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
@@ -332,10 +313,10 @@ def test_a_driver_killed_mid_run_resumes_without_rerunning_finished_cells(tmp_pa
     before = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/result.json")}
     assert 2 <= len(before) < 4
     deadline = time.monotonic() + 60  # Ray ends the dead driver's tasks, and each cell process dies with its task
-    while cell_processes(out) and time.monotonic() < deadline:
+    while kill_resume.cell_processes(out) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert cell_processes(out) == []
-    run_study(recipe, out, progress=False, runner="ray")
+    assert kill_resume.cell_processes(out) == []
+    run_study(tiny, out, progress=False, runner="ray")
     after = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/result.json")}
     assert {k: after[k] for k in before} == before  # not one finished cell ran again
     assert len(after) == 4
