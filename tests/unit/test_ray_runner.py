@@ -22,7 +22,8 @@ from test_study import FakeRunner, recipe, registries  # noqa: F401 - the study 
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.experiments import ray_runner
 from budgetlm.experiments import store as st
-from budgetlm.experiments.study import CellFailed, run_study
+from budgetlm.experiments.runners import CellFailed
+from budgetlm.experiments.study import run_study
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("kill_resume", ROOT / "benchmarks" / "kill_resume.py")

@@ -12,14 +12,8 @@ from budgetlm.data.tasks.base import Item, Task, TaskData, tasks
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import RESULT
-from budgetlm.experiments.study import (
-    CellFailed,
-    recovery,
-    run_study,
-    study_lock,
-    subprocess_runner,
-    summary_table,
-)
+from budgetlm.experiments.runners import CellFailed, subprocess_runner
+from budgetlm.experiments.study import recovery, run_study, study_lock, summary_table
 from budgetlm.methods.base import MethodConfig, methods
 from budgetlm.results import Metric
 

@@ -1,7 +1,7 @@
 """Cells as Ray tasks: `budgetlm run RECIPE --runner ray [--address ADDR]` (the extra: pip install 'budgetlm[ray]').
 
 The driver (study.py) prepares each cell folder as for the local runner and submits one Ray task per cell. The task
-runs study.subprocess_runner on whichever node Ray picks: the same fresh `python -m budgetlm.experiments.cell`
+runs runners.subprocess_runner on whichever node Ray picks: the same fresh `python -m budgetlm.experiments.cell`
 process, which reads the folder's config.json and writes result.json last and atomically. The task returns the
 cell's one-line error (or None) and its node; the driver reads result.json from the folder and alone writes the
 store, as it does for the local runner.
@@ -35,6 +35,7 @@ from pathlib import Path
 from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
 from budgetlm.experiments.cell import RESULT
 from budgetlm.experiments.plan import Cell
+from budgetlm.experiments.runners import CellFailed, subprocess_runner
 
 INSTALL = "pip install 'budgetlm[ray]' (from a checkout: pip install -e '.[ray]')"
 DEFAULT_PORT = 6379  # `ray start --head`'s
@@ -43,8 +44,6 @@ DEFAULT_PORT = 6379  # `ray start --head`'s
 def run_cell_task(folder: str, threads: int, *after) -> dict:
     """In a Ray worker: the cell's process, started as the local runner starts it, with `threads` torch threads (the
     CPUs the task reserved). `after`: the baseline task's outcome this cell waited for (not used)."""
-    from budgetlm.experiments.study import CellFailed, subprocess_runner
-
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the cell process inherits it; torch takes it as its thread count
     node = socket.gethostname()
     try:
@@ -55,7 +54,7 @@ def run_cell_task(folder: str, threads: int, *after) -> dict:
 
 
 class RayPool:
-    """study.Pool over Ray: `submit` queues a cell's task, `ended` collects the tasks that ended."""
+    """runners.Pool over Ray: `submit` queues a cell's task, `ended` collects the tasks that ended."""
 
     verb = "submitted to Ray"
 
