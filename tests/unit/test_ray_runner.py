@@ -57,6 +57,9 @@ class FakeRay:
     def is_initialized(self):
         return self.initialized
 
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+
     def shutdown(self):
         self.initialized = False
 
@@ -128,6 +131,15 @@ def test_cells_are_ray_tasks_reserving_their_threads_after_their_baseline(tmp_pa
     again = with_ray(monkeypatch, FakeRay())
     run_study(demo, out, progress=False, runner="ray")
     assert again.submitted == []
+
+
+def test_more_threads_than_a_node_has_cpus_is_refused_before_anything_is_written(tmp_path, demo, monkeypatch):
+    demo.write_text(demo.read_text() + "threads: 3\n")
+    ray = with_ray(monkeypatch, FakeRay(initialized=False))
+    ray.init = lambda **kw: setattr(ray, "initialized", True)
+    with pytest.raises(ConfigError, match=r"recipe threads: 3 is more CPUs than any node of the Ray cluster has \(2\)"):
+        run_study(demo, tmp_path / "out", progress=False, runner="ray")
+    assert not (tmp_path / "out").exists() and not ray.initialized  # the connection it opened is closed
 
 
 def test_a_recipe_without_threads_reserves_one_cpu_per_cell(tmp_path, demo, monkeypatch):

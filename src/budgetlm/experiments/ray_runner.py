@@ -58,9 +58,14 @@ class RayPool:
 
     verb = "submitted to Ray"
 
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, threads: int = 1):
         self.ray = import_ray()
         self.owned = connect(self.ray, address)
+        try:
+            check_cpus(self.ray, threads)
+        except BudgetLMError:
+            self.close()
+            raise
         self.task = self.ray.remote(max_retries=0)(run_cell_task)
         self.pending: dict = {}  # ObjectRef -> (cell, folder)
         self.baselines: dict = {}  # model -> the ObjectRef of its baseline cell's task
@@ -145,6 +150,16 @@ def connect(ray, address: str | None) -> bool:
         if main:
             signal.signal(signal.SIGTERM, previous)  # ray.init installs its own SIGTERM handler (an exit)
     return True
+
+
+def check_cpus(ray, threads: int) -> None:
+    """A task that reserves more CPUs than any node has would wait forever: refuse it before anything is written."""
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if threads > largest:
+        raise ConfigError(
+            f"recipe threads: {threads} is more CPUs than any node of the Ray cluster has ({largest:g}); each cell "
+            "runs on one node: lower threads, or add larger nodes"
+        )
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

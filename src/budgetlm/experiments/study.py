@@ -80,7 +80,7 @@ def run_study(
     check_max_cells(rec, cells, max_cells)
     check_pipelines(rec)
     check_task_data(rec)
-    pool = _pool(runner, address)
+    pool = _pool(runner, address, rec)
     try:
         if force and out.is_dir() and any(out.iterdir()):
             move_aside(out)
@@ -106,11 +106,11 @@ def check_runner(runner, address: str | None) -> None:
         raise ConfigError(f"--address {address} names a Ray cluster: add --runner ray, or leave --address out")
 
 
-def _pool(runner, address: str | None) -> Pool:
+def _pool(runner, address: str | None, rec: Recipe) -> Pool:
     if runner == "ray":
         from budgetlm.experiments.ray_runner import RayPool
 
-        return RayPool(address)
+        return RayPool(address, threads=rec.threads or 1)
     if runner is None or runner == "local":
         return InOrder()
     return runner if hasattr(runner, "submit") else InOrder(runner)
