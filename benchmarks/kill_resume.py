@@ -7,10 +7,12 @@ resumed each time, against the same grid run once without interruption.
 The grid (RECIPE): rtn bits [2, 3, 4, 8] x group_size [per channel, 8, 16, 32, 64, 128] x symmetric [true, false],
 one magnitude-pruning pipeline and the baseline, each cell scored on 2 items of text-ppl (no speed benchmark), one
 torch thread per cell. Every driver is a real `budgetlm run` process; with --runner ray each starts its own local
-Ray instance (which dies with it), or with --address uses that cluster. Kill k comes after a delay drawn (seeded)
-from U(0.5 s, 1.5 x the uninterrupted run's time / kills): early in a driver's start, in the middle of a cell, or
-between a cell's end and its store transaction. After each kill the benchmark waits until no cell process of the
-study is left (a cell dies with its driver), notes what is finished, and starts the next driver (the resume).
+Ray instance (which dies with it), or with --address uses that cluster. Each driver is killed after a delay drawn
+(seeded) from U(0.5 s, 1.5 x the time the uninterrupted run took per cell x cells left / (kills left + 1)), so the
+kills spread over the whole study whatever the machine's speed: early in a driver's start, in the middle of a cell,
+or between a cell's end and its store transaction. After each kill the benchmark waits until no cell process of the
+study is left (a cell dies with its driver), notes what is finished, and starts the next driver (the resume). The
+uninterrupted run is reused when --work already holds it complete (uninterrupted.json).
 
 Checked, and printed with the figures:
 - zero finished cells rerun: a cell whose result.json existed at a kill keeps that very file (inode and mtime) to the
@@ -28,6 +30,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -124,7 +127,7 @@ def run_uninterrupted(recipe: Path, out: Path, args, env: dict) -> float:
 def run_with_kills(recipe: Path, out: Path, args, env: dict, reference_s: float) -> dict:
     cells = CELLS[recipe.read_text()]
     rng = random.Random(args.seed)
-    max_delay = 1.5 * reference_s / args.kills
+    per_cell = reference_s / cells
     logs = out.parent / f"{out.name}-logs"
     logs.mkdir(parents=True, exist_ok=True)
     kills: list[dict] = []
@@ -137,7 +140,8 @@ def run_with_kills(recipe: Path, out: Path, args, env: dict, reference_s: float)
     while True:
         driver += 1
         last = len(kills) == args.kills  # the last resume runs to the end
-        delay = None if last else rng.uniform(0.5, max_delay)
+        left = cells - len(finished(out))
+        delay = None if last else rng.uniform(0.5, 1.5 * per_cell * left / (args.kills - len(kills) + 1))
         log_path = logs / f"driver-{driver:02d}.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(driver_cmd(recipe, out, args.runner, args.address), env=env, stderr=log,
@@ -222,7 +226,15 @@ def main() -> None:
     recipe.write_text(SMALL if args.small else RECIPE)
     env = environment()
     print(f"uninterrupted run ({args.runner}) in {work / 'uninterrupted'} ...", file=sys.stderr)
-    reference_s = run_uninterrupted(recipe, work / "uninterrupted", args, env)
+    done = work / "uninterrupted.json"
+    if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe.read_text():
+        reference_s = json.loads(done.read_text())["seconds"]  # an earlier invocation's, complete
+    else:
+        reference_s = run_uninterrupted(recipe, work / "uninterrupted", args, env)
+        done.write_text(json.dumps({"seconds": reference_s, "recipe": recipe.read_text()}))
+    for old in (work / "killed", work / "killed-logs"):  # an earlier invocation's killed study: start it again
+        if old.exists():
+            shutil.rmtree(old)
     print(f"... {reference_s:.0f} s; now {args.kills} kills", file=sys.stderr)
     result = run_with_kills(recipe, work / "killed", args, env, reference_s)
     ref_cells, ref_rows = comparable(work / "uninterrupted")
