@@ -8,11 +8,11 @@ The grid (RECIPE): rtn bits [2, 3, 4, 8] x group_size [per channel, 8, 16, 32, 6
 one magnitude-pruning pipeline and the baseline, each cell scored on 2 items of text-ppl (no speed benchmark), one
 torch thread per cell. Every driver is a real `budgetlm run` process; with --runner ray each starts its own local
 Ray instance (which dies with it), or with --address uses that cluster. Each driver is killed after a delay drawn
-(seeded) from U(0.5 s, 1.5 x the time the uninterrupted run took per cell x cells left / (kills left + 1)), so the
-kills spread over the whole study whatever the machine's speed: early in a driver's start, in the middle of a cell,
-or between a cell's end and its store transaction. After each kill the benchmark waits until no cell process of the
-study is left (a cell dies with its driver), notes what is finished, and starts the next driver (the resume). The
-uninterrupted run is reused when --work already holds it complete (uninterrupted.json).
+(seeded) from U(0.5 s, 1.5 x the time the uninterrupted run took per cell x cells left / (kills left + 1), at
+least 3 s), so the kills spread over the whole study whatever the machine's speed: early in a driver's start, in
+the middle of a cell, or between a cell's end and its store transaction. After each kill the benchmark waits until
+no cell process of the study is left (a cell dies with its driver), notes what is finished, and starts the next
+driver (the resume). The uninterrupted run is reused when --work already holds it complete (uninterrupted.json).
 
 Checked, and printed with the figures:
 - zero finished cells rerun: a cell whose result.json existed at a kill keeps that very file (inode and mtime) to the
@@ -140,8 +140,8 @@ def run_with_kills(recipe: Path, out: Path, args, env: dict, reference_s: float)
     while True:
         driver += 1
         last = len(kills) == args.kills  # the last resume runs to the end
-        left = cells - len(finished(out))
-        delay = None if last else rng.uniform(0.5, 1.5 * per_cell * left / (args.kills - len(kills) + 1))
+        left = cells - len(finished(out))  # at least a few seconds: the window of a driver's start and ingests
+        delay = None if last else rng.uniform(0.5, max(3.0, 1.5 * per_cell * left / (args.kills - len(kills) + 1)))
         log_path = logs / f"driver-{driver:02d}.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(driver_cmd(recipe, out, args.runner, args.address), env=env, stderr=log,
@@ -225,7 +225,7 @@ def main() -> None:
     recipe = work / "kill_resume.yaml"
     recipe.write_text(SMALL if args.small else RECIPE)
     env = environment()
-    print(f"uninterrupted run ({args.runner}) in {work / 'uninterrupted'} ...", file=sys.stderr)
+    print(f"uninterrupted run ({args.runner}) in {work / 'uninterrupted'} (or an earlier one's) ...", file=sys.stderr)
     done = work / "uninterrupted.json"
     if done.is_file() and json.loads(done.read_text()).get("recipe") == recipe.read_text():
         reference_s = json.loads(done.read_text())["seconds"]  # an earlier invocation's, complete
