@@ -119,6 +119,8 @@ def _pool(runner, address: str | None, rec: Recipe) -> Pool:
 def _run_cells(cells: list[Cell], out: Path, store: st.Store, pool: Pool, progress: bool) -> list[tuple[Cell, str]]:
     """Hand every unfinished cell to the pool (its folder cleaned, its config written) and store each as it ends;
     returns the failed cells with their errors. Interrupted, the cells still running are marked so and stopped."""
+    for model in dict.fromkeys(c.model for c in cells):  # rows a driver killed after a cell's transaction missed
+        update_recovery(store, cells, model)
     done = store.done_cells()
     todo = [c for c in cells if c.id not in done]
     failed: list[tuple[Cell, str]] = []
