@@ -301,7 +301,6 @@ def test_ray_gives_the_local_runners_metrics(tmp_path, local_ray, tiny_on_ray):
     rows = comparable(local)
     assert {k[0] for k in rows} == {"baseline", "rtn.bits-2", "rtn.bits-8", "prune"}
     assert ("text-cloze", "acc") in {k[1:] for k in rows}
-    assert any(k[1] == "step1-rtn" for k in rows)
     assert comparable(remote) == rows
     for folder in (remote / "cells").iterdir():
         assert json.loads((folder / "env.json").read_text())["threads"] == 1
