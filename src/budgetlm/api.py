@@ -77,13 +77,16 @@ def run(
     progress: bool = False,
     force: bool = False,
     max_cells: int | None = None,
+    runner: str = "local",
+    address: str | None = None,
 ) -> Path:
     """Run a study (None: the bundled quickstart); returns its folder. An existing study at `out` is resumed; with
     `force`, it (or anything else there) is moved aside and the study starts afresh. Lists of settings in a pipeline
-    (`bits: [2, 3, 4]`) expand as a product; `max_cells` refuses a plan of more cells."""
+    (`bits: [2, 3, 4]`) expand as a product; `max_cells` refuses a plan of more cells. `runner="ray"` runs the cells
+    as Ray tasks on a local instance or the cluster at `address` (whose nodes must share the `out` path)."""
     from budgetlm.experiments.study import run_study
 
-    return run_study(recipe, out, progress=progress, force=force, max_cells=max_cells)
+    return run_study(recipe, out, progress=progress, force=force, max_cells=max_cells, runner=runner, address=address)
 
 
 def solve(

@@ -814,15 +814,32 @@ def run(
     max_cells: Annotated[
         int | None, typer.Option("--max-cells", help="refuse a plan of more cells (lists of settings multiply)")
     ] = None,
+    runner: Annotated[
+        str,
+        typer.Option(
+            "--runner",
+            help="local: one cell process after another; ray: the same processes as Ray tasks side by side, each "
+            "reserving the recipe's `threads` CPUs (pip install 'budgetlm[ray]')",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="with --runner ray: an existing Ray cluster (HOST:PORT; --out must then be a path every node "
+            "shares); default: a local Ray instance",
+        ),
+    ] = None,
 ) -> None:
     """Run a study: every model x pipeline cell is compressed, evaluated and measured; resumes if interrupted."""
-    from budgetlm.experiments.study import run_study, summary_table
+    from budgetlm.experiments.study import check_runner, run_study, summary_table
 
     if dry_run:
+        check_runner(runner, address)
         _print_plan(recipe, max_cells)
         return
     _on_interrupt[0] = "finished cells are kept; rerun the same command to resume"
-    folder = run_study(recipe, out, progress=True, force=force, max_cells=max_cells)
+    folder = run_study(recipe, out, progress=True, force=force, max_cells=max_cells, runner=runner, address=address)
     _console().print(summary_table(folder))
     print(f"results in {folder}; `budgetlm report {folder}` writes report.html, report.md, results.csv and pareto.png")
 

@@ -293,13 +293,13 @@ def test_a_study_writes_a_line_per_cell_start_status_and_finish(tmp_path, capsys
 
 
 def test_the_driver_relays_the_cells_progress_lines(tmp_path, monkeypatch):
-    from budgetlm.experiments import study
+    from budgetlm.experiments import runners
 
     printed = "status: loading tiny-random\nprogress: gptq: layer 1/2 done [1/2, 3 s]\nsome warning\nstatus: done\n"
     fake = subprocess.Popen  # a stand-in cell process that prints what a cell prints
-    monkeypatch.setattr(study.subprocess, "Popen", lambda cmd, **kw: fake(["printf", printed], **kw))
+    monkeypatch.setattr(runners.subprocess, "Popen", lambda cmd, **kw: fake(["printf", printed], **kw))
     heard = []
-    study.subprocess_runner(tmp_path, heard.append)
+    runners.subprocess_runner(tmp_path, heard.append)
     assert heard == ["loading tiny-random", "gptq: layer 1/2 done [1/2, 3 s]", "done"]
     assert (tmp_path / "log.txt").read_text() == printed
 

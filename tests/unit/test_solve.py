@@ -379,7 +379,7 @@ def test_run_refuses_a_study_planned_by_another_budgetlm(study, run_main, monkey
 def test_run_evaluates_the_proposals_as_new_cells_of_the_study(tmp_path, monkeypatch, run_main):
     """A real study on tiny-random (cells in this process), then `solve --run`: the proposals become cells of the
     same store, the finished cells are not run again, and the next solve proposes none of them again."""
-    from budgetlm.experiments import study as study_mod
+    from budgetlm.experiments import runners
     from budgetlm.experiments.cell import run_cell
     from budgetlm.results import Metric
 
@@ -391,7 +391,7 @@ def test_run_evaluates_the_proposals_as_new_cells_of_the_study(tmp_path, monkeyp
         with contextlib.redirect_stdout(io.StringIO()):  # its status lines, which a cell process writes to its log
             run_cell(folder)
 
-    monkeypatch.setattr(study_mod, "subprocess_runner", in_process)
+    monkeypatch.setattr(runners, "subprocess_runner", in_process)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: tiny\nmodels: [tiny-random]\npipelines: {int4: [{method: rtn, bits: 4, group_size: 64}]}\n"

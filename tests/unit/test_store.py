@@ -138,3 +138,35 @@ def test_a_store_records_its_layout_and_refuses_another(tmp_path):
     conn.close()
     with pytest.raises(BudgetLMError, match=r"\(an earlier budgetlm: missing rows.source;"):
         st.Store(odd)
+
+
+def test_a_store_killed_inside_a_transaction_opens_and_rolls_back(tmp_path):
+    """A driver SIGKILLed while it writes a cell leaves a hot journal, which a read-only connection cannot roll back:
+    the study is still recognised (and resumed), and opening it for writing rolls the half-written cell back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    with st.Store(tmp_path) as s:
+        s.start_cell("c1", "tiny-random", "baseline", {})
+        s.finish_cell("c1", phases(0.5))
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sqlite3
+        conn = sqlite3.connect({str(tmp_path / st.FILENAME)!r}, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM rows WHERE cell_id = 'c1'")
+        conn.execute("UPDATE cells SET status = 'running'")
+        conn.execute("PRAGMA cache_spill = 1")  # pages go to the file (the journal holds the old ones)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [(f"k{{i}}", "x" * 4000) for i in range(500)])
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code])
+    assert (tmp_path / (st.FILENAME + "-journal")).stat().st_size > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # what the read-only check meets
+        sqlite3.connect(f"file:{tmp_path / st.FILENAME}?mode=ro", uri=True).execute("SELECT * FROM cells").fetchall()
+    assert st.is_study(tmp_path)
+    with st.Store.open(tmp_path) as s:
+        assert s.done_cells() == {"c1"} and st.value(st.by_cell(s.rows())["c1"], "t-acc", "acc") == 0.5
+    assert not (tmp_path / (st.FILENAME + "-journal")).exists()

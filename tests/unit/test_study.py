@@ -12,14 +12,8 @@ from budgetlm.data.tasks.base import Item, Task, TaskData, tasks
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import RESULT
-from budgetlm.experiments.study import (
-    CellFailed,
-    recovery,
-    run_study,
-    study_lock,
-    subprocess_runner,
-    summary_table,
-)
+from budgetlm.experiments.runners import CellFailed, subprocess_runner
+from budgetlm.experiments.study import recovery, run_study, study_lock, summary_table
 from budgetlm.methods.base import MethodConfig, methods
 from budgetlm.results import Metric
 
@@ -178,6 +172,20 @@ def test_a_killed_study_resumes_with_the_unfinished_cells(tmp_path, recipe):
     cells, rows = stored(tmp_path / "out")
     assert all(c["status"] == "done" for c in cells.values())
     assert rows["q4"]["t-acc"]["acc_recovery_pct"]["value"] == pytest.approx(75.0)
+
+
+def test_recovery_rows_a_killed_driver_did_not_write_are_written_on_resume(tmp_path, recipe):
+    """A cell's rows and 'done' are one transaction, its recovery % a second one: a driver killed between the two
+    left the last cell without them, and nothing later would have written them."""
+    out = run_study(recipe, tmp_path / "out", progress=False, runner=FakeRunner())
+    with st.Store.open(out) as s:
+        s.conn.execute("DELETE FROM rows WHERE metric LIKE '%_recovery_pct'")
+    again = FakeRunner()
+    run_study(recipe, out, progress=False, runner=again)
+    assert again.ran == []
+    _, rows = stored(out)
+    assert rows["q2"]["t-acc"]["acc_recovery_pct"]["value"] == pytest.approx(31.25)
+    assert rows["baseline"]["t-acc"]["acc_recovery_pct"]["value"] == pytest.approx(100.0)
 
 
 def test_a_cell_that_finished_while_the_driver_died_is_ingested_not_rerun(tmp_path, recipe):

@@ -42,6 +42,10 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
     steps, the evaluation and the benchmark report their progress (main() relays it as "progress: ..." lines)."""
     cell_dir = Path(cell_dir)
     cfg = read_config(cell_dir)
+    if cfg.get("threads"):  # the recipe's `threads` (else torch's default: OMP_NUM_THREADS or every core)
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
 
     from budgetlm.evaluation.harness import evaluate
     from budgetlm.hardware.memory import PeakRSS

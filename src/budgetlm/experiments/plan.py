@@ -54,6 +54,8 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
     }
     if recipe.decoding is not None:  # only when set: the ids of cells without it stay what they were
         config["decoding"] = recipe.decoding.resolved()
+    if recipe.threads is not None:  # likewise
+        config["threads"] = recipe.threads
     return config
 
 

@@ -8,6 +8,7 @@
     limit: 40                                 # or per task: {text-ppl: 40, arc_easy: 200} (a task not named: all)
     bench: {prefill: [128, 512], decode_tokens: 64}
     decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD)
+    threads: 2                                # optional: torch threads per cell (--runner ray reserves as many CPUs)
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -88,6 +89,7 @@ class Recipe(_Strict):
     bench: BenchSettings = Field(default_factory=BenchSettings)
     eval_batch_size: int | None = Field(None, ge=1)
     decoding: DecodeSettings | None = None  # generation tasks by speculative decoding (absent: plain)
+    threads: int | None = Field(None, ge=1)  # torch threads per cell, the CPUs a Ray task reserves (absent: default)
 
     @field_validator("limit", mode="before")
     @classmethod

@@ -55,11 +55,29 @@ def is_study(directory: str | Path) -> bool:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             conn.close()
+    except sqlite3.OperationalError as exc:
+        if _interrupted_transaction(path):
+            return True  # a driver killed inside a transaction: the store's next writer rolls its journal back
+        raise BudgetLMError(
+            f"{path} is not a budgetlm results store ({exc}); move it away, or give another study folder"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise BudgetLMError(
             f"{path} is not a budgetlm results store ({exc}); move it away, or give another study folder"
         ) from None
     return {"rows", "cells", "meta"} <= tables
+
+
+def _interrupted_transaction(path: Path) -> bool:
+    """A SQLite file with a hot rollback journal beside it: the process writing it died inside a transaction, and a
+    read-only connection cannot open it until a writer rolls the journal back."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError:
+        return False
+    journal = path.with_name(path.name + "-journal")
+    return header == b"SQLite format 3\x00" and journal.is_file() and journal.stat().st_size > 0
 
 
 class Store:

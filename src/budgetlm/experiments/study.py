@@ -9,39 +9,36 @@
 A killed study, rerun with the same recipe and folder, skips the cells marked done in the store, ingests a
 cell that finished while the driver was gone, and cleans and reruns the others. A failed cell is recorded
 and the study goes on; at the end a BudgetLMError names the failed cells.
+
+Where the cells run is a pool (experiments/runners.py): `InOrder` runs each cell as it is handed over, one at a time
+(the local runner, a fresh process per cell); experiments/ray_runner.py's `RayPool` runs the same cell processes as
+Ray tasks side by side. Either way the driver prepares each cell folder and alone reads its result.json into the
+store.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
-from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
+from budgetlm.errors import BudgetLMError, ConfigError, Interrupted, suggest
 from budgetlm.experiments import store as st
 from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
-from budgetlm.progress import PROGRESS_PREFIX, Progress, duration
+from budgetlm.experiments.runners import InOrder, Pool, Runner
+from budgetlm.progress import Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
 LOCK = ".lock"
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-Runner = Callable[[Path, Callable[[str], None]], None]  # (cell folder, status callback); raises CellFailed
-
-
-class CellFailed(Exception):
-    """A cell process that ended without a result; the message is its one-line error."""
+RUNNERS = ("local", "ray")
 
 
 def check_max_cells(rec: Recipe, cells: list[Cell], max_cells: int | None) -> None:
@@ -63,14 +60,19 @@ def run_study(
     out_dir: str | Path | None = None,
     progress: bool = True,
     *,
-    runner: Runner | None = None,
+    runner: Runner | Pool | str | None = None,
+    address: str | None = None,
     force: bool = False,
     max_cells: int | None = None,
 ) -> Path:
     """Run every unfinished cell of the recipe (None: the bundled quickstart); returns the study folder.
 
-    Everything is checked before the folder is touched: the recipe, the folder (a study folder is resumed; anything
-    else is refused, or with `force` moved aside, as is an existing study), and every task's data (loaded once)."""
+    `runner`: "local" (default: one fresh process per cell, in turn), "ray" (the same processes as Ray tasks on a
+    local instance or, with `address`, an existing cluster: experiments/ray_runner.py), a Pool, or a function that
+    runs one cell folder (tests). Everything is checked before the folder is touched: the recipe, the folder (a study
+    folder is resumed; anything else is refused, or with `force` moved aside, as is an existing study), every task's
+    data (loaded once) and, for Ray, the connection."""
+    check_runner(runner, address)
     rec = parse_recipe(recipe, "recipe") if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out_dir) if out_dir is not None else Path("runs") / rec.name
     check_output(out, "a study", marker=_is_study, force=force, resume=True)
@@ -78,32 +80,80 @@ def run_study(
     check_max_cells(rec, cells, max_cells)
     check_pipelines(rec)
     check_task_data(rec)
-    if force and out.is_dir() and any(out.iterdir()):
-        move_aside(out)
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-    runner = runner or subprocess_runner
-    failed: list[tuple[Cell, str]] = []
-    with study_lock(out), st.Store(out) as store, _terminate_as_interrupt():
-        atomic_write_text(out / "recipe.yaml", dump_recipe(rec))
-        store.set_meta("plan", [c.id for c in cells])
-        store.set_meta("recipe", rec.model_dump(mode="json"))
-        done = store.done_cells()
-        todo = [c for c in cells if c.id not in done]
-        with _Display(len(cells), len(cells) - len(todo), progress) as display:
-            for cell in todo:
-                display.start(cell)
-                t0 = time.perf_counter()
-                error = _run_one(cell, out, store, runner, display.status)
-                if error is None:
-                    update_recovery(store, cells, cell.model)
-                else:
-                    failed.append((cell, error))
-                display.finish(cell, error, time.perf_counter() - t0)
+    pool = _pool(runner, address, rec)
+    try:
+        if force and out.is_dir() and any(out.iterdir()):
+            move_aside(out)
+        out.mkdir(parents=True, exist_ok=True)
+        out = out.resolve()
+        with study_lock(out), st.Store(out) as store, _terminate_as_interrupt():
+            atomic_write_text(out / "recipe.yaml", dump_recipe(rec))
+            store.set_meta("plan", [c.id for c in cells])
+            store.set_meta("recipe", rec.model_dump(mode="json"))
+            failed = _run_cells(cells, out, store, pool, progress)
+    finally:
+        pool.close()
     if failed:
         names = "; ".join(f"{c.label}: {err}" for c, err in failed)
         raise BudgetLMError(f"{len(failed)} of {len(cells)} cells failed in {out}: {names}")
     return out
+
+
+def check_runner(runner, address: str | None) -> None:
+    if isinstance(runner, str) and runner not in RUNNERS:
+        raise ConfigError(f"unknown runner '{runner}'{suggest(runner, RUNNERS)}; use one of: {', '.join(RUNNERS)}")
+    if address is not None and runner != "ray":
+        raise ConfigError(f"--address {address} names a Ray cluster: add --runner ray, or leave --address out")
+
+
+def _pool(runner, address: str | None, rec: Recipe) -> Pool:
+    if runner == "ray":
+        from budgetlm.experiments.ray_runner import RayPool
+
+        return RayPool(address, threads=rec.threads or 1)
+    if runner is None or runner == "local":
+        return InOrder()
+    return runner if hasattr(runner, "submit") else InOrder(runner)
+
+
+def _run_cells(cells: list[Cell], out: Path, store: st.Store, pool: Pool, progress: bool) -> list[tuple[Cell, str]]:
+    """Hand every unfinished cell to the pool (its folder cleaned, its config written) and store each as it ends;
+    returns the failed cells with their errors. Interrupted, the cells still running are marked so and stopped."""
+    for model in dict.fromkeys(c.model for c in cells):  # rows a driver killed after a cell's transaction missed
+        update_recovery(store, cells, model)
+    done = store.done_cells()
+    todo = [c for c in cells if c.id not in done]
+    failed: list[tuple[Cell, str]] = []
+    running: dict[str, float] = {}  # cell id -> when it was handed over
+    with _Display(len(cells), len(cells) - len(todo), progress) as display:
+
+        def ended(cell: Cell, error: str | None) -> None:
+            error = _ingest(cell, out, store, error)
+            if error is None:
+                update_recovery(store, cells, cell.model)
+            else:
+                failed.append((cell, error))
+            display.finish(cell, error, time.perf_counter() - running.pop(cell.id))
+
+        try:
+            for cell in todo:
+                running[cell.id] = time.perf_counter()
+                if _prepare(cell, out, store):
+                    display.start(cell, pool.verb)
+                    pool.submit(cell, cell.folder(out), partial(display.status, cell))
+                else:  # it finished while no driver watched: its result is read as it is
+                    display.start(cell, "found finished")
+                    ended(cell, None)
+                for c, error in pool.ended(wait=False):
+                    ended(c, error)
+            for c, error in pool.ended(wait=True):
+                ended(c, error)
+        except BaseException:
+            for cell_id in running:
+                store.set_status(cell_id, "interrupted", "the study was interrupted while this cell ran")
+            pool.stop()
+            raise
+    return failed
 
 
 def _is_study(folder: Path) -> bool:
@@ -143,38 +193,38 @@ def check_task_data(rec: Recipe) -> None:
             raise DataError(f"task '{name}' has no items ({data.source}); check the data file")
 
 
-def _run_one(cell: Cell, out: Path, store: st.Store, runner: Runner, on_status) -> str | None:
-    """Run (or ingest) one cell and store it; returns None on success or the one-line error."""
+def _prepare(cell: Cell, out: Path, store: st.Store) -> bool:
+    """Mark the cell started; unless it holds a result already (returns False), clean its folder and write its
+    config.json (returns True: it is to run)."""
     folder = cell.folder(out)
-    result = _read_result(folder)
     store.start_cell(cell.id, cell.model, cell.pipeline, cell.config)
-    if result is None:  # unfinished or never started: start clean
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        config = {**cell.config, "cell_id": cell.id, "study_dir": str(out)}
-        atomic_write_text(folder / CONFIG, json.dumps(config, indent=2))
+    if _read_result(folder) is not None:
+        return False
+    if folder.exists():  # unfinished or never started: start clean
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    config = {**cell.config, "cell_id": cell.id, "study_dir": str(out)}
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2))
+    return True
+
+
+def _ingest(cell: Cell, out: Path, store: st.Store, error: str | None) -> str | None:
+    """Store a cell that ended: its rows and 'done' from its result.json, or 'failed' with the error; returns None
+    or the one-line error."""
+    folder = cell.folder(out)
+    result = None if error else _read_result(folder)
+    if error is None and result is None:
+        error = f"the cell ended without writing {RESULT} (see {folder})"
+    elif error is not None:
+        error = f"{error} (log: {folder / 'log.txt'})"
+    if error is None:
         try:
-            runner(folder, on_status)
-        except CellFailed as exc:
-            error = f"{exc} (log: {folder / 'log.txt'})"
-            store.set_status(cell.id, "failed", error)
-            return error
-        except BaseException:
-            store.set_status(cell.id, "interrupted", "the study was interrupted while this cell ran")
-            raise
-        result = _read_result(folder)
-        if result is None:
-            error = f"the cell ended without writing {RESULT} (see {folder})"
-            store.set_status(cell.id, "failed", error)
-            return error
-    try:
-        store.finish_cell(cell.id, result["phases"], result.get("env"))
-    except (KeyError, TypeError, ValueError) as exc:
-        error = f"malformed {folder / RESULT}: {exc}"
+            store.finish_cell(cell.id, result["phases"], result.get("env"))
+        except (KeyError, TypeError, ValueError) as exc:
+            error = f"malformed {folder / RESULT}: {exc}"
+    if error is not None:
         store.set_status(cell.id, "failed", error)
-        return error
-    return None
+    return error
 
 
 def _read_result(folder: Path) -> dict | None:
@@ -183,71 +233,6 @@ def _read_result(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return result if isinstance(result, dict) and isinstance(result.get("phases"), dict) else None
-
-
-def subprocess_runner(folder: Path, on_status: Callable[[str], None]) -> None:
-    """Run the cell in a fresh `python -m budgetlm.experiments.cell`; its output goes to folder/log.txt."""
-    cmd = [sys.executable, "-m", "budgetlm.experiments.cell", str(folder)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    last_error, tail = None, deque(maxlen=5)
-    with open(folder / "log.txt", "w", encoding="utf-8") as log:
-        # SIGINT/SIGTERM wait while the child starts (one arriving inside Popen's fork could be lost) and are
-        # handled right after, with `proc` known; the child unblocks them before its exec (_die_with_parent)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=env,
-                bufsize=1,
-                preexec_fn=_die_with_parent,  # only signal settings: safe after fork
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                line = line.strip()
-                if line.startswith("status: "):
-                    on_status(line[len("status: ") :])
-                elif line.startswith(PROGRESS_PREFIX):  # the cell's work in detail (a layer, a task, a phase)
-                    on_status(line[len(PROGRESS_PREFIX) :])
-                elif line.startswith("error: "):
-                    last_error = line[len("error: ") :]
-                if line:
-                    tail.append(line)
-            code = proc.wait()
-        except BaseException:
-            _stop(proc)
-            raise
-    if code != 0:
-        reason = last_error or (tail[-1] if tail else "no output")
-        raise CellFailed(f"exit code {code}: {reason}" if not last_error else reason)
-
-
-def _die_with_parent() -> None:
-    """In the child: unblock SIGINT/SIGTERM (blocked by the driver while it starts the child) and ask Linux to send
-    SIGTERM when the driver dies, so a killed study leaves no orphan cell writing into a folder the rerun will
-    clean."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextmanager
@@ -333,11 +318,13 @@ def update_recovery(store: st.Store, cells: list[Cell], model: str) -> None:
 class _Display:
     """Progress over the cells (budgetlm.progress, on stderr): on a terminal a bar whose description follows the
     running cell (its phase and, relayed from the cell's process, its layer, task or benchmark run) and a line
-    per finished cell; elsewhere a plain line per cell start and finish and per status of the running cell."""
+    per finished cell; elsewhere a plain line per cell start and finish and per status of the running cell.
+    Cells that run side by side (Ray) are numbered in the order they were handed over."""
 
     def __init__(self, total: int, completed: int, enabled: bool):
         self.total, self.completed, self.enabled = total, completed, enabled
         self.bar: Progress | None = None
+        self.started, self.number = completed, {}  # cells are numbered as they are handed over
 
     def __enter__(self):
         self.bar = Progress("run", self.total, enabled=self.enabled, completed=self.completed, transient=False)
@@ -347,18 +334,20 @@ class _Display:
         self.bar.status("finished" if exc[0] is None else "stopped", line=False)
         self.bar.close()
 
-    def start(self, cell: Cell) -> None:
-        self.cell = cell
-        self.number = self.bar.completed + 1
-        self.bar.status(f"cell {self.number}/{self.total} {cell.label}: started")
+    def start(self, cell: Cell, verb: str = "started") -> None:
+        self.number[cell.id] = self.started = self.started + 1
+        self.bar.status(f"{self._name(cell)}: {verb}")
 
-    def status(self, text: str) -> None:
+    def status(self, cell: Cell, text: str) -> None:
         if text != "done":  # the cell's last status: finish() says it with the time
-            self.bar.status(f"cell {self.number}/{self.total} {self.cell.label}: {text}")
+            self.bar.status(f"{self._name(cell)}: {text}")
 
     def finish(self, cell: Cell, error: str | None, seconds: float) -> None:
         outcome = "done" if error is None else f"failed: {error}"
-        self.bar.advance(f"cell {self.number}/{self.total} {cell.label}: {outcome} in {duration(seconds)}", log=True)
+        self.bar.advance(f"{self._name(cell)}: {outcome} in {duration(seconds)}", log=True)
+
+    def _name(self, cell: Cell) -> str:
+        return f"cell {self.number[cell.id]}/{self.total} {cell.label}"
 
 
 # ---------------------------------------------------------------------------------------------- summary
