@@ -93,6 +93,13 @@ __attribute__((target("avx2"))) static void spread(const int8_t *xq, int K, __m2
     }
 }
 
+/* 16 bytes of two columns `half` bytes apart, in the two lanes (one load where the columns are adjacent) */
+__attribute__((target("avx2"))) static inline __m256i load2(const uint8_t *p, int half) {
+    if (half == 16) return _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+                                   _mm_loadu_si128((const __m128i *)(p + half)), 1);
+}
+
 /* MC rows of x (1..4) against 32 rows of one block (16-byte slice j0 of every column): rows j0..j0+15 (low nibbles)
    and half+j0..half+j0+15 (high nibbles), in four vectors of 8 rows each */
 #define Q4A8_BLOCK(MC)                                                                                                 \
@@ -115,12 +122,7 @@ __attribute__((target("avx2"))) static void spread(const int8_t *xq, int K, __m2
                         for (int o = 0; o < 4; o++) is[m][o] = _mm256_setzero_si256();                                 \
                     for (int k = b * QB; k < (b + 1) * QB; k += 4) {                                                   \
                         const uint8_t *p = blk + (size_t)k * half + j0;                                                \
-                        __m256i c01 = _mm256_inserti128_si256(                                                         \
-                            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),                               \
-                            _mm_loadu_si128((const __m128i *)(p + half)), 1);                                          \
-                        __m256i c23 = _mm256_inserti128_si256(                                                         \
-                            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p + 2 * half))),                  \
-                            _mm_loadu_si128((const __m128i *)(p + 3 * half)), 1);                                      \
+                        __m256i c01 = load2(p, half), c23 = load2(p + 2 * half, half);                                 \
                         __m256i l01 = _mm256_and_si256(c01, mask), l23 = _mm256_and_si256(c23, mask);                  \
                         __m256i h01 = _mm256_and_si256(_mm256_srli_epi16(c01, 4), mask);                               \
                         __m256i h23 = _mm256_and_si256(_mm256_srli_epi16(c23, 4), mask);                               \
