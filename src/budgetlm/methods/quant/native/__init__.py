@@ -139,7 +139,8 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tenso
     err = fn(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
              y.data_ptr(), threads, simd() if vector else 0)  # fmt: skip
     if err:
-        raise RuntimeError(f"{'q4a8_mm' if act8 else 'q4_mm'} refused a {n}x{k} layer (block {block}, group {g}): code {err}")
+        name = "q4a8_mm" if act8 else "q4_mm"
+        raise RuntimeError(f"{name} refused a {n}x{k} layer (block {block}, group {g}): code {err}")
     return y
 
 
