@@ -223,15 +223,12 @@ int q4a8_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, c
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
 #endif
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = packed + (size_t)b * K * (B / 2);
+    for (int b = 0; b < nb; b++) { /* block b: rows b*B.., codes from byte b*B*K/2 */
 #ifdef HAVE_X86
-        if (simd) {
-            block_avx2((const __m256i *)xv, d, xs, M, K, blk, B, s, z, N, g, y, b * B);
-            continue;
-        }
+        if (simd) block_avx2((const __m256i *)xv, d, xs, M, K, packed + (size_t)b * B * K / 2, B, s, z, N, g, y, b * B);
+        else
 #endif
-        block_scalar(xq, d, xs, M, K, blk, B, s, z, N, g, y, b * B);
+            block_scalar(xq, d, xs, M, K, packed + (size_t)b * B * K / 2, B, s, z, N, g, y, b * B);
     }
     free(xq), free(d), free(xs), free(xv);
     return 0;
