@@ -6,7 +6,7 @@ processes.
     (a variant may end in @int4, @q4 or @q4a8: its 4-bit layers on torch's kernel, budgetlm's exact one or budgetlm's
     with int8 activations (lossy), else the host probe's choice; and in @hf: transformers' forward instead of
     budgetlm's lean runtime)
-        [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--json out.json]
+        [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--cpu-time] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
 count, each variant is timed in turn (batch 1, greedy, KV cache; only decode steps are timed, see
@@ -22,7 +22,9 @@ budgetlm.hardware.speed), so noise from the shared machine falls on all of them 
 - peak RSS of a fresh process that loads the saved folder and decodes: total, and above the runtime's own footprint
   (the same process after it ran the tiny model through load and decode, the kernel probes and the tokenizer:
   ~460 MB of Python, torch and transformers that no model format changes); also the peak while loading.
-The machine is shared and noisy: load averages are printed, and figures are medians.
+The machine is shared and noisy: load averages are printed, and figures are medians. On a core shared with other
+jobs, --cpu-time times budgetlm's and llama.cpp's steps by the calling thread's CPU time instead of wall time (at
+1 thread both compute in that thread): the time queued behind other jobs is left out, their cache pressure is not.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -88,6 +91,15 @@ def kernel_choice(options: list[str]):
                     os.environ.pop("BUDGETLM_LEAN", None)
                 else:
                     os.environ["BUDGETLM_LEAN"] = before
+
+
+class ThreadClock:
+    """`time` with perf_counter reading the calling thread's CPU time (--cpu-time)."""
+
+    perf_counter = staticmethod(time.thread_time)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 def loadavg() -> str:
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--no-kl", action="store_true")
+    p.add_argument("--cpu-time", action="store_true", help="time steps by thread CPU time (1 thread, shared core)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -220,12 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @q4a8, @hf")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.cpu_time:
+        if threads != [1]:
+            p.error("--cpu-time times one thread: use --threads 1")
+        from budgetlm.hardware import llamacpp, speed
+
+        speed.time = llamacpp.time = ThreadClock()
 
     prof = cpu_profile()
     bw = memory_bandwidth()
     print(
         f"# {args.model}: batch 1, greedy, {args.tokens} new tokens after a {args.prompt}-token prompt, "
-        f"{args.repeats} repeats; prefill {args.prefill} tokens"
+        f"{args.repeats} repeats; prefill {args.prefill} tokens; {'thread CPU' if args.cpu_time else 'wall'} time"
     )
     print(f"# host: {prof['cpu_model']}, {prof['usable_cpus']} CPUs; copy bandwidth {bw.value:.1f} GB/s best")
     print(f"# load average before: {loadavg()}")
