@@ -22,7 +22,8 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   layer; an unavailable build (no C compiler) leaves "int4".
 - "q4a8": budgetlm's 4-bit kernel with 8-bit activations (native/q4a8.c) on the same codes and tables: each call
   quantises its activations per block of 32 columns to int8 (symmetric, d = max|x| / 127, round to nearest even)
-  and multiplies codes by codes with integer SIMD, ~1.5-2x faster than "q4" for one token. LOSSY (the error of
+  and multiplies codes by codes with integer SIMD (1.3-2.6x faster than "q4" per layer for one token on an AVX2
+  EPYC, cold to warm weights). LOSSY (the error of
   int8 activations, reported as KL by benchmarks/bench_decode.py), so it is never taken silently: only when the
   process opts in (BUDGETLM_ACT8=1 or `set_activation_bits(8)`: `four_bit()` then times it with the other two and
   takes the fastest) or a block forces it (`four_bit_kernel("q4a8")`). It serves calls of at most ACT8_TOKENS
