@@ -3,9 +3,10 @@ roofline, llama.cpp on the same codes, the KL cost of the kernels' bf16 activati
 processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
-    (a variant may end in @int4 or @q4: its 4-bit layers on torch's or budgetlm's kernel, else the host probe's
-    choice; and in @hf: transformers' forward instead of budgetlm's lean runtime)
-        [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--json out.json]
+    (a variant may end in @int4, @q4 or @q4a8: its 4-bit layers on torch's kernel, budgetlm's exact one or budgetlm's
+    with int8 activations (lossy), else the host probe's choice; and in @hf: transformers' forward instead of
+    budgetlm's lean runtime)
+        [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--cpu-time] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
 count, each variant is timed in turn (batch 1, greedy, KV cache; only decode steps are timed, see
@@ -14,13 +15,16 @@ budgetlm.hardware.speed), so noise from the shared machine falls on all of them 
 - the roofline: bytes a decode step reads (hardware.size read_bytes_per_token: a 2/3-bit layer on the int4 kernel
   counts the 4 bits per weight it reads) over the measured copy bandwidth; % of roofline = roofline / measured;
 - KL (nats/token) of the kernel paths to exact dequantisation on held-out text (pydoc topics), every window
-  forced through the kernels: the quality cost of bf16 activations and scales;
+  forced through the kernels: the quality cost of bf16 activations and scales (torch's kernels) or of int8
+  activations (@q4a8, every row of a window through it, as decode calls it one row at a time);
 - llama.cpp (llama-cpp-python, same thread count): the variant exported by budgetlm's GGUF writer to the block
   type that holds its codes exactly (Q4_0/Q4_1 for a 4-bit g32/g64 grid, Q8_0 for int8; F32 for fp32);
 - peak RSS of a fresh process that loads the saved folder and decodes: total, and above the runtime's own footprint
   (the same process after it ran the tiny model through load and decode, the kernel probes and the tokenizer:
   ~460 MB of Python, torch and transformers that no model format changes); also the peak while loading.
-The machine is shared and noisy: load averages are printed, and figures are medians.
+The machine is shared and noisy: load averages are printed, and figures are medians. On a core shared with other
+jobs, --cpu-time times budgetlm's and llama.cpp's steps by the calling thread's CPU time instead of wall time (at
+1 thread both compute in that thread): the time queued behind other jobs is left out, their cache pressure is not.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,9 +63,10 @@ VARIANTS = {
 DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-all,rtn-w2g64-all"
 
 
-# `variant@int4` / `variant@q4`: the 4-bit layers on torch's / budgetlm's kernel; `variant@hf`: transformers' forward
-# instead of budgetlm's lean runtime (decode/lean.py); several may follow one another (rtn-w4g64-all@int4@hf)
-OPTIONS = ("int4", "q4", "hf")
+# `variant@int4` / `variant@q4` / `variant@q4a8`: the 4-bit layers on torch's / budgetlm's exact / budgetlm's int8-
+# activation kernel; `variant@hf`: transformers' forward instead of budgetlm's lean runtime (decode/lean.py); several
+# may follow one another (rtn-w4g64-all@int4@hf)
+OPTIONS = ("int4", "q4", "q4a8", "hf")
 
 
 def split_variant(name: str) -> tuple[str, list[str]]:
@@ -71,7 +77,7 @@ def split_variant(name: str) -> tuple[str, list[str]]:
 @contextlib.contextmanager
 def kernel_choice(options: list[str]):
     with contextlib.ExitStack() as stack:
-        for kind in ("int4", "q4"):
+        for kind in kernels.FOUR_BIT_KINDS:
             if kind in options:
                 stack.enter_context(kernels.four_bit_kernel(kind))
         before = os.environ.get("BUDGETLM_LEAN")
@@ -85,6 +91,15 @@ def kernel_choice(options: list[str]):
                     os.environ.pop("BUDGETLM_LEAN", None)
                 else:
                     os.environ["BUDGETLM_LEAN"] = before
+
+
+class ThreadClock:
+    """`time` with perf_counter reading the calling thread's CPU time (--cpu-time)."""
+
+    perf_counter = staticmethod(time.thread_time)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 def loadavg() -> str:
@@ -107,13 +122,14 @@ def kl_to_exact(handle, windows: int = 8, length: int = 256) -> dict | None:
         x = torch.tensor([ids[w * length : (w + 1) * length]])
         with kernels.kernels_enabled(False):
             exact = torch.log_softmax(model(x).logits.float(), -1)[0]
-        real = kernels.crossover
+        real, few = kernels.crossover, kernels.ACT8_TOKENS
         kernels.crossover = lambda kind: 1 << 30  # every call through the kernel
+        kernels.ACT8_TOKENS = 1 << 30  # q4a8 too: its activations are quantised row by row, as in decode
         try:
             with kernels.kernels_enabled(True):
                 fast = torch.log_softmax(model(x).logits.float(), -1)[0]
         finally:
-            kernels.crossover = real
+            kernels.crossover, kernels.ACT8_TOKENS = real, few
         kl += float((exact.exp() * (exact - fast)).sum())
         target = x[0, 1:].unsqueeze(1)
         nll_exact -= float(exact[:-1].gather(1, target).sum())
@@ -209,19 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--no-kl", action="store_true")
+    p.add_argument("--cpu-time", action="store_true", help="time steps by thread CPU time (1 thread, shared core)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if split_variant(n)[0] not in VARIANTS or set(split_variant(n)[1]) - set(OPTIONS)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @hf")
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @q4a8, @hf")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.cpu_time:
+        if threads != [1]:
+            p.error("--cpu-time times one thread: use --threads 1")
+        from budgetlm.hardware import llamacpp, speed
+
+        speed.time = llamacpp.time = ThreadClock()
 
     prof = cpu_profile()
     bw = memory_bandwidth()
     print(
         f"# {args.model}: batch 1, greedy, {args.tokens} new tokens after a {args.prompt}-token prompt, "
-        f"{args.repeats} repeats; prefill {args.prefill} tokens"
+        f"{args.repeats} repeats; prefill {args.prefill} tokens; {'thread CPU' if args.cpu_time else 'wall'} time"
     )
     print(f"# host: {prof['cpu_model']}, {prof['usable_cpus']} CPUs; copy bandwidth {bw.value:.1f} GB/s best")
     print(f"# load average before: {loadavg()}")

@@ -20,6 +20,15 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   without AVX512-BF16) torch's kernel is compute-bound and this one is faster. `four_bit()` times the two on
   the host, for one token over weights that exceed the last-level cache, and the faster one serves every <= 4-bit
   layer; an unavailable build (no C compiler) leaves "int4".
+- "q4a8": budgetlm's 4-bit kernel with 8-bit activations (native/q4a8.c) on the same codes and tables: each call
+  quantises its activations per block of 32 columns to int8 (symmetric, d = max|x| / 127, round to nearest even)
+  and multiplies codes by codes with integer SIMD (1.3-2.6x faster than "q4" per layer for one token on an AVX2
+  EPYC, cold to warm weights). LOSSY (the error of
+  int8 activations, reported as KL by benchmarks/bench_decode.py), so it is never taken silently: only when the
+  process opts in (BUDGETLM_ACT8=1 or `set_activation_bits(8)`: `four_bit()` then times it with the other two and
+  takes the fastest) or a block forces it (`four_bit_kernel("q4a8")`). It serves calls of at most ACT8_TOKENS
+  tokens (decode, small verification batches); larger calls of the same layer take the exact "q4" kernel up to its
+  crossover, then dequantise + GEMM.
 - "q8": budgetlm's own 8-bit kernel (native/q8.c) for 8-bit symmetric per-channel grids, on the stored int8 codes
   and fp16 scales, float32 activations: exact; `eight_bit()` times it with the other two.
 - "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
@@ -56,6 +65,7 @@ LAYOUT_BLOCKS = (64, 32, 16)  # candidate output rows per block of torch's CPU 4
 DENSE_BLOCK_WEIGHTS = 1 << 21  # float32 weights dequantised at once on the dense path (8 MiB)
 PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts the probe times, ascending
 PROBE_SHAPE = (1024, 1024)  # [out, in] of the layer the probe times
+ACT8_TOKENS = 4  # "q4a8" serves calls of at most this many tokens; larger ones take the exact kernels
 
 _enabled: bool | None = None  # None: read BUDGETLM_KERNELS
 
@@ -183,9 +193,16 @@ def bind_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: 
     return native.bind_q4(packed, block_n(), scales, zeros, g)
 
 
-def q4_mm(x: torch.Tensor, packed: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], g: int) -> torch.Tensor:
-    """x [M, K] times int4_pack_grid's codes with q4_table's tables (groups of g columns): [M, N] in x's dtype."""
-    return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g).to(x.dtype)
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], g: int,
+          act8: bool = False) -> torch.Tensor:  # fmt: skip
+    """x [M, K] times int4_pack_grid's codes with q4_table's tables (groups of g columns): [M, N] in x's dtype.
+    `act8=True`: the "q4a8" kernel (activations quantised to int8 per block of 32; lossy)."""
+    return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g, act8=act8).to(x.dtype)
+
+
+def bind_q4a8(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+    """bind_q4 for the "q4a8" kernel (activations quantised to int8 per block of 32 columns; lossy)."""
+    return native.bind_q4(packed, block_n(), scales, zeros, g, act8=True)
 
 
 def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
@@ -355,7 +372,10 @@ def _crossover(kind: str, threads: int) -> int:
 
 def crossover(kind: str) -> int:
     """Token count from which the dense path is at least as fast as the `kind` kernel on this host, at torch's
-    current thread count (0: the kernel never pays; measured once per process and thread count)."""
+    current thread count (0: the kernel never pays; measured once per process and thread count). "q4a8": that of
+    "q4" (which serves its layers' calls above ACT8_TOKENS), at least ACT8_TOKENS + 1 (it was chosen explicitly)."""
+    if kind == "q4a8":
+        return max(_crossover("q4", torch.get_num_threads()), ACT8_TOKENS + 1)
     return _crossover(kind, torch.get_num_threads())
 
 
@@ -419,7 +439,7 @@ def eight_bit(n: int, k: int) -> str:
 
 
 @lru_cache(maxsize=8)
-def _four_bit(threads: int) -> str:
+def _four_bit(threads: int, act8: bool = False) -> str:
     if not _layout_matches() or native.library() is None:
         return "int4"
     try:
@@ -431,31 +451,56 @@ def _four_bit(threads: int) -> str:
         table, tables = int4_table(scales, zeros, 4, g, g), q4_table(scales, zeros, 4)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
         calls = {"int4": lambda i: int4_mm(x, packed[i], g, table), "q4": lambda i: q4_mm(x, packed[i], tables, g)}
+        if act8:  # opted in to 8-bit activations (lossy): timed with the exact two
+            calls["q4a8"] = lambda i: q4_mm(x, packed[i], tables, g, act8=True)
         return fastest(calls, copies)
     except (RuntimeError, AttributeError, NotImplementedError):
         return "int4"
 
 
 _four_forced: str | None = None  # set by four_bit_kernel()
+_act_bits: int | None = None  # set by set_activation_bits(); None: read BUDGETLM_ACT8
+FOUR_BIT_KINDS = ("int4", "q4", "q4a8")
+
+
+def activation_bits() -> int:
+    """32 (exact float32 activations: the default) or 8 where the process opted in to the lossy "q4a8" kernel
+    (`set_activation_bits(8)`, or BUDGETLM_ACT8=1 in the environment)."""
+    if _act_bits is not None:
+        return _act_bits
+    on = os.environ.get("BUDGETLM_ACT8", "0").strip().lower() in ("1", "8", "true", "yes", "on")
+    return 8 if on else 32
+
+
+def set_activation_bits(bits: int | None) -> None:
+    """Process-wide: 8 lets the 4-bit probe take "q4a8" (activations quantised to int8 per block of 32 columns,
+    lossy) where it times fastest; 32 keeps every kernel exact whatever BUDGETLM_ACT8 says; None: back to
+    BUDGETLM_ACT8 (default exact). Layers pick the change up at their next call (`state()`)."""
+    global _act_bits
+    if bits not in (8, 32, None):
+        raise ValueError(f"activation bits {bits!r}: 8 (q4a8, lossy), 32 (exact) or None (BUDGETLM_ACT8)")
+    _act_bits = bits
 
 
 def four_bit() -> str:
-    """The faster kernel for one token of a <= 4-bit layer on this host: torch's ("int4") or budgetlm's own ("q4"),
-    at torch's current thread count, timed over copies of a layer that exceed the last-level cache (measured once
-    per process and thread count; ~0.1 s). "int4" where budgetlm's kernel is not built."""
+    """The fastest kernel for one token of a <= 4-bit layer on this host: torch's ("int4") or budgetlm's own ("q4";
+    "q4a8" too where the process opted in to 8-bit activations, `activation_bits()`), at torch's current thread
+    count, timed over copies of a layer that exceed the last-level cache (measured once per process, thread count
+    and opt-in; ~0.1 s). "int4" where budgetlm's kernel is not built."""
     if _four_forced is not None:
         return _four_forced
-    return _four_bit(torch.get_num_threads())
+    return _four_bit(torch.get_num_threads(), activation_bits() == 8)
 
 
 @contextlib.contextmanager
 def four_bit_kernel(kind: str):
-    """Within the block, <= 4-bit layers take `kind` ("int4" or "q4") whatever the probe found: to time or check
-    the two kernels side by side (benchmarks/bench_decode.py's `variant@int4`)."""
+    """Within the block, <= 4-bit layers take `kind` ("int4", "q4" or "q4a8") whatever the probe found: to time or
+    check the kernels side by side (benchmarks/bench_decode.py's `variant@int4`, `variant@q4a8`). "q4a8" is the
+    explicit choice of 8-bit activations (lossy) for calls of at most ACT8_TOKENS tokens."""
     global _four_forced
-    if kind not in ("int4", "q4"):
-        raise ValueError(f"no 4-bit kernel {kind!r}: int4 or q4")
-    if kind == "q4" and native.library() is None:
+    if kind not in FOUR_BIT_KINDS:
+        raise ValueError(f"no 4-bit kernel {kind!r}: {', '.join(FOUR_BIT_KINDS)}")
+    if kind in ("q4", "q4a8") and native.library() is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {native.status()}")
     before, _four_forced = _four_forced, kind
     try:
@@ -468,7 +513,7 @@ def state() -> tuple:
     """What a layer's path choice depends on besides its own grid and the call's size: a layer that cached its choice
     (QuantLinear's fast path) reuses it while this is unchanged (the probes' functions are part of it, so that a
     test or benchmark that replaces one invalidates every cached choice)."""
-    return (enabled(), _four_forced, torch.get_num_threads(), crossover, four_bit)
+    return (enabled(), _four_forced, activation_bits(), ACT8_TOKENS, torch.get_num_threads(), crossover, four_bit)
 
 
 def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:

@@ -18,6 +18,10 @@ host picks the crossover between the kernels and dequantise + GEMM):
   at a time and multiplies in fp32: exact w.r.t. the stored grid.
 The kernels take bf16 activations and bf16 scales: benchmarks/bench_decode.py reports the KL of each grid's
 kernel path to exact dequantisation; `kernels.kernels_enabled(False)` or BUDGETLM_KERNELS=0 turns them off.
+budgetlm's own "q4" and "q8" kernels are exact (float32 activations); "q4a8" (int8 activations, lossy) serves
+calls of at most kernels.ACT8_TOKENS tokens only where the process opted in (BUDGETLM_ACT8=1,
+`kernels.set_activation_bits(8)`) and the probe timed it fastest, or a block forced it
+(`kernels.four_bit_kernel("q4a8")`); the layer's larger calls take "q4" or dequantisation as without it.
 
 Two optional parts (both saved and counted in `storage_bytes`), kept on every path:
 - `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
@@ -156,10 +160,10 @@ class QuantLinear(torch.nn.Module):
     # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
     @property
     def kernel(self) -> str | None:
-        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel) or "int4" (torch's), whichever
-        the host probe measured faster, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
-        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
-        measured fastest; None (dequantisation only)."""
+        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's) or, opted in,
+        "q4a8" (budgetlm's with int8 activations), whichever the host probe measured fastest, for 2-4 bits;
+        "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric per-channel grids whichever of "int8" (torch's
+        int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe measured fastest; None (dequantisation only)."""
         if self._int4 is not None and len(self._int4) == 4:
             return "int4x2"
         if self.bits == 8:
@@ -168,7 +172,8 @@ class QuantLinear(torch.nn.Module):
             return "int4x2" if self._int4_group is not None else None
         if self._int4_group is None:
             return None
-        return "q4" if kernels.four_bit() == "q4" else "int4"
+        kind = kernels.four_bit()
+        return kind if kind in ("q4", "q4a8") else "int4"
 
     def _kernel_and_crossover(self) -> tuple[str | None, int]:
         """The kernel in use (None when kernels are off) and the token count from which dense wins."""
@@ -176,9 +181,9 @@ class QuantLinear(torch.nn.Module):
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "q4", "int4", "q8", "int4x2", "int8" or "dense"."""
+        """The path a call with `tokens` tokens takes: "q4", "q4a8", "int4", "q8", "int4x2", "int8" or "dense"."""
         kind, cross = self._kernel_and_crossover()
-        return kernels.choose(kind, tokens, cross)
+        return _act8_limit(kernels.choose(kind, tokens, cross), tokens)
 
     def _int4_ready(self) -> bool:
         """Repack the codes into the 4-bit kernel's layout (once) and drop the dense copy from memory."""
@@ -271,12 +276,19 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None or self.bias is not None or self.rank:
             return None
         kind, cross = self._kernel_and_crossover()
-        if kind not in ("q4", "q8") or cross <= 0:
+        if kind not in ("q4", "q4a8", "q8") or cross <= 0:
             return None
         if kind == "q8":
             call = kernels.bind_q8(self.qweight, self.scales)
         elif self._int4_ready():
             call = kernels.bind_q4(self._int4[0], *self._q4_tables(), self.group_size)
+            if kind == "q4a8":  # int8 activations for a few tokens, the exact kernel above (below the crossover)
+                lossy = kernels.bind_q4a8(self._int4[0], *self._q4, self.group_size)
+                exact, few = call, kernels.ACT8_TOKENS
+
+                def call(x: torch.Tensor, exact=exact, lossy=lossy, few=few) -> torch.Tensor:
+                    return lossy(x) if x.shape[0] <= few else exact(x)
+
         else:
             return None
         self._fast = (key, cross, call) if call is not None else None
@@ -291,13 +303,13 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
         kind, cross = self._kernel_and_crossover()
-        if kind in ("int4", "int4x2", "q4") and cross > 0 and self._int4 is None:
+        if kind in ("int4", "int4x2", "q4", "q4a8") and cross > 0 and self._int4 is None:
             self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
-        path = kernels.choose(kind, flat.shape[0], cross)
+        path = _act8_limit(kernels.choose(kind, flat.shape[0], cross), flat.shape[0])
         if torch.is_grad_enabled() and flat.requires_grad:
             path = "dense"  # the kernels have no backward: a gradient through the layer takes the exact path
-        if path == "q4" and self._int4_ready():
-            y = kernels.q4_mm(flat, self._int4[0], self._q4_tables(), self.group_size)
+        if path in ("q4", "q4a8") and self._int4_ready():
+            y = kernels.q4_mm(flat, self._int4[0], self._q4_tables(), self.group_size, act8=path == "q4a8")
         elif path == "int4" and self._int4_ready():
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
         elif path == "int4x2" and self._int4_ready():
@@ -355,7 +367,8 @@ class QuantLinear(torch.nn.Module):
         if self.kernel in ("int8", "q8"):
             return self.storage_bytes()
         halves = 2 if self.bits == 8 else 1
-        group = self.group_size if self.kernel == "q4" else self._int4_group  # q4: fp16 tables per stored group
+        q4 = self.kernel in ("q4", "q4a8")
+        group = self.group_size if q4 else self._int4_group  # q4, q4a8: fp16 tables per stored group
         layout = halves * (n * k // 2 + (k // group) * n * 2 * 2)
         extra = [self.perm, self.lr_u, self.lr_v]
         return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)
@@ -375,6 +388,14 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         extra = (", act-order" if self.perm is not None else "") + (f", rank={self.rank}" if self.rank else "")
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}{extra}"
+
+
+def _act8_limit(path: str, tokens: int) -> str:
+    """The q4a8 kernel serves calls of at most kernels.ACT8_TOKENS tokens; a larger one below its crossover (that of
+    "q4", kernels.crossover) takes the exact "q4" kernel, else dequantisation."""
+    if path == "q4a8" and tokens > kernels.ACT8_TOKENS:
+        return "q4" if tokens < kernels.crossover("q4") else "dense"
+    return path
 
 
 def packed_row_codes(qweight: torch.Tensor, ids: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4- and 8-bit
-kernels (q4.c, q8.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c,
+kernels (q4.c, q4a8.c, q8.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c,
 decode/lean.py).
 
 The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c", "q4a8.c")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 _status = "not built"
 
@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.q4_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, c_int, ptr, ptr, c_int, ptr, c_int, c_int]
     lib.q4_mm.restype = c_int
     lib.q4_has_simd.restype = c_int
+    lib.q4a8_mm.argtypes = lib.q4_mm.argtypes
+    lib.q4a8_mm.restype = c_int
     lib.q8_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, ptr, c_int, c_int]
     lib.q8_mm.restype = c_int
     c_float = ctypes.c_float
@@ -115,10 +117,11 @@ def simd() -> int:
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-          threads: int | None = None, vector: bool = True) -> torch.Tensor:  # fmt: skip
+          threads: int | None = None, vector: bool = True, act8: bool = False) -> torch.Tensor:  # fmt: skip
     """x [M, K] float32 times the 4-bit weight of `packed` (uint8 [N, K/2], torch's CPU layout with blocks of
     `block` rows) with float16 `scales` and zero points `zeros` [K/g, N]: float32 [M, N]. `threads` defaults to
-    torch's; `vector=False` takes the plain C path even where the AVX2 one runs (tests)."""
+    torch's; `vector=False` takes the plain C path even where the AVX2 one runs (tests). `act8=True`: q4a8.c,
+    the activations quantised to int8 per block of 32 columns (lossy; g a multiple of 32)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
@@ -132,22 +135,27 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tenso
     if packed.numel() * 2 != n * k or zeros.shape != scales.shape or scales.shape[0] * g != k:
         raise RuntimeError(f"q4_mm: codes {tuple(packed.shape)} and tables {tuple(scales.shape)} do not make {n}x{k}")
     threads = torch.get_num_threads() if threads is None else threads
-    err = lib.q4_mm(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
-                    y.data_ptr(), threads, simd() if vector else 0)  # fmt: skip
+    fn = lib.q4a8_mm if act8 else lib.q4_mm
+    err = fn(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
+             y.data_ptr(), threads, simd() if vector else 0)  # fmt: skip
     if err:
-        raise RuntimeError(f"q4_mm refused a {n}x{k} layer (block {block}, group {g}): code {err}")
+        name = "q4a8_mm" if act8 else "q4_mm"
+        raise RuntimeError(f"{name} refused a {n}x{k} layer (block {block}, group {g}): code {err}")
     return y
 
 
-def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
+            act8: bool = False, vector: bool = True):  # fmt: skip
     """q4_mm for one layer with its arguments checked once: call(x [M, K]) -> float32 [M, N]. The tensors must stay
-    alive and unchanged while the call is used (the layer that binds them holds them)."""
+    alive and unchanged while the call is used (the layer that binds them holds them). `act8`, `vector`: as in
+    q4_mm."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
     n, k = scales.shape[1], scales.shape[0] * g
-    q4_mm(torch.zeros(1, k), packed, block, scales, zeros, g, threads=1)  # validates the shapes and dtypes
-    fn, pp, sp, zp, vec = lib.q4_mm, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), simd()
+    q4_mm(torch.zeros(1, k), packed, block, scales, zeros, g, threads=1, act8=act8)  # validates shapes and dtypes
+    fn, pp, sp, zp = lib.q4a8_mm if act8 else lib.q4_mm, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr()
+    vec = simd() if vector else 0
     threads = torch.get_num_threads
     held = (packed, scales, zeros)  # the pointers above stay valid while the call exists
 
