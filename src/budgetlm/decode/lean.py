@@ -265,6 +265,7 @@ class LeanLlama:
     """The lean forward of a LlamaForCausalLM (module docstring)."""
 
     lean = True
+    no_step: str | None = None  # why runtime_for did not take the one-call step (decode/lean_step.py)
 
     def __init__(self, model: torch.nn.Module, glue: TorchGlue | None = None):
         self.model = model
@@ -443,7 +444,12 @@ def _gemma3_reason(model: torch.nn.Module) -> str | None:
 
 
 def runtime_for(model: torch.nn.Module):
-    """The lean forward where it can run the model (LeanLlama, LeanGemma3), else transformers' forward."""
+    """The lean forward where it can run the model (LeanLlama, or LeanStepLlama where every module is one its C step
+    knows: decode/lean_step.py; LeanGemma3), else transformers' forward."""
     if lean_reason(model) is not None:
         return HFRuntime(model)
-    return LeanGemma3(model) if type(model).__name__ == "Gemma3ForCausalLM" else LeanLlama(model)
+    if type(model).__name__ == "Gemma3ForCausalLM":
+        return LeanGemma3(model)
+    from budgetlm.decode.lean_step import step_runtime
+
+    return step_runtime(model)
