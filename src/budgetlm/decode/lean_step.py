@@ -73,7 +73,7 @@ def _linear(module: torch.nn.Module):
         return f"a {type(module).__name__} projection"
     fast = module._fast_path()
     if fast is None:
-        return "a quantised layer without budgetlm's 4-bit or 8-bit fast path"
+        return f"a quantised layer on the {module.path(1)} path (not budgetlm's 4-bit or 8-bit kernel)"
     n, k, kind = module.out_features, module.in_features, module.kernel
     if kind == "q8":
         codes, scales = module.qweight, module.scales
