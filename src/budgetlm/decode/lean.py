@@ -16,7 +16,8 @@ the 4-bit products themselves. `LeanLlama` computes the same function with few o
 Its logits equal transformers' forward to float32 rounding (tests/unit/test_lean.py compares both on random and
 quantised models, prompts and continuations, with rollbacks). Models of any other architecture (Gemma 3, ...), or
 with modules it does not know, run through transformers' forward with a DynamicCache (`HFRuntime`): same interface.
-`runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere.
+`runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere. Where every module of a Llama is
+one its C step knows, runtime_for returns LeanStepLlama (decode/lean_step.py): calls of 1..16 tokens as one C call.
 """
 
 from __future__ import annotations
