@@ -197,6 +197,11 @@ def test_the_descriptor_follows_the_kernels_state(kernels_on):
         assert rt.lib.steps == 0 and rt.descriptor() is not first and rt.descriptor().reason is not None
     close(run_calls(rt, seq), want)  # back on the kernels: one call per step again
     assert rt.lib.steps == 6 and rt.descriptor().reason is None
+    mlp = model.model.layers[2].mlp  # a projection replaced, a weight replaced: described again
+    mlp.up_proj = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    model.model.layers[2].input_layernorm.weight = torch.nn.Parameter(torch.rand(model.config.hidden_size) + 0.5)
+    close(run_calls(rt, seq), wanted_rows(full_logits(model, seq)))
+    assert rt.lib.steps == 12
 
 
 @pytest.mark.parametrize("simd", [0, pytest.param(1, marks=pytest.mark.skipif(not native.simd(), reason="no AVX2"))])

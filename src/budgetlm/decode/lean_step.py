@@ -68,7 +68,7 @@ def _linear(module: torch.nn.Module):
         if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
             return "a Linear with a bias or not float32"
         n, k = w.shape
-        return (DENSE, n, k, 0, 0, w.data_ptr(), None, None), (w,), (module, "weight", w), 1 << 30
+        return (DENSE, n, k, 0, 0, w.data_ptr(), None, None), (w,), (module._parameters, "weight", w), 1 << 30
     if type(module) is not QuantLinear:
         return f"a {type(module).__name__} projection"
     fast = module._fast_path()
@@ -85,7 +85,7 @@ def _linear(module: torch.nn.Module):
         held = (packed, s, z)
     else:
         return f"a quantised layer on the {kind} kernel"
-    return fields, held, (module, "_fast", fast), fast[1]
+    return fields, held, (module.__dict__, "_fast", fast), fast[1]
 
 
 class Descriptor:
@@ -96,7 +96,9 @@ class Descriptor:
 
         self.state = kernels.state()
         self.held: list = []
-        self.checks: list = []  # (object, attribute, value): the descriptor is stale when one differs
+        # (dict, key, value): the descriptor is stale when one differs (a module's parameter, bound fast path, or
+        # projection replaced); plain dictionaries: ~50 ns a check, not a Module.__getattr__'s microsecond
+        self.checks: list = []
         self.crossover = 1 << 30
         self.reason: str | None = None
         layers = (_Layer * len(rt.layers))()
@@ -113,6 +115,8 @@ class Descriptor:
                                      mlp.down_proj)):  # fmt: skip
                 if not self._linear(getattr(layers[i], name), module):
                     return
+                parent = att if name in ("q", "k", "v", "o") else mlp
+                self.checks.append((parent._modules, f"{name}_proj", module))
         md = _Model()
         md.layers, md.hidden, md.heads = len(rt.layers), rt.layers[0].self_attn.q_proj.in_features, rt.heads
         md.kv_heads, md.head_dim, md.inter = rt.kv_heads, rt.head_dim, rt.layers[0].mlp.gate_proj.out_features
@@ -122,7 +126,7 @@ class Descriptor:
         if plain and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
             md.embed, md.vocab = embed.weight.data_ptr(), embed.weight.shape[0]
             self.held.append(embed.weight)
-            self.checks.append((embed, "weight", embed.weight))
+            self.checks.append((embed._parameters, "weight", embed.weight))
         if not self._linear(md.head, rt.head):
             return
         md.layer = layers
@@ -135,7 +139,7 @@ class Descriptor:
         if w.dtype != torch.float32 or not w.is_contiguous():
             self.reason = self.reason or "a norm weight not float32"
         self.held.append(w)
-        self.checks.append((norm, "weight", w))
+        self.checks.append((norm._parameters, "weight", w))
         return w.data_ptr()
 
     def _linear(self, dst: _Linear, module) -> bool:
@@ -152,7 +156,7 @@ class Descriptor:
         return True
 
     def current(self, state) -> bool:
-        return state == self.state and all(getattr(obj, name) is value for obj, name, value in self.checks)
+        return state == self.state and all(d.get(key) is value for d, key, value in self.checks)
 
 
 class LeanStepLlama(LeanLlama):
