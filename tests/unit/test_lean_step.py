@@ -206,11 +206,11 @@ def test_the_descriptor_follows_the_kernels_state(kernels_on):
 
 @pytest.mark.parametrize("simd", [0, pytest.param(1, marks=pytest.mark.skipif(not native.simd(), reason="no AVX2"))])
 @pytest.mark.parametrize("m", [1, 2, 3, 16])
-@pytest.mark.parametrize("n,k", [(70, 64), (64, 36), (5, 8)])
-def test_dense_few_row_product(simd, m, n, k):
+@pytest.mark.parametrize("n,k,threads", [(70, 64, 1), (64, 36, 1), (5, 8, 1), (301, 64, 2), (301, 64, 3)])
+def test_dense_few_row_product(simd, m, n, k, threads):
     lib = native.library()
     g = torch.Generator().manual_seed(m)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    y = torch.empty(m, n)
-    lib.step_dense_mm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), 1, simd)
+    y = torch.full((m, n), float("nan"))
+    lib.step_dense_mm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), threads, simd)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -43,11 +43,10 @@ static void dense_rows_scalar(const float *x, int M, int K, const float *w, int 
 }
 
 #ifdef STEP_X86
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
+/* [sum of a's lanes, b's, c's, d's]: the four rows' results, stored at once */
+__attribute__((target("avx2,fma"))) static inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
 }
 
 /* four rows of W against MC rows of x (K a multiple of 8): 4 * MC independent sums */
@@ -69,7 +68,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
             }                                                                                                          \
         }                                                                                                              \
         for (int m = 0; m < MC; m++)                                                                                   \
-            for (int r = 0; r < 4; r++) y[(size_t)m * N + r] = hsum8(acc[m][r]);                                       \
+            _mm_storeu_ps(y + (size_t)m * N, sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));                       \
     }
 DENSE_4(1)
 DENSE_4(2)
@@ -87,23 +86,22 @@ static void dense_rows_avx2(const float *x, int M, int K, const float *w, int n0
 }
 #endif
 
-/* y [M, N] = x [M, K] W^T for float32 W [N, K]; rows of W shared among OpenMP threads in chunks of 64 */
+/* y [M, N] = x [M, K] W^T for float32 W [N, K]; each OpenMP thread takes a range of rows (multiples of 4) */
 void step_dense_mm(const float *x, int M, int K, const float *w, int N, float *y, int threads, int simd) {
-    const int chunk = 64, nchunks = (N + chunk - 1) / chunk;
-    (void)threads;
+    const int parts = threads > 1 && N >= 64 * threads ? threads : 1;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nchunks > 1)
+#pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
 #endif
-    for (int c = 0; c < nchunks; c++) {
-        const int n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+    for (int p = 0; p < parts; p++) {
+        const int n0 = (int)((int64_t)N * p / parts) & ~3;
+        const int n1 = p + 1 == parts ? N : (int)((int64_t)N * (p + 1) / parts) & ~3;
 #ifdef STEP_X86
-        if (simd && K % 8 == 0) {
-            dense_rows_avx2(x, M, K, w, n0, n1, N, y);
-            continue;
-        }
+        if (simd && K % 8 == 0) dense_rows_avx2(x, M, K, w, n0, n1, N, y);
+        else
 #endif
-        dense_rows_scalar(x, M, K, w, n0, n1, N, y);
+            dense_rows_scalar(x, M, K, w, n0, n1, N, y);
     }
+    (void)simd;
 }
 
 /* -- the model descriptor (decode/lean_step.py builds it with ctypes; the field order is the Python one) -------- */
