@@ -4,8 +4,8 @@ processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
     (a variant may end in @int4, @q4 or @q4a8: its 4-bit layers on torch's kernel, budgetlm's exact one or budgetlm's
-    with int8 activations (lossy), else the host probe's choice; and in @hf: transformers' forward instead of
-    budgetlm's lean runtime)
+    with int8 activations (lossy), else the host probe's choice; in @hf: transformers' forward instead of budgetlm's
+    lean runtime; in @layers: the lean runtime's per-layer path instead of its one-call step)
         [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--cpu-time] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
@@ -64,9 +64,11 @@ DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-al
 
 
 # `variant@int4` / `variant@q4` / `variant@q4a8`: the 4-bit layers on torch's / budgetlm's exact / budgetlm's int8-
-# activation kernel; `variant@hf`: transformers' forward instead of budgetlm's lean runtime (decode/lean.py); several
-# may follow one another (rtn-w4g64-all@int4@hf)
-OPTIONS = ("int4", "q4", "q4a8", "hf")
+# activation kernel; `variant@hf`: transformers' forward instead of budgetlm's lean runtime (decode/lean.py);
+# `variant@layers`: the lean runtime's per-layer path instead of its one-call step (decode/lean_step.py); several may
+# follow one another (rtn-w4g64-all@int4@hf)
+OPTIONS = ("int4", "q4", "q4a8", "hf", "layers")
+SWITCHES = {"hf": "BUDGETLM_LEAN", "layers": "BUDGETLM_LEAN_STEP"}  # option: the environment switch it turns off
 
 
 def split_variant(name: str) -> tuple[str, list[str]]:
@@ -80,17 +82,17 @@ def kernel_choice(options: list[str]):
         for kind in kernels.FOUR_BIT_KINDS:
             if kind in options:
                 stack.enter_context(kernels.four_bit_kernel(kind))
-        before = os.environ.get("BUDGETLM_LEAN")
-        if "hf" in options:
-            os.environ["BUDGETLM_LEAN"] = "0"
+        switched = {env: os.environ.get(env) for opt, env in SWITCHES.items() if opt in options}
+        for env in switched:
+            os.environ[env] = "0"
         try:
             yield
         finally:
-            if "hf" in options:
+            for env, before in switched.items():
                 if before is None:
-                    os.environ.pop("BUDGETLM_LEAN", None)
+                    os.environ.pop(env, None)
                 else:
-                    os.environ["BUDGETLM_LEAN"] = before
+                    os.environ[env] = before
 
 
 class ThreadClock:
@@ -231,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if split_variant(n)[0] not in VARIANTS or set(split_variant(n)[1]) - set(OPTIONS)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, each optionally @int4, @q4, @q4a8, @hf")
+        p.error(
+            f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, "
+            "each optionally @int4, @q4, @q4a8, @hf, @layers"
+        )
     threads = [int(t) for t in args.threads.split(",")]
     if args.cpu_time:
         if threads != [1]:

@@ -294,8 +294,8 @@ def test_torch_runtime_records_itself(capsys):
     assert code == 0
     doc = json.loads(stdout)
     assert doc["runtime"] == {"name": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "dtype": "float32", "decoder": "lean (C glue)" if native.library() else
-                              "lean (torch glue)"}  # fmt: skip
+                              "dtype": "float32", "decoder": "lean-c (one C call per step)" if native.library()
+                              else "lean (torch glue)"}  # fmt: skip
     assert "prefill_tok_s@128" in doc["speed"]
 
 

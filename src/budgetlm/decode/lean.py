@@ -16,7 +16,8 @@ the 4-bit products themselves. `LeanLlama` computes the same function with few o
 Its logits equal transformers' forward to float32 rounding (tests/unit/test_lean.py compares both on random and
 quantised models, prompts and continuations, with rollbacks). Models of any other architecture (Gemma 3, ...), or
 with modules it does not know, run through transformers' forward with a DynamicCache (`HFRuntime`): same interface.
-`runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere.
+`runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere. Where every module of a Llama is
+one its C step knows, runtime_for returns LeanStepLlama (decode/lean_step.py): calls of 1..16 tokens as one C call.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ class LeanLlama:
     """The lean forward of a LlamaForCausalLM (module docstring)."""
 
     lean = True
+    no_step: str | None = None  # why runtime_for did not take the one-call step (decode/lean_step.py)
 
     def __init__(self, model: torch.nn.Module, glue: TorchGlue | None = None):
         self.model = model
@@ -443,7 +445,12 @@ def _gemma3_reason(model: torch.nn.Module) -> str | None:
 
 
 def runtime_for(model: torch.nn.Module):
-    """The lean forward where it can run the model (LeanLlama, LeanGemma3), else transformers' forward."""
+    """The lean forward where it can run the model (LeanLlama, or LeanStepLlama where every module is one its C step
+    knows: decode/lean_step.py; LeanGemma3), else transformers' forward."""
     if lean_reason(model) is not None:
         return HFRuntime(model)
-    return LeanGemma3(model) if type(model).__name__ == "Gemma3ForCausalLM" else LeanLlama(model)
+    if type(model).__name__ == "Gemma3ForCausalLM":
+        return LeanGemma3(model)
+    from budgetlm.decode.lean_step import step_runtime
+
+    return step_runtime(model)

@@ -1,6 +1,6 @@
 """budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4- and 8-bit
-kernels (q4.c, q4a8.c, q8.c, used by methods/quant/kernels.py) and the decoder-layer glue of the lean runtime (ops.c,
-decode/lean.py).
+kernels (q4.c, q4a8.c, q8.c, used by methods/quant/kernels.py), the decoder-layer glue of the lean runtime (ops.c,
+decode/lean.py) and its one-call decode step (step.c, decode/lean_step.py).
 
 The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
 (`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c", "q4a8.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c", "q4a8.c", "step.c")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 _status = "not built"
 
@@ -101,6 +101,12 @@ def library() -> ctypes.CDLL | None:
     lib.lean_attention.restype = c_int
     lib.lean_silu_mul.argtypes = [ptr, ptr, c_int, ptr]
     lib.lean_silu_mul.restype = None
+    lib.lean_step.argtypes = [ptr, ptr, ptr, c_int, c_int, c_int, ptr, ptr, c_int, ptr, ptr, ptr, ptr, c_int, c_int]
+    lib.lean_step.restype = c_int
+    lib.lean_step_scratch.argtypes = [ptr, c_int]
+    lib.lean_step_scratch.restype = ctypes.c_int64
+    lib.step_dense_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, c_int, c_int]
+    lib.step_dense_mm.restype = None
     _status = "built (AVX2)" if lib.q4_has_simd() else "built (plain C: no AVX2/FMA on this CPU)"
     return lib
 

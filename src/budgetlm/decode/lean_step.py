@@ -1,0 +1,270 @@
+"""The lean runtime's one-call decode step: a Llama-architecture model's whole forward for 1..16 new tokens in one C
+call (methods/quant/native/step.c), where LeanLlama makes ~9 Python/ctypes calls per layer.
+
+At one token of SmolLM2-135M (30 layers, 1 thread) those calls cost ~8-10 ms of a 25 ms 4-bit step: ~10 us each of
+ctypes, tensor allocation and torch dispatch around products that take a few. `LeanStepLlama` describes the model
+to the C library once (`Descriptor`: per layer the norms' weights and epsilons and per projection its kind and
+pointers, exactly the tensors its Python path computes with: a float32 Linear's weight, a QuantLinear's bound
+4-bit layout and fp16 tables or int8 codes and fp16 scales, held here so they stay alive), and a step is then one
+call: embedding gather, every layer (ops.c's glue, q4.c's and q8.c's products, step.c's float32 product for few
+rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary embedding's (every rope
+scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
+
+It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
+with a bound 4-bit or 8-bit fast path, the architecture's norms, no hooks) and the call has at most 16 tokens, fewer
+than every quantised layer's crossover (from there the layers' dense path is faster, and LeanLlama takes it); other
+calls (a prompt) run LeanLlama's per-layer path on the same StaticKV. The descriptor is rebuilt when the kernels'
+state (kernels.state()) or a module's bound path changes. BUDGETLM_LEAN_STEP=0 turns the step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import os
+
+import torch
+
+from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
+
+DENSE, Q4, Q8 = 0, 1, 2
+_ptr = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("block", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("w", _ptr), ("s", _ptr), ("z", _ptr)]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("norm1", _ptr), ("norm2", _ptr), ("eps1", ctypes.c_double), ("eps2", ctypes.c_double)] + [
+        (name, _Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                                    "vocab")] + [
+        ("scale", ctypes.c_double), ("eps", ctypes.c_double), ("embed", _ptr), ("norm", _ptr),
+        ("layer", ctypes.POINTER(_Layer)), ("head", _Linear)]  # fmt: skip
+
+
+def step_off() -> bool:
+    return os.environ.get("BUDGETLM_LEAN_STEP", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _linear(module: torch.nn.Module):
+    """(struct fields, tensors to hold, identity check, crossover) of a projection the step can run, or a reason."""
+    from budgetlm.methods.quant import kernels
+    from budgetlm.methods.quant.layers import QuantLinear
+
+    if _hooked(module):
+        return "forward hooks on a projection"
+    if type(module) is torch.nn.Linear:
+        w = module.weight
+        if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
+            return "a Linear with a bias or not float32"
+        n, k = w.shape
+        return (DENSE, n, k, 0, 0, w.data_ptr(), None, None), (w,), (module._parameters, "weight", w), 1 << 30
+    if type(module) is not QuantLinear:
+        return f"a {type(module).__name__} projection"
+    fast = module._fast_path()
+    if fast is None:
+        return f"a quantised layer on the {module.path(1)} path (not budgetlm's 4-bit or 8-bit kernel)"
+    n, k, kind = module.out_features, module.in_features, module.kernel
+    if kind == "q8":
+        codes, scales = module.qweight, module.scales
+        fields, held = (Q8, n, k, 0, 0, codes.data_ptr(), scales.data_ptr(), None), (codes, scales)
+    elif kind == "q4" and module._int4 is not None and module._q4 is not None:
+        packed, (s, z) = module._int4[0], module._q4
+        g = module.group_size
+        fields = (Q4, n, k, kernels.block_n(), g, packed.data_ptr(), s.data_ptr(), z.data_ptr())
+        held = (packed, s, z)
+    else:
+        return f"a quantised layer on the {kind} kernel"
+    return fields, held, (module.__dict__, "_fast", fast), fast[1]
+
+
+class Descriptor:
+    """The C description of a model (step.c's step_model) and the tensors its pointers read."""
+
+    def __init__(self, rt: LeanLlama):
+        from budgetlm.methods.quant import kernels
+
+        self.state = kernels.state()
+        self.held: list = []
+        # (dict, key, value): the descriptor is stale when one differs (a module's parameter, bound fast path, or
+        # projection replaced); plain dictionaries: ~50 ns a check, not a Module.__getattr__'s microsecond
+        self.checks: list = []
+        self._checks: tuple | None = None
+        self.crossover = 1 << 30
+        self.reason: str | None = None
+        layers = (_Layer * len(rt.layers))()
+        for i, y in enumerate(rt.layers):
+            att, mlp = y.self_attn, y.mlp
+            n1, n2 = y.input_layernorm, y.post_attention_layernorm
+            if any(_hooked(p) for p in (att, mlp, n1, n2)):
+                self.reason = "forward hooks"
+                return
+            layers[i].norm1, layers[i].norm2 = self._norm(n1), self._norm(n2)
+            layers[i].eps1, layers[i].eps2 = n1.variance_epsilon, n2.variance_epsilon
+            for name, module in zip(("q", "k", "v", "o", "gate", "up", "down"),
+                                    (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
+                                     mlp.down_proj)):  # fmt: skip
+                if not self._linear(getattr(layers[i], name), module):
+                    return
+                parent = att if name in ("q", "k", "v", "o") else mlp
+                self.checks.append((parent._modules, f"{name}_proj", module))
+        md = _Model()
+        md.layers, md.hidden, md.heads = len(rt.layers), rt.layers[0].self_attn.q_proj.in_features, rt.heads
+        md.kv_heads, md.head_dim, md.inter = rt.kv_heads, rt.head_dim, rt.layers[0].mlp.gate_proj.out_features
+        md.scale, md.eps, md.norm = rt.layers[0].self_attn.scaling, rt.norm.variance_epsilon, self._norm(rt.norm)
+        embed = rt.embed
+        plain = type(embed) is torch.nn.Embedding and not _hooked(embed) and embed.max_norm is None
+        if plain and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
+            md.embed, md.vocab = embed.weight.data_ptr(), embed.weight.shape[0]
+            self.held.append(embed.weight)
+            self.checks.append((embed._parameters, "weight", embed.weight))
+        if not self._linear(md.head, rt.head):
+            return
+        md.layer = layers
+        self.layers, self.md, self.address = layers, md, ctypes.addressof(md)
+        if rt.head_dim > 1024:
+            self.reason = self.reason or "a head dimension over 1024"
+
+    def _norm(self, norm) -> int:
+        w = norm.weight
+        if w.dtype != torch.float32 or not w.is_contiguous():
+            self.reason = self.reason or "a norm weight not float32"
+        self.held.append(w)
+        self.checks.append((norm._parameters, "weight", w))
+        return w.data_ptr()
+
+    def _linear(self, dst: _Linear, module) -> bool:
+        got = _linear(module)
+        if isinstance(got, str):
+            self.reason = got
+            return False
+        fields, held, check, cross = got
+        for (name, _), value in zip(_Linear._fields_, fields):
+            setattr(dst, name, value)
+        self.held.extend(held)
+        self.checks.append(check)
+        self.crossover = min(self.crossover, cross)
+        return True
+
+    def current(self, state) -> bool:
+        if state != self.state:
+            return False
+        if self._checks is None:  # the checks as three lists: compared by C-level iteration (~30 ns each)
+            self._checks = tuple(map(list, zip(*self.checks))) if self.checks else ([], [], [])
+        dicts, keys, values = self._checks
+        return all(map(operator.is_, map(dict.get, dicts, keys), values))
+
+
+class LeanStepLlama(LeanLlama):
+    """LeanLlama whose calls of 1..16 tokens run as one C call (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
+        super().__init__(model, glue)
+        self.label = "lean-c (one C call per step)"
+        from budgetlm.methods.quant import native
+
+        self.lib, self.simd = native.library(), native.simd()
+        self.heads = self.layers[0].self_attn.q_proj.out_features // self.head_dim
+        self.desc: Descriptor | None = None
+        rope = getattr(self.rotary, "rope_type", "default")
+        self.dynamic = "dynamic" in rope or rope == "longrope"  # tables depend on the call's positions
+        self.cos = self.sin = torch.empty(0, self.head_dim)
+        self.scratch = torch.empty(0)
+        self._kv: dict[int, tuple] = {}  # id(cache.keys): (keys, values, capacity, key pointers, value pointers)
+        self.descriptor()  # built now (the layers' kernel probes run here, not in the first timed step)
+
+    def descriptor(self) -> Descriptor:
+        """The model's current description (rebuilt when the kernels' state or a module's path changed)."""
+        from budgetlm.methods.quant import kernels
+
+        state = kernels.state()
+        if self.desc is None or not self.desc.current(state):
+            self.desc = Descriptor(self)
+            if self.desc.reason is None:
+                floats = self.lib.lean_step_scratch(ctypes.byref(self.desc.md), C_ATTENTION_ROWS)
+                self.scratch = torch.empty(floats)
+        return self.desc
+
+    def step_reason(self) -> str | None:
+        """Why a step cannot be one call here (None: it can, for fewer tokens than `descriptor().crossover`)."""
+        if step_off():
+            return "BUDGETLM_LEAN_STEP=0"
+        return self.descriptor().reason
+
+    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [end - start, head_dim] contiguous float32 of positions start..end (the model's rotary)."""
+        probe = torch.empty(1, 1, self.head_dim)
+        if self.dynamic:
+            cos, sin = self.rotary(probe, torch.arange(start, end).unsqueeze(0))
+            return cos[0].float().contiguous(), sin[0].float().contiguous()
+        if end > self.cos.shape[0]:
+            n = max(end, 2 * self.cos.shape[0], 256)
+            cos, sin = self.rotary(probe, torch.arange(n).unsqueeze(0))
+            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        return self.cos[start:end], self.sin[start:end]
+
+    def _kv_pointers(self, cache: StaticKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 tensors of the cache's per-layer key and value buffer addresses (kept while its buffers are: they
+        change only when `reserve` grows them, which changes the capacity)."""
+        got = self._kv.get(id(cache.keys))
+        if got is None or got[0] is not cache.keys or got[1] is not cache.values or got[2] != cache.capacity:
+            if len(self._kv) >= 8:
+                self._kv.clear()
+            ptrs = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (cache.keys, cache.values)]
+            got = self._kv[id(cache.keys)] = (cache.keys, cache.values, cache.capacity, *ptrs)
+        return got[3], got[4]
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
+        m = ids.shape[1]
+        desc = self.descriptor()
+        if m > C_ATTENTION_ROWS or m >= desc.crossover or desc.reason is not None or step_off() or ids.shape[0] != 1:
+            return super().__call__(ids, start, cache, keep)
+        m, end, _ = self._begin(ids, start, cache)
+        cos, sin = self._rope(start, end)
+        ids = ids.to(torch.int64).contiguous()
+        h_in = 0
+        if not desc.md.embed:
+            h = self.embed(ids).float().contiguous()
+            h_in = h.data_ptr()
+        rows = min(keep, m) if keep else m
+        logits = torch.empty(1, rows, desc.md.head.n)
+        keys, values = self._kv_pointers(cache)
+        err = self.lib.lean_step(desc.address, ids.data_ptr(), h_in, m, start, rows, keys.data_ptr(),
+                                 values.data_ptr(), cache.capacity, cos.data_ptr(), sin.data_ptr(),
+                                 self.scratch.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+                                 self.simd)  # fmt: skip
+        if err == 3:
+            raise IndexError(f"lean runtime: a token id outside the vocabulary of {desc.md.vocab}")
+        if err == 2:
+            raise MemoryError("lean runtime: no memory for the attention scores")
+        if err:
+            raise RuntimeError(f"lean runtime: the one-call step failed (code {err})")
+        cache.length = end
+        return logits.to(self.dtype)
+
+
+def step_runtime(model: torch.nn.Module) -> LeanLlama:
+    """LeanStepLlama where its one-call step can run the model now, else LeanLlama with the reason in `no_step`."""
+    rt = LeanLlama(model)
+    if step_off():
+        rt.no_step = "BUDGETLM_LEAN_STEP=0"
+    elif not isinstance(rt.glue, CGlue):
+        rt.no_step = "no C glue (a model not float32, BUDGETLM_LEAN_C=0 or the library not built)"
+    else:
+        step = LeanStepLlama(model, rt.glue)
+        rt.no_step = step.step_reason()
+        if rt.no_step is None:
+            return step
+    return rt

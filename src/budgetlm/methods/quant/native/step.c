@@ -1,0 +1,193 @@
+/* One decode step of a Llama-architecture model in one call, for budgetlm's lean runtime (decode/lean_step.py):
+   embedding gather -> per layer: RMSNorm, q/k/v projections, rotary + key/value store, causal attention, o_proj,
+   residual add + RMSNorm, gate/up, SiLU(gate) * up, down, residual add -> final RMSNorm -> lm_head logits of the
+   last rows. A step of M <= 16 tokens of a small model costs ~9 Python/ctypes calls per layer otherwise (~10 us
+   each): here the model is a descriptor built once (weights' pointers, norms, shapes) and the step walks it.
+   The glue is ops.c's functions, the 4- and 8-bit products q4.c's and q8.c's (called with the arguments their
+   Python bindings check once, methods/quant/native/__init__.py); float32 Linears take `step_dense_mm` below, a
+   product for few rows of x (W rows in chunks that stay in L1 while every row of x passes over them). The formulas
+   are those of transformers' Llama forward; written for budgetlm. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define STEP_X86 1
+#endif
+
+/* ops.c */
+void lean_rms_norm(const float *x, const float *w, int M, int D, float eps, float *out, int simd);
+void lean_add_rms_norm(float *h, const float *delta, const float *w, int M, int D, float eps, float *out, int simd);
+void lean_rope_store(float *q, const float *k, const float *v, const float *cos_, const float *sin_, int M, int H,
+                     int KV, int D, float *kc, float *vc, int cap, int start);
+int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
+                   float scale, int window, float *out, int simd);
+void lean_silu_mul(const float *gate, const float *up, int n, float *out);
+/* q4.c, q8.c */
+int q4_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
+          int g, float *y, int threads, int simd);
+int q8_mm(const float *x, int M, int K, const int8_t *q, int N, const uint16_t *s, float *y, int threads, int simd);
+
+/* -- float32 y [M, N] = x [M, K] W^T, W [N, K] row-major ------------------------------------------------------- */
+static void dense_rows_scalar(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
+    for (int n = n0; n < n1; n++)
+        for (int m = 0; m < M; m++) {
+            const float *a = x + (size_t)m * K, *b = w + (size_t)n * K;
+            float s = 0.f;
+            for (int k = 0; k < K; k++) s += a[k] * b[k];
+            y[(size_t)m * N + n] = s;
+        }
+}
+
+#ifdef STEP_X86
+/* [sum of a's lanes, b's, c's, d's]: the four rows' results, stored at once */
+__attribute__((target("avx2,fma"))) static inline __m128 sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
+
+/* four rows of W against MC rows of x (K a multiple of 8): 4 * MC independent sums */
+#define DENSE_4(MC)                                                                                                    \
+    __attribute__((target("avx2,fma"))) static void dense4_##MC(const float *x, int K, const float *w, float *y,      \
+                                                                 int N) {                                              \
+        __m256 acc[MC][4];                                                                                             \
+        for (int m = 0; m < MC; m++)                                                                                   \
+            for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();                                               \
+        for (int k = 0; k < K; k += 8) {                                                                               \
+            __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);                                       \
+            __m256 w2 = _mm256_loadu_ps(w + 2 * (size_t)K + k), w3 = _mm256_loadu_ps(w + 3 * (size_t)K + k);           \
+            for (int m = 0; m < MC; m++) {                                                                             \
+                __m256 xv = _mm256_loadu_ps(x + (size_t)m * K + k);                                                    \
+                acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);                                                        \
+                acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);                                                        \
+                acc[m][2] = _mm256_fmadd_ps(w2, xv, acc[m][2]);                                                        \
+                acc[m][3] = _mm256_fmadd_ps(w3, xv, acc[m][3]);                                                        \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int m = 0; m < MC; m++)                                                                                   \
+            _mm_storeu_ps(y + (size_t)m * N, sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));                       \
+    }
+DENSE_4(1)
+DENSE_4(2)
+
+static void dense_rows_avx2(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
+    int n = n0;
+    for (; n + 4 <= n1; n += 4)
+        for (int m0 = 0; m0 < M; m0 += 2) {
+            const float *xm = x + (size_t)m0 * K;
+            float *ym = y + (size_t)m0 * N + n;
+            if (M - m0 >= 2) dense4_2(xm, K, w + (size_t)n * K, ym, N);
+            else dense4_1(xm, K, w + (size_t)n * K, ym, N);
+        }
+    if (n < n1) dense_rows_scalar(x, M, K, w, n, n1, N, y);
+}
+#endif
+
+/* y [M, N] = x [M, K] W^T for float32 W [N, K]; each OpenMP thread takes a range of rows (multiples of 4) */
+void step_dense_mm(const float *x, int M, int K, const float *w, int N, float *y, int threads, int simd) {
+    const int parts = threads > 1 && N >= 64 * threads ? threads : 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+#endif
+    for (int p = 0; p < parts; p++) {
+        const int n0 = (int)((int64_t)N * p / parts) & ~3;
+        const int n1 = p + 1 == parts ? N : (int)((int64_t)N * (p + 1) / parts) & ~3;
+#ifdef STEP_X86
+        if (simd && K % 8 == 0) dense_rows_avx2(x, M, K, w, n0, n1, N, y);
+        else
+#endif
+            dense_rows_scalar(x, M, K, w, n0, n1, N, y);
+    }
+    (void)simd;
+}
+
+/* -- the model descriptor (decode/lean_step.py builds it with ctypes; the field order is the Python one) -------- */
+enum { STEP_DENSE = 0, STEP_Q4 = 1, STEP_Q8 = 2 };
+
+typedef struct {
+    int64_t kind, n, k, block, group; /* block, group: q4 only */
+    const void *w;                    /* float32 [n, k] | q4 packed uint8 [n, k/2] | q8 int8 [n, k] */
+    const void *s, *z;                /* q4: fp16 scales, zero points [k/group, n]; q8: fp16 scales [n] */
+} step_linear;
+
+typedef struct {
+    const float *norm1, *norm2; /* input_layernorm, post_attention_layernorm weights [hidden] */
+    double eps1, eps2;
+    step_linear q, k, v, o, gate, up, down;
+} step_layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab;
+    double scale, eps; /* attention scale, final norm's epsilon */
+    const float *embed; /* float32 [vocab, hidden], or NULL: the caller passes the embedded tokens */
+    const float *norm;  /* final norm's weight */
+    const step_layer *layer;
+    step_linear head;
+} step_model;
+
+static int linear(const step_linear *L, const float *x, int M, float *y, int threads, int simd) {
+    switch (L->kind) {
+    case STEP_DENSE:
+        step_dense_mm(x, M, (int)L->k, (const float *)L->w, (int)L->n, y, threads, simd);
+        return 0;
+    case STEP_Q4:
+        return q4_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
+                     (const uint16_t *)L->z, (int)L->group, y, threads, simd);
+    case STEP_Q8:
+        return q8_mm(x, M, (int)L->k, (const int8_t *)L->w, (int)L->n, (const uint16_t *)L->s, y, threads, simd);
+    }
+    return 9;
+}
+
+/* floats of scratch a step of M tokens needs */
+int64_t lean_step_scratch(const step_model *md, int M) {
+    const int64_t D = md->hidden, A = md->heads * md->head_dim, KV = md->kv_heads * md->head_dim;
+    return (int64_t)M * (3 * D + 2 * A + 2 * KV + 2 * md->inter);
+}
+
+/* M new tokens `ids` (or their embeddings h_in [M, hidden] when md->embed is NULL) at positions start..start+M of
+   the caches kc[l], vc[l] ([kv_heads, cap, head_dim] each, written at those positions); cos, sin [M, head_dim]
+   (the rotary tables of those positions); logits [rows, vocab] of the last `rows` tokens. Returns 0, or: 1 a
+   product refused its shape, 2 no memory, 3 a token id outside the vocabulary. */
+int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M, int start, int rows,
+              float *const *kc, float *const *vc, int cap, const float *cos_, const float *sin_, float *scratch,
+              float *logits, int threads, int simd) {
+    const int D = (int)md->hidden, H = (int)md->heads, KV = (int)md->kv_heads, hd = (int)md->head_dim;
+    const int I = (int)md->inter;
+    float *h = scratch, *a = h + (size_t)M * D, *t = a + (size_t)M * D, *q = t + (size_t)M * D;
+    float *o = q + (size_t)M * H * hd, *k = o + (size_t)M * H * hd, *v = k + (size_t)M * KV * hd;
+    float *gate = v + (size_t)M * KV * hd, *up = gate + (size_t)M * I;
+    int err;
+    if (md->embed) {
+        for (int m = 0; m < M; m++) {
+            if (ids[m] < 0 || ids[m] >= md->vocab) return 3;
+            memcpy(h + (size_t)m * D, md->embed + (size_t)ids[m] * D, sizeof(float) * D);
+        }
+    } else {
+        memcpy(h, h_in, sizeof(float) * (size_t)M * D);
+    }
+    for (int l = 0; l < md->layers; l++) {
+        const step_layer *L = md->layer + l;
+        if (l == 0) lean_rms_norm(h, L->norm1, M, D, (float)L->eps1, a, simd);
+        else lean_add_rms_norm(h, t, L->norm1, M, D, (float)L->eps1, a, simd);
+        if ((err = linear(&L->q, a, M, q, threads, simd)) || (err = linear(&L->k, a, M, k, threads, simd)) ||
+            (err = linear(&L->v, a, M, v, threads, simd)))
+            return err == 2 ? 2 : 1;
+        lean_rope_store(q, k, v, cos_, sin_, M, H, KV, hd, kc[l], vc[l], cap, start);
+        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, 0, o, simd)) return 2;
+        if ((err = linear(&L->o, o, M, t, threads, simd))) return err == 2 ? 2 : 1;
+        lean_add_rms_norm(h, t, L->norm2, M, D, (float)L->eps2, a, simd);
+        if ((err = linear(&L->gate, a, M, gate, threads, simd)) || (err = linear(&L->up, a, M, up, threads, simd)))
+            return err == 2 ? 2 : 1;
+        lean_silu_mul(gate, up, M * I, gate);
+        if ((err = linear(&L->down, gate, M, t, threads, simd))) return err == 2 ? 2 : 1;
+    }
+    for (size_t i = 0; i < (size_t)M * D; i++) h[i] += t[i];
+    const float *last = h + (size_t)(M - rows) * D;
+    lean_rms_norm(last, md->norm, rows, D, (float)md->eps, a, simd);
+    if ((err = linear(&md->head, a, rows, logits, threads, simd))) return err == 2 ? 2 : 1;
+    return 0;
+}

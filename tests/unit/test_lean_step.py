@@ -1,0 +1,216 @@
+"""The lean runtime's one-call decode step (decode/lean_step.py, methods/quant/native/step.c) against the per-layer
+lean path and transformers' forward: float32 and quantised (4-bit, 8-bit, mixed) tiny Llamas, 1, 2 and 4 key/value
+heads, tied and untied heads, steps of 1..16 tokens with rollbacks, greedy generation, and the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from budgetlm.decode.lean import LeanLlama, runtime_for
+from budgetlm.decode.lean_step import LeanStepLlama
+from budgetlm.methods.quant import kernels, native
+from budgetlm.methods.quant.layers import QuantLinear
+from budgetlm.methods.quant.quantizer import find_grid, quantize
+from budgetlm.models.sources import tiny_config
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C library not built: {native.status()}")
+
+
+def llama(kv_heads: int = 2, tied: bool = True, seed: int = 0):
+    """A tiny Llama whose every projection the 4-bit kernel can take (256 tokens, head_dim 64)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config()
+    cfg.num_hidden_layers, cfg.initializer_range, cfg.vocab_size, cfg.pad_token_id = 3, 0.2, 256, 0
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, kv_heads, 64
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantise(model, plan) -> None:
+    """Replace every Linear `name` for which plan(name) gives 4 or 8 by a QuantLinear of that grid (4-bit groups of
+    32 with zero points; 8-bit symmetric per channel: the int8 codes)."""
+    for name, module in list(model.named_modules()):
+        bits = plan(name) if type(module) is torch.nn.Linear else None
+        if not bits:
+            continue
+        w = module.weight.data
+        grid = find_grid(w, bits, 32 if bits == 4 else None, bits == 8)
+        parent, _, leaf = name.rpartition(".")
+        layer = QuantLinear.from_codes(quantize(w, grid), grid, None)
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+PLANS = {
+    "fp32": lambda name: None,
+    "q4": lambda name: 4,
+    "q8": lambda name: 8,
+    "mixed": lambda name: {0: 4, 1: 8}.get(int(name.split(".")[2]), None) if ".layers." in name else 8,
+}
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """The 4-bit layers on budgetlm's kernel, the 8-bit ones on its 8-bit kernel, the kernels taken up to 64 tokens
+    (as if the host's probes found that)."""
+    monkeypatch.setattr(kernels, "_enabled", True)
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 64)
+    monkeypatch.setattr(kernels, "four_bit", lambda: "q4")
+    monkeypatch.setattr(kernels, "eight_bit", lambda n, k: "q8")
+
+
+class Counting:
+    """The C library with its lean_step calls counted."""
+
+    def __init__(self, lib):
+        self.lib, self.steps = lib, 0
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def lean_step(self, *args):
+        self.steps += 1
+        return self.lib.lean_step(*args)
+
+
+def step_runtime(model) -> LeanStepLlama:
+    rt = runtime_for(model)
+    assert type(rt) is LeanStepLlama and rt.label.startswith("lean-c"), getattr(rt, "no_step", None)
+    rt.lib = Counting(rt.lib)
+    return rt
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+# (start, end, rows kept) of each call, then the rollback before the next (positions dropped)
+CALLS = [(0, 5, 5, 0), (5, 6, 1, 0), (6, 9, 3, 0), (9, 25, 16, 3), (22, 23, 1, 0), (23, 40, 17, 0), (40, 44, 2, 0)]
+
+
+def run_calls(rt, seq: list[int]) -> torch.Tensor:
+    cache = rt.new_cache()
+    out = []
+    for start, end, keep, drop in CALLS:
+        assert cache.length == start
+        out.append(rt(torch.tensor([seq[start:end]]), start, cache, keep)[0])
+        if drop:
+            cache.crop(-drop)
+    return torch.cat(out)
+
+
+def wanted_rows(full: torch.Tensor) -> torch.Tensor:
+    return torch.cat([full[end - keep : end] for _, end, keep, _ in CALLS])
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("tied", [True, False])
+def test_step_equals_the_layer_path_and_transformers(plan, kv_heads, tied, kernels_on):
+    model = llama(kv_heads, tied)
+    quantise(model, PLANS[plan])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
+    rt = step_runtime(model)
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 6  # every call of at most 16 tokens: one C call each (the 17-token one per layer)
+    close(got, run_calls(LeanLlama(model), seq))
+    close(got, wanted_rows(full_logits(model, seq)))
+
+
+def test_step_with_an_embedding_it_does_not_gather(kernels_on):
+    class Embedding(torch.nn.Embedding):  # not nn.Embedding itself: the step takes its output from Python
+        pass
+
+    model = llama()
+    old = model.model.embed_tokens
+    model.model.embed_tokens = Embedding(old.num_embeddings, old.embedding_dim, _weight=old.weight.data)
+    quantise(model, PLANS["q4"])
+    rt = step_runtime(model)
+    assert not rt.descriptor().md.embed
+    seq = list(range(3, 47))
+    close(run_calls(rt, seq), wanted_rows(full_logits(model, seq)))
+
+
+@pytest.mark.parametrize("plan", ["fp32", "mixed"])
+def test_greedy_generation_is_token_identical(plan, kernels_on):
+    model = llama(kv_heads=2, tied=False)
+    quantise(model, PLANS[plan])
+
+    def greedy(rt, n: int = 24) -> list[int]:
+        seq, cache = [7, 8, 9], rt.new_cache()
+        logits = rt(torch.tensor([seq]), 0, cache, 1)
+        for _ in range(n):
+            seq.append(int(logits[0, -1].argmax()))
+            logits = rt(torch.tensor([seq[-1:]]), len(seq) - 1, cache, 1)
+        return seq
+
+    rt = step_runtime(model)
+    got = greedy(rt)
+    assert rt.lib.steps == 25
+    assert got == greedy(LeanLlama(model))
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[7, 8, 9]]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert got == want[0].tolist()
+
+
+def test_the_fallbacks_are_taken_and_named(monkeypatch, kernels_on):
+    model = llama()
+    quantise(model, PLANS["q8"])
+    assert type(runtime_for(model)) is LeanStepLlama
+    monkeypatch.setenv("BUDGETLM_LEAN_STEP", "0")
+    rt = runtime_for(model)
+    assert type(rt) is LeanLlama and rt.no_step == "BUDGETLM_LEAN_STEP=0" and rt.label == "lean (C glue)"
+    monkeypatch.delenv("BUDGETLM_LEAN_STEP")
+
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
+    assert runtime_for(model).no_step == "forward hooks on a projection"
+    model = llama()
+    att = model.model.layers[2].self_attn
+    att.o_proj = torch.nn.Linear(att.o_proj.in_features, att.o_proj.out_features, bias=True)
+    assert runtime_for(model).no_step == "a Linear with a bias or not float32"
+    model = llama()
+    quantise(model, PLANS["q4"])
+    monkeypatch.setattr(kernels, "four_bit", lambda: "int4")  # torch's 4-bit kernel: no pointers the step can call
+    rt = runtime_for(model)
+    assert type(rt) is LeanLlama and "int4" in rt.no_step
+
+
+def test_the_descriptor_follows_the_kernels_state(kernels_on):
+    model = llama()
+    quantise(model, PLANS["mixed"])
+    rt = step_runtime(model)
+    seq = list(range(10, 54))
+    want = wanted_rows(full_logits(model, seq))
+    first = rt.descriptor()
+    with kernels.kernels_enabled(False):  # no fast paths: every call runs the layers' exact dequantisation
+        close(run_calls(rt, seq), want)
+        assert rt.lib.steps == 0 and rt.descriptor() is not first and rt.descriptor().reason is not None
+    close(run_calls(rt, seq), want)  # back on the kernels: one call per step again
+    assert rt.lib.steps == 6 and rt.descriptor().reason is None
+    mlp = model.model.layers[2].mlp  # a projection replaced, a weight replaced: described again
+    mlp.up_proj = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    model.model.layers[2].input_layernorm.weight = torch.nn.Parameter(torch.rand(model.config.hidden_size) + 0.5)
+    close(run_calls(rt, seq), wanted_rows(full_logits(model, seq)))
+    assert rt.lib.steps == 12
+
+
+@pytest.mark.parametrize("simd", [0, pytest.param(1, marks=pytest.mark.skipif(not native.simd(), reason="no AVX2"))])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("n,k,threads", [(70, 64, 1), (64, 36, 1), (5, 8, 1), (301, 64, 2), (301, 64, 3)])
+def test_dense_few_row_product(simd, m, n, k, threads):
+    lib = native.library()
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    y = torch.full((m, n), float("nan"))
+    lib.step_dense_mm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), threads, simd)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
