@@ -7,7 +7,8 @@
     tasks: [text-ppl, text-cloze, arith, fidelity]
     limit: 40                                 # or per task: {text-ppl: 40, arc_easy: 200} (a task not named: all)
     bench: {prefill: [128, 512], decode_tokens: 64}
-    decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD)
+    decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD);
+                                              # `pipelines: [a, b]` limits it to those pipelines
     threads: 2                                # optional: torch threads per cell (--runner ray reserves as many CPUs)
     study: ablation                           # optional: a generated study: ablation or transfer (generated.py)
     devices: [rpi5, apple-m2]                 # optional: the devices the report projects onto (`budgetlm devices`)
@@ -62,6 +63,10 @@ class DecodeSettings(_Strict):
     tau: float | str | None = None  # one value for every draft, "a,b" one per draft, "inf": no gate
     mode: str = "exact"
     max_draft: int = Field(8, ge=1)
+    pipelines: list[str] | None = None  # the pipelines decoded so (absent: all); the others decode plainly
+
+    def applies(self, pipeline: str) -> bool:
+        return self.pipelines is None or pipeline in self.pipelines
 
     @field_validator("mode")
     @classmethod
@@ -241,6 +246,12 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
 
         pipelines, study = expand(study, pipelines, recipe.tasks, origin, partial(_resolve_step, origin=origin))
     _check_devices(recipe.devices, origin)
+    for i, name in enumerate(recipe.decoding.pipelines or [] if recipe.decoding else []):
+        if name not in pipelines:
+            raise ConfigError(
+                f"{origin}: decoding.pipelines[{i}]: no pipeline '{name}'{suggest(name, list(pipelines))}; "
+                f"pipelines: {', '.join(pipelines)}"
+            )
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
