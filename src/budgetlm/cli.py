@@ -858,6 +858,7 @@ def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     rec = load_recipe(recipe)
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
+
     def steps(cell) -> str:
         out = " -> ".join(map(text, cell.config["steps"])) or "-"
         dec = cell.config.get("decoding")
