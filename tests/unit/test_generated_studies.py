@@ -56,7 +56,8 @@ def test_ablation_of_a_method_used_twice_numbers_its_steps():
 
 def test_transfer_names_and_retargeted_training():
     rec = recipe(tasks=["arith", "arc_easy", "boolq:eval-fold", "text-ppl"], study="transfer",
-                 pipelines={"hola": [RTN, {**lora(), "train": {"steps": 1, "data": {"task": "arith", "limit": 9}}}]})  # fmt: skip
+                 pipelines={"hola": [RTN, {**lora(), "train": {"steps": 1, "data": {"task": "arith", "limit": 9}}}]},
+                 )  # fmt: skip
     assert list(rec.pipelines) == ["baseline", "hola", "hola@train-arc_easy", "hola@train-boolq"]
     assert rec.study.roles == {"hola": "arith", "hola@train-arc_easy": "arc_easy", "hola@train-boolq": "boolq"}
     data = rec.pipelines["hola@train-boolq"][1]["train"]["data"]
