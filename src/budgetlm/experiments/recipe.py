@@ -73,9 +73,7 @@ class DecodeSettings(_Strict):
     def _mode(cls, v: str) -> str:
         from budgetlm.decode.speculative import MODES
 
-        if v not in MODES:
-            raise ValueError(f"'{v}' is not a decoding mode; use one of: {', '.join(MODES)}")
-        return v
+        return _one_of(v, MODES, f"'{v}' is not a decoding mode")
 
     def resolved(self) -> dict:
         """The settings as decode.generate.build takes them, checked (one-line errors)."""
@@ -100,9 +98,7 @@ class StudySettings(_Strict):
     def _kind(cls, v: str) -> str:
         from budgetlm.experiments.generated import KINDS
 
-        if v not in KINDS:
-            raise ValueError(f"unknown study kind '{v}'{suggest(v, KINDS)}; use one of: {', '.join(KINDS)}")
-        return v
+        return _one_of(v, KINDS, f"unknown study kind '{v}'")
 
 
 class Recipe(_Strict):
@@ -135,6 +131,12 @@ class Recipe(_Strict):
                     _positive(n, f"{task}: ")
             return v
         return v if v is None else _positive(v, "")
+
+
+def _one_of(v: str, choices, unknown: str) -> str:
+    if v not in choices:
+        raise ValueError(f"{unknown}{suggest(v, list(choices))}; use one of: {', '.join(choices)}")
+    return v
 
 
 def _positive(n: Any, where: str) -> int:
