@@ -353,3 +353,17 @@ def test_no_study_no_tables(tmp_path):
     path = make_study(tmp_path, rec, {"baseline": (0, 0.5), "q": (1, 0.5)})
     md = build_report(path)["markdown"].read_text()
     assert "## Ablation" not in md and "## Transfer" not in md
+
+
+def test_slope_chart_pairs_carry_their_paired_tests(tmp_path):
+    rec = recipe(pipelines={"q": [RTN], "q+nf4": [RTN, NF4], "l": [lora()], "l+nf4": [lora(), NF4]})
+    quality = {"baseline": (0, 0.5), "q": (1, 0.7), "q+nf4": (2, 0.6), "l": (3, 0.5), "l+nf4": (3, 0.5)}
+    path = make_study(tmp_path, rec, quality)
+    by, _, _ = _by_pipeline(path)
+    md = build_report(path)["markdown"].read_text()
+    assert "## Paired tests of the slope charts' pairs" in md and "### before nf4 vs after nf4" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| t-acc (acc) | q | q+nf4 |"))
+    diff, p = _independent(by["q"], by["q+nf4"], "t-acc", path)
+    assert f"{diff:+.3f}" in row and f"| mcnemar | {p:.4f} |" in row
+    same = next(ln for ln in md.splitlines() if ln.startswith("| t-acc (acc) | l | l+nf4 |"))
+    assert "+0.000 n.s." in same

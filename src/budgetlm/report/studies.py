@@ -120,10 +120,40 @@ def diagonal(train_task: str, eval_task: str) -> bool:
 
 
 def study_markdown(directory: Path, recipe: dict, cells: list[dict], tasks: list[str]) -> list[str]:
+    """report.md's sections: the generated study's tables, then the paired tests of the slope charts' pairs."""
     tables = study_tables(directory, recipe, cells, tasks)
     out = []
     for t in tables:
         out += _ablation_md(t) if t.kind == "ablation" else _transfer_md(t)
+    return out + slope_tests_md(directory, cells, tasks)
+
+
+def slope_tests_md(directory: Path, cells: list[dict], tasks: list[str]) -> list[str]:
+    """Each pair of report.html's slope charts (figures.pairings: a pipeline under two conditions) on each task's
+    headline metric, B against A with its paired test."""
+    from budgetlm.report.figures import pairings
+
+    tests = PairedTests(directory)
+    out = []
+    for (cond_a, cond_b), pairs in pairings(cells):
+        lines = []
+        for task in tasks:
+            metric = headline(cells, task)
+            for a, b in pairs if metric is not None else []:
+                if _row(a, task, metric) is None or _row(b, task, metric) is None:
+                    continue
+                cols = _claim_cols(tests.claim(a, b, task, metric))
+                values = (
+                    f"{_cell_text(_row(a, task, metric), se=False)} | {_cell_text(_row(b, task, metric), se=False)}"
+                )
+                lines.append(
+                    f"| {task} ({metric}) | {a['label']} | {b['label']} | {values} | " + " | ".join(cols) + " |"
+                )
+        if lines:
+            out += [f"### {cond_a} vs {cond_b}", "", "| task | A | B | A value | B value | B − A | 95% CI | test | p |",
+                    "|---|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    if out:
+        out = ["## Paired tests of the slope charts' pairs", "", _test_note(), "", *out]
     return out
 
 
