@@ -367,3 +367,9 @@ def test_slope_chart_pairs_carry_their_paired_tests(tmp_path):
     assert f"{diff:+.3f}" in row and f"| mcnemar | {p:.4f} |" in row
     same = next(ln for ln in md.splitlines() if ln.startswith("| t-acc (acc) | l | l+nf4 |"))
     assert "+0.000 n.s." in same
+
+
+def test_the_report_finds_a_task_under_its_canonical_name():
+    result_name = st.result_name
+    assert result_name("sciq-rag:gate=grad") == "sciq-rag:gate=grad:k=3"  # as the harness names its rows
+    assert result_name("arc_easy") == "arc_easy" and result_name("t-acc") == "t-acc"

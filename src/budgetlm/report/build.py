@@ -69,7 +69,7 @@ def load_study(directory: Path) -> tuple[dict, list[dict], list[dict], list[str]
         c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
         c["phases"] = by.get(c["cell_id"], {})
         c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
-    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    tasks = list(dict.fromkeys(st.result_name(t) for c in cells for t in c["config"].get("tasks", [])))
     return recipe, cells, rows, tasks
 
 
