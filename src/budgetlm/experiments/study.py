@@ -365,7 +365,7 @@ def summary_table(directory: str | Path):
     with st.Store.open(directory) as store:
         cells = store.plan_cells()
         rows = st.by_cell(store.rows([c["cell_id"] for c in cells]))
-    tasks = list(dict.fromkeys(st.result_name(t) for c in cells for t in c["config"].get("tasks", [])))
+    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
     several_models = len({c["model"] for c in cells}) > 1
     sizes = [st.value(rows.get(c["cell_id"], {}), "size", "stored_bytes") for c in cells]
     scale, unit = byte_unit(max((s for s in sizes if s), default=0))
