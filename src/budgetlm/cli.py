@@ -858,7 +858,13 @@ def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     rec = load_recipe(recipe)
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
-    rows = [[model_label(c.model), c.pipeline, c.id, " -> ".join(map(text, c.config["steps"])) or "-"] for c in cells]
+
+    def steps(cell) -> str:
+        out = " -> ".join(map(text, cell.config["steps"])) or "-"
+        dec = cell.config.get("decoding")
+        return out + (f"; decoding: drafts {', '.join(dec['drafts'])}, {dec['mode']}" if dec else "")
+
+    rows = [[model_label(c.model), c.pipeline, c.id, steps(c)] for c in cells]
     _table(
         f"{rec.name}: {len(cells)} cells; tasks {', '.join(rec.tasks)}", ["model", "pipeline", "cell", "steps"], rows
     )

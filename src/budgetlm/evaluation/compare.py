@@ -105,6 +105,18 @@ def _statistic(agg: Aggregate):
     return lambda rows: agg.value(float(rows[:, 0].sum()), float(rows[:, 1].sum()))
 
 
+def compare_records(
+    task: str, metric: str, agg: Aggregate, ra: dict[str, dict], rb: dict[str, dict], n_boot: int = 10000, seed: int = 0
+) -> dict | None:
+    """One metric of one task compared over the items of A and B ({id: record}) matched by id and valued in both:
+    {task, metric, n, a, b, diff, ci_low, ci_high, test, p} (McNemar rows also b01, b10); None when no item pairs."""
+    pairs = [(agg.row(ra[i]), agg.row(rb[i])) for i in ra if i in rb]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    if not pairs:
+        return None
+    return _compare_metric(task, metric, agg, [x for x, _ in pairs], [y for _, y in pairs], n_boot, seed)
+
+
 def compare(dir_a: Path, dir_b: Path, n_boot: int = 10000, seed: int = 0) -> list[dict]:
     """Rows {task, metric, n, a, b, diff, test, p, ci_low, ci_high, matched, n_a, n_b} for every task both
     folders log per item and every metric A's eval.json declares: n items compared (matched by id and valued
@@ -124,11 +136,9 @@ def compare(dir_a: Path, dir_b: Path, n_boot: int = 10000, seed: int = 0) -> lis
             continue
         sizes = {"matched": len(matched), "n_a": len(ra), "n_b": len(rb)}
         for metric, agg in task_aggregations(task, declared.get(task, {})).items():
-            pairs = [(agg.row(ra[i]), agg.row(rb[i])) for i in matched]
-            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-            if pairs:
-                rows_a, rows_b = [x for x, _ in pairs], [y for _, y in pairs]
-                rows.append({**_compare_metric(task, metric, agg, rows_a, rows_b, n_boot, seed), **sizes})
+            row = compare_records(task, metric, agg, ra, rb, n_boot, seed)
+            if row is not None:
+                rows.append({**row, **sizes})
     if total_matched == 0:
         raise DataError(
             f"no item ids match between {dir_a} and {dir_b} (tasks {', '.join(tasks)}); "

@@ -150,13 +150,14 @@ def evaluate(
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
     with Progress("eval", len(resolved), enabled=progress) as bar:
-        for task in resolved:
+        for asked, task in zip(tasks, resolved):
             bar.status(f"{task.name}: loading the items", line=False)  # a bad data file: its error, no line
             t0 = time.perf_counter()
             data = task.load(ctx)
             if not data.items:
                 raise DataError(f"task '{task.name}' has no items ({data.source}); check the data file")
-            n = task_limit(limit, task.name)
+            # a recipe's limit names the task as written (sciq-rag:gate=grad), the result its canonical form (:k=3)
+            n = task_limit(limit, task.name if isinstance(limit, dict) and task.name in limit else asked)
             items = sample_items(data.items, n, seed)
             task_ctx = TaskContext(**{**ctx.__dict__, "extra": {}})
             if getattr(task, "needs_reference", False):

@@ -52,7 +52,7 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
         "bench": recipe.bench.model_dump(mode="json"),
         "budgetlm": __version__,
     }
-    if recipe.decoding is not None:  # only when set: the ids of cells without it stay what they were
+    if recipe.decoding is not None and recipe.decoding.applies(pipeline):  # only when set: other ids stay the same
         config["decoding"] = recipe.decoding.resolved()
     if recipe.threads is not None:  # likewise
         config["threads"] = recipe.threads

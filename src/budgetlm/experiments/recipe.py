@@ -7,8 +7,11 @@
     tasks: [text-ppl, text-cloze, arith, fidelity]
     limit: 40                                 # or per task: {text-ppl: 40, arc_easy: 200} (a task not named: all)
     bench: {prefill: [128, 512], decode_tokens: 64}
-    decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD)
+    decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD);
+                                              # `pipelines: [a, b]` limits it to those pipelines
     threads: 2                                # optional: torch threads per cell (--runner ray reserves as many CPUs)
+    study: ablation                           # optional: a generated study: ablation or transfer (generated.py)
+    devices: [rpi5, apple-m2]                 # optional: the devices the report projects onto (`budgetlm devices`)
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -23,6 +26,7 @@ from __future__ import annotations
 import itertools
 import re
 import types
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -36,6 +40,7 @@ from budgetlm.utils import YamlLoader
 BASELINE = "baseline"
 OFFLINE_SUITE = ["text-ppl", "text-cloze", "arith", "fidelity"]
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@-]*$")  # '@': transfer studies' `<pipeline>@train-<task>`
 
 
 class _Strict(BaseModel):
@@ -58,15 +63,17 @@ class DecodeSettings(_Strict):
     tau: float | str | None = None  # one value for every draft, "a,b" one per draft, "inf": no gate
     mode: str = "exact"
     max_draft: int = Field(8, ge=1)
+    pipelines: list[str] | None = None  # the pipelines decoded so (absent: all); the others decode plainly
+
+    def applies(self, pipeline: str) -> bool:
+        return self.pipelines is None or pipeline in self.pipelines
 
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:
         from budgetlm.decode.speculative import MODES
 
-        if v not in MODES:
-            raise ValueError(f"'{v}' is not a decoding mode; use one of: {', '.join(MODES)}")
-        return v
+        return _one_of(v, MODES, f"'{v}' is not a decoding mode")
 
     def resolved(self) -> dict:
         """The settings as decode.generate.build takes them, checked (one-line errors)."""
@@ -76,6 +83,22 @@ class DecodeSettings(_Strict):
         tau = None if self.tau is None else str(self.tau)
         parse_taus(tau, len(specs))
         return {"drafts": specs, "tau": tau, "mode": self.mode, "max_draft": self.max_draft}
+
+
+class StudySettings(_Strict):
+    """A generated study (experiments/generated.py): `study: ablation` or `{kind: transfer, pipeline: P, ...}`."""
+
+    kind: str
+    pipeline: str | None = None  # the pipeline it is built from (absent: the only one besides the baseline)
+    train_tasks: list[str] | None = None  # transfer: the tasks to adapt on (absent: the recipe's tasks that train)
+    roles: dict[str, str] = Field(default_factory=dict)  # filled in on resolution: {generated pipeline: its role}
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from budgetlm.experiments.generated import KINDS
+
+        return _one_of(v, KINDS, f"unknown study kind '{v}'")
 
 
 class Recipe(_Strict):
@@ -90,6 +113,13 @@ class Recipe(_Strict):
     eval_batch_size: int | None = Field(None, ge=1)
     decoding: DecodeSettings | None = None  # generation tasks by speculative decoding (absent: plain)
     threads: int | None = Field(None, ge=1)  # torch threads per cell, the CPUs a Ray task reserves (absent: default)
+    study: StudySettings | None = None  # a generated study: ablation or transfer (absent: the pipelines as given)
+    devices: list[str] | None = None  # the report's device projections (absent: report/projection.py's defaults)
+
+    @field_validator("study", mode="before")
+    @classmethod
+    def _study(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -101,6 +131,12 @@ class Recipe(_Strict):
                     _positive(n, f"{task}: ")
             return v
         return v if v is None else _positive(v, "")
+
+
+def _one_of(v: str, choices, unknown: str) -> str:
+    if v not in choices:
+        raise ValueError(f"{unknown}{suggest(v, list(choices))}; use one of: {', '.join(choices)}")
+    return v
 
 
 def _positive(n: Any, where: str) -> int:
@@ -198,7 +234,7 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 raise ConfigError(f"{origin}: pipelines.{name}: its settings' product names '{full}' twice; rename it")
             expanded[full] = combo
     for name, steps in expanded.items():
-        if not _SAFE_NAME.match(name):
+        if not _PIPELINE_NAME.match(name):
             raise ConfigError(f"{origin}: pipelines.{name}: a pipeline name must be letters, digits, '-', '_' or '.'")
         if name == BASELINE and steps:
             raise ConfigError(
@@ -206,6 +242,18 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
+    study = recipe.study
+    if study is not None:
+        from budgetlm.experiments.generated import expand
+
+        pipelines, study = expand(study, pipelines, recipe.tasks, origin, partial(_resolve_step, origin=origin))
+    _check_devices(recipe.devices, origin)
+    for i, name in enumerate(recipe.decoding.pipelines or [] if recipe.decoding else []):
+        if name not in pipelines:
+            raise ConfigError(
+                f"{origin}: decoding.pipelines[{i}]: no pipeline '{name}'{suggest(name, list(pipelines))}; "
+                f"pipelines: {', '.join(pipelines)}"
+            )
     data_dir = str(Path(recipe.data_dir).expanduser().resolve()) if recipe.data_dir else None
     if data_dir is not None and not Path(data_dir).is_dir():
         what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
@@ -213,7 +261,23 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     for name, steps in pipelines.items():
         fix = "remove {eval} from tasks or train this pipeline on other data"
         _check_contamination(steps, recipe.tasks, f"{origin}: pipelines.{name}", fix)
-    return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir})
+    return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir, "study": study})
+
+
+def _check_devices(names: list[str] | None, origin: str) -> None:
+    """Every device the recipe names is a profile of hardware/devices.py (close names suggested)."""
+    if names is None:
+        return
+    from budgetlm.errors import unknown
+    from budgetlm.hardware.devices import load_devices
+
+    if not names:
+        raise ConfigError(f"{origin}: devices: an empty list; name devices from `budgetlm devices` or remove the key")
+    profiles = load_devices()
+    _no_duplicates(names, "devices", origin)
+    for i, name in enumerate(names):
+        if name not in profiles:
+            raise UnknownNameError(f"{origin}: devices[{i}]: {unknown('device', name, profiles)}") from None
 
 
 def _takes_list(annotation: Any) -> bool:
@@ -398,6 +462,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
+        if get_origin(annotation) in (Union, types.UnionType):  # an optional section: `study: StudySettings | None`
+            models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            annotation = models[0] if models else None
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
     return list(model.model_fields)

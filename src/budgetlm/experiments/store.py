@@ -326,3 +326,15 @@ def prefill_metrics(phases: dict[str, dict[str, dict]]) -> list[str]:
     """prefill_tok_s@N metric names of the speed phase, by increasing N."""
     names = [m for m in phases.get("speed", {}) if m.startswith("prefill_tok_s@")]
     return sorted(names, key=lambda m: int(m.rsplit("@", 1)[1]) if m.rsplit("@", 1)[1].isdigit() else 0)
+
+
+def result_name(task: str) -> str:
+    """The name a task's rows carry in the store: its canonical form (`sciq-rag:gate=grad` -> `...:k=3`); a name the
+    registry does not know (rows of an older study) as it is."""
+    from budgetlm.data.tasks.base import tasks as registry
+    from budgetlm.errors import BudgetLMError
+
+    try:
+        return registry.get(task).name
+    except BudgetLMError:
+        return task

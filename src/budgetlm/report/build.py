@@ -7,6 +7,8 @@ DIR/results.csv   every row: one per cell x task/phase x metric, with model and 
 DIR/pareto.png    each task's headline metric against stored size, Pareto front drawn
 DIR/report.html   one self-contained page (plotly, its script inlined): Pareto fronts of each task against four
                   costs, recovery and projected-device heatmaps, slope charts (report/figures.py, report/html.py)
+                  and, for a recipe's generated study, the ablation / transfer heatmaps (report/studies.py)
+report.md also holds a generated study's ablation tables and transfer matrix, each difference with its paired test.
 The device columns of the cost table and the device heatmap are projections (report/projection.py), never
 measurements: the recipe's `devices`, else DEFAULT_DEVICES in the table and every profile in the heatmap.
 """
@@ -26,6 +28,7 @@ from budgetlm.report import figures as fg
 from budgetlm.report.html import write_html
 from budgetlm.report.plots import Panel, Point, pareto_plot
 from budgetlm.report.projection import DEFAULT_DEVICES, chosen_devices, contexts, describe, project_cells
+from budgetlm.report.studies import study_markdown, study_sections
 
 CSV_COLUMNS = ["cell_id", "model", "pipeline", "task_or_phase", "metric", "value", "stderr", "n", "unit", "source",
                "extra_json"]  # fmt: skip
@@ -66,7 +69,7 @@ def load_study(directory: Path) -> tuple[dict, list[dict], list[dict], list[str]
         c["label"] = f"{c['pipeline']} ({model_label(c['model'])})" if several else c["pipeline"]
         c["phases"] = by.get(c["cell_id"], {})
         c["folder"] = Cell(c["cell_id"], c["model"], c["pipeline"], c["config"]).folder(Path()).as_posix()
-    tasks = list(dict.fromkeys(t for c in cells for t in c["config"].get("tasks", [])))
+    tasks = list(dict.fromkeys(st.result_name(t) for c in cells for t in c["config"].get("tasks", [])))
     return recipe, cells, rows, tasks
 
 
@@ -89,6 +92,7 @@ def html_report(directory: Path, recipe: dict, cells: list[dict], tasks: list[st
         ("Devices (projected, not measured)", [fg.device_heatmap(done, projections, devices)], ""),
         ("Slope charts (measured)", slopes, slope_note),
     ]
+    sections += study_sections(directory, recipe, done, tasks)  # a generated study's ablation / transfer (studies.py)
     return write_html(directory / "report.html", f"Study {name}", intro, sections)
 
 
@@ -148,6 +152,7 @@ def markdown(
     out += ["", "## Tasks", "", "Value ± standard error; recovery = 100 × value / the baseline cell's value.", ""]
     for task in tasks:
         out += task_table(task, done)
+    out += study_markdown(directory, recipe, done, tasks)  # a generated study's ablation / transfer (studies.py)
     out += ["## Cost", ""] + cost_table(done, projections, devices) + [""]
     out += step_table(done)
     out += ["## Environment", ""] + env_table(done)

@@ -180,14 +180,14 @@ def _task(directory: Path, task: str | None, recipe: dict, cells: list[dict]) ->
     if task is None:
         if not tasks:
             raise DataError(f"the study in {directory} evaluated no task; give --task or add tasks to its recipe")
-        return tasks[0], "the study's first task"
+        return st.result_name(tasks[0]), "the study's first task"  # the name its rows carry
     if task not in tasks:
         listed = ", ".join(tasks) or "none"
         raise UnknownNameError(
             f"--task '{task}' is not among the tasks of the study in {directory}{suggest(task, tasks)}; its tasks: "
             f"{listed}"
         )
-    return task, "--task"
+    return st.result_name(task), "--task"
 
 
 def figures(cell: dict, phases: dict, folder: Path, limits: Limits, device) -> dict[str, Figure]:

@@ -122,7 +122,8 @@ def match_block(packer) -> int | None:
 
 @lru_cache(maxsize=1)
 def _host_block() -> int | None:
-    return match_block(lambda q, inner: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner))
+    with torch.device("cpu"):  # real tensors even when first asked inside a meta-device block (lobi's storage_bytes)
+        return match_block(lambda q, inner: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner))
 
 
 def _layout_matches() -> bool:
