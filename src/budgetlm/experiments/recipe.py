@@ -9,6 +9,7 @@
     bench: {prefill: [128, 512], decode_tokens: 64}
     decoding: {drafts: ["layers:10"], tau: 2.0}  # optional: generation tasks by speculative decoding (HSD)
     threads: 2                                # optional: torch threads per cell (--runner ray reserves as many CPUs)
+    latent: {tasks: [arc_easy, text-cloze], items: 64, perplexity: 30}  # optional: t-SNE of final hidden states
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -31,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
+from budgetlm.experiments.latent import LatentSettings, check_latent
 from budgetlm.utils import YamlLoader
 
 BASELINE = "baseline"
@@ -90,6 +92,7 @@ class Recipe(_Strict):
     eval_batch_size: int | None = Field(None, ge=1)
     decoding: DecodeSettings | None = None  # generation tasks by speculative decoding (absent: plain)
     threads: int | None = Field(None, ge=1)  # torch threads per cell, the CPUs a Ray task reserves (absent: default)
+    latent: LatentSettings | None = None  # t-SNE of final hidden states per cell (experiments/latent.py; absent: off)
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -182,6 +185,8 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
             recipe.decoding.resolved()
         except ConfigError as exc:
             raise ConfigError(f"{origin}: decoding: {exc}") from None
+    if recipe.latent is not None:
+        check_latent(recipe.latent, recipe.tasks, origin)
     if isinstance(recipe.limit, dict):
         for task in recipe.limit:
             if task not in recipe.tasks:
