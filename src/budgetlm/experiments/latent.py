@@ -95,7 +95,8 @@ def run_latent(handle, cfg: dict, cell_dir: Path, baseline: bool) -> dict[str, M
     points, kl = lt.embed(states, settings.perplexity, seed)
     _save_npy(cell_dir / STATES, states)
     extra = {"states": STATES, "tasks": settings.tasks, "perplexity": settings.perplexity, "seed": seed,
-             "distance": lt.DISTANCE, "hidden": "after the final norm, last prompt token"}  # fmt: skip
+             "distance": lt.DISTANCE, "method": lt.METHOD,
+             "hidden": "after the final norm, last prompt token"}  # fmt: skip
     n = len(ids)
     rows = {
         "silhouette_task": Metric(lt.silhouette(states, labels), n=n, extra=extra),

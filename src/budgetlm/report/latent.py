@@ -69,12 +69,11 @@ def latent_figure(cells: list[dict]) -> Latent:
     fig.caption = (
         f"Store rows {PHASE}/{POINTS} (the points, in its extra), {PHASE}/silhouette_task and "
         f"{PHASE}/cosine_to_baseline of cells {', '.join(p.cell_id for p in fig.panels)}; the hidden states each "
-        f"fit embeds are cells/<cell>/{extra.get('states', 'latent_states.npy')}. Per cell: "
-        f"{len(fig.panels[0].ids)} items ({', '.join(fig.tasks)}), the final hidden state "
-        f"({extra.get('hidden', 'after the final norm, last prompt token')}), exact t-SNE with {extra.get('distance')} "
-        f"distance, perplexity {extra.get('perplexity')}, seed {extra.get('seed')}. Each panel is its own fit: compare "
-        "the clusters within a panel, not positions across panels; the cosine to the baseline is measured in the "
-        "hidden space itself."
+        f"fit embeds are cells/<cell>/{extra.get('states')}. Per cell: {len(fig.panels[0].ids)} items "
+        f"({', '.join(fig.tasks)}), the final hidden state ({extra.get('hidden')}), t-SNE ({extra.get('method')}) "
+        f"with {extra.get('distance')} distance, perplexity {extra.get('perplexity')}, seed {extra.get('seed')}. Each "
+        "panel is its own fit: compare the clusters within a panel, not positions across panels; the cosine to the "
+        "baseline is measured in the hidden space itself."
     )
     return fig
 
