@@ -216,3 +216,15 @@ def test_the_report_says_when_no_cell_has_latent_data():
     fig = report_latent.latent_figure(cells)
     assert fig.note == report_latent.NONE and not fig.panels
     assert report_latent.NONE + "." in report_latent.markdown(cells)
+
+
+def test_a_variant_without_baseline_states_says_so(tiny, tmp_path):
+    from budgetlm.report import latent as report_latent
+
+    rows = run_latent(tiny, {**_cfg(), "study_dir": str(tmp_path)}, tmp_path, baseline=False)
+    assert "cosine_to_baseline" not in rows
+    note = rows["tsne_kl"].extra["cosine_to_baseline"]
+    assert note.startswith("not measured: no baseline states of these items")
+    phases = {"latent": {m: {**r.to_dict(), "value": r.value} for m, r in rows.items()}}
+    md = "\n".join(report_latent.markdown([{"cell_id": "c", "label": "int4", "folder": "f", "phases": phases}]))
+    assert f"No cosine to the baseline: int4: {note}." in md

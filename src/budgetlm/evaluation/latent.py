@@ -47,15 +47,15 @@ def prompt_tokens(lm, task: Task, doc: dict) -> list[int]:
 def final_states(lm, prompts: list[list[int]]) -> np.ndarray:
     """[len(prompts), hidden] float32: the decoder's last hidden state (after its final norm) at each prompt's last
     token."""
-    out = np.zeros((len(prompts), lm.model.config.hidden_size), dtype=np.float32)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    states: list[np.ndarray | None] = [None] * len(prompts)
     for start in range(0, len(order), BATCH):
         rows = order[start : start + BATCH]
         hidden, mask = lm._hidden([prompts[i] for i in rows])
-        last = mask.sum(dim=1) - 1
-        states = hidden[torch.arange(len(rows)), last].float().numpy()
-        out[rows] = states
-    return out
+        last = hidden[torch.arange(len(rows)), mask.sum(dim=1) - 1].float().numpy()
+        for r, i in enumerate(rows):
+            states[i] = last[r]
+    return np.stack(states).astype(np.float32)
 
 
 def embed(states: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, float]:

@@ -107,7 +107,9 @@ def run_latent(handle, cfg: dict, cell_dir: Path, baseline: bool) -> dict[str, M
         _save_reference(reference, ids, states)
     elif reference is not None:
         cos = _to_baseline(reference, ids, states)
-        if cos is not None:
+        if cos is None:  # the baseline cell failed, or its references were removed: said, not hidden
+            extra = {**extra, "cosine_to_baseline": f"not measured: no baseline states of these items ({reference})"}
+        else:
             se = float(cos.std(ddof=1) / np.sqrt(n)) if n > 1 else None
             rows["cosine_to_baseline"] = Metric(float(cos.mean()), se, n, extra={**extra, "baseline": reference.name})
     points_extra = {"x": [round(float(v), 4) for v in points[:, 0]], "y": [round(float(v), 4) for v in points[:, 1]],

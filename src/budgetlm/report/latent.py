@@ -157,8 +157,14 @@ def markdown(cells: list[dict]) -> list[str]:
                 "-" if not ok else f"{v:.3f}" + (f" ± {se:.2g}" if se is not None and not math.isnan(se) else "")
             )
         lines.append(f"| {c['label']} | `{c['cell_id']}` | {n if n is not None else '-'} | " + " | ".join(vals) + " |")
+    missing = []  # why a cell has no cosine to the baseline (experiments/latent.py notes it in the points' extra)
+    for c in have:
+        note = ((c["phases"][PHASE].get(POINTS) or {}).get("extra") or {}).get("cosine_to_baseline")
+        if isinstance(note, str):
+            missing.append(f"{c['label']}: {note}")
     lines += [
         "",
+        *([f"No cosine to the baseline: {'; '.join(missing)}.", ""] if missing else []),
         f"Store rows {PHASE}/<metric>: silhouette_task = silhouette of the task labels in the final hidden states "
         "(after the final norm, last prompt token; cosine distance), silhouette_task_2d = the same in the t-SNE "
         "points, cosine_to_baseline = mean cosine of each item's hidden state with the baseline cell's (± standard "
