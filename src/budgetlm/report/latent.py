@@ -52,12 +52,8 @@ def latent_figure(cells: list[dict]) -> Latent:
         extra = (row or {}).get("extra") or {}
         if not all(k in extra for k in ("x", "y", "ids", "task", "tasks")):
             continue
-        if not fig.tasks:
-            fig.tasks = list(extra["tasks"])
-        names = list(extra["tasks"])
-        task = [
-            fig.tasks.index(names[k]) if names[k] in fig.tasks else _add(fig.tasks, names[k]) for k in extra["task"]
-        ]
+        fig.tasks += [name for name in extra["tasks"] if name not in fig.tasks]  # one colour per task on every panel
+        task = [fig.tasks.index(extra["tasks"][k]) for k in extra["task"]]
         fig.panels.append(
             LatentPanel(c["cell_id"], c["label"], c["folder"], list(extra["x"]), list(extra["y"]), list(extra["ids"]),
                         task, _value(c, "silhouette_task"), _value(c, "cosine_to_baseline"))
@@ -76,11 +72,6 @@ def latent_figure(cells: list[dict]) -> Latent:
         "baseline is measured in the hidden space itself."
     )
     return fig
-
-
-def _add(names: list[str], name: str) -> int:
-    names.append(name)
-    return len(names) - 1
 
 
 def _value(cell: dict, metric: str) -> float | None:
