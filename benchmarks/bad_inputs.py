@@ -191,6 +191,7 @@ MMLU_ROW = {"question": "Which is a bone?", "subject": "anatomy", "choices": ["f
 MMLU_ROW["answer"] = 0
 COPA_ROW = {"premise": "It rained.", "choice1": "A.", "choice2": "B.", "question": "why", "idx": 0, "label": 0}
 TINY_RECIPE = "models: [tiny-random]\ntasks: [text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
+LATENT_RECIPE = "models: [tiny-random]\ntasks: [text-cloze, arith, text-ppl]\nlimit: 2\nbench: {enabled: false}\n"
 
 
 def recipe(text: str, name: str = "r.yaml") -> Setup:
@@ -511,6 +512,15 @@ CASES: list[Case] = [
          (recipe(TINY_RECIPE.replace("limit: 2", "limit: {text-pl: 2}")),), needle="text-ppl"),
     Case("run: limit 0", ("run", "r.yaml", "--out", "s"), (recipe("models: [tiny-random]\nlimit: 0\n"),),
          needle="limit"),
+    Case("run: latent task the recipe does not run", ("run", "r.yaml", "--out", "s"),
+         (recipe(LATENT_RECIPE + "latent: {tasks: [text-cloze, arithh]}\n"),), needle="did you mean: arith?"),
+    Case("run: latent items 0", ("run", "r.yaml", "--out", "s"),
+         (recipe(LATENT_RECIPE + "latent: {tasks: [text-cloze, arith], items: 0}\n"),), needle="latent.items"),
+    Case("run: latent perplexity above the points", ("run", "r.yaml", "--out", "s"),
+         (recipe(LATENT_RECIPE + "latent: {tasks: [text-cloze, arith], items: 4, perplexity: 30}\n"),),
+         needle="below the number of points, 8"),
+    Case("run: latent task without prompts", ("run", "r.yaml", "--out", "s"),
+         (recipe(LATENT_RECIPE + "latent: {tasks: [text-cloze, text-ppl]}\n"),), needle="builds no prompt"),
     Case("run: --out holds user files", ("run", "r.yaml", "--out", "mine"), (recipe(TINY_RECIPE), USER),
          needle="--force"),
     Case("run: --out is a file", ("run", "r.yaml", "--out", "f"), (recipe(TINY_RECIPE), write("f", "x")),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from budgetlm.report import figures as fg
+from budgetlm.report import latent as report_latent
 from budgetlm.report.build import build_report, load_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,15 +36,16 @@ PIPELINES = """
 @pytest.fixture
 def tiny_study(tmp_path, tiny_study_data):
     """Six cells on tiny-random (baseline, rtn, magnitude pruning with and without a following int8 step: a
-    pairing for the slope chart) on a local ARC-Easy file and text perplexity, with a tiny benchmark; the cells
-    run in this process."""
+    pairing for the slope chart) on a local ARC-Easy file, text perplexity and text-cloze, with a tiny benchmark and
+    the latent-space rows; the cells run in this process."""
     from budgetlm.experiments.cell import run_cell
     from budgetlm.experiments.study import run_study
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"name: tiny-html\nmodels: [tiny-random]\npipelines:{PIPELINES}tasks: [arc_easy, text-ppl]\nlimit: 6\n"
-        f"data_dir: {tiny_study_data}\nbench: {{prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}}\n"
+        f"name: tiny-html\nmodels: [tiny-random]\npipelines:{PIPELINES}tasks: [arc_easy, text-ppl, text-cloze]\n"
+        f"limit: 6\ndata_dir: {tiny_study_data}\nbench: {{prefill: [16], decode_tokens: 4, repeats: 1, warmup: 0}}\n"
+        "latent: {tasks: [arc_easy, text-cloze], items: 8, perplexity: 4}\n"
     )
     out = run_study(recipe, tmp_path / "out", progress=False, runner=lambda folder, on_status: run_cell(folder))
     return out, build_report(out)
@@ -106,6 +108,9 @@ def test_report_html_renders_in_headless_chromium(tiny_study, tmp_path):
     assert note == "" and [s.conditions for s in slopes] == [("before rtn", "after rtn")]  # sparse25/50, then int8
     expected = {f.id: sum(len(p.marks) for p in f.panels) for f in pareto}
     expected.update({s.id: 2 * sum(len(p.pairs) for p in s.panels) for s in slopes})
+    latent = report_latent.latent_figure(cells)
+    expected[latent.id] = sum(len(p.ids) for p in latent.panels)
+    assert expected[latent.id] == 6 * 16  # every cell's t-SNE panel with its 8 + 8 items
     assert set(divs) == set(expected) | {recovery.id, "devices"}
     for fid, n in expected.items():
         assert n > 0, fid

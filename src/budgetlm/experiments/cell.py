@@ -3,6 +3,7 @@
 Reads CELL_DIR/config.json (written by the driver), then
   load   the model and apply the pipeline's steps        (peak RSS "load")
   eval   the tasks, per-item logs into CELL_DIR/items/   (peak RSS "evaluation")
+  latent with the recipe's `latent:`, final hidden states and their t-SNE (experiments/latent.py)
   bench  size, prefill and decode speed, energy          (peak RSS "benchmark")
 and writes env.json, steps.json and finally result.json = {"phases": {task_or_phase: {metric: Metric}}}
 (atomically, last: a cell folder without result.json is unfinished). The driver alone writes the store.
@@ -102,6 +103,13 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
         memory["peak_rss_evaluation"] = peak.metric()
         seconds["seconds_evaluation"] = Metric(time.perf_counter() - t0, unit="s")
         phases.update(results)
+
+    if cfg.get("latent"):  # the recipe's `latent:` (experiments/latent.py)
+        from budgetlm.experiments.latent import PHASE, run_latent
+        from budgetlm.experiments.recipe import BASELINE
+
+        status("latent space: final hidden states and t-SNE")
+        phases[PHASE] = run_latent(handle, cfg, cell_dir, baseline=cfg["pipeline"] == BASELINE)
 
     bench = cfg["bench"]
     if bench["enabled"]:

@@ -56,6 +56,8 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
         config["decoding"] = recipe.decoding.resolved()
     if recipe.threads is not None:  # likewise
         config["threads"] = recipe.threads
+    if recipe.latent is not None:  # likewise
+        config["latent"] = recipe.latent.model_dump(mode="json")
     return config
 
 

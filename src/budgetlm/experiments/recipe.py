@@ -12,6 +12,7 @@
     threads: 2                                # optional: torch threads per cell (--runner ray reserves as many CPUs)
     study: ablation                           # optional: a generated study: ablation or transfer (generated.py)
     devices: [rpi5, apple-m2]                 # optional: the devices the report projects onto (`budgetlm devices`)
+    latent: {tasks: [arc_easy, text-cloze], items: 64, perplexity: 30}  # optional: t-SNE of final hidden states
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -35,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
+from budgetlm.experiments.latent import LatentSettings, check_latent
 from budgetlm.utils import YamlLoader
 
 BASELINE = "baseline"
@@ -120,6 +122,8 @@ class Recipe(_Strict):
     @classmethod
     def _study(cls, v: Any) -> Any:
         return {"kind": v} if isinstance(v, str) else v
+
+    latent: LatentSettings | None = None  # t-SNE of final hidden states per cell (experiments/latent.py; absent: off)
 
     @field_validator("limit", mode="before")
     @classmethod
@@ -218,6 +222,8 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
             recipe.decoding.resolved()
         except ConfigError as exc:
             raise ConfigError(f"{origin}: decoding: {exc}") from None
+    if recipe.latent is not None:
+        check_latent(recipe.latent, recipe.tasks, origin)
     if isinstance(recipe.limit, dict):
         for task in recipe.limit:
             if task not in recipe.tasks:

@@ -6,7 +6,8 @@ DIR/report.md     a table per task (value ± stderr, recovery % of the baseline)
 DIR/results.csv   every row: one per cell x task/phase x metric, with model and pipeline
 DIR/pareto.png    each task's headline metric against stored size, Pareto front drawn
 DIR/report.html   one self-contained page (plotly, its script inlined): Pareto fronts of each task against four
-                  costs, recovery and projected-device heatmaps, slope charts (report/figures.py, report/html.py)
+                  costs, recovery and projected-device heatmaps, slope charts (report/figures.py, report/html.py),
+                  the latent-space t-SNE panels per variant (report/latent.py, from the cells' `latent` rows)
                   and, for a recipe's generated study, the ablation / transfer heatmaps (report/studies.py)
 report.md also holds a generated study's ablation tables and transfer matrix, each difference with its paired test.
 The device columns of the cost table and the device heatmap are projections (report/projection.py), never
@@ -25,6 +26,7 @@ from budgetlm.experiments import store as st
 from budgetlm.experiments.plan import Cell, model_label
 from budgetlm.hardware.contention import contended, recorded_load
 from budgetlm.report import figures as fg
+from budgetlm.report import latent
 from budgetlm.report.html import write_html
 from budgetlm.report.plots import Panel, Point, pareto_plot
 from budgetlm.report.projection import DEFAULT_DEVICES, chosen_devices, contexts, describe, project_cells
@@ -93,6 +95,7 @@ def html_report(directory: Path, recipe: dict, cells: list[dict], tasks: list[st
         ("Slope charts (measured)", slopes, slope_note),
     ]
     sections += study_sections(directory, recipe, done, tasks)  # a generated study's ablation / transfer (studies.py)
+    sections.append(("Latent space (measured in each cell)", [latent.latent_figure(done)], ""))
     return write_html(directory / "report.html", f"Study {name}", intro, sections)
 
 
@@ -155,6 +158,7 @@ def markdown(
     out += study_markdown(directory, recipe, done, tasks)  # a generated study's ablation / transfer (studies.py)
     out += ["## Cost", ""] + cost_table(done, projections, devices) + [""]
     out += step_table(done)
+    out += latent.markdown(done)
     out += ["## Environment", ""] + env_table(done)
     out += ["", "Files: `results.csv` (every row), `pareto.png`, `report.html` (interactive figures), `cells/<cell>/` "
             "(config, env, per-item logs).", ""]  # fmt: skip

@@ -8,6 +8,7 @@ import html
 import math
 from pathlib import Path
 
+from budgetlm.report import latent
 from budgetlm.report.figures import Figure, Heatmap, Pareto, Slope
 
 KINDS = ((False, "cells", "circle", "#1f77b4"), (True, "baseline", "star", "#2ca02c"))  # Pareto marks
@@ -66,6 +67,8 @@ def draw(fig: Figure):
         return _heatmap(fig)
     if isinstance(fig, Slope):
         return _slope(fig)
+    if isinstance(fig, latent.Latent):
+        return latent.draw(fig)
     raise TypeError(f"no drawing for {type(fig).__name__}")
 
 
