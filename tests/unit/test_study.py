@@ -302,3 +302,32 @@ def test_max_cells_refuses_a_larger_plan_before_anything_is_written(tmp_path, re
     runner = FakeRunner()
     run_study(recipe, out, progress=False, runner=runner, max_cells=3)  # exactly the plan's size runs
     assert runner.ran == ["baseline", "q4", "q2"]
+
+
+class OptionTask(FakeTask):
+    """A task whose settings are part of its name, like sciq-rag: `t-opt:gate=x` stores rows as `t-opt:gate=x:k=3`."""
+
+    name = "t-opt"
+
+    def with_options(self, option):
+        task = OptionTask()
+        task.name = f"t-opt:{option}:k=3"
+        return task
+
+
+def test_summary_table_finds_a_task_written_with_options_under_its_canonical_name(tmp_path, monkeypatch):
+    monkeypatch.setitem(tasks._items, "t-opt", OptionTask())
+    path = tmp_path / "study.yaml"
+    path.write_text("name: opt\nmodels: [tiny-random]\npipelines: {q4: [{method: fake-quant, bits: 4}]}\n"
+                    "tasks: ['t-opt:gate=x']\nlimit: 5\n")  # fmt: skip
+
+    class Runner(FakeRunner):
+        def __call__(self, folder, on_status):
+            super().__call__(folder, on_status)
+            result = json.loads((folder / RESULT).read_text())
+            result["phases"]["t-opt:gate=x:k=3"] = result["phases"].pop("t-acc")  # as the harness names its rows
+            (folder / RESULT).write_text(json.dumps(result))
+
+    out = run_study(path, tmp_path / "out", progress=False, runner=Runner())
+    cols = {c.header: list(c._cells) for c in summary_table(out).columns}
+    assert cols["t-opt:gate=x acc"] == ["0.800 ± 0.040 (100%)", "0.600 ± 0.050 (75%)"]

@@ -378,8 +378,9 @@ def summary_table(directory: str | Path):
     table.add_column("bpw Linears", justify="right")
     table.add_column("bpw model", justify="right")
     mains = {}
+    names = {t: st.result_name(t) for t in tasks}  # rows carry the canonical name (`sciq-rag:gate=grad` -> `...:k=3`)
     for t in tasks:
-        metrics = [m for c in cells for m in rows.get(c["cell_id"], {}).get(t, {})]
+        metrics = [m for c in cells for m in rows.get(c["cell_id"], {}).get(names[t], {})]
         mains[t] = st.main_metric(list(dict.fromkeys(metrics)))
         table.add_column(f"{t} {mains[t] or ''}".strip(), justify="right")
     table.add_column("decode ms/tok", justify="right")
@@ -392,7 +393,7 @@ def summary_table(directory: str | Path):
         line.append(_fmt(st.value(phases, "size", "linear_bpw"), 2))
         line.append(_fmt(st.value(phases, "size", "bpw"), 2))
         for t in tasks:
-            line.append(_task_cell(phases.get(t, {}), mains[t]))
+            line.append(_task_cell(phases.get(names[t], {}), mains[t]))
         busy = contended([r.get("extra") for r in phases.get("speed", {}).values()], (c.get("env") or {}).get("cores"))
         mark = " *" if busy else ""
         flagged = flagged or bool(busy)
