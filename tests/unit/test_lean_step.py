@@ -185,6 +185,29 @@ def test_the_fallbacks_are_taken_and_named(monkeypatch, kernels_on):
     assert type(rt) is LeanLlama and "int4" in rt.no_step
 
 
+def test_q4a8_layers_run_inside_the_step_by_the_layers_own_rule(monkeypatch, kernels_on):
+    """A 4-bit layer on "q4a8" (int8 activations, lossy) takes it for calls of at most ACT8_TOKENS rows and the exact
+    "q4" above, inside the one C call as on the per-layer path."""
+    model = llama(kv_heads=2, tied=False)
+    quantise(model, PLANS["mixed"])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(5)).tolist()
+    exact = run_calls(step_runtime(model), seq)
+    monkeypatch.setattr(kernels, "four_bit", lambda: "q4a8")
+    rt = step_runtime(model)
+    assert rt.descriptor().reason is None and rt.descriptor().layers[0].q.act8 == kernels.ACT8_TOKENS
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 6
+    close(got, run_calls(LeanLlama(model), seq))  # the per-layer path: each layer's own q4a8 / q4 choice
+    rows, lossy = 0, []
+    for start, end, keep, _ in CALLS:
+        if end - start <= kernels.ACT8_TOKENS:  # int8 activations: near the exact kernel's rows, not equal
+            part = slice(rows, rows + keep)
+            lossy.append(float((got[part] - exact[part]).abs().max() / exact[part].abs().max()))
+        rows += keep
+    assert torch.allclose(got[:5], exact[:5], rtol=0, atol=1e-5 * exact[:5].abs().max())  # 5 tokens: exact q4
+    assert len(lossy) == 4 and all(1e-6 < d < 0.2 for d in lossy), lossy
+
+
 def test_the_descriptor_follows_the_kernels_state(kernels_on):
     model = llama()
     quantise(model, PLANS["mixed"])

@@ -11,7 +11,8 @@ rows), final norm, lm_head rows asked for. The rotary tables are the model's own
 scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
-with a bound 4-bit or 8-bit fast path, the architecture's norms, no hooks) and the call has at most 16 tokens, fewer
+with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
+kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path), the architecture's norms, no hooks) and the call has at most 16 tokens, fewer
 than every quantised layer's crossover (from there the layers' dense path is faster, and LeanLlama takes it); other
 calls (a prompt) run LeanLlama's per-layer path on the same StaticKV. The descriptor is rebuilt when the kernels'
 state (kernels.state()) or a module's bound path changes. BUDGETLM_LEAN_STEP=0 turns the step off.
@@ -33,7 +34,7 @@ _ptr = ctypes.c_void_p
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("block", ctypes.c_int64),
-                ("group", ctypes.c_int64), ("w", _ptr), ("s", _ptr), ("z", _ptr)]  # fmt: skip
+                ("group", ctypes.c_int64), ("w", _ptr), ("s", _ptr), ("z", _ptr), ("act8", ctypes.c_int64)]  # fmt: skip
 
 
 class _Layer(ctypes.Structure):
@@ -69,7 +70,7 @@ def _linear(module: torch.nn.Module):
         if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
             return "a Linear with a bias or not float32"
         n, k = w.shape
-        return (DENSE, n, k, 0, 0, w.data_ptr(), None, None), (w,), (module._parameters, "weight", w), 1 << 30
+        return (DENSE, n, k, 0, 0, w.data_ptr(), None, None, 0), (w,), (module._parameters, "weight", w), 1 << 30
     if type(module) is not QuantLinear:
         return f"a {type(module).__name__} projection"
     fast = module._fast_path()
@@ -78,11 +79,12 @@ def _linear(module: torch.nn.Module):
     n, k, kind = module.out_features, module.in_features, module.kernel
     if kind == "q8":
         codes, scales = module.qweight, module.scales
-        fields, held = (Q8, n, k, 0, 0, codes.data_ptr(), scales.data_ptr(), None), (codes, scales)
-    elif kind == "q4" and module._int4 is not None and module._q4 is not None:
+        fields, held = (Q8, n, k, 0, 0, codes.data_ptr(), scales.data_ptr(), None, 0), (codes, scales)
+    elif kind in ("q4", "q4a8") and module._int4 is not None and module._q4 is not None:
         packed, (s, z) = module._int4[0], module._q4
         g = module.group_size
-        fields = (Q4, n, k, kernels.block_n(), g, packed.data_ptr(), s.data_ptr(), z.data_ptr())
+        act8 = kernels.ACT8_TOKENS if kind == "q4a8" else 0  # the layer's own rule: q4a8 up to ACT8_TOKENS rows
+        fields = (Q4, n, k, kernels.block_n(), g, packed.data_ptr(), s.data_ptr(), z.data_ptr(), act8)
         held = (packed, s, z)
     else:
         return f"a quantised layer on the {kind} kernel"

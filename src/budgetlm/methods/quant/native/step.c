@@ -30,6 +30,9 @@ void lean_silu_mul(const float *gate, const float *up, int n, float *out);
 int q4_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
           int g, float *y, int threads, int simd);
 int q8_mm(const float *x, int M, int K, const int8_t *q, int N, const uint16_t *s, float *y, int threads, int simd);
+/* q4a8.c: q4_mm's arguments, activations quantised to int8 per block of 32 (lossy) */
+int q4a8_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
+            int g, float *y, int threads, int simd);
 
 /* -- float32 y [M, N] = x [M, K] W^T, W [N, K] row-major ------------------------------------------------------- */
 static void dense_rows_scalar(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
@@ -111,6 +114,7 @@ typedef struct {
     int64_t kind, n, k, block, group; /* block, group: q4 only */
     const void *w;                    /* float32 [n, k] | q4 packed uint8 [n, k/2] | q8 int8 [n, k] */
     const void *s, *z;                /* q4: fp16 scales, zero points [k/group, n]; q8: fp16 scales [n] */
+    int64_t act8;                     /* q4: calls of at most act8 rows take q4a8 (the layer's "q4a8" kernel) */
 } step_linear;
 
 typedef struct {
@@ -134,6 +138,9 @@ static int linear(const step_linear *L, const float *x, int M, float *y, int thr
         step_dense_mm(x, M, (int)L->k, (const float *)L->w, (int)L->n, y, threads, simd);
         return 0;
     case STEP_Q4:
+        if (M <= L->act8)
+            return q4a8_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
+                           (const uint16_t *)L->z, (int)L->group, y, threads, simd);
         return q4_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
                      (const uint16_t *)L->z, (int)L->group, y, threads, simd);
     case STEP_Q8:
