@@ -12,10 +12,11 @@ scaling it knows), computed in Python for positions 0..n once (per step for the 
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
 with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
-kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path), the architecture's norms, no hooks) and the call has at most 16 tokens, fewer
-than every quantised layer's crossover (from there the layers' dense path is faster, and LeanLlama takes it); other
-calls (a prompt) run LeanLlama's per-layer path on the same StaticKV. The descriptor is rebuilt when the kernels'
-state (kernels.state()) or a module's bound path changes. BUDGETLM_LEAN_STEP=0 turns the step off.
+kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path), the architecture's norms, no
+hooks) and the call has at most 16 tokens, fewer than every quantised layer's crossover (from there the layers'
+dense path is faster, and LeanLlama takes it); other calls (a prompt) run LeanLlama's per-layer path on the same
+StaticKV. The descriptor is rebuilt when the kernels' state (kernels.state()) or a module's bound path changes.
+BUDGETLM_LEAN_STEP=0 turns the step off.
 """
 
 from __future__ import annotations
