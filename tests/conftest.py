@@ -28,6 +28,7 @@ def _exact_quantised_layers(monkeypatch):
     from budgetlm.methods.quant import kernels
 
     monkeypatch.setattr(kernels, "_enabled", False)
+    monkeypatch.setattr(kernels, "_own_preferred", False)  # a runtime's whole-step timing may set it (lean_step.py)
 
 
 @pytest.fixture

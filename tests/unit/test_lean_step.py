@@ -237,3 +237,47 @@ def test_dense_few_row_product(simd, m, n, k, threads):
     y = torch.full((m, n), float("nan"))
     lib.step_dense_mm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), threads, simd)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("faster", ["step", "layers"])
+def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, faster):
+    """The per-layer probes chose torch's kernels (int4 for 4 bits, the int4x2 halves for 8 bits), which keep the
+    step from running: the runtime times both ways on the model and keeps the faster for the process."""
+    from budgetlm.decode import lean_step
+
+    if not kernels._layout_matches():
+        pytest.skip("torch's 4-bit layout is not one budgetlm's kernels read")
+    monkeypatch.setattr(kernels, "_enabled", True)
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 64)
+    monkeypatch.setattr(kernels, "_four_bit", lambda threads, act8=False: "int4")
+    monkeypatch.setattr(kernels, "_eight_bit", lambda n, k, threads: "int4x2")
+    monkeypatch.setattr(lean_step, "_timed", {})
+    timed = []
+
+    def step_ms(runtime, steps, vocab):
+        one_call = type(runtime) is LeanStepLlama
+        timed.append("step" if one_call else "layers")
+        return {"step": 5.0, "layers": 9.0}[faster] if one_call else 7.0
+
+    monkeypatch.setattr(lean_step, "_step_ms", step_ms)
+    model = llama(kv_heads=2, tied=False)
+    quantise(model, PLANS["mixed"])
+    seq = list(range(10, 54))
+    with kernels.kernels_enabled(False):
+        want = wanted_rows(full_logits(model, seq))  # exact dequantisation
+    rt = runtime_for(model)
+    assert timed == ["layers", "step", "step", "layers"]
+    if faster == "step":
+        assert type(rt) is LeanStepLlama and kernels.own_preferred()
+        assert rt.label.endswith("on budgetlm's kernels 5.0 ms, per layer on torch's 7.0 ms")
+        assert {m.kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"q4", "q8"}
+        rt.lib = Counting(rt.lib)
+        close(run_calls(rt, seq), want)  # the 8-bit layers' codes rebuilt from their halves: exact again
+        assert rt.lib.steps == 6
+    else:
+        assert type(rt) is LeanLlama and not kernels.own_preferred()
+        assert "int4" in rt.no_step and rt.no_step.endswith("9.0 ms, per layer on torch's 7.0 ms)")
+        assert {m.kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"int4", "int4x2"}
+    timed.clear()
+    runtime_for(model)  # measured once per process, model shape, grids and thread count
+    assert timed == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import os
+import time
 
 import torch
 
@@ -259,7 +260,11 @@ class LeanStepLlama(LeanLlama):
 
 
 def step_runtime(model: torch.nn.Module) -> LeanLlama:
-    """LeanStepLlama where its one-call step can run the model now, else LeanLlama with the reason in `no_step`."""
+    """LeanStepLlama where its one-call step can run the model now, else LeanLlama with the reason in `no_step`.
+    Where only torch's kernels (chosen by the per-layer probes) keep the step from running, the two ways are timed
+    on this model (`own_kernels_pay`) and the faster is kept for the process; the label or `no_step` says so."""
+    from budgetlm.methods.quant import kernels
+
     rt = LeanLlama(model)
     if step_off():
         rt.no_step = "BUDGETLM_LEAN_STEP=0"
@@ -270,4 +275,61 @@ def step_runtime(model: torch.nn.Module) -> LeanLlama:
         rt.no_step = step.step_reason()
         if rt.no_step is None:
             return step
+        if not kernels.own_preferred() and kernels.enabled() and (timed := own_kernels_pay(model, rt)) is not None:
+            layers, one_call = timed
+            said = f"one-call step on budgetlm's kernels {one_call:.1f} ms, per layer on torch's {layers:.1f} ms"
+            if one_call < layers:
+                step = LeanStepLlama(model, rt.glue)
+                if step.step_reason() is None:
+                    step.label += f"; timed on this model: {said}"
+                    return step
+            rt.no_step += f" (timed on this model: {said})"
     return rt
+
+
+# model signature -> (per-layer ms, one-call ms) of own_kernels_pay, once per process
+_timed: dict[tuple, tuple[float, float]] = {}
+
+
+def own_kernels_pay(model: torch.nn.Module, rt: LeanLlama, steps: int = 6) -> tuple[float, float] | None:
+    """(per-layer ms, one-call ms) of a one-token decode step of this model on the kernels the per-layer probes
+    chose (torch's int4 / int8 / int4x2: their single products time faster on some hosts, but they leave every layer
+    to Python) and on budgetlm's own in the one-call step; None where the step cannot run on those either. Timed
+    here, `steps` one-token steps after an 8-token prompt, per way twice (interleaved, the faster of the two), once
+    per process, model shape, grids and thread count. Where the step is faster, kernels.prefer_own_kernels(True)
+    is set for the process: every quantised layer then takes "q4" / "q8"."""
+    from budgetlm.methods.quant import kernels
+
+    kernels.prefer_own_kernels(True)
+    try:
+        if LeanStepLlama(model, rt.glue).step_reason() is not None:
+            return None
+    finally:
+        kernels.prefer_own_kernels(False)
+    cfg = model.config
+    grids = sorted({(m.bits, str(m.group_size)) for m in model.modules() if hasattr(m, "_fast_path")})
+    key = (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
+           tuple(grids), torch.get_num_threads())  # fmt: skip
+    if key not in _timed:
+        ways: dict[str, list[float]] = {"layers": [], "step": []}
+        with torch.no_grad():
+            for way in ("layers", "step", "step", "layers"):  # two switches of the layers' kernels, not three
+                kernels.prefer_own_kernels(way == "step")
+                runtime = LeanStepLlama(model, rt.glue) if way == "step" else rt
+                ways[way].append(_step_ms(runtime, steps, cfg.vocab_size))
+        _timed[key] = (min(ways["layers"]), min(ways["step"]))
+    layers, one_call = _timed[key]
+    kernels.prefer_own_kernels(one_call < layers)
+    return layers, one_call
+
+
+def _step_ms(runtime, steps: int, vocab: int) -> float:
+    """ms per one-token step after an 8-token prompt (untimed: the first calls after a kernel switch repack)."""
+    cache = runtime.new_cache()
+    runtime(torch.arange(1, 9).remainder(vocab).unsqueeze(0), 0, cache, 1)
+    token = torch.tensor([[3 % vocab]])
+    runtime(token, 8, cache, 1)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        runtime(token, 9 + i, cache, 1)
+    return (time.perf_counter() - t0) * 1000 / steps

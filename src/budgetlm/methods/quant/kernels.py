@@ -436,7 +436,10 @@ def eight_bit(n: int, k: int) -> str:
     exact; where it is built), at torch's current thread count, timed over copies of
     random codes that exceed the last-level cache, as a decode step reads its weights (measured once per process,
     shape and thread count; ~0.05 s each)."""
-    return _eight_bit(n, k, torch.get_num_threads())
+    kind = _eight_bit(n, k, torch.get_num_threads())
+    if _own_preferred and kind != "q8" and native.library() is not None and k % 8 == 0 and n % 2 == 0:
+        return "q8"  # prefer_own_kernels(): the whole step was timed faster on budgetlm's kernels
+    return kind
 
 
 @lru_cache(maxsize=8)
@@ -460,6 +463,7 @@ def _four_bit(threads: int, act8: bool = False) -> str:
 
 
 _four_forced: str | None = None  # set by four_bit_kernel()
+_own_preferred = False  # set by prefer_own_kernels(): a whole decode step timed faster on budgetlm's kernels
 _act_bits: int | None = None  # set by set_activation_bits(); None: read BUDGETLM_ACT8
 FOUR_BIT_KINDS = ("int4", "q4", "q4a8")
 
@@ -490,7 +494,21 @@ def four_bit() -> str:
     and opt-in; ~0.1 s). "int4" where budgetlm's kernel is not built."""
     if _four_forced is not None:
         return _four_forced
-    return _four_bit(torch.get_num_threads(), activation_bits() == 8)
+    kind = _four_bit(torch.get_num_threads(), activation_bits() == 8)
+    return "q4" if _own_preferred and kind == "int4" and native.library() is not None else kind
+
+
+def prefer_own_kernels(on: bool) -> None:
+    """Process-wide: quantised layers take budgetlm's own kernels ("q4" for <= 4 bits, "q8" for 8 bits) where the
+    per-layer probes found torch's faster. Set where a whole decode step was timed faster on them
+    (decode/lean_step.py `step_runtime`: budgetlm's kernels let the step run as one C call, which a probe of one
+    layer's product cannot see). Layers pick the change up at their next call (`state()`)."""
+    global _own_preferred
+    _own_preferred = bool(on)
+
+
+def own_preferred() -> bool:
+    return _own_preferred
 
 
 @contextlib.contextmanager
@@ -514,7 +532,8 @@ def state() -> tuple:
     """What a layer's path choice depends on besides its own grid and the call's size: a layer that cached its choice
     (QuantLinear's fast path) reuses it while this is unchanged (the probes' functions are part of it, so that a
     test or benchmark that replaces one invalidates every cached choice)."""
-    return (enabled(), _four_forced, activation_bits(), ACT8_TOKENS, torch.get_num_threads(), crossover, four_bit)
+    return (enabled(), _four_forced, _own_preferred, activation_bits(), ACT8_TOKENS, torch.get_num_threads(), crossover,
+            four_bit)  # fmt: skip
 
 
 def choose(kind: str | None, tokens: int, crossover_tokens: int) -> str:

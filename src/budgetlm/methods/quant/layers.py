@@ -164,11 +164,14 @@ class QuantLinear(torch.nn.Module):
         "q4a8" (budgetlm's with int8 activations), whichever the host probe measured fastest, for 2-4 bits;
         "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric per-channel grids whichever of "int8" (torch's
         int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe measured fastest; None (dequantisation only)."""
+        if self.bits == 8 and self.int8_kernel:
+            kind = kernels.eight_bit(self.out_features, self.in_features)
+            if kind == "q8" or self._int4 is None or len(self._int4) != 4:
+                return kind
+            return "int4x2"  # the two halves are packed (the int8 codes dropped): they serve until "q8" is chosen
         if self._int4 is not None and len(self._int4) == 4:
             return "int4x2"
         if self.bits == 8:
-            if self.int8_kernel:
-                return kernels.eight_bit(self.out_features, self.in_features)
             return "int4x2" if self._int4_group is not None else None
         if self._int4_group is None:
             return None
@@ -193,6 +196,14 @@ class QuantLinear(torch.nn.Module):
             self._int4 = self._repack()
             self.qweight = torch.empty(0, dtype=self.qweight.dtype)  # the state dict rebuilds it (_save_to_state_dict)
         return True
+
+    def _int8_codes(self) -> torch.Tensor:
+        """The int8 codes "q8" reads: rebuilt from the two 4-bit halves where those served before and dropped them
+        (the choice moved to "q8": kernels.prefer_own_kernels)."""
+        if self._int4 is not None:
+            self.qweight = (self.codes().to(torch.int16) - 128).to(torch.int8)
+            self._int4 = self._q4 = None
+        return self.qweight
 
     def _q4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """budgetlm's kernel's tables (built once); torch's bf16 table is dropped while this kernel serves."""
@@ -279,7 +290,7 @@ class QuantLinear(torch.nn.Module):
         if kind not in ("q4", "q4a8", "q8") or cross <= 0:
             return None
         if kind == "q8":
-            call = kernels.bind_q8(self.qweight, self.scales)
+            call = kernels.bind_q8(self._int8_codes(), self.scales)
         elif self._int4_ready():
             call = kernels.bind_q4(self._int4[0], *self._q4_tables(), self.group_size)
             if kind == "q4a8":  # int8 activations for a few tokens, the exact kernel above (below the crossover)
@@ -314,7 +325,7 @@ class QuantLinear(torch.nn.Module):
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
         elif path == "int4x2" and self._int4_ready():
             y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
-        elif path == "q8" and (call := kernels.bind_q8(self.qweight, self.scales)) is not None:
+        elif path == "q8" and (call := kernels.bind_q8(self._int8_codes(), self.scales)) is not None:
             y = call(flat).to(x.dtype)
         elif path == "int8":
             y = kernels.int8_mm(flat, self.qweight, self.scales[:, 0].to(torch.bfloat16))
