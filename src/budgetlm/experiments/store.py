@@ -335,6 +335,6 @@ def result_name(task: str) -> str:
     from budgetlm.errors import BudgetLMError
 
     try:
-        return registry.get(task).name
+        return registry.get(task).name or task  # a task object without a name of its own: its registry key
     except BudgetLMError:
         return task
