@@ -121,7 +121,9 @@ class LlamaCppLM(HFLM):
     runtime = RUNTIME
     decoding_note = "llama.cpp greedy, batch 1"
 
-    def __init__(self, handle: ModelHandle, gguf: str | Path, threads: int | None = None, max_length: int | None = None):
+    def __init__(
+        self, handle: ModelHandle, gguf: str | Path, threads: int | None = None, max_length: int | None = None
+    ):
         super().__init__(handle, max_length=max_length)
         self.gguf = Path(gguf)
         self.threads = threads or torch.get_num_threads()
