@@ -570,6 +570,9 @@ CASES: list[Case] = [
          (recipe(TINY_RECIPE + "pipelines: {q8: [rtn]}\nruntime: {llama.cpp: [q9]}\n"),), needle="did you mean: q8"),
     Case("run: a pipeline named with @llama.cpp", ("run", "r.yaml", "--out", "s"),
          (recipe(TINY_RECIPE + "pipelines: {q@llama.cpp: [rtn]}\n"),), needle="reserved"),
+    Case("run: a llama.cpp pipeline whose codes no GGUF block type holds", ("run", "r.yaml", "--out", "s"),
+         (recipe(TINY_RECIPE + "pipelines: {g16: [{method: rtn, bits: 4, group_size: 16}]}\n"
+                 "runtime: {llama.cpp: [g16]}\n"),), needle="no GGUF block type holds"),
     Case("run --dry-run: empty runtime list", ("run", "r.yaml", "--dry-run"),
          (recipe(TINY_RECIPE + "pipelines: {q: [rtn]}\nruntime: {llama.cpp: []}\n"),), needle="runtime.llama.cpp"),
     Case("run: unknown study kind", ("run", "r.yaml", "--out", "s"),

@@ -847,7 +847,7 @@ def run(
 def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     from budgetlm.experiments.plan import model_label, plan
     from budgetlm.experiments.recipe import load_recipe
-    from budgetlm.experiments.runtime import skip_line, split_unavailable, unavailable
+    from budgetlm.experiments.runtime import check_runtimes, skip_line, split_unavailable, unavailable
     from budgetlm.experiments.study import check_max_cells
 
     def text(step: dict) -> str:
@@ -859,6 +859,7 @@ def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     rec = load_recipe(recipe)
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
+    check_runtimes(rec)
 
     def steps(cell) -> str:
         out = " -> ".join(map(text, cell.config["steps"])) or "-"

@@ -195,3 +195,18 @@ def test_dry_run_lists_the_llama_cpp_cells_and_says_they_would_be_skipped(study_
     assert "note: `run` would skip 1 cell(s) (q8@llama.cpp): llama-cpp-python is not installed: pip install" in (
         res.output.replace("\n", " ")
     )
+
+
+def test_a_llama_cpp_pipeline_whose_codes_no_block_type_holds_is_refused_before_anything_is_written(tmp_path):
+    from budgetlm.experiments.runtime import check_runtimes
+
+    ok = rec(runtime={"llama.cpp": ["q8", "baseline"]})
+    check_runtimes(ok)  # q8 g32 symmetric: Q8_0; the baseline: its float type
+    pipes = {**PIPES, "g16": [{"method": "rtn", "bits": 4, "group_size": 16}]}
+    bad = parse_recipe({**BASE, "pipelines": pipes, "runtime": {"llama.cpp": ["q8", "g16"]}})
+    with pytest.raises(ConfigError) as e:
+        check_runtimes(bad)
+    assert str(e.value).startswith("runtime.llama.cpp: g16 on tiny-random: no GGUF block type holds the codes")
+    with pytest.raises(ConfigError):
+        run_study(bad, tmp_path / "out", progress=False, runner=FakeRunner())
+    assert not (tmp_path / "out").exists()

@@ -109,6 +109,30 @@ def _reserved(pipelines: dict[str, list], runtimes: dict, origin: str) -> None:
                 )
 
 
+def check_runtimes(recipe) -> None:
+    """Before anything is written: each llama.cpp pipeline's codes, as its steps' settings will make them on each
+    model (export.gguf.planned_exact_types on a weightless skeleton), fit one GGUF block type, so the cell can write
+    them without a second rounding; otherwise a one-line error naming the pipeline (a gptq g64 grid, NF4, ...)."""
+    from budgetlm.export.gguf import BLOCK_TYPES, planned_exact_types
+    from budgetlm.methods.base import parse_config
+    from budgetlm.models.sources import skeleton
+
+    mine = {p: steps for p, steps in recipe.pipelines.items() if runtime_of(p, recipe.runtime) and steps}
+    for spec in recipe.models if mine else []:
+        model = skeleton(spec)
+        for name, steps in mine.items() if model is not None else []:
+            configs = [parse_config(s["method"], {k: v for k, v in s.items() if k != "method"}) for s in steps]
+            exact = planned_exact_types(model, configs)
+            if exact is not None and not exact & set(BLOCK_TYPES):
+                model_name = Path(spec).name if "/" in spec else spec
+                raise ConfigError(
+                    f"runtime.llama.cpp: {name[: name.rindex('@')]} on {model_name}: no GGUF block type holds the "
+                    f"codes its steps make ({', '.join(BLOCK_TYPES)} take blocks of 32 along a row, 8/5/4 bits, no "
+                    "act-order with groups or low-rank correction, no NF4), so llama.cpp could not run them as they "
+                    "are; remove it from runtime.llama.cpp"
+                )
+
+
 # ---------------------------------------------------------------------------------------------- the driver
 
 

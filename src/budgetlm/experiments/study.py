@@ -35,7 +35,7 @@ from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
 from budgetlm.experiments.runners import InOrder, Pool, Runner
-from budgetlm.experiments.runtime import SKIPPED, skip_line, split_unavailable
+from budgetlm.experiments.runtime import SKIPPED, check_runtimes, skip_line, split_unavailable
 from budgetlm.progress import Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
@@ -81,6 +81,7 @@ def run_study(
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
     check_pipelines(rec)
+    check_runtimes(rec)  # llama.cpp cells: codes a GGUF block type holds
     check_task_data(rec)
     pool = _pool(runner, address, rec)
     try:
