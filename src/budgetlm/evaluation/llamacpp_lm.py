@@ -16,6 +16,7 @@ computed in one llama_decode per n_batch tokens. llama_cpp is imported only here
 
 from __future__ import annotations
 
+import atexit
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class _Session:
         self.memory = llama_cpp.llama_get_memory(self.llm.ctx)
         self.tokens: list[int] = []
         self.rows = np.zeros((0, self.n_vocab), dtype=np.float32)  # logits of self.tokens' positions (or fewer)
+        atexit.register(self.close)  # an LM left open (an error mid-evaluation) closes before llama_cpp unloads
 
     def _decode(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         """Feed ids at positions start.. (one call per N_BATCH); their logits rows (all, or the last one)."""
@@ -108,10 +110,11 @@ class _Session:
         return row[0]
 
     def close(self) -> None:
+        """Free the batch and the model (idempotent; registered with atexit, before the interpreter's teardown)."""
         if self.batch is not None:
             self.lib.llama_batch_free(self.batch)
             self.batch = None
-        self.llm.close()
+            self.llm.close()
 
 
 class LlamaCppLM(HFLM):
