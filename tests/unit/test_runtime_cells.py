@@ -210,3 +210,17 @@ def test_a_llama_cpp_pipeline_whose_codes_no_block_type_holds_is_refused_before_
     with pytest.raises(ConfigError):
         run_study(bad, tmp_path / "out", progress=False, runner=FakeRunner())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_llama_cpp_cell_on_a_machine_without_it_fails_in_one_line_before_any_work(tmp_path, monkeypatch):
+    from budgetlm.experiments.cell import run_cell
+
+    missing(monkeypatch)
+    cell = next(c for c in plan(rec(runtime={"llama.cpp": ["q8"]})) if c.runtime == "llama.cpp")
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cell.config))
+    with pytest.raises(ConfigError) as e:
+        run_cell(folder)
+    assert str(e.value).startswith("this cell runs in llama.cpp, but llama-cpp-python is not installed here: pip")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]

@@ -50,6 +50,10 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
 
         torch.set_num_threads(int(cfg["threads"]))
 
+    if cfg.get("runtime"):  # a llama.cpp cell where llama-cpp-python is missing: one line, before any work
+        from budgetlm.experiments.runtime import require
+
+        require(cfg["runtime"])
     from budgetlm.evaluation.harness import evaluate
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.methods.base import StepContext, apply_steps

@@ -143,6 +143,13 @@ def unavailable(runtime: str) -> str | None:
     return None
 
 
+def require(runtime: str) -> None:
+    """A cell of `runtime` on a machine without it (a Ray node, say): a one-line error before any work."""
+    why = unavailable(runtime)
+    if why:
+        raise ConfigError(f"this cell runs in {runtime}, but {why} here: {install_note(runtime)}")
+
+
 def install_note(runtime: str) -> str:
     from budgetlm.hardware.llamacpp import BUILD_NOTE, INSTALL
 
