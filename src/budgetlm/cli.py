@@ -847,6 +847,7 @@ def run(
 def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     from budgetlm.experiments.plan import model_label, plan
     from budgetlm.experiments.recipe import load_recipe
+    from budgetlm.experiments.runtime import check_runtimes, skip_line, split_unavailable, unavailable
     from budgetlm.experiments.study import check_max_cells
 
     def text(step: dict) -> str:
@@ -858,16 +859,24 @@ def _print_plan(recipe: Path | None, max_cells: int | None = None) -> None:
     rec = load_recipe(recipe)
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
+    check_runtimes(rec)
 
     def steps(cell) -> str:
         out = " -> ".join(map(text, cell.config["steps"])) or "-"
         dec = cell.config.get("decoding")
-        return out + (f"; decoding: drafts {', '.join(dec['drafts'])}, {dec['mode']}" if dec else "")
+        out += f"; decoding: drafts {', '.join(dec['drafts'])}, {dec['mode']}" if dec else ""
+        if cell.config.get("runtime"):  # a `<p>@llama.cpp` cell (experiments/runtime.py)
+            why = unavailable(cell.config["runtime"])
+            out += f"; runtime {cell.config['runtime']}" + (f" (skipped here: {why})" if why else "")
+        return out
 
     rows = [[model_label(c.model), c.pipeline, c.id, steps(c)] for c in cells]
     _table(
         f"{rec.name}: {len(cells)} cells; tasks {', '.join(rec.tasks)}", ["model", "pipeline", "cell", "steps"], rows
     )
+    skipped = split_unavailable(cells)[1]
+    if skipped:
+        print("note: " + skip_line(skipped, "`run` would skip"))
 
 
 @app.command()

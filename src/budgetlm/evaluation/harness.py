@@ -128,12 +128,14 @@ def evaluate(
     progress: bool = False,
     allow_contamination: bool = False,
     decoding: dict | None = None,
+    lm: HFLM | None = None,
 ) -> dict[str, dict[str, Metric]]:
     """`decoding`: generation tasks decode by speculative decoding, {"drafts": [spec, ...], "tau": str | None,
     "mode": "exact" | "gated", "max_draft": int} (decode.generate.build); every generation task then reports its
-    tokens per second and each level's acceptance, and names the decoding in its metrics."""
+    tokens per second and each level's acceptance, and names the decoding in its metrics. `lm`: the LM that scores
+    (another runtime's, evaluation/llamacpp_lm.py); the base model's references then always come from torch."""
     resolved = resolve_tasks(tasks)
-    is_base = not handle.provenance and handle.base_id == handle.source
+    is_base = not handle.provenance and handle.base_id == handle.source and lm is None
     ref_dir = Path(reference_dir) if reference_dir else default_reference_dir(handle.base_id)
     ctx = TaskContext(
         seed=seed,
@@ -146,7 +148,10 @@ def evaluate(
     # training recorded in the provenance on a task's items or on data made from them: refused, or allowed and marked
     contamination = _contamination(handle, [t.name for t in resolved], allow_contamination)
     decoder, decoding_note = _decoder(handle, decoding, resolved)
-    lm = HFLM(handle, batch_size=batch_size, decoder=decoder)
+    if lm is not None and decoder is not None:
+        raise ConfigError("speculative decoding (--draft, a recipe's decoding) runs in torch only")
+    lm = lm or HFLM(handle, batch_size=batch_size, decoder=decoder)
+    decoding_note = decoding_note or getattr(lm, "decoding_note", "")
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
     with Progress("eval", len(resolved), enabled=progress) as bar:

@@ -2,6 +2,8 @@
 
 Reads CELL_DIR/config.json (written by the driver), then
   load   the model and apply the pipeline's steps        (peak RSS "load")
+  export with `runtime: llama.cpp`, CELL_DIR/model.gguf   (peak RSS "export"); evaluation and benchmark then run
+         in llama.cpp, every metric naming the runtime and GGUF type (experiments/runtime.py)
   eval   the tasks, per-item logs into CELL_DIR/items/   (peak RSS "evaluation")
   latent with the recipe's `latent:`, final hidden states and their t-SNE (experiments/latent.py)
   bench  size, prefill and decode speed, energy          (peak RSS "benchmark")
@@ -48,6 +50,10 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
 
         torch.set_num_threads(int(cfg["threads"]))
 
+    if cfg.get("runtime"):  # a llama.cpp cell where llama-cpp-python is missing: one line, before any work
+        from budgetlm.experiments.runtime import require
+
+        require(cfg["runtime"])
     from budgetlm.evaluation.harness import evaluate
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.methods.base import StepContext, apply_steps
@@ -74,13 +80,24 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
     phases.update(_step_phases(cfg["steps"], step_dicts))
 
     changed = len(handle.provenance) > applied_before
-    model_folder = None
-    if changed:
+    model_folder = gguf = lm = None
+    runtime = cfg.get("runtime")  # "llama.cpp": scored and measured there (experiments/runtime.py)
+    threads = cfg.get("threads")
+    if runtime:
+        from budgetlm.experiments import runtime as rt
+
+        status(f"writing {rt.GGUF_FILE} for {runtime}")
+        with PeakRSS("export") as peak:
+            gguf = rt.export_cell(handle, cell_dir)
+        memory["peak_rss_export"] = peak.metric()
+        lm = rt.make_lm(handle, gguf, threads)
+    elif changed:
         status("saving the model")
         model_folder = str(handle.save(cell_dir / "model"))
     atomic_write_json(
         cell_dir / "steps.json",
-        {"steps": cfg["steps"], "reports": step_dicts, "model_folder": model_folder, "source": handle.source},
+        {"steps": cfg["steps"], "reports": step_dicts, "model_folder": model_folder, "source": handle.source}
+        | ({"runtime": runtime, "gguf": gguf} if runtime else {}),
     )
 
     if cfg["tasks"]:
@@ -99,6 +116,7 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
                 batch_size=cfg["eval_batch_size"],
                 progress=progress,
                 decoding=cfg.get("decoding"),
+                lm=lm,
             )
         memory["peak_rss_evaluation"] = peak.metric()
         seconds["seconds_evaluation"] = Metric(time.perf_counter() - t0, unit="s")
@@ -111,8 +129,17 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
         status("latent space: final hidden states and t-SNE")
         phases[PHASE] = run_latent(handle, cfg, cell_dir, baseline=cfg["pipeline"] == BASELINE)
 
+    if lm is not None:
+        lm.close()  # the benchmark loads the file afresh
     bench = cfg["bench"]
-    if bench["enabled"]:
+    if bench["enabled"] and runtime:
+        status(f"benchmarking in {runtime}")
+        t0 = time.perf_counter()
+        results = rt.bench_cell(gguf, bench, threads, progress)
+        memory.update(results.pop("memory"))  # peak_rss_benchmark: llama.cpp's phase
+        seconds["seconds_benchmark"] = Metric(time.perf_counter() - t0, unit="s")
+        phases.update(results)
+    elif bench["enabled"]:
         from budgetlm.hardware.bench import measure
 
         status("benchmarking")
@@ -133,12 +160,14 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
 
     phases["memory"] = memory
     phases["time"] = seconds
+    if runtime:
+        rt.stamp(phases, runtime, gguf)
     result = {
         "phases": {p: {m: _as_dict(v) for m, v in ms.items()} for p, ms in phases.items()},
         "env": env,
         "model_folder": model_folder,
         "source": handle.source,
-    }
+    } | ({"runtime": runtime, "gguf": gguf} if runtime else {})
     atomic_write_json(cell_dir / RESULT, result)  # last: its presence means the cell finished
     status("done")
     return result

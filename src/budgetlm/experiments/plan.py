@@ -16,6 +16,7 @@ from pathlib import Path
 
 from budgetlm._version import __version__
 from budgetlm.experiments.recipe import BASELINE, Recipe
+from budgetlm.experiments.runtime import runtime_of
 
 ID_LENGTH = 12
 
@@ -30,6 +31,10 @@ class Cell:
     @property
     def is_baseline(self) -> bool:
         return self.pipeline == BASELINE
+
+    @property
+    def runtime(self) -> str:
+        return self.config.get("runtime", "torch")
 
     @property
     def label(self) -> str:
@@ -52,11 +57,15 @@ def cell_config(recipe: Recipe, model: str, pipeline: str) -> dict:
         "bench": recipe.bench.model_dump(mode="json"),
         "budgetlm": __version__,
     }
-    if recipe.decoding is not None and recipe.decoding.applies(pipeline):  # only when set: other ids stay the same
+    runtime = runtime_of(pipeline, recipe.runtime)
+    if runtime is not None:  # a `<p>@llama.cpp` cell; the key only there: every other id stays the same
+        config["runtime"] = runtime
+    torch_only = runtime is None  # speculative decoding and latent states are torch's (experiments/runtime.py)
+    if recipe.decoding is not None and recipe.decoding.applies(pipeline) and torch_only:  # only when set: likewise
         config["decoding"] = recipe.decoding.resolved()
     if recipe.threads is not None:  # likewise
         config["threads"] = recipe.threads
-    if recipe.latent is not None:  # likewise
+    if recipe.latent is not None and torch_only:  # likewise
         config["latent"] = recipe.latent.model_dump(mode="json")
     return config
 

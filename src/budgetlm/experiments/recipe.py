@@ -13,6 +13,7 @@
     study: ablation                           # optional: a generated study: ablation or transfer (generated.py)
     devices: [rpi5, apple-m2]                 # optional: the devices the report projects onto (`budgetlm devices`)
     latent: {tasks: [arc_easy, text-cloze], items: 64, perplexity: 30}  # optional: t-SNE of final hidden states
+    runtime: {llama.cpp: [rtn-int8]}          # optional: also run these pipelines in llama.cpp (runtime.py)
 
 Every level rejects unknown keys. Steps are validated against the method registry and stored with all
 defaults filled in, so the resolved recipe says exactly what runs. A pipeline named `baseline` with no
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from budgetlm.errors import ConfigError, UnknownNameError, suggest
 from budgetlm.experiments.latent import LatentSettings, check_latent
+from budgetlm.experiments.runtime import add_siblings, strip_siblings
 from budgetlm.utils import YamlLoader
 
 BASELINE = "baseline"
@@ -117,6 +119,7 @@ class Recipe(_Strict):
     threads: int | None = Field(None, ge=1)  # torch threads per cell, the CPUs a Ray task reserves (absent: default)
     study: StudySettings | None = None  # a generated study: ablation or transfer (absent: the pipelines as given)
     devices: list[str] | None = None  # the report's device projections (absent: report/projection.py's defaults)
+    runtime: dict[str, list[str]] | None = None  # {llama.cpp: [pipeline, ...]}: `<p>@llama.cpp` cells (runtime.py)
 
     @field_validator("study", mode="before")
     @classmethod
@@ -248,11 +251,12 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
                 "pipeline is compared with; give your pipeline another name"
             )
         pipelines[name] = [_resolve_step(step, f"pipelines.{name}[{i}]", origin) for i, step in enumerate(steps)]
-    study = recipe.study
+    pipelines, study = strip_siblings(recipe.runtime, pipelines, origin), recipe.study
     if study is not None:
         from budgetlm.experiments.generated import expand
 
         pipelines, study = expand(study, pipelines, recipe.tasks, origin, partial(_resolve_step, origin=origin))
+    runtimes, pipelines = add_siblings(recipe.runtime, pipelines, recipe.decoding, origin)
     _check_devices(recipe.devices, origin)
     for i, name in enumerate(recipe.decoding.pipelines or [] if recipe.decoding else []):
         if name not in pipelines:
@@ -267,7 +271,8 @@ def _resolve(recipe: Recipe, origin: str) -> Recipe:
     for name, steps in pipelines.items():
         fix = "remove {eval} from tasks or train this pipeline on other data"
         _check_contamination(steps, recipe.tasks, f"{origin}: pipelines.{name}", fix)
-    return recipe.model_copy(update={"models": models, "pipelines": pipelines, "data_dir": data_dir, "study": study})
+    update = {"models": models, "pipelines": pipelines, "data_dir": data_dir, "study": study, "runtime": runtimes}
+    return recipe.model_copy(update=update)
 
 
 def _check_devices(names: list[str] | None, origin: str) -> None:

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from budgetlm.experiments.cell import CONFIG, RESULT
 from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
 from budgetlm.experiments.runners import InOrder, Pool, Runner
+from budgetlm.experiments.runtime import SKIPPED, check_runtimes, skip_line, split_unavailable
 from budgetlm.progress import Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
@@ -79,6 +81,7 @@ def run_study(
     cells = plan(rec)
     check_max_cells(rec, cells, max_cells)
     check_pipelines(rec)
+    check_runtimes(rec)  # llama.cpp cells: codes a GGUF block type holds
     check_task_data(rec)
     pool = _pool(runner, address, rec)
     try:
@@ -122,7 +125,12 @@ def _run_cells(cells: list[Cell], out: Path, store: st.Store, pool: Pool, progre
     for model in dict.fromkeys(c.model for c in cells):  # rows a driver killed after a cell's transaction missed
         update_recovery(store, cells, model)
     done = store.done_cells()
-    todo = [c for c in cells if c.id not in done]
+    todo, skipped = split_unavailable([c for c in cells if c.id not in done])  # runtimes not installed here
+    for cell, why in skipped:
+        store.start_cell(cell.id, cell.model, cell.pipeline, cell.config)
+        store.set_status(cell.id, SKIPPED, why)
+    if skipped and progress:
+        print(skip_line(skipped), file=sys.stderr, flush=True)
     failed: list[tuple[Cell, str]] = []
     running: dict[str, float] = {}  # cell id -> when it was handed over
     with _Display(len(cells), len(cells) - len(todo), progress) as display:
