@@ -132,3 +132,66 @@ def test_q4bf_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="not both"):
         native.q4_mm(torch.randn(1, 64), byte_pack(q, 64), 64, s.t().contiguous(), zp.t().contiguous(), 32,
                      act8=True, bf16=True)  # fmt: skip
+
+
+def quant_layer(bits: int = 4, n: int = 64, k: int = 128, group: int = 64, **extra) -> QuantLinear:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits))
+    grid = find_grid(w, bits, group, symmetric=bits < 4)
+    return QuantLinear.from_codes(quantize(w, grid), grid, **extra)
+
+
+@pytest.fixture
+def clean_choice(monkeypatch):
+    monkeypatch.setattr(kernels, "_enabled", True)
+    monkeypatch.setattr(kernels, "_act_bits", None)
+    monkeypatch.setattr(kernels, "_four_forced", None)
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 32 if kind == "q4" else 0)  # q4bf: q4's crossover
+    monkeypatch.delenv("BUDGETLM_ACT8", raising=False)
+
+
+@needs_lib
+def test_the_probe_times_q4bf_by_default(clean_choice):
+    kernels._four_bit.cache_clear()
+    try:
+        assert kernels._four_bit(1) in ("int4", "q4", "q4bf")
+    finally:
+        kernels._four_bit.cache_clear()
+    with pytest.raises(ValueError, match="q4bf"):
+        with kernels.four_bit_kernel("bf16"):
+            pass
+
+
+@needs_lib
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantlinear_on_q4bf_when_chosen(clean_choice, monkeypatch, bits):
+    if not kernels._layout_matches():
+        pytest.skip("torch's 4-bit layout is not the one budgetlm writes on this host")
+    layer = quant_layer(bits, bias=None)
+    w = layer.dequantized_weight().double()
+    monkeypatch.setattr(kernels, "_four_bit", lambda threads, act8=False: "q4bf")
+    with torch.no_grad():
+        assert layer.kernel == "q4bf" and layer.path(1) == layer.path(31) == "q4bf" and layer.path(32) == "dense"
+        for m in (1, 4, 16):
+            x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+            check(layer(x), x, w)  # the bound fast path
+        assert layer._fast is not None and layer.memory_bytes() == 64 * 64 + 2 * 64 * 2 * 2
+        x = torch.randn(40, 128)
+        torch.testing.assert_close(layer(x), x @ w.float().t(), rtol=0, atol=1e-5 * float((x @ w.float().t()).abs().max()))
+
+
+@needs_lib
+def test_q4bf_on_a_layer_with_bias_and_correction(clean_choice):
+    """Layers without the bound fast path (bias, low-rank correction) take q4bf in the general forward."""
+    if not kernels._layout_matches():
+        pytest.skip("torch's 4-bit layout is not the one budgetlm writes on this host")
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(9))
+    grid = find_grid(w, 4, 64, symmetric=False)
+    u, v = torch.randn(64, 2) * 0.1, torch.randn(2, 128) * 0.1
+    layer = QuantLinear.from_codes(quantize(w, grid), grid, torch.randn(64), correction=(u, v))
+    x = torch.randn(2, 128)
+    with torch.no_grad(), kernels.four_bit_kernel("q4bf"):
+        assert layer.path(2) == "q4bf"
+        got = layer(x)
+    q = layer.dequantized_weight().double()
+    base = got.double() - layer.bias.double() - (x @ layer.lr_v.float().t() @ layer.lr_u.float().t()).double()
+    check(base.float(), x, q)
