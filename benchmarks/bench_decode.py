@@ -4,8 +4,9 @@ processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
     (a variant may end in @int4, @q4, @q4a8 or @q4bf: its 4-bit layers on torch's kernel, budgetlm's exact one,
-    budgetlm's with int8 activations (lossy) or with bfloat16 activations (lossy), else the host probe's choice; in @hf: transformers' forward instead of budgetlm's
-    lean runtime; in @layers: the lean runtime's per-layer path instead of its one-call step)
+    budgetlm's with int8 activations (lossy) or with bfloat16 activations (lossy), else the host probe's choice; in
+    @hf: transformers' forward instead of budgetlm's lean runtime; in @layers: the lean runtime's per-layer path
+    instead of its one-call step)
         [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--cpu-time] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
@@ -65,9 +66,9 @@ DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-al
 
 
 # `variant@int4` / `variant@q4` / `variant@q4a8` / `variant@q4bf`: the 4-bit layers on torch's / budgetlm's exact /
-# budgetlm's int8-activation / budgetlm's bf16-activation kernel; `variant@hf`: transformers' forward instead of budgetlm's lean runtime (decode/lean.py);
-# `variant@layers`: the lean runtime's per-layer path instead of its one-call step (decode/lean_step.py); several may
-# follow one another (rtn-w4g64-all@int4@hf)
+# budgetlm's int8-activation / budgetlm's bf16-activation kernel; `variant@hf`: transformers' forward instead of
+# budgetlm's lean runtime (decode/lean.py); `variant@layers`: the lean runtime's per-layer path instead of its
+# one-call step (decode/lean_step.py); several may follow one another (rtn-w4g64-all@int4@hf)
 OPTIONS = ("int4", "q4", "q4a8", "q4bf", "hf", "layers")
 SWITCHES = {"hf": "BUDGETLM_LEAN", "layers": "BUDGETLM_LEAN_STEP"}  # option: the environment switch it turns off
 

@@ -6,9 +6,9 @@ ctypes, tensor allocation and torch dispatch around products that take a few. `L
 to the C library once (`Descriptor`: per layer the norms' weights and epsilons and per projection its kind and
 pointers, exactly the tensors its Python path computes with: a float32 Linear's weight, a QuantLinear's bound
 4-bit layout and fp16 tables or int8 codes and fp16 scales, held here so they stay alive), and a step is then one
-call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's and q8.c's products, step.c's float32 product for few
-rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary embedding's (every rope
-scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
+call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's and q8.c's products, step.c's float32
+product for few rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary
+embedding's (every rope scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
 with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most

@@ -1,6 +1,6 @@
 """budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4- and 8-bit
-kernels (q4.c, q4a8.c, q4bf.c, q8.c, used by methods/quant/kernels.py), the decoder-layer glue of the lean runtime (ops.c,
-decode/lean.py) and its one-call decode step (step.c, decode/lean_step.py).
+kernels (q4.c, q4a8.c, q4bf.c, q8.c, used by methods/quant/kernels.py), the decoder-layer glue of the lean runtime
+(ops.c, decode/lean.py) and its one-call decode step (step.c, decode/lean_step.py).
 
 The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
 (`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
@@ -8,8 +8,9 @@ hashes the source, the compiler's version and the machine, so a shared home on a
 The build writes a temporary file and renames it: processes building at once never load a half-written library.
 No compiler, or a failed build, leaves the kernel unavailable (`status()` says why) and every layer on torch's
 paths; nothing fails. The AVX2 path is used only where the CPU runs AVX2 and FMA (checked by the library itself,
-so that it never executes an instruction the CPU lacks; likewise q4bf.c's AVX-512 BF16 path, `bf16_simd()`); whether budgetlm *takes* this kernel at all is decided by
-timing it against torch's on the host (methods/quant/kernels.py), never by CPU flags.
+so that it never executes an instruction the CPU lacks; likewise q4bf.c's AVX-512 BF16 path, `bf16_simd()`);
+whether budgetlm *takes* a kernel at all is decided by timing it against torch's on the host
+(methods/quant/kernels.py), never by CPU flags.
 """
 
 from __future__ import annotations
