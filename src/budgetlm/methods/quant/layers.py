@@ -162,10 +162,11 @@ class QuantLinear(torch.nn.Module):
     # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
     @property
     def kernel(self) -> str | None:
-        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's) or, opted in,
-        "q4a8" (budgetlm's with int8 activations), or "q4bf" (bfloat16 activations), whichever the host probe
-        measured fastest, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric per-channel grids whichever of "int8" (torch's
-        int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe measured fastest; None (dequantisation only)."""
+        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's), "q4bf"
+        (budgetlm's with bfloat16 activations) or, opted in, "q4a8" (budgetlm's with int8 activations), whichever
+        the host probe measured fastest, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
+        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
+        measured fastest; None (dequantisation only)."""
         if self.bits == 8 and self.int8_kernel:
             kind = kernels.eight_bit(self.out_features, self.in_features)
             if kind == "q8" or self._int4 is None or len(self._int4) != 4:
