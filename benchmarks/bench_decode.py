@@ -3,9 +3,10 @@ roofline, llama.cpp on the same codes, the KL cost of the kernels' bf16 activati
 processes.
 
     .venv/bin/python benchmarks/bench_decode.py --model smollm2-135m --threads 1,2 [--variants fp32,rtn-w4g64,...]
-    (a variant may end in @int4, @q4 or @q4a8: its 4-bit layers on torch's kernel, budgetlm's exact one or budgetlm's
-    with int8 activations (lossy), else the host probe's choice; in @hf: transformers' forward instead of budgetlm's
-    lean runtime; in @layers: the lean runtime's per-layer path instead of its one-call step)
+    (a variant may end in @int4, @q4, @q4a8 or @q4bf: its 4-bit layers on torch's kernel, budgetlm's exact one,
+    budgetlm's with int8 activations (lossy) or with bfloat16 activations (lossy), else the host probe's choice; in
+    @hf: transformers' forward instead of budgetlm's lean runtime; in @layers: the lean runtime's per-layer path
+    instead of its one-call step)
         [--tokens 64 --prompt 128 --repeats 5] [--no-llama-cpp] [--no-rss] [--cpu-time] [--json out.json]
 
 Every variant is made once from a fresh load of the model and saved to a temporary folder; then, for each thread
@@ -16,7 +17,8 @@ budgetlm.hardware.speed), so noise from the shared machine falls on all of them 
   counts the 4 bits per weight it reads) over the measured copy bandwidth; % of roofline = roofline / measured;
 - KL (nats/token) of the kernel paths to exact dequantisation on held-out text (pydoc topics), every window
   forced through the kernels: the quality cost of bf16 activations and scales (torch's kernels) or of int8
-  activations (@q4a8, every row of a window through it, as decode calls it one row at a time);
+  activations (@q4a8, every row of a window through it, as decode calls it one row at a time) or of bf16
+  activations with exact fp16 tables (@q4bf);
 - llama.cpp (llama-cpp-python, same thread count): the variant exported by budgetlm's GGUF writer to the block
   type that holds its codes exactly (Q4_0/Q4_1 for a 4-bit g32/g64 grid, Q8_0 for int8; F32 for fp32);
 - peak RSS of a fresh process that loads the saved folder and decodes: total, and above the runtime's own footprint
@@ -63,11 +65,11 @@ VARIANTS = {
 DEFAULT = "fp32,rtn-int8-all,rtn-w4g64,rtn-w4g64-all,gptq-w4g64-all,rtn-w3g64-all,rtn-w2g64-all"
 
 
-# `variant@int4` / `variant@q4` / `variant@q4a8`: the 4-bit layers on torch's / budgetlm's exact / budgetlm's int8-
-# activation kernel; `variant@hf`: transformers' forward instead of budgetlm's lean runtime (decode/lean.py);
-# `variant@layers`: the lean runtime's per-layer path instead of its one-call step (decode/lean_step.py); several may
-# follow one another (rtn-w4g64-all@int4@hf)
-OPTIONS = ("int4", "q4", "q4a8", "hf", "layers")
+# `variant@int4` / `variant@q4` / `variant@q4a8` / `variant@q4bf`: the 4-bit layers on torch's / budgetlm's exact /
+# budgetlm's int8-activation / budgetlm's bf16-activation kernel; `variant@hf`: transformers' forward instead of
+# budgetlm's lean runtime (decode/lean.py); `variant@layers`: the lean runtime's per-layer path instead of its
+# one-call step (decode/lean_step.py); several may follow one another (rtn-w4g64-all@int4@hf)
+OPTIONS = ("int4", "q4", "q4a8", "q4bf", "hf", "layers")
 SWITCHES = {"hf": "BUDGETLM_LEAN", "layers": "BUDGETLM_LEAN_STEP"}  # option: the environment switch it turns off
 
 
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(
             f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}, "
-            "each optionally @int4, @q4, @q4a8, @hf, @layers"
+            "each optionally @int4, @q4, @q4a8, @q4bf, @hf, @layers"
         )
     threads = [int(t) for t in args.threads.split(",")]
     if args.cpu_time:

@@ -208,6 +208,30 @@ def test_q4a8_layers_run_inside_the_step_by_the_layers_own_rule(monkeypatch, ker
     assert len(lossy) == 4 and all(1e-6 < d < 0.2 for d in lossy), lossy
 
 
+def test_q4bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kernels_on):
+    """A 4-bit layer on "q4bf" (bfloat16 activations, lossy) takes it at every row count inside the one C call, as on
+    the per-layer path: the same logits as LeanLlama's, near (not equal to) the exact kernel's."""
+    from budgetlm.decode.lean_step import Q4BF
+
+    model = llama(kv_heads=2, tied=False)
+    quantise(model, PLANS["mixed"])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(6)).tolist()
+    exact = run_calls(step_runtime(model), seq)
+    monkeypatch.setattr(kernels, "four_bit", lambda: "q4bf")
+    rt = step_runtime(model)
+    desc = rt.descriptor()
+    assert desc.reason is None and desc.layers[0].q.kind == Q4BF and desc.layers[1].q.kind != Q4BF  # 8-bit layer 1
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 6
+    close(got, run_calls(LeanLlama(model), seq))  # the per-layer path: each layer's own q4bf call
+    rows = 0
+    for start, end, keep, _ in CALLS:  # every call, 1 to 17 rows, saw bf16 activations: near exact, not equal
+        part = slice(rows, rows + keep)
+        d = float((got[part] - exact[part]).abs().max() / exact[part].abs().max())
+        assert 1e-7 < d < 0.05, (start, end, d)
+        rows += keep
+
+
 def test_the_descriptor_follows_the_kernels_state(kernels_on):
     model = llama()
     quantise(model, PLANS["mixed"])

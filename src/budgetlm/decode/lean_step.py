@@ -6,13 +6,14 @@ ctypes, tensor allocation and torch dispatch around products that take a few. `L
 to the C library once (`Descriptor`: per layer the norms' weights and epsilons and per projection its kind and
 pointers, exactly the tensors its Python path computes with: a float32 Linear's weight, a QuantLinear's bound
 4-bit layout and fp16 tables or int8 codes and fp16 scales, held here so they stay alive), and a step is then one
-call: embedding gather, every layer (ops.c's glue, q4.c's and q8.c's products, step.c's float32 product for few
-rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary embedding's (every rope
-scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
+call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's and q8.c's products, step.c's float32
+product for few rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary
+embedding's (every rope scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
 with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
-kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path), the architecture's norms, no
+kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path; a "q4bf" layer bfloat16
+activations at every row count), the architecture's norms, no
 hooks) and the call has at most 16 tokens, fewer than every quantised layer's crossover (from there the layers'
 dense path is faster, and LeanLlama takes it); other calls (a prompt) run LeanLlama's per-layer path on the same
 StaticKV. The descriptor is rebuilt when the kernels' state (kernels.state()) or a module's bound path changes.
@@ -30,7 +31,7 @@ import torch
 
 from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
 
-DENSE, Q4, Q8 = 0, 1, 2
+DENSE, Q4, Q8, Q4BF = 0, 1, 2, 3
 _ptr = ctypes.c_void_p
 
 
@@ -82,11 +83,12 @@ def _linear(module: torch.nn.Module):
     if kind == "q8":
         codes, scales = module.qweight, module.scales
         fields, held = (Q8, n, k, 0, 0, codes.data_ptr(), scales.data_ptr(), None, 0), (codes, scales)
-    elif kind in ("q4", "q4a8") and module._int4 is not None and module._q4 is not None:
+    elif kind in ("q4", "q4a8", "q4bf") and module._int4 is not None and module._q4 is not None:
         packed, (s, z) = module._int4[0], module._q4
         g = module.group_size
         act8 = kernels.ACT8_TOKENS if kind == "q4a8" else 0  # the layer's own rule: q4a8 up to ACT8_TOKENS rows
-        fields = (Q4, n, k, kernels.block_n(), g, packed.data_ptr(), s.data_ptr(), z.data_ptr(), act8)
+        code = Q4BF if kind == "q4bf" else Q4  # q4bf: bfloat16 activations at every row count, as on its own path
+        fields = (code, n, k, kernels.block_n(), g, packed.data_ptr(), s.data_ptr(), z.data_ptr(), act8)
         held = (packed, s, z)
     else:
         return f"a quantised layer on the {kind} kernel"

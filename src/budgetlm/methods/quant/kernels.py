@@ -29,6 +29,11 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   takes the fastest) or a block forces it (`four_bit_kernel("q4a8")`). It serves calls of at most ACT8_TOKENS
   tokens (decode, small verification batches); larger calls of the same layer take the exact "q4" kernel up to its
   crossover, then dequantise + GEMM.
+- "q4bf": budgetlm's 4-bit kernel with bfloat16 activations (native/q4bf.c) on the same codes and tables: each call
+  rounds its activations to bf16 (round to nearest even, as torch's int4 kernel does; lossy, the KL is reported by
+  benchmarks/bench_decode.py) and sums codes times activations with AVX-512 BF16 dot products (vdpbf16ps) where
+  the CPU has them (plain C elsewhere); scales and zero points stay fp16 -> float32 (exact, unlike int4's bf16
+  table). Lossy like "int4", so `four_bit()` times it with "int4" and "q4" by default and takes the fastest.
 - "q8": budgetlm's own 8-bit kernel (native/q8.c) for 8-bit symmetric per-channel grids, on the stored int8 codes
   and fp16 scales, float32 activations: exact; `eight_bit()` times it with the other two.
 - "dense": the codes dequantised to float32, a block of output rows at a time (DENSE_BLOCK_WEIGHTS weights), each
@@ -195,15 +200,21 @@ def bind_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: 
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], g: int,
-          act8: bool = False) -> torch.Tensor:  # fmt: skip
+          act8: bool = False, bf16: bool = False) -> torch.Tensor:  # fmt: skip
     """x [M, K] times int4_pack_grid's codes with q4_table's tables (groups of g columns): [M, N] in x's dtype.
-    `act8=True`: the "q4a8" kernel (activations quantised to int8 per block of 32; lossy)."""
-    return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g, act8=act8).to(x.dtype)
+    `act8=True`: the "q4a8" kernel (activations quantised to int8 per block of 32; lossy); `bf16=True`: "q4bf"
+    (activations rounded to bfloat16; lossy)."""
+    return native.q4_mm(x, packed, block_n(), tables[0], tables[1], g, act8=act8, bf16=bf16).to(x.dtype)
 
 
 def bind_q4a8(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
     """bind_q4 for the "q4a8" kernel (activations quantised to int8 per block of 32 columns; lossy)."""
     return native.bind_q4(packed, block_n(), scales, zeros, g, act8=True)
+
+
+def bind_q4bf(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int):
+    """bind_q4 for the "q4bf" kernel (activations rounded to bfloat16; lossy)."""
+    return native.bind_q4(packed, block_n(), scales, zeros, g, bf16=True)
 
 
 def int4_codes(packed, zeros, bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
@@ -455,6 +466,7 @@ def _four_bit(threads: int, act8: bool = False) -> str:
         table, tables = int4_table(scales, zeros, 4, g, g), q4_table(scales, zeros, 4)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
         calls = {"int4": lambda i: int4_mm(x, packed[i], g, table), "q4": lambda i: q4_mm(x, packed[i], tables, g)}
+        calls["q4bf"] = lambda i: q4_mm(x, packed[i], tables, g, bf16=True)  # lossy like int4: a default candidate
         if act8:  # opted in to 8-bit activations (lossy): timed with the exact two
             calls["q4a8"] = lambda i: q4_mm(x, packed[i], tables, g, act8=True)
         return fastest(calls, copies)
@@ -465,7 +477,7 @@ def _four_bit(threads: int, act8: bool = False) -> str:
 _four_forced: str | None = None  # set by four_bit_kernel()
 _own_preferred = False  # set by prefer_own_kernels(): a whole decode step timed faster on budgetlm's kernels
 _act_bits: int | None = None  # set by set_activation_bits(); None: read BUDGETLM_ACT8
-FOUR_BIT_KINDS = ("int4", "q4", "q4a8")
+FOUR_BIT_KINDS = ("int4", "q4", "q4a8", "q4bf")
 
 
 def activation_bits() -> int:
@@ -488,8 +500,9 @@ def set_activation_bits(bits: int | None) -> None:
 
 
 def four_bit() -> str:
-    """The fastest kernel for one token of a <= 4-bit layer on this host: torch's ("int4") or budgetlm's own ("q4";
-    "q4a8" too where the process opted in to 8-bit activations, `activation_bits()`), at torch's current thread
+    """The fastest kernel for one token of a <= 4-bit layer on this host: torch's ("int4") or budgetlm's own ("q4",
+    exact; "q4bf", bfloat16 activations like int4's; "q4a8" too where the process opted in to 8-bit activations,
+    `activation_bits()`), at torch's current thread
     count, timed over copies of a layer that exceed the last-level cache (measured once per process, thread count
     and opt-in; ~0.1 s). "int4" where budgetlm's kernel is not built."""
     if _four_forced is not None:
@@ -513,13 +526,14 @@ def own_preferred() -> bool:
 
 @contextlib.contextmanager
 def four_bit_kernel(kind: str):
-    """Within the block, <= 4-bit layers take `kind` ("int4", "q4" or "q4a8") whatever the probe found: to time or
-    check the kernels side by side (benchmarks/bench_decode.py's `variant@int4`, `variant@q4a8`). "q4a8" is the
-    explicit choice of 8-bit activations (lossy) for calls of at most ACT8_TOKENS tokens."""
+    """Within the block, <= 4-bit layers take `kind` ("int4", "q4", "q4a8" or "q4bf") whatever the probe found: to
+    time or check the kernels side by side (benchmarks/bench_decode.py's `variant@int4`, `variant@q4a8`). "q4a8" is
+    the explicit choice of 8-bit activations (lossy) for calls of at most ACT8_TOKENS tokens; "q4bf" that of
+    bfloat16 activations (lossy) at every call size below the crossover."""
     global _four_forced
     if kind not in FOUR_BIT_KINDS:
         raise ValueError(f"no 4-bit kernel {kind!r}: {', '.join(FOUR_BIT_KINDS)}")
-    if kind in ("q4", "q4a8") and native.library() is None:
+    if kind in ("q4", "q4a8", "q4bf") and native.library() is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {native.status()}")
     before, _four_forced = _four_forced, kind
     try:

@@ -21,7 +21,9 @@ kernel path to exact dequantisation; `kernels.kernels_enabled(False)` or BUDGETL
 budgetlm's own "q4" and "q8" kernels are exact (float32 activations); "q4a8" (int8 activations, lossy) serves
 calls of at most kernels.ACT8_TOKENS tokens only where the process opted in (BUDGETLM_ACT8=1,
 `kernels.set_activation_bits(8)`) and the probe timed it fastest, or a block forced it
-(`kernels.four_bit_kernel("q4a8")`); the layer's larger calls take "q4" or dequantisation as without it.
+(`kernels.four_bit_kernel("q4a8")`); the layer's larger calls take "q4" or dequantisation as without it. "q4bf"
+(bfloat16 activations, lossy like torch's int4 kernel, exact fp16 tables) is a candidate of the default probe like
+"int4"; it serves every call below "q4"'s crossover.
 
 Two optional parts (both saved and counted in `storage_bytes`), kept on every path:
 - `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
@@ -160,10 +162,11 @@ class QuantLinear(torch.nn.Module):
     # -- the forward paths (methods/quant/kernels.py) -----------------------------------------------------------
     @property
     def kernel(self) -> str | None:
-        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's) or, opted in,
-        "q4a8" (budgetlm's with int8 activations), whichever the host probe measured fastest, for 2-4 bits;
-        "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric per-channel grids whichever of "int8" (torch's
-        int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe measured fastest; None (dequantisation only)."""
+        """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's), "q4bf"
+        (budgetlm's with bfloat16 activations) or, opted in, "q4a8" (budgetlm's with int8 activations), whichever
+        the host probe measured fastest, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
+        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
+        measured fastest; None (dequantisation only)."""
         if self.bits == 8 and self.int8_kernel:
             kind = kernels.eight_bit(self.out_features, self.in_features)
             if kind == "q8" or self._int4 is None or len(self._int4) != 4:
@@ -176,15 +179,18 @@ class QuantLinear(torch.nn.Module):
         if self._int4_group is None:
             return None
         kind = kernels.four_bit()
-        return kind if kind in ("q4", "q4a8") else "int4"
+        return kind if kind in ("q4", "q4a8", "q4bf") else "int4"
 
     def _kernel_and_crossover(self) -> tuple[str | None, int]:
         """The kernel in use (None when kernels are off) and the token count from which dense wins."""
         kind = self.kernel if kernels.enabled() else None
+        if kind == "q4bf":  # the crossover of the exact kernel on the same layout (q4bf is at least as fast)
+            return kind, kernels.crossover("q4")
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "q4", "q4a8", "int4", "q8", "int4x2", "int8" or "dense"."""
+        """The path a call with `tokens` tokens takes: "q4", "q4a8", "q4bf", "int4", "q8", "int4x2", "int8" or
+        "dense"."""
         kind, cross = self._kernel_and_crossover()
         return _act8_limit(kernels.choose(kind, tokens, cross), tokens)
 
@@ -287,10 +293,12 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None or self.bias is not None or self.rank:
             return None
         kind, cross = self._kernel_and_crossover()
-        if kind not in ("q4", "q4a8", "q8") or cross <= 0:
+        if kind not in ("q4", "q4a8", "q4bf", "q8") or cross <= 0:
             return None
         if kind == "q8":
             call = kernels.bind_q8(self._int8_codes(), self.scales)
+        elif kind == "q4bf" and self._int4_ready():
+            call = kernels.bind_q4bf(self._int4[0], *self._q4_tables(), self.group_size)
         elif self._int4_ready():
             call = kernels.bind_q4(self._int4[0], *self._q4_tables(), self.group_size)
             if kind == "q4a8":  # int8 activations for a few tokens, the exact kernel above (below the crossover)
@@ -314,13 +322,14 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
         kind, cross = self._kernel_and_crossover()
-        if kind in ("int4", "int4x2", "q4", "q4a8") and cross > 0 and self._int4 is None:
+        if kind in ("int4", "int4x2", "q4", "q4a8", "q4bf") and cross > 0 and self._int4 is None:
             self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
         path = _act8_limit(kernels.choose(kind, flat.shape[0], cross), flat.shape[0])
         if torch.is_grad_enabled() and flat.requires_grad:
             path = "dense"  # the kernels have no backward: a gradient through the layer takes the exact path
-        if path in ("q4", "q4a8") and self._int4_ready():
-            y = kernels.q4_mm(flat, self._int4[0], self._q4_tables(), self.group_size, act8=path == "q4a8")
+        if path in ("q4", "q4a8", "q4bf") and self._int4_ready():
+            y = kernels.q4_mm(flat, self._int4[0], self._q4_tables(), self.group_size, act8=path == "q4a8",
+                              bf16=path == "q4bf")  # fmt: skip
         elif path == "int4" and self._int4_ready():
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
         elif path == "int4x2" and self._int4_ready():
@@ -378,8 +387,8 @@ class QuantLinear(torch.nn.Module):
         if self.kernel in ("int8", "q8"):
             return self.storage_bytes()
         halves = 2 if self.bits == 8 else 1
-        q4 = self.kernel in ("q4", "q4a8")
-        group = self.group_size if q4 else self._int4_group  # q4, q4a8: fp16 tables per stored group
+        q4 = self.kernel in ("q4", "q4a8", "q4bf")
+        group = self.group_size if q4 else self._int4_group  # q4, q4a8, q4bf: fp16 tables per stored group
         layout = halves * (n * k // 2 + (k // group) * n * 2 * 2)
         extra = [self.perm, self.lr_u, self.lr_v]
         return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)

@@ -1,6 +1,6 @@
 """budgetlm's own CPU code in C, built on the host at first use and called through ctypes: the 4- and 8-bit
-kernels (q4.c, q4a8.c, q8.c, used by methods/quant/kernels.py), the decoder-layer glue of the lean runtime (ops.c,
-decode/lean.py) and its one-call decode step (step.c, decode/lean_step.py).
+kernels (q4.c, q4a8.c, q4bf.c, q8.c, used by methods/quant/kernels.py), the decoder-layer glue of the lean runtime
+(ops.c, decode/lean.py) and its one-call decode step (step.c, decode/lean_step.py).
 
 The C sources ship with the package; the first process that needs it compiles it with the host's C compiler
 (`cc`, or $CC) into a cache folder ($BUDGETLM_CACHE/native, default ~/.cache/budgetlm/native), under a name that
@@ -8,8 +8,9 @@ hashes the source, the compiler's version and the machine, so a shared home on a
 The build writes a temporary file and renames it: processes building at once never load a half-written library.
 No compiler, or a failed build, leaves the kernel unavailable (`status()` says why) and every layer on torch's
 paths; nothing fails. The AVX2 path is used only where the CPU runs AVX2 and FMA (checked by the library itself,
-so that it never executes an instruction the CPU lacks); whether budgetlm *takes* this kernel at all is decided by
-timing it against torch's on the host (methods/quant/kernels.py), never by CPU flags.
+so that it never executes an instruction the CPU lacks; likewise q4bf.c's AVX-512 BF16 path, `bf16_simd()`);
+whether budgetlm *takes* a kernel at all is decided by timing it against torch's on the host
+(methods/quant/kernels.py), never by CPU flags.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c", "q4a8.c", "step.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.c", "q8.c", "ops.c", "q4a8.c", "q4bf.c", "step.c")]
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
 _status = "not built"
 
@@ -88,6 +89,11 @@ def library() -> ctypes.CDLL | None:
     lib.q4_has_simd.restype = c_int
     lib.q4a8_mm.argtypes = lib.q4_mm.argtypes
     lib.q4a8_mm.restype = c_int
+    lib.q4bf_mm.argtypes = lib.q4_mm.argtypes
+    lib.q4bf_mm.restype = c_int
+    lib.q4bf_has_simd.restype = c_int
+    lib.q4bf_round.argtypes = [ptr, ctypes.c_int64, ptr]
+    lib.q4bf_round.restype = None
     lib.q8_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, ptr, c_int, c_int]
     lib.q8_mm.restype = c_int
     c_float = ctypes.c_float
@@ -108,6 +114,7 @@ def library() -> ctypes.CDLL | None:
     lib.step_dense_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, c_int, c_int]
     lib.step_dense_mm.restype = None
     _status = "built (AVX2)" if lib.q4_has_simd() else "built (plain C: no AVX2/FMA on this CPU)"
+    _status += ", q4bf: AVX-512 BF16" if lib.q4bf_has_simd() else ", q4bf: plain C (no AVX-512 BF16)"
     return lib
 
 
@@ -122,12 +129,41 @@ def simd() -> int:
     return int(lib.q4_has_simd()) if lib is not None else 0
 
 
+@lru_cache(maxsize=1)
+def bf16_simd() -> int:
+    """1 where q4bf.c's AVX-512 BF16 path runs on this CPU (cpuid, checked by the library)."""
+    lib = library()
+    return int(lib.q4bf_has_simd()) if lib is not None else 0
+
+
+def _kernel(lib, act8: bool, bf16: bool):
+    """(C function, its name, its `simd` argument) of the 4-bit kernel asked for."""
+    if act8 and bf16:
+        raise ValueError("a 4-bit call takes int8 (act8) or bfloat16 (bf16) activations, not both")
+    if bf16:
+        return lib.q4bf_mm, "q4bf_mm", bf16_simd()
+    return (lib.q4a8_mm, "q4a8_mm", simd()) if act8 else (lib.q4_mm, "q4_mm", simd())
+
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) rounded to bfloat16 by q4bf.c's own rounding, as float32 (tests)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
+    x = x.float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.int16)
+    lib.q4bf_round(x.data_ptr(), x.numel(), out.data_ptr())
+    return (out.int() << 16).view(torch.float32)
+
+
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-          threads: int | None = None, vector: bool = True, act8: bool = False) -> torch.Tensor:  # fmt: skip
+          threads: int | None = None, vector: bool = True, act8: bool = False,
+          bf16: bool = False) -> torch.Tensor:  # fmt: skip
     """x [M, K] float32 times the 4-bit weight of `packed` (uint8 [N, K/2], torch's CPU layout with blocks of
     `block` rows) with float16 `scales` and zero points `zeros` [K/g, N]: float32 [M, N]. `threads` defaults to
     torch's; `vector=False` takes the plain C path even where the AVX2 one runs (tests). `act8=True`: q4a8.c,
-    the activations quantised to int8 per block of 32 columns (lossy; g a multiple of 32)."""
+    the activations quantised to int8 per block of 32 columns (lossy; g a multiple of 32). `bf16=True`: q4bf.c,
+    the activations rounded to bfloat16 (lossy; AVX-512 BF16 where the CPU has it, `vector=False`: plain C)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
@@ -141,27 +177,26 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tenso
     if packed.numel() * 2 != n * k or zeros.shape != scales.shape or scales.shape[0] * g != k:
         raise RuntimeError(f"q4_mm: codes {tuple(packed.shape)} and tables {tuple(scales.shape)} do not make {n}x{k}")
     threads = torch.get_num_threads() if threads is None else threads
-    fn = lib.q4a8_mm if act8 else lib.q4_mm
+    fn, name, vec = _kernel(lib, act8, bf16)
     err = fn(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
-             y.data_ptr(), threads, simd() if vector else 0)  # fmt: skip
+             y.data_ptr(), threads, vec if vector else 0)  # fmt: skip
     if err:
-        name = "q4a8_mm" if act8 else "q4_mm"
         raise RuntimeError(f"{name} refused a {n}x{k} layer (block {block}, group {g}): code {err}")
     return y
 
 
 def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
-            act8: bool = False, vector: bool = True):  # fmt: skip
+            act8: bool = False, vector: bool = True, bf16: bool = False):  # fmt: skip
     """q4_mm for one layer with its arguments checked once: call(x [M, K]) -> float32 [M, N]. The tensors must stay
-    alive and unchanged while the call is used (the layer that binds them holds them). `act8`, `vector`: as in
-    q4_mm."""
+    alive and unchanged while the call is used (the layer that binds them holds them). `act8`, `vector`, `bf16`: as
+    in q4_mm."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
     n, k = scales.shape[1], scales.shape[0] * g
-    q4_mm(torch.zeros(1, k), packed, block, scales, zeros, g, threads=1, act8=act8)  # validates shapes and dtypes
-    fn, pp, sp, zp = lib.q4a8_mm if act8 else lib.q4_mm, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr()
-    vec = simd() if vector else 0
+    q4_mm(torch.zeros(1, k), packed, block, scales, zeros, g, threads=1, act8=act8, bf16=bf16)  # validates the shapes
+    fn, _, vec = _kernel(lib, act8, bf16)
+    pp, sp, zp, vec = packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), vec if vector else 0
     threads = torch.get_num_threads
     held = (packed, scales, zeros)  # the pointers above stay valid while the call exists
 

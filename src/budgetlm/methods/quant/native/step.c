@@ -3,7 +3,7 @@
    residual add + RMSNorm, gate/up, SiLU(gate) * up, down, residual add -> final RMSNorm -> lm_head logits of the
    last rows. A step of M <= 16 tokens of a small model costs ~9 Python/ctypes calls per layer otherwise (~10 us
    each): here the model is a descriptor built once (weights' pointers, norms, shapes) and the step walks it.
-   The glue is ops.c's functions, the 4- and 8-bit products q4.c's and q8.c's (called with the arguments their
+   The glue is ops.c's functions, the 4- and 8-bit products q4.c's, q4a8.c's, q4bf.c's and q8.c's (called with the arguments their
    Python bindings check once, methods/quant/native/__init__.py); float32 Linears take `step_dense_mm` below, a
    product for few rows of x (W rows in chunks that stay in L1 while every row of x passes over them). The formulas
    are those of transformers' Llama forward; written for budgetlm. */
@@ -32,6 +32,9 @@ int q4_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, con
 int q8_mm(const float *x, int M, int K, const int8_t *q, int N, const uint16_t *s, float *y, int threads, int simd);
 /* q4a8.c: q4_mm's arguments, activations quantised to int8 per block of 32 (lossy) */
 int q4a8_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
+            int g, float *y, int threads, int simd);
+/* q4bf.c: q4_mm's arguments, activations rounded to bfloat16 (lossy); its AVX-512 BF16 path checks the CPU itself */
+int q4bf_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
             int g, float *y, int threads, int simd);
 
 /* -- float32 y [M, N] = x [M, K] W^T, W [N, K] row-major ------------------------------------------------------- */
@@ -108,12 +111,12 @@ void step_dense_mm(const float *x, int M, int K, const float *w, int N, float *y
 }
 
 /* -- the model descriptor (decode/lean_step.py builds it with ctypes; the field order is the Python one) -------- */
-enum { STEP_DENSE = 0, STEP_Q4 = 1, STEP_Q8 = 2 };
+enum { STEP_DENSE = 0, STEP_Q4 = 1, STEP_Q8 = 2, STEP_Q4BF = 3 };
 
 typedef struct {
-    int64_t kind, n, k, block, group; /* block, group: q4 only */
-    const void *w;                    /* float32 [n, k] | q4 packed uint8 [n, k/2] | q8 int8 [n, k] */
-    const void *s, *z;                /* q4: fp16 scales, zero points [k/group, n]; q8: fp16 scales [n] */
+    int64_t kind, n, k, block, group; /* block, group: q4 and q4bf only */
+    const void *w;                    /* float32 [n, k] | q4, q4bf packed uint8 [n, k/2] | q8 int8 [n, k] */
+    const void *s, *z;                /* q4, q4bf: fp16 scales, zero points [k/group, n]; q8: fp16 scales [n] */
     int64_t act8;                     /* q4: calls of at most act8 rows take q4a8 (the layer's "q4a8" kernel) */
 } step_linear;
 
@@ -143,6 +146,9 @@ static int linear(const step_linear *L, const float *x, int M, float *y, int thr
                            (const uint16_t *)L->z, (int)L->group, y, threads, simd);
         return q4_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
                      (const uint16_t *)L->z, (int)L->group, y, threads, simd);
+    case STEP_Q4BF: /* the layer's "q4bf" kernel: bfloat16 activations at every row count, as on its own path */
+        return q4bf_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
+                       (const uint16_t *)L->z, (int)L->group, y, threads, simd);
     case STEP_Q8:
         return q8_mm(x, M, (int)L->k, (const int8_t *)L->w, (int)L->n, (const uint16_t *)L->s, y, threads, simd);
     }
