@@ -273,7 +273,7 @@ def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, fa
         pytest.skip("torch's 4-bit layout is not one budgetlm's kernels read")
     monkeypatch.setattr(kernels, "_enabled", True)
     monkeypatch.setattr(kernels, "crossover", lambda kind: 64)
-    monkeypatch.setattr(kernels, "_four_bit", lambda threads, act8=False: "int4")
+    monkeypatch.setattr(kernels, "_four_bit", lambda threads, act8=False, own=False: "q4" if own else "int4")
     monkeypatch.setattr(kernels, "_eight_bit", lambda n, k, threads: "int4x2")
     monkeypatch.setattr(lean_step, "_timed", {})
     timed = []

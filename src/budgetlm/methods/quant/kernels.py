@@ -454,7 +454,8 @@ def eight_bit(n: int, k: int) -> str:
 
 
 @lru_cache(maxsize=8)
-def _four_bit(threads: int, act8: bool = False) -> str:
+def _four_bit(threads: int, act8: bool = False, own: bool = False) -> str:
+    """The probe of four_bit(); `own`: among budgetlm's kernels only (prefer_own_kernels)."""
     if not _layout_matches() or native.library() is None:
         return "int4"
     try:
@@ -466,6 +467,8 @@ def _four_bit(threads: int, act8: bool = False) -> str:
         table, tables = int4_table(scales, zeros, 4, g, g), q4_table(scales, zeros, 4)
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
         calls = {"int4": lambda i: int4_mm(x, packed[i], g, table), "q4": lambda i: q4_mm(x, packed[i], tables, g)}
+        if own:
+            del calls["int4"]
         calls["q4bf"] = lambda i: q4_mm(x, packed[i], tables, g, bf16=True)  # lossy like int4: a default candidate
         if act8:  # opted in to 8-bit activations (lossy): timed with the exact two
             calls["q4a8"] = lambda i: q4_mm(x, packed[i], tables, g, act8=True)
@@ -508,11 +511,14 @@ def four_bit() -> str:
     if _four_forced is not None:
         return _four_forced
     kind = _four_bit(torch.get_num_threads(), activation_bits() == 8)
-    return "q4" if _own_preferred and kind == "int4" and native.library() is not None else kind
+    if _own_preferred and kind == "int4" and native.library() is not None:  # the fastest of budgetlm's own
+        return _four_bit(torch.get_num_threads(), activation_bits() == 8, own=True)
+    return kind
 
 
 def prefer_own_kernels(on: bool) -> None:
-    """Process-wide: quantised layers take budgetlm's own kernels ("q4" for <= 4 bits, "q8" for 8 bits) where the
+    """Process-wide: quantised layers take budgetlm's own kernels (the fastest of "q4" / "q4bf" / opted-in "q4a8" for
+    <= 4 bits, by the same probe without torch's kernel; "q8" for 8 bits) where the
     per-layer probes found torch's faster. Set where a whole decode step was timed faster on them
     (decode/lean_step.py `step_runtime`: budgetlm's kernels let the step run as one C call, which a probe of one
     layer's product cannot see). Layers pick the change up at their next call (`state()`)."""
