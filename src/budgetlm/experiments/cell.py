@@ -57,6 +57,7 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
     from budgetlm.evaluation.harness import evaluate
     from budgetlm.hardware.memory import PeakRSS
     from budgetlm.methods.base import StepContext, apply_steps
+    from budgetlm.models.handle import load_folder
     from budgetlm.models.sources import load
 
     phases: dict[str, dict[str, Metric]] = {}
@@ -65,21 +66,29 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
     env = environment()
     atomic_write_json(cell_dir / "env.json", env)
 
-    status(f"loading {cfg['model']}")
+    prior = compressed_model(cell_dir, cfg)
     t0 = time.perf_counter()
     with PeakRSS("load") as peak:
-        handle = load(cfg["model"], seed=cfg["seed"])
-        applied_before = len(handle.provenance)
-        reports = []
-        if cfg["steps"]:
-            status(f"applying {' -> '.join(s['method'] for s in cfg['steps'])}")
-            reports = apply_steps(handle, cfg["steps"], StepContext(seed=cfg["seed"], progress=progress))
+        if prior is not None:  # the steps ran before (this cell, interrupted later, or a sibling): not again
+            source_cell, saved = prior
+            whose = "this cell's" if source_cell == cell_dir else f"cell {source_cell.name}'s"
+            status(f"loading {whose} compressed model (same model, steps and seed)")
+            handle = load_folder(source_cell / "model")
+            step_dicts, changed = saved["reports"], True
+        else:
+            status(f"loading {cfg['model']}")
+            handle = load(cfg["model"], seed=cfg["seed"])
+            applied_before = len(handle.provenance)
+            reports = []
+            if cfg["steps"]:
+                status(f"applying {' -> '.join(s['method'] for s in cfg['steps'])}")
+                reports = apply_steps(handle, cfg["steps"], StepContext(seed=cfg["seed"], progress=progress))
+            step_dicts, changed = [r.to_dict() for r in reports], len(handle.provenance) > applied_before
     memory["peak_rss_load"] = peak.metric()
-    seconds["seconds_load"] = Metric(time.perf_counter() - t0, unit="s")
-    step_dicts = [r.to_dict() for r in reports]
+    reused = {"compressed_in": prior[0].name} if prior is not None else {}
+    seconds["seconds_load"] = Metric(time.perf_counter() - t0, unit="s", extra=dict(reused))
     phases.update(_step_phases(cfg["steps"], step_dicts))
 
-    changed = len(handle.provenance) > applied_before
     model_folder = gguf = lm = None
     runtime = cfg.get("runtime")  # "llama.cpp": scored and measured there (experiments/runtime.py)
     threads = cfg.get("threads")
@@ -91,13 +100,19 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
             gguf = rt.export_cell(handle, cell_dir)
         memory["peak_rss_export"] = peak.metric()
         lm = rt.make_lm(handle, gguf, threads)
+    elif prior is not None:
+        if prior[0] != cell_dir:
+            status(f"linking cell {prior[0].name}'s model files")
+            link_model(prior[0] / "model", cell_dir / "model")
+        model_folder = str(cell_dir / "model")
     elif changed:
         status("saving the model")
         model_folder = str(handle.save(cell_dir / "model"))
     atomic_write_json(
         cell_dir / "steps.json",
         {"steps": cfg["steps"], "reports": step_dicts, "model_folder": model_folder, "source": handle.source}
-        | ({"runtime": runtime, "gguf": gguf} if runtime else {}),
+        | ({"runtime": runtime, "gguf": gguf} if runtime else {})
+        | reused,
     )
 
     if cfg["tasks"]:
@@ -162,15 +177,68 @@ def run_cell(cell_dir: Path, progress: bool = False) -> dict:
     phases["time"] = seconds
     if runtime:
         rt.stamp(phases, runtime, gguf)
-    result = {
-        "phases": {p: {m: _as_dict(v) for m, v in ms.items()} for p, ms in phases.items()},
-        "env": env,
-        "model_folder": model_folder,
-        "source": handle.source,
-    } | ({"runtime": runtime, "gguf": gguf} if runtime else {})
+    result = (
+        {
+            "phases": {p: {m: _as_dict(v) for m, v in ms.items()} for p, ms in phases.items()},
+            "env": env,
+            "model_folder": model_folder,
+            "source": handle.source,
+        }
+        | ({"runtime": runtime, "gguf": gguf} if runtime else {})
+        | reused
+    )
     atomic_write_json(cell_dir / RESULT, result)  # last: its presence means the cell finished
     status("done")
     return result
+
+
+def compressed_model(cell_dir: Path, cfg: dict) -> tuple[Path, dict] | None:
+    """A compressed model this cell can start from instead of applying its steps again, as (cell folder, its
+    steps.json): its own, saved by a run interrupted after the steps (the driver keeps `model/` and steps.json when
+    it cleans an unfinished cell), else that of another cell of the study with the same model, steps, seed and
+    budgetlm version (a pipeline with and without HSD, a torch cell and its llama.cpp sibling). A model folder is
+    complete once steps.json names it (saved atomically before steps.json is written)."""
+    from budgetlm.models.handle import is_budgetlm_folder
+
+    if not cfg["steps"]:
+        return None
+    others = []
+    if cfg.get("study_dir") and (Path(cfg["study_dir"]) / "cells").is_dir():
+        me = cell_dir.resolve()
+        others = sorted(p for p in (Path(cfg["study_dir"]) / "cells").iterdir() if p.is_dir() and p.resolve() != me)
+    for folder in [cell_dir, *others]:
+        try:
+            saved = json.loads((folder / "steps.json").read_text(encoding="utf-8"))
+            other = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        same = all(other.get(k) == cfg.get(k) for k in ("model", "seed", "budgetlm"))
+        if (
+            same
+            and isinstance(saved, dict)
+            and saved.get("steps") == cfg["steps"]
+            and saved.get("model_folder")
+            and isinstance(saved.get("reports"), list)
+            and is_budgetlm_folder(folder / "model")
+        ):
+            return folder, saved
+    return None
+
+
+def link_model(source: Path, dest: Path) -> None:
+    """`dest` becomes a model folder with `source`'s files, hard-linked where the file system allows (no bytes
+    copied; each folder stays whole if the other is removed), else copied; atomically."""
+    import shutil
+
+    from budgetlm.models.handle import MANIFEST
+    from budgetlm.utils import atomic_dir
+
+    with atomic_dir(dest, marker=MANIFEST) as tmp:
+        for f in source.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
 
 
 REQUIRED = ("model", "pipeline", "steps", "tasks", "limit", "seed", "data_dir", "eval_batch_size", "bench")

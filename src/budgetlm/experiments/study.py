@@ -7,8 +7,10 @@
                               model/ (when a step changed the model), result.json (written last)
 
 A killed study, rerun with the same recipe and folder, skips the cells marked done in the store, ingests a
-cell that finished while the driver was gone, and cleans and reruns the others. A failed cell is recorded
-and the study goes on; at the end a BudgetLMError names the failed cells.
+cell that finished while the driver was gone, and cleans and reruns the others, keeping a compressed model such a
+cell saved: its steps do not run again (nor do they for a cell whose model, steps and seed another cell of the
+study shares: experiments/cell.py's `compressed_model`). A failed cell is recorded and the study goes on; at the
+end a BudgetLMError names the failed cells.
 
 Where the cells run is a pool (experiments/runners.py): `InOrder` runs each cell as it is handed over, one at a time
 (the local runner, a fresh process per cell); experiments/ray_runner.py's `RayPool` runs the same cell processes as
@@ -36,10 +38,12 @@ from budgetlm.experiments.plan import Cell, model_label, plan
 from budgetlm.experiments.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
 from budgetlm.experiments.runners import InOrder, Pool, Runner
 from budgetlm.experiments.runtime import SKIPPED, check_runtimes, skip_line, split_unavailable
+from budgetlm.models.handle import MANIFEST
 from budgetlm.progress import Progress, duration
 from budgetlm.utils import atomic_write_text, check_output, move_aside
 
 LOCK = ".lock"
+KEPT = ("model", "steps.json")  # what an unfinished cell keeps: its compressed model (experiments/cell.py reuses it)
 RUNNERS = ("local", "ray")
 
 
@@ -208,9 +212,12 @@ def _prepare(cell: Cell, out: Path, store: st.Store) -> bool:
     store.start_cell(cell.id, cell.model, cell.pipeline, cell.config)
     if _read_result(folder) is not None:
         return False
-    if folder.exists():  # unfinished or never started: start clean
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    if folder.exists():  # unfinished or never started: start clean, but for a compressed model it saved
+        keep = KEPT if (folder / "steps.json").is_file() and (folder / "model" / MANIFEST).is_file() else ()
+        for f in folder.iterdir():
+            if f.name not in keep:
+                shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
     config = {**cell.config, "cell_id": cell.id, "study_dir": str(out)}
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=2))
     return True
