@@ -7,8 +7,10 @@ decoding, on GSM8K prompts, side by side in one run.
 
 Variants (comma-separated; drafts named below):
 - `hf`: transformers' generate(), greedy: the baseline every ratio is to; `plain`: budgetlm's own greedy loop;
-- `hsd:D1>D2[:tau=T][:max=N][:gated]`: budgetlm's HSD with the drafts D1 (cheapest) > D2 > the verifier; tau one
-  value for every draft (inf: no gate, a fixed draft length of max), max the draft cap (default 8);
+- `hsd:D1>D2[:tau=T][:max=N][:gated][:ownkv]`: budgetlm's HSD with the drafts D1 (cheapest) > D2 > the verifier;
+  tau one value for every draft (inf: no gate, a fixed draft length of max), max the draft cap (default 8); a
+  quantised copy (w8, w4, w2) reads the verifier's keys and values of the prompt and accepted tokens unless `ownkv`
+  (then it prefills the prompt and keeps its own);
 - `hf-assist:D[:heuristic]`: transformers' assisted generation with draft D; `hf-lookup`: its prompt lookup.
 Drafts: `layers:K` (the verifier's first K layers, its norm and head: no copy), `w8`, `w4`, `w2` (RTN int8, 4-bit
 g64, 2-bit g64 copies of the whole model with the embedding table, on budgetlm's kernels).
@@ -157,7 +159,7 @@ def parse_variant(variant: str) -> tuple[list[str], list[str]]:
         return [], []
     names, opts = [], []
     for f in rest.split(":"):  # "layers:10" spans two fields
-        (opts if ("=" in f or f in ("gated", "heuristic")) else names).append(f)
+        (opts if ("=" in f or f in ("gated", "heuristic", "ownkv")) else names).append(f)
     return ":".join(names).split(">"), opts
 
 
@@ -211,7 +213,8 @@ def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
                 elif o.startswith("max="):
                     max_draft = int(o[4:])
             taus = [tau] * len(chain)
-        gen = Generator([*chain, ("verifier", model)], tok, taus, mode, max_draft)
+        own = variant.startswith("hsd:") and "ownkv" in parse_variant(variant)[1]
+        gen = Generator([*chain, ("verifier", model)], tok, taus, mode, max_draft, share_kv=not own)
 
         def run(ids, n=max_new):
             out = gen(ids, n, STOP)

@@ -67,11 +67,22 @@ class CachedLM:
             self.seconds += time.perf_counter() - t0
         return torch.stack(self.rows[start : len(seq)])  # type: ignore[arg-type]
 
+    def lend(self, lender: CachedLM, layers: int) -> bool:
+        """Take the keys and values of `lender`'s first `layers` layers from its cache from now on (see _borrow);
+        False, and nothing changes, where the two caches are not of the same layout (kv_layout)."""
+        mine, theirs = (getattr(lm.runtime, "kv_layout", None) for lm in (self, lender))
+        if mine is None or theirs is None or mine()[1:] != theirs()[1:] or layers > min(mine()[0], theirs()[0]):
+            return False
+        self.lender, self.lent_layers = lender, layers
+        return True
+
     def _borrow(self, seq: list[int], shared: int, start: int) -> int:
         """A draft made of the verifier's first K layers (`lender`) computes the same keys and values as the
         verifier's first K layers: copy those the verifier already holds (a prompt's prefill) instead of computing
-        them, up to the positions whose logits are asked for."""
-        if self.lender is None or type(self.lender.runtime) is not type(self.runtime):
+        them, up to the positions whose logits are asked for. A quantised copy of the verifier (every layer lent,
+        Chain's `share_kv`) attends to the verifier's keys and values instead of its own there: close to its own,
+        and its prompt's prefill is skipped."""
+        if self.lender is None:
             return shared
         upto = min(_common_prefix(self.lender.tokens, seq), start, len(seq) - 1)
         if upto <= shared:

@@ -44,6 +44,7 @@ class Generator:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    share_kv: bool = True  # drafts of the verifier's shape read its keys and values (decode/speculative.Chain)
 
     def __post_init__(self) -> None:
         if not self.taus:
@@ -62,7 +63,7 @@ class Generator:
         until = [s for s in (until or []) if s]
         lms = [CachedLM(model, name) for name, model in self.models]
         sampler = Sampler(self.temperature, self.top_p, self._generator)
-        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft)
+        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv)
         seq, new, shown, stop = list(prompt), [], "", "max tokens"
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:

@@ -284,6 +284,15 @@ class LeanLlama:
     def new_cache(self) -> StaticKV:
         return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
+    def kv_layout(self) -> tuple:
+        """What another lean runtime must share for its keys and values to be copied into this one's cache as they
+        are: the architecture, layer count, key/value heads, head size, dtype, and the rotary and attention window
+        settings (the keys are stored rotated)."""
+        cfg = self.model.config
+        keys = ("model_type", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window", "layer_types")
+        settings = tuple(repr(getattr(cfg, k, None)) for k in keys)
+        return (len(self.layers), self.kv_heads, self.head_dim, self.dtype, *settings)
+
     @staticmethod
     def _begin(ids: torch.Tensor, start: int, cache: StaticKV):
         """(new tokens, end position, lin(module, x)) for a call continuing `cache` at `start`."""

@@ -30,6 +30,14 @@ from budgetlm.decode.cached import CachedLM
 MODES = ("exact", "gated")
 
 
+def is_copy_of(draft: CachedLM, verifier: CachedLM) -> bool:
+    """A draft of the verifier's own architecture and shape (every layer's keys and values laid out alike), of
+    the same vocabulary: a compressed copy of the same model, whose keys and values approximate the verifier's."""
+    a, b = (getattr(getattr(lm, "model", None), "config", None) for lm in (draft, verifier))
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_key_value_heads", "vocab_size")
+    return a is not None and b is not None and all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
+
+
 @dataclass
 class Sampler:
     """Greedy when temperature is 0, else sampling at the temperature within the top-p nucleus."""
@@ -112,16 +120,25 @@ class Chain:
     mode: str = "exact"
     sampler: Sampler = field(default_factory=Sampler)
     max_draft: int = 8
+    share_kv: bool = True
     stats: list[LevelStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         assert len(self.taus) == len(self.lms) - 1 and self.mode in MODES
         self.stats = [LevelStats(lm.name) for lm in self.lms]
-        for lm in self.lms:  # a layers:K draft copies the keys and values a model of the chain already computed
+        verifier = self.lms[-1]
+        for lm in self.lms[:-1]:
+            # a layers:K draft copies the keys and values a model of the chain already computed: exactly its own
             whole, k = getattr(getattr(lm, "model", None), "budgetlm_first_layers_of", (None, 0))
             lender = next((other for other in self.lms if whole is not None and other.model is whole), None)
             if lender is not None:
-                lm.lender, lm.lent_layers = lender, k
+                lm.lend(lender, k)
+            elif self.share_kv and self.mode == "exact" and is_copy_of(lm, verifier):
+                # a draft of the verifier's own shape (a quantised copy) reads the verifier's keys and values of the
+                # positions the verifier computed (the prompt, accepted tokens) instead of computing its own, as
+                # QSpec (arXiv 2410.11305) shares one cache between its draft and verifier: the prompt's prefill is
+                # the verifier's alone. The output does not change in exact mode; only the draft's guesses do.
+                lm.lend(verifier, verifier.model.config.num_hidden_layers)
 
     # -- one level's work ------------------------------------------------------------------------------------
     def _open(self, i: int) -> float:

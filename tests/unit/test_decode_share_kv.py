@@ -1,0 +1,111 @@
+"""A draft of the verifier's own shape (a quantised copy) reads the verifier's keys and values of the prompt and of
+the verified tokens instead of computing its own (decode/speculative.Chain `share_kv`): the draft's logits equal
+its forward over the verifier's cache (transformers' forward, written independently here), the output stays the
+verifier's greedy decoding, and the draft never prefills the prompt. Drafts of another shape, gated mode and
+share_kv=False keep their own keys and values."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from budgetlm.decode.cached import CachedLM
+from budgetlm.decode.drafts import first_layers
+from budgetlm.decode.generate import Generator
+from budgetlm.models.sources import tiny_config, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def llama(seed: int, layers: int = 4):
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config()
+    cfg.num_hidden_layers, cfg.initializer_range = layers, 0.2
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval().double()
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """The model with every weight perturbed (a stand-in for a quantised copy: same shape, close function)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
+    return out
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (length,), generator=g).tolist()
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_a_lent_draft_computes_its_forward_over_the_verifiers_keys_and_values():
+    v = llama(0)
+    d = noisy_copy(v, 0.3, 1)
+    prompt, nxt = prompt_of(13, 2), [7, 99]
+    ver, dra = CachedLM(v, "v"), CachedLM(d, "d")
+    assert dra.lend(ver, 4)
+    ver.logits(prompt, len(prompt) - 1)  # the verifier's prefill
+    got = dra.logits(prompt + nxt, len(prompt))  # rows after nxt[0] and nxt[1]
+    assert dra.borrowed == len(prompt) and dra.fed == len(nxt)  # the prompt copied, only the new tokens fed
+    with torch.no_grad():  # reference: transformers' forward of the draft on the verifier's own cache
+        cache = v(torch.tensor([prompt]), use_cache=True).past_key_values
+        want = d(torch.tensor([nxt]), past_key_values=cache, use_cache=True).logits[0]
+        own = d(torch.tensor([prompt + nxt])).logits[0, len(prompt) :]
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert (got - own.float()).abs().max() > 1e-3  # and that is not the draft's own forward: the test can fail
+
+
+def test_exact_output_is_the_verifiers_and_the_draft_never_prefills():
+    v = llama(3)
+    d = noisy_copy(v, 0.05, 4)
+    for seed in range(3):
+        prompt = prompt_of(20 + 7 * seed, seed)
+        want = greedy_reference(v, prompt, 18)
+        shared = Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 18)
+        own = Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4, share_kv=False)(prompt, 18)
+        assert shared.tokens == want == own.tokens
+        ds, do = shared.levels[0], own.levels[0]
+        # shared: the prompt copied, then only the tokens it drafted and the verifier's corrections are fed
+        assert ds["borrowed"] >= len(prompt) and ds["tokens_fed"] <= ds["drafted"] + 18
+        assert do["borrowed"] == 0 and do["tokens_fed"] > len(prompt)
+
+
+def test_a_quantised_copy_on_the_kernels_shares_the_fp32_verifiers_cache():
+    from budgetlm.methods.base import apply_steps
+    from budgetlm.models.sources import tiny_random
+
+    base = tiny_random(2)
+    quant = copy.deepcopy(base)
+    apply_steps(quant, [{"method": "rtn", "bits": 4, "group_size": 32, "embeddings": True}])
+    v, d = base.model.eval(), quant.model.eval()
+    prompt = prompt_of(40, 5)
+    plain = Generator([("v", v)], TOK)(prompt, 16)
+    out = Generator([("w4", d), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 16)
+    assert out.tokens == plain.tokens
+    assert out.levels[0]["borrowed"] >= len(prompt) and out.levels[0]["tokens_fed"] <= out.levels[0]["drafted"] + 16
+
+
+def test_other_shapes_gated_mode_and_share_kv_off_keep_their_own_cache():
+    v = llama(5)
+    prompt = prompt_of(16, 6)
+    other = llama(6, layers=3)  # another layer count: not a copy of the verifier
+    out = Generator([("o", other), ("v", v)], TOK, taus=[None], max_draft=3)(prompt, 10)
+    assert out.levels[0]["borrowed"] == 0 and out.tokens == greedy_reference(v, prompt, 10)
+    d = noisy_copy(v, 0.05, 7)
+    gated = Generator([("d", d), ("v", v)], TOK, taus=[None], mode="gated", max_draft=3)(prompt, 10)
+    assert gated.levels[0]["borrowed"] == 0  # gated mode emits the draft's own tokens: its own model's
+    # a layers:K draft still copies exactly its K layers
+    cut = Generator([("l2", first_layers(v, 2)), ("v", v)], TOK, taus=[None], max_draft=3)(prompt, 10)
+    assert cut.levels[0]["borrowed"] == len(prompt) and cut.tokens == greedy_reference(v, prompt, 10)
