@@ -109,3 +109,21 @@ def test_other_shapes_gated_mode_and_share_kv_off_keep_their_own_cache():
     # a layers:K draft still copies exactly its K layers
     cut = Generator([("l2", first_layers(v, 2)), ("v", v)], TOK, taus=[None], max_draft=3)(prompt, 10)
     assert cut.levels[0]["borrowed"] == len(prompt) and cut.tokens == greedy_reference(v, prompt, 10)
+
+
+def test_a_gemma_layers_draft_borrows_its_sliding_and_full_layers():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    kinds = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    ids = {"bos_token_id": TOK.bos_token_id, "eos_token_id": TOK.eos_token_id, "pad_token_id": TOK.pad_token_id}
+    cfg = Gemma3TextConfig(
+        vocab_size=len(TOK), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=8, layer_types=kinds, max_position_embeddings=512,
+        initializer_range=0.05, **ids,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    g = Gemma3ForCausalLM(cfg).eval().double()
+    prompt = prompt_of(20, 8)
+    out = Generator([("l2", first_layers(g, 2)), ("g", g)], TOK, taus=[None], max_draft=3)(prompt, 8)
+    assert out.levels[0]["borrowed"] == len(prompt)  # the layer types of a cut model are its first ones
+    assert out.tokens == Generator([("g", g)], TOK)(prompt, 8).tokens

@@ -73,6 +73,9 @@ class CachedLM:
         mine, theirs = (getattr(lm.runtime, "kv_layout", None) for lm in (self, lender))
         if mine is None or theirs is None or mine()[1:] != theirs()[1:] or layers > min(mine()[0], theirs()[0]):
             return False
+        kinds = [list(getattr(lm.model.config, "layer_types", None) or [])[:layers] for lm in (self, lender)]
+        if kinds[0] != kinds[1]:  # sliding-window and full layers must line up
+            return False
         self.lender, self.lent_layers = lender, layers
         return True
 

@@ -287,9 +287,9 @@ class LeanLlama:
     def kv_layout(self) -> tuple:
         """What another lean runtime must share for its keys and values to be copied into this one's cache as they
         are: the architecture, layer count, key/value heads, head size, dtype, and the rotary and attention window
-        settings (the keys are stored rotated)."""
+        settings (the keys are stored rotated); CachedLM.lend also compares the lent layers' types."""
         cfg = self.model.config
-        keys = ("model_type", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window", "layer_types")
+        keys = ("model_type", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window")
         settings = tuple(repr(getattr(cfg, k, None)) for k in keys)
         return (len(self.layers), self.kv_heads, self.head_dim, self.dtype, *settings)
 
