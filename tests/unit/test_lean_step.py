@@ -232,6 +232,27 @@ def test_q4bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kerne
         rows += keep
 
 
+def test_q8bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kernels_on):
+    """An 8-bit layer on "q8bf" (its two 4-bit halves on q4bf, bfloat16 activations) runs inside the one C call with
+    the same logits as the per-layer path's, near (not equal to) the exact 8-bit kernel's."""
+    from budgetlm.decode.lean_step import Q8BF
+
+    model = llama(kv_heads=2, tied=False)
+    quantise(model, PLANS["mixed"])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(8)).tolist()
+    exact = run_calls(step_runtime(model), seq)  # 8-bit layers on "q8" (float32 activations)
+    monkeypatch.setattr(kernels, "eight_bit", lambda n, k: "q8bf")
+    rt = step_runtime(model)
+    desc = rt.descriptor()
+    assert desc.reason is None and desc.layers[1].q.kind == Q8BF and desc.layers[0].q.kind != Q8BF  # layer 0: 4-bit
+    assert desc.md.head.kind == Q8BF
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 6
+    close(got, run_calls(LeanLlama(model), seq))  # the per-layer path: each layer's own q8bf call
+    d = float((got - exact).abs().max() / exact.abs().max())
+    assert 1e-7 < d < 0.05, d
+
+
 def test_the_descriptor_follows_the_kernels_state(kernels_on):
     model = llama()
     quantise(model, PLANS["mixed"])
@@ -274,7 +295,7 @@ def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, fa
     monkeypatch.setattr(kernels, "_enabled", True)
     monkeypatch.setattr(kernels, "crossover", lambda kind: 64)
     monkeypatch.setattr(kernels, "_four_bit", lambda threads, act8=False, own=False: "q4" if own else "int4")
-    monkeypatch.setattr(kernels, "_eight_bit", lambda n, k, threads: "int4x2")
+    monkeypatch.setattr(kernels, "_eight_bit", lambda n, k, threads, own_only=False: "q8" if own_only else "int4x2")
     monkeypatch.setattr(lean_step, "_timed", {})
     timed = []
 

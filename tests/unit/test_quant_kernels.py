@@ -419,7 +419,7 @@ def test_eight_bit_probe_stays_small_for_a_large_layer(monkeypatch):
     monkeypatch.setattr(kernels.torch, "full", full)
     kernels._eight_bit.cache_clear()
     try:
-        assert kernels._eight_bit(65536, 512, 1) in ("int8", "int4x2", "q8")
+        assert kernels._eight_bit(65536, 512, 1) in ("int8", "int4x2", "q8", "q8bf")
     finally:
         kernels._eight_bit.cache_clear()
     assert seen and max(seen) <= 2 * (1 << 20)

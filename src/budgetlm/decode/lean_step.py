@@ -6,9 +6,10 @@ ctypes, tensor allocation and torch dispatch around products that take a few. `L
 to the C library once (`Descriptor`: per layer the norms' weights and epsilons and per projection its kind and
 pointers, exactly the tensors its Python path computes with: a float32 Linear's weight, a QuantLinear's bound
 4-bit layout and fp16 tables or int8 codes and fp16 scales, held here so they stay alive), and a step is then one
-call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's and q8.c's products, step.c's float32
-product for few rows), final norm, lm_head rows asked for. The rotary tables are the model's own rotary
-embedding's (every rope scaling it knows), computed in Python for positions 0..n once (per step for the dynamic types).
+call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's (twice for a "q8bf" layer's halves)
+and q8.c's products, step.c's float32 product for few rows), final norm, lm_head rows asked for. The rotary tables
+are the model's own rotary embedding's (every rope scaling it knows), computed in Python for positions 0..n once
+(per step for the dynamic types).
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
 with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
@@ -31,13 +32,14 @@ import torch
 
 from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
 
-DENSE, Q4, Q8, Q4BF = 0, 1, 2, 3
+DENSE, Q4, Q8, Q4BF, Q8BF = 0, 1, 2, 3, 4
 _ptr = ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("block", ctypes.c_int64),
-                ("group", ctypes.c_int64), ("w", _ptr), ("s", _ptr), ("z", _ptr), ("act8", ctypes.c_int64)]  # fmt: skip
+                ("group", ctypes.c_int64), ("w", _ptr), ("s", _ptr), ("z", _ptr), ("act8", ctypes.c_int64),
+                ("w2", _ptr), ("s2", _ptr), ("z2", _ptr)]  # fmt: skip
 
 
 class _Layer(ctypes.Structure):
@@ -83,6 +85,11 @@ def _linear(module: torch.nn.Module):
     if kind == "q8":
         codes, scales = module.qweight, module.scales
         fields, held = (Q8, n, k, 0, 0, codes.data_ptr(), scales.data_ptr(), None, 0), (codes, scales)
+    elif kind == "q8bf" and module._int4 is not None and module._q4 is not None and len(module._q4) == 4:
+        hi, lo, (sh, zh, sl, zl) = module._int4[0], module._int4[2], module._q4
+        ptrs = (hi.data_ptr(), sh.data_ptr(), zh.data_ptr(), 0, lo.data_ptr(), sl.data_ptr(), zl.data_ptr())
+        fields = (Q8BF, n, k, kernels.block_n(), module.group_size, *ptrs)
+        held = (hi, lo, sh, zh, sl, zl)
     elif kind in ("q4", "q4a8", "q4bf") and module._int4 is not None and module._q4 is not None:
         packed, (s, z) = module._int4[0], module._q4
         g = module.group_size

@@ -23,7 +23,8 @@ calls of at most kernels.ACT8_TOKENS tokens only where the process opted in (BUD
 `kernels.set_activation_bits(8)`) and the probe timed it fastest, or a block forced it
 (`kernels.four_bit_kernel("q4a8")`); the layer's larger calls take "q4" or dequantisation as without it. "q4bf"
 (bfloat16 activations, lossy like torch's int4 kernel, exact fp16 tables) is a candidate of the default probe like
-"int4"; it serves every call below "q4"'s crossover.
+"int4"; it serves every call below "q4"'s crossover. "q8bf" (an 8-bit grid's two 4-bit halves on "q4bf", the products
+added) is a candidate of the 8-bit probe for every 8-bit grid whose halves the layout takes.
 
 Two optional parts (both saved and counted in `storage_bytes`), kept on every path:
 - `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
@@ -164,18 +165,23 @@ class QuantLinear(torch.nn.Module):
     def kernel(self) -> str | None:
         """The kernel this layer's grid takes: "q4" (budgetlm's own 4-bit kernel), "int4" (torch's), "q4bf"
         (budgetlm's with bfloat16 activations) or, opted in, "q4a8" (budgetlm's with int8 activations), whichever
-        the host probe measured fastest, for 2-4 bits; "int4x2" (8 bits as two 4-bit halves); for 8-bit symmetric
-        per-channel grids whichever of "int8" (torch's int8 kernel), "int4x2" and "q8" (budgetlm's own) the probe
-        measured fastest; None (dequantisation only)."""
+        the host probe measured fastest, for 2-4 bits; for 8-bit grids "int4x2" (two 4-bit halves on torch's
+        kernel) or "q8bf" (the halves on q4bf), and for 8-bit symmetric per-channel grids also "int8" (torch's int8
+        kernel) and "q8" (budgetlm's own), whichever the probe measured fastest; None (dequantisation only)."""
         if self.bits == 8 and self.int8_kernel:
             kind = kernels.eight_bit(self.out_features, self.in_features)
-            if kind == "q8" or self._int4 is None or len(self._int4) != 4:
+            if kind == "q8bf" and self._int4_group is None:
+                kind = "int8"  # no halves for this shape
+            if kind in ("q8", "q8bf") or self._int4 is None or len(self._int4) != 4:
                 return kind
             return "int4x2"  # the two halves are packed (the int8 codes dropped): they serve until "q8" is chosen
+        if self.bits == 8:
+            if self._int4_group is None:
+                return None
+            # a grouped or asymmetric 8-bit grid: its halves on q4bf where the host's 8-bit probe chose that
+            return "q8bf" if kernels.eight_bit(self.out_features, self.in_features) == "q8bf" else "int4x2"
         if self._int4 is not None and len(self._int4) == 4:
             return "int4x2"
-        if self.bits == 8:
-            return "int4x2" if self._int4_group is not None else None
         if self._int4_group is None:
             return None
         kind = kernels.four_bit()
@@ -189,8 +195,8 @@ class QuantLinear(torch.nn.Module):
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
-        """The path a call with `tokens` tokens takes: "q4", "q4a8", "q4bf", "int4", "q8", "int4x2", "int8" or
-        "dense"."""
+        """The path a call with `tokens` tokens takes: "q4", "q4a8", "q4bf", "int4", "q8", "q8bf", "int4x2", "int8"
+        or "dense"."""
         kind, cross = self._kernel_and_crossover()
         return _act8_limit(kernels.choose(kind, tokens, cross), tokens)
 
@@ -210,6 +216,12 @@ class QuantLinear(torch.nn.Module):
             self.qweight = (self.codes().to(torch.int16) - 128).to(torch.int8)
             self._int4 = self._q4 = None
         return self.qweight
+
+    def _q8bf_tables(self) -> tuple[torch.Tensor, ...]:
+        """The "q8bf" kernel's fp16 tables of the two halves (built once, kept beside torch's bf16 tables)."""
+        if self._q4 is None or len(self._q4) != 4:
+            self._q4 = kernels.q8bf_tables(self.scales, self.zeros)
+        return self._q4
 
     def _q4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """budgetlm's kernel's tables (built once); torch's bf16 table is dropped while this kernel serves."""
@@ -293,10 +305,12 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None or self.bias is not None or self.rank:
             return None
         kind, cross = self._kernel_and_crossover()
-        if kind not in ("q4", "q4a8", "q4bf", "q8") or cross <= 0:
+        if kind not in ("q4", "q4a8", "q4bf", "q8", "q8bf") or cross <= 0:
             return None
         if kind == "q8":
             call = kernels.bind_q8(self._int8_codes(), self.scales)
+        elif kind == "q8bf" and self._int4_ready():
+            call = kernels.bind_q8bf(self._int4, self._q8bf_tables(), self.group_size)
         elif kind == "q4bf" and self._int4_ready():
             call = kernels.bind_q4bf(self._int4[0], *self._q4_tables(), self.group_size)
         elif self._int4_ready():
@@ -322,7 +336,7 @@ class QuantLinear(torch.nn.Module):
         if self.perm is not None:  # codes are stored for W[:, perm]: x W^T = x[:, perm] W[:, perm]^T
             flat = flat.index_select(1, self.perm.long())
         kind, cross = self._kernel_and_crossover()
-        if kind in ("int4", "int4x2", "q4", "q4a8", "q4bf") and cross > 0 and self._int4 is None:
+        if kind in ("int4", "int4x2", "q4", "q4a8", "q4bf", "q8bf") and cross > 0 and self._int4 is None:
             self._int4_ready()  # the first call of a layer whose kernel pays: every later call, dense too, reads it
         path = _act8_limit(kernels.choose(kind, flat.shape[0], cross), flat.shape[0])
         if torch.is_grad_enabled() and flat.requires_grad:
@@ -332,6 +346,8 @@ class QuantLinear(torch.nn.Module):
                               bf16=path == "q4bf")  # fmt: skip
         elif path == "int4" and self._int4_ready():
             y = kernels.int4_mm(flat, self._int4[0], self._int4_group, self._int4_table())
+        elif path == "q8bf" and self._int4_ready():
+            y = kernels.q8bf_mm(flat, self._int4, self._q8bf_tables(), self.group_size)
         elif path == "int4x2" and self._int4_ready():
             y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
         elif path == "q8" and (call := kernels.bind_q8(self._int8_codes(), self.scales)) is not None:
@@ -387,8 +403,8 @@ class QuantLinear(torch.nn.Module):
         if self.kernel in ("int8", "q8"):
             return self.storage_bytes()
         halves = 2 if self.bits == 8 else 1
-        q4 = self.kernel in ("q4", "q4a8", "q4bf")
-        group = self.group_size if q4 else self._int4_group  # q4, q4a8, q4bf: fp16 tables per stored group
+        q4 = self.kernel in ("q4", "q4a8", "q4bf", "q8bf")
+        group = self.group_size if q4 else self._int4_group  # q4, q4a8, q4bf, q8bf: fp16 tables per stored group
         layout = halves * (n * k // 2 + (k // group) * n * 2 * 2)
         extra = [self.perm, self.lr_u, self.lr_v]
         return layout + sum(t.numel() * t.element_size() for t in extra if t is not None)

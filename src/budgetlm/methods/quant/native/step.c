@@ -111,13 +111,14 @@ void step_dense_mm(const float *x, int M, int K, const float *w, int N, float *y
 }
 
 /* -- the model descriptor (decode/lean_step.py builds it with ctypes; the field order is the Python one) -------- */
-enum { STEP_DENSE = 0, STEP_Q4 = 1, STEP_Q8 = 2, STEP_Q4BF = 3 };
+enum { STEP_DENSE = 0, STEP_Q4 = 1, STEP_Q8 = 2, STEP_Q4BF = 3, STEP_Q8BF = 4 };
 
 typedef struct {
-    int64_t kind, n, k, block, group; /* block, group: q4 and q4bf only */
+    int64_t kind, n, k, block, group; /* block, group: q4, q4bf and q8bf only */
     const void *w;                    /* float32 [n, k] | q4, q4bf packed uint8 [n, k/2] | q8 int8 [n, k] */
     const void *s, *z;                /* q4, q4bf: fp16 scales, zero points [k/group, n]; q8: fp16 scales [n] */
     int64_t act8;                     /* q4: calls of at most act8 rows take q4a8 (the layer's "q4a8" kernel) */
+    const void *w2, *s2, *z2;         /* q8bf: the low half (w, s, z: the high half), as q4bf's arguments */
 } step_linear;
 
 typedef struct {
@@ -151,6 +152,19 @@ static int linear(const step_linear *L, const float *x, int M, float *y, int thr
                        (const uint16_t *)L->z, (int)L->group, y, threads, simd);
     case STEP_Q8:
         return q8_mm(x, M, (int)L->k, (const int8_t *)L->w, (int)L->n, (const uint16_t *)L->s, y, threads, simd);
+    case STEP_Q8BF: { /* the layer's "q8bf" kernel: q4bf on the high half, then on the low half, added */
+        float *lo = (float *)malloc(sizeof(float) * (size_t)M * (size_t)L->n);
+        if (!lo) return 2;
+        int err = q4bf_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
+                          (const uint16_t *)L->z, (int)L->group, y, threads, simd);
+        if (!err)
+            err = q4bf_mm(x, M, (int)L->k, (const uint8_t *)L->w2, (int)L->n, (int)L->block, (const uint16_t *)L->s2,
+                          (const uint16_t *)L->z2, (int)L->group, lo, threads, simd);
+        if (!err)
+            for (size_t i = 0; i < (size_t)M * (size_t)L->n; i++) y[i] += lo[i];
+        free(lo);
+        return err;
+    }
     }
     return 9;
 }
