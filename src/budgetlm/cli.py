@@ -26,8 +26,9 @@ app = typer.Typer(
 )
 FORCE_HELP = "replace an earlier budgetlm output at --out; anything else there is moved aside (kept), never deleted"
 DRAFT_HELP = (
-    "draft models for speculative decoding, cheapest first (D1[,D2]): model names, folders, GGUF files, or layers:K "
-    "(the model's first K layers with its final norm and head)"
+    "draft models for speculative decoding, cheapest first (D1[,D2]): model names, folders, GGUF files, layers:K "
+    "(the model's first K layers with its final norm and head), or copy:METHOD[:key=value...] (the model copied "
+    "and compressed here, e.g. copy:rtn:bits=8:embeddings=true)"
 )
 TAU_HELP = "entropy gate in nats per draft (one value, or one per draft; inf: no gate)"
 MODE_HELP = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from budgetlm.decode.cached import CachedLM
@@ -127,3 +128,42 @@ def test_a_gemma_layers_draft_borrows_its_sliding_and_full_layers():
     out = Generator([("l2", first_layers(g, 2)), ("g", g)], TOK, taus=[None], max_draft=3)(prompt, 8)
     assert out.levels[0]["borrowed"] == len(prompt)  # the layer types of a cut model are its first ones
     assert out.tokens == Generator([("g", g)], TOK)(prompt, 8).tokens
+
+
+def test_a_copy_draft_is_the_verifier_quantised_here_and_shares_its_cache():
+    from budgetlm.decode.drafts import load_drafts, parse_specs
+    from budgetlm.methods.quant.layers import QuantLinear
+    from budgetlm.models.sources import tiny_random
+
+    handle = tiny_random(4)
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    spec = "copy:rtn:bits=8:embeddings=true"
+    assert parse_specs(spec) == [spec]
+    ((name, draft),) = load_drafts(handle, [spec], load=None)
+    assert name == spec and draft is not handle.model
+    layers = handle.model.config.num_hidden_layers
+    assert sum(isinstance(m, QuantLinear) for m in draft.modules()) == layers * 7 + 1  # every projection, lm_head
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())  # the verifier untouched
+    prompt = prompt_of(30, 9)
+    plain = Generator([("v", handle.model)], TOK)(prompt, 12)
+    out = Generator([(spec, draft), ("v", handle.model)], TOK, taus=[None], max_draft=4)(prompt, 12)
+    assert out.tokens == plain.tokens and out.levels[0]["borrowed"] >= len(prompt)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("copy:", "write copy:METHOD"),
+        ("copy:rtnx:bits=8", "draft copy:rtnx:bits=8: unknown method 'rtnx'"),
+        ("copy:rtn:bits", "'bits' is not key=value"),
+        ("copy:rtn:bitz=8", "unknown setting 'bitz'"),
+        ("copy:rtn:bits=9", "bits must be one of"),
+    ],
+)
+def test_a_bad_copy_draft_is_one_line(spec, message):
+    from budgetlm.decode.drafts import parse_specs
+    from budgetlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_specs(f"layers:2,{spec}")
+    assert "\n" not in str(err.value)

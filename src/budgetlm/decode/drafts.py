@@ -1,5 +1,7 @@
-"""Draft models for speculative decoding: any model budgetlm loads (a 4-bit or 2-bit copy, a pruned copy, ...) or
-`layers:K`, the verifier's first K decoder layers with its own final norm and head (sharing its weights: no copy).
+"""Draft models for speculative decoding: any model budgetlm loads (a 4-bit or 2-bit copy, a pruned copy, ...),
+`layers:K`, the verifier's first K decoder layers with its own final norm and head (sharing its weights: no copy), or
+`copy:METHOD[:key=value...]`, a copy of the verifier made here with one method step (copy:rtn:bits=8:embeddings=true:
+the int8 self-draft, which reads the verifier's keys and values in exact mode).
 Every draft must speak the verifier's tokenizer: the same token for the same id, the same vocabulary size."""
 
 from __future__ import annotations
@@ -8,10 +10,46 @@ import copy
 
 import torch
 
-from budgetlm.errors import ConfigError, ModelError
+from budgetlm.errors import BudgetLMError, ConfigError, ModelError
 from budgetlm.models.handle import ModelHandle
 
 LAYERS = "layers:"
+COPY = "copy:"  # copy:METHOD[:key=value...]: the verifier's copy with one method step applied (copy:rtn:bits=8)
+
+
+def copy_step(spec: str) -> dict:
+    """The method step of a `copy:METHOD[:key=value...]` draft, validated (one-line ConfigError)."""
+    import yaml
+
+    from budgetlm.methods.base import parse_config
+
+    name, *pairs = spec[len(COPY) :].split(":")
+    if not name:
+        raise ConfigError(f"draft {spec}: write copy:METHOD[:key=value...], e.g. copy:rtn:bits=8:embeddings=true")
+    step: dict = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"draft {spec}: '{pair}' is not key=value (e.g. copy:rtn:bits=8)")
+        try:
+            step[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            step[key] = value
+    try:
+        parse_config(name, step)
+    except BudgetLMError as exc:  # an unknown method or setting, a bad value
+        raise ConfigError(f"draft {spec}: {exc}") from None
+    return {"method": name, **step}
+
+
+def quantised_copy(verifier: ModelHandle, spec: str) -> torch.nn.Module:
+    """A `copy:` draft: a deep copy of the verifier with the spec's method applied (the verifier is not changed).
+    Of the verifier's own shape, such a draft reads its keys and values in exact mode (decode/speculative.Chain)."""
+    from budgetlm.methods.base import StepContext, apply_steps
+
+    handle = copy.deepcopy(verifier)
+    apply_steps(handle, [copy_step(spec)], StepContext())
+    return handle.model.eval()
 
 
 def first_layers(model: torch.nn.Module, k: int, spec: str = "") -> torch.nn.Module:
@@ -65,6 +103,8 @@ def parse_specs(text: str | None) -> list[str]:
             k = s[len(LAYERS) :]
             if not k.isdigit():
                 raise ConfigError(f"draft {s}: write layers:K with K a number of layers (e.g. layers:8)")
+        elif s.startswith(COPY):
+            copy_step(s)
     return specs
 
 
@@ -74,6 +114,9 @@ def load_drafts(verifier: ModelHandle, specs: list[str], load) -> list[tuple[str
     for spec in specs:
         if spec.startswith(LAYERS):
             out.append((spec, first_layers(verifier.model, int(spec[len(LAYERS) :]), spec)))
+            continue
+        if spec.startswith(COPY):
+            out.append((spec, quantised_copy(verifier, spec)))
             continue
         try:
             handle = load(spec)

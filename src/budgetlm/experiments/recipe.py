@@ -61,7 +61,8 @@ class BenchSettings(_Strict):
 
 class DecodeSettings(_Strict):
     """Speculative decoding for the study's generation tasks (decode/): drafts cheapest first (model names, folders,
-    GGUF files, or layers:K: each cell's own model cut to K layers), an entropy gate per draft, the mode."""
+    GGUF files, layers:K: each cell's own model cut to K layers, copy:METHOD[:key=value...]: each cell's own model
+    copied and compressed), an entropy gate per draft, the mode."""
 
     drafts: list[str] = Field(min_length=1)
     tau: float | str | None = None  # one value for every draft, "a,b" one per draft, "inf": no gate
