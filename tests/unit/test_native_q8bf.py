@@ -85,6 +85,22 @@ def test_quantlinear_on_q8bf_and_its_round_trip(on_q8bf, g, symmetric):
         assert torch.equal(fresh(x), layer(x))
     bytes_ = 2 * (64 * 128 // 2 + (128 // grid.group_size) * 64 * 2 * 2)  # two halves, fp16 tables per stored group
     assert layer.memory_bytes() == bytes_
+    assert layer._int4[1] is None and layer._int4[3] is None  # torch's tables dropped while q8bf serves: not held
+
+
+def test_a_layer_goes_back_from_q8bf_to_torchs_halves(on_q8bf, monkeypatch):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4))
+    grid = find_grid(w, 8, 32, symmetric=False)
+    layer = QuantLinear.from_codes(quantize(w, grid), grid, None)
+    q = layer.dequantized_weight().double()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        check(layer(x), x, q)
+        monkeypatch.setattr(kernels, "eight_bit", lambda n, k: "int4x2")
+        assert layer.kernel == "int4x2"
+        want = x.double() @ q.t()  # torch's kernel rounds its scales to bf16 too: a looser bound
+        assert (layer(x).double() - want).abs().max() <= 1e-2 * want.abs().max()
+        assert layer._int4[1] is not None and layer._q4 is None
 
 
 def test_the_8_bit_probe_times_q8bf_and_own_kernels_only_when_asked(monkeypatch):

@@ -287,6 +287,13 @@ def int8_split(codes, scales, zeros, group_size: int, g: int) -> tuple[torch.Ten
     (c - zp) s = 16 s (hi - 8) + s (lo - 8) + (136 - zp) s, so the high half runs with table (16 s, 0) and the low
     half with (s, (136 - zp) s); the two products add up to the 8-bit layer's (scales rounded to bf16).
     Returns (packed_hi, table_hi, packed_lo, table_lo)."""
+    c = codes.to(torch.uint8)
+    hi, lo = int8_split_tables(scales, zeros, group_size, g)
+    return pack_int4(c >> 4), hi, pack_int4(c & 15), lo
+
+
+def int8_split_tables(scales, zeros, group_size: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_split's two bf16 tables [K/g, N, 2]: (16 s, 0) for the high half, (s, (136 - zp) s) for the low one."""
     s = scales.float()
     zp = _offsets(zeros, 8, s)
     rep = group_size // g
@@ -296,8 +303,7 @@ def int8_split(codes, scales, zeros, group_size: int, g: int) -> tuple[torch.Ten
             scale, offset = scale.repeat_interleave(rep, dim=1), offset.repeat_interleave(rep, dim=1)
         return torch.stack([scale.t(), offset.t()], dim=-1).contiguous().to(torch.bfloat16)
 
-    c = codes.to(torch.uint8)
-    return pack_int4(c >> 4), table(16 * s, torch.zeros_like(s)), pack_int4(c & 15), table(s, (136 - zp) * s)
+    return table(16 * s, torch.zeros_like(s)), table(s, (136 - zp) * s)
 
 
 def int8_split_mm(x: torch.Tensor, parts: tuple[torch.Tensor, ...], g: int) -> torch.Tensor:

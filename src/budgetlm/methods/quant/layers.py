@@ -218,10 +218,19 @@ class QuantLinear(torch.nn.Module):
         return self.qweight
 
     def _q8bf_tables(self) -> tuple[torch.Tensor, ...]:
-        """The "q8bf" kernel's fp16 tables of the two halves (built once, kept beside torch's bf16 tables)."""
+        """The "q8bf" kernel's fp16 tables of the two halves (built once); torch's bf16 tables of the halves are
+        dropped while it serves (rebuilt by _split_tables if "int4x2" is chosen again)."""
         if self._q4 is None or len(self._q4) != 4:
             self._q4 = kernels.q8bf_tables(self.scales, self.zeros)
+            self._int4 = (self._int4[0], None, self._int4[2], None)
         return self._q4
+
+    def _split_tables(self) -> tuple[torch.Tensor, ...]:
+        """The halves with torch's bf16 tables, for "int4x2" (rebuilt if q8bf served before and dropped them)."""
+        if self._int4[1] is None:
+            hi, lo = kernels.int8_split_tables(self.scales, self.zeros, self.group_size, self._int4_group)
+            self._int4, self._q4, self._fast = (self._int4[0], hi, self._int4[2], lo), None, None
+        return self._int4
 
     def _q4_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """budgetlm's kernel's tables (built once); torch's bf16 table is dropped while this kernel serves."""
@@ -349,7 +358,7 @@ class QuantLinear(torch.nn.Module):
         elif path == "q8bf" and self._int4_ready():
             y = kernels.q8bf_mm(flat, self._int4, self._q8bf_tables(), self.group_size)
         elif path == "int4x2" and self._int4_ready():
-            y = kernels.int8_split_mm(flat, self._int4, self._int4_group)
+            y = kernels.int8_split_mm(flat, self._split_tables(), self._int4_group)
         elif path == "q8" and (call := kernels.bind_q8(self._int8_codes(), self.scales)) is not None:
             y = call(flat).to(x.dtype)
         elif path == "int8":
