@@ -91,7 +91,7 @@ def test_stored_states_are_the_final_hidden_states(tiny, tmp_path):
             labels.append(k)
     assert points["ids"] == ids and points["task"] == labels
     expected = _independent_states(tiny.model, prompts)
-    np.testing.assert_allclose(states, expected, rtol=1e-4, atol=1e-5)  # batched and padded vs one at a time
+    np.testing.assert_allclose(states, expected, rtol=1e-4, atol=1e-5)  # batched by length vs one at a time
     assert math.isclose(rows["silhouette_task"].value, _independent_silhouette(expected, labels), abs_tol=1e-4)
     assert -1 <= rows["silhouette_task_2d"].value <= 1 and rows["tsne_kl"].value >= 0
     assert "cosine_to_baseline" not in rows  # outside a study there is no baseline
@@ -228,3 +228,20 @@ def test_a_variant_without_baseline_states_says_so(tiny, tmp_path):
     phases = {"latent": {m: {**r.to_dict(), "value": r.value} for m, r in rows.items()}}
     md = "\n".join(report_latent.markdown([{"cell_id": "c", "label": "int4", "folder": "f", "phases": phases}]))
     assert f"No cosine to the baseline: int4: {note}." in md
+
+
+def test_only_prompts_of_one_length_share_a_forward(tiny, monkeypatch):
+    """No padding: a padding mask takes attention off its causal fast path (twice the time on long prompts)."""
+    lm = HFLM(tiny)
+    calls = []
+    real = lm._hidden
+
+    def hidden(seqs):
+        calls.append(sorted(len(s) for s in seqs))
+        return real(seqs)
+
+    monkeypatch.setattr(lm, "_hidden", hidden)
+    prompts = [[5] * 7, [6] * 5, [7] * 7, [8] * 9, [9] * 5, [10] * 7] + [[3] * 4] * 10
+    states = lt.final_states(lm, prompts)
+    assert calls == [[4] * 8, [4, 4], [5, 5], [7, 7, 7], [9]]
+    np.testing.assert_allclose(states, _independent_states(tiny.model, prompts), rtol=1e-4, atol=1e-5)
