@@ -609,6 +609,12 @@ CASES: list[Case] = [
     # --- generate and speculative decoding
     Case("generate: --max-new-tokens 0", (G, *T, "hi", "--max-new-tokens", "0"), needle="at least 1 token"),
     Case("generate: --tau 0", (G, *T, "hi", "--draft", "layers:1", "--tau", "0"), needle="τ > 0"),
+    Case("generate: a copy: draft of an unknown method", (G, *T, "hi", "--draft", "copy:rtnn:bits=8"),
+         needle="unknown method 'rtnn'"),
+    Case("generate: a copy: draft with a bad setting", (G, *T, "hi", "--draft", "copy:rtn:bits=5"),
+         needle="bits must be one of"),
+    Case("generate: a copy: draft setting without =", (G, *T, "hi", "--draft", "copy:rtn:bits"),
+         needle="is not key=value"),
     Case("generate: --tau negative", (G, *T, "hi", "--draft", "layers:1", "--tau", "-1"), needle="τ > 0"),
     Case("generate: --tau not a number", (G, *T, "hi", "--draft", "layers:1", "--tau", "low"),
          needle="not a number"),
