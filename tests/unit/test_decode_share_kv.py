@@ -167,3 +167,14 @@ def test_a_bad_copy_draft_is_one_line(spec, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_specs(f"layers:2,{spec}")
     assert "\n" not in str(err.value)
+
+
+def test_a_three_level_chain_of_copies_reads_the_verifiers_cache_at_both_levels():
+    v = llama(9)
+    far, near = noisy_copy(v, 0.3, 10), noisy_copy(v, 0.05, 11)
+    for seed in range(3):
+        prompt = prompt_of(12 + 9 * seed, 20 + seed)
+        want = greedy_reference(v, prompt, 16)
+        out = Generator([("far", far), ("near", near), ("v", v)], TOK, taus=[None, None], max_draft=4)(prompt, 16)
+        assert out.tokens == want
+        assert out.levels[0]["borrowed"] >= len(prompt) and out.levels[1]["borrowed"] >= len(prompt)
