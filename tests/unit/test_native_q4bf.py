@@ -145,7 +145,7 @@ def clean_choice(monkeypatch):
     monkeypatch.setattr(kernels, "_enabled", True)
     monkeypatch.setattr(kernels, "_act_bits", None)
     monkeypatch.setattr(kernels, "_four_forced", None)
-    monkeypatch.setattr(kernels, "crossover", lambda kind: 32 if kind == "q4" else 0)  # q4bf: q4's crossover
+    monkeypatch.setattr(kernels, "crossover", lambda kind: 32 if kind == "q4bf" else 0)  # q4bf: its own crossover
     monkeypatch.delenv("BUDGETLM_ACT8", raising=False)
 
 
@@ -196,3 +196,21 @@ def test_q4bf_on_a_layer_with_bias_and_correction(clean_choice):
     q = layer.dequantized_weight().double()
     base = got.double() - layer.bias.double() - (x @ layer.lr_v.float().t() @ layer.lr_u.float().t()).double()
     check(base.float(), x, q)
+
+
+@needs_lib
+def test_q4bf_has_its_own_crossover_probe():
+    """q4bf's crossover is timed on q4bf itself (bf16 dot products can beat float32 GEMM at every size), on a probe
+    layer whose kernel is q4bf's product and whose dense path is the exact dequantisation of the same codes."""
+    if not kernels._layout_matches():
+        pytest.skip("torch's 4-bit layout is not the one budgetlm writes on this host")
+    kernel, dense = kernels._probe_layer("q4bf")
+    x = torch.randn(3, kernels.PROBE_SHAPE[1], generator=torch.Generator().manual_seed(1))
+    exact = dense(x).double()
+    got = kernel(x).double()
+    assert got.shape == exact.shape and 0 < (got - exact).abs().max() <= 2e-2 * exact.abs().max()  # bf16, not exact
+    kernels._crossover.cache_clear()
+    try:
+        assert kernels._crossover("q4bf", 1) in (*kernels.PROBE_TOKENS, 2 * kernels.PROBE_TOKENS[-1])
+    finally:
+        kernels._crossover.cache_clear()

@@ -44,8 +44,8 @@ Three ways to compute y = x Q(W)^T for a QuantLinear, all from the same stored c
   block multiplied in float32: exact w.r.t. the stored grid and never more than a block of float32 weights alive.
 Which one a call takes depends on its token count M: the kernels win for a few tokens (decode reads fewer bytes),
 dequantise + GEMM for many (prefill, scoring). The crossover is measured once per process and thread count on a
-representative layer (`crossover`, ~0.1-0.3 s), never assumed from CPU flags: where bf16 is emulated the kernels
-lose at every M and are never taken. `choose` is a pure function of M and the probe's result.
+representative layer (`crossover`, ~0.1-0.6 s; up to 1,024 tokens), never assumed from CPU flags: where bf16 is
+emulated the kernels lose at every M and are never taken. `choose` is a pure function of M and the probe's result.
 
 The 4-bit layout: torch's CPU packer stores blocks of B output rows, for every input column B/2 bytes, byte j
 holding row j in its low nibble and row B/2 + j in its high nibble. B follows the CPU's vector width (64 with
@@ -72,7 +72,7 @@ from budgetlm.methods.quant import native
 INT4_GROUPS = (256, 128, 64, 32)  # the kernel's group sizes, largest first
 LAYOUT_BLOCKS = (64, 32, 16)  # candidate output rows per block of torch's CPU 4-bit layout
 DENSE_BLOCK_WEIGHTS = 1 << 21  # float32 weights dequantised at once on the dense path (8 MiB)
-PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts the probe times, ascending
+PROBE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # token counts the probe times, ascending
 PROBE_SHAPE = (1024, 1024)  # [out, in] of the layer the probe times
 ACT8_TOKENS = 4  # "q4a8" serves calls of at most this many tokens; larger ones take the exact kernels
 
@@ -356,21 +356,23 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 
 
 def _probe_layer(kind: str):
-    """A random layer of PROBE_SHAPE for `kind` ("int4", "q4", "int4x2", "q8bf", "int8" or "q8"): (kernel(x),
-    dense(x))."""
+    """A random layer of PROBE_SHAPE for `kind` ("int4", "q4", "q4bf", "int4x2", "q8bf", "int8" or "q8"):
+    (kernel(x), dense(x))."""
     from budgetlm.methods.quant.quantizer import find_grid, quantize
 
     n, k = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen)
-    if kind in ("int4", "q4"):
+    if kind in ("int4", "q4", "q4bf"):
         grid = find_grid(w, 4, 64, symmetric=False)
         codes = quantize(w, grid)
         packed, table = int4_pack_grid(codes, grid.scales, grid.zeros, 4, 64, 64)
         tables = q4_table(grid.scales, grid.zeros, 4)
 
         def kernel(x):
-            return q4_mm(x, packed, tables, 64) if kind == "q4" else int4_mm(x, packed, 64, table)
+            if kind == "int4":
+                return int4_mm(x, packed, 64, table)
+            return q4_mm(x, packed, tables, 64, bf16=kind == "q4bf")
 
         def rows(r0, r1):
             return int4_dequantize(packed[r0:r1], grid.scales[r0:r1], grid.zeros[r0:r1], 4, 64, r1 - r0, k)
@@ -419,7 +421,7 @@ def _probe_layer(kind: str):
 @lru_cache(maxsize=16)
 def _crossover(kind: str, threads: int) -> int:
     try:
-        if kind in ("int4", "int4x2", "q4", "q8bf") and not _layout_matches():
+        if kind in ("int4", "int4x2", "q4", "q4bf", "q8bf") and not _layout_matches():
             return 0
         kernel, dense = _probe_layer(kind)
         k = PROBE_SHAPE[1]

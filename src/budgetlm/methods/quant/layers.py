@@ -23,8 +23,10 @@ calls of at most kernels.ACT8_TOKENS tokens only where the process opted in (BUD
 `kernels.set_activation_bits(8)`) and the probe timed it fastest, or a block forced it
 (`kernels.four_bit_kernel("q4a8")`); the layer's larger calls take "q4" or dequantisation as without it. "q4bf"
 (bfloat16 activations, lossy like torch's int4 kernel, exact fp16 tables) is a candidate of the default probe like
-"int4"; it serves every call below "q4"'s crossover. "q8bf" (an 8-bit grid's two 4-bit halves on "q4bf", the products
-added) is a candidate of the 8-bit probe for every 8-bit grid whose halves the layout takes.
+"int4"; it serves every call below its own crossover (bf16 dot products: on an AVX-512 BF16 host about twice as
+fast as float32 GEMM at every token count probed, so prefill and scoring take it too). "q8bf" (an 8-bit grid's two
+4-bit halves on "q4bf", the products added) is a candidate of the 8-bit probe for every 8-bit grid whose halves the
+layout takes.
 
 Two optional parts (both saved and counted in `storage_bytes`), kept on every path:
 - `perm` (int32 [in]): GPTQ act-order without static groups quantises the columns in the order `perm`, so the
@@ -190,8 +192,6 @@ class QuantLinear(torch.nn.Module):
     def _kernel_and_crossover(self) -> tuple[str | None, int]:
         """The kernel in use (None when kernels are off) and the token count from which dense wins."""
         kind = self.kernel if kernels.enabled() else None
-        if kind == "q4bf":  # the crossover of the exact kernel on the same layout (q4bf is at least as fast)
-            return kind, kernels.crossover("q4")
         return kind, (kernels.crossover(kind) if kind else 0)
 
     def path(self, tokens: int) -> str:
