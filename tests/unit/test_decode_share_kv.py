@@ -10,22 +10,14 @@ import copy
 
 import pytest
 import torch
+from test_decode import greedy_reference, llama, prompt_of  # the tiny models and the cache-free greedy reference
 
 from budgetlm.decode.cached import CachedLM
 from budgetlm.decode.drafts import first_layers
 from budgetlm.decode.generate import Generator
-from budgetlm.models.sources import tiny_config, tiny_tokenizer
+from budgetlm.models.sources import tiny_tokenizer
 
 TOK = tiny_tokenizer()
-
-
-def llama(seed: int, layers: int = 4):
-    from transformers import LlamaForCausalLM
-
-    cfg = tiny_config()
-    cfg.num_hidden_layers, cfg.initializer_range = layers, 0.2
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval().double()
 
 
 def noisy_copy(model, scale: float, seed: int):
@@ -36,19 +28,6 @@ def noisy_copy(model, scale: float, seed: int):
         for p in out.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
     return out
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (length,), generator=g).tolist()
-
-
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt) :]
 
 
 def test_a_lent_draft_computes_its_forward_over_the_verifiers_keys_and_values():
