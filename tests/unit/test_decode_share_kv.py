@@ -157,3 +157,11 @@ def test_a_three_level_chain_of_copies_reads_the_verifiers_cache_at_both_levels(
         out = Generator([("far", far), ("near", near), ("v", v)], TOK, taus=[None, None], max_draft=4)(prompt, 16)
         assert out.tokens == want
         assert out.levels[0]["borrowed"] >= len(prompt) and out.levels[1]["borrowed"] >= len(prompt)
+
+
+def test_a_layers_draft_borrows_on_transformers_runtime_too(monkeypatch):
+    monkeypatch.setenv("BUDGETLM_LEAN", "0")  # every model on transformers' forward with a DynamicCache
+    v = llama(12)
+    prompt = prompt_of(15, 13)
+    out = Generator([("l2", first_layers(v, 2)), ("v", v)], TOK, taus=[None], max_draft=3)(prompt, 8)
+    assert out.levels[0]["borrowed"] == len(prompt) and out.tokens == greedy_reference(v, prompt, 8)

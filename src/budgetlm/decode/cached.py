@@ -71,7 +71,10 @@ class CachedLM:
         """Take the keys and values of `lender`'s first `layers` layers from its cache from now on (see _borrow);
         False, and nothing changes, where the two caches are not of the same layout (kv_layout)."""
         mine, theirs = (getattr(lm.runtime, "kv_layout", None) for lm in (self, lender))
-        if mine is None or theirs is None or mine()[1:] != theirs()[1:] or layers > min(mine()[0], theirs()[0]):
+        if mine is None or theirs is None:  # transformers' runtime (DynamicCache): the same runtime on both sides
+            if type(self.runtime) is not type(lender.runtime) or not hasattr(self.runtime, "copy_layers"):
+                return False
+        elif mine()[1:] != theirs()[1:] or layers > min(mine()[0], theirs()[0]):
             return False
         kinds = [list(getattr(lm.model.config, "layer_types", None) or [])[:layers] for lm in (self, lender)]
         if kinds[0] != kinds[1]:  # sliding-window and full layers must line up
