@@ -214,6 +214,38 @@ def test_c_rope_store_and_attention(simd, m, start, heads, kv, window):
 
 
 @needs_lib
+@pytest.mark.parametrize("heads,kv,d", [(9, 3, 64), (4, 1, 256), (6, 2, 40)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_attention_long_context_rows_alone(heads, kv, d, threads):
+    """The tiled AVX2 attention (head sizes a multiple of 8) over contexts that cross its 64-key tiles and 8-key
+    blocks: within float32 rounding of a float64 softmax, and each new token's output bitwise equal to that token
+    attended alone on one thread (what keeps a speculative verification's logits those of plain decoding)."""
+    if not native.simd():
+        pytest.skip("no AVX2 path on this CPU")
+    import ctypes
+
+    lib, ptr = native.library(), ctypes.c_void_p
+    g = torch.Generator().manual_seed(heads * d + threads)
+    for start, m, window in [(0, 5, 0), (61, 9, 0), (200, 16, 0), (130, 7, 70)]:
+        cap = start + m + 5
+        keys, values = torch.randn(kv, cap, d, generator=g), torch.randn(kv, cap, d, generator=g)
+        q = torch.randn(m, heads, d, generator=g) * 3
+        out = torch.empty(m, heads, d)
+        scale = d**-0.5
+        args = (kv, d, cap, start, ctypes.c_float(scale), window)
+        assert lib.lean_attention(ptr(q.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), m, heads, *args,
+                                  ptr(out.data_ptr()), 1, threads) == 0  # fmt: skip
+        want = attention_ref(q.double(), keys.double(), values.double(), start, window).float()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
+        for i in range(m):
+            one, alone = q[i : i + 1].contiguous(), torch.empty(1, heads, d)
+            args = (kv, d, cap, start + i, ctypes.c_float(scale), window)
+            lib.lean_attention(ptr(one.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), 1, heads, *args,
+                               ptr(alone.data_ptr()), 1, 1)  # fmt: skip
+            assert torch.equal(alone[0], out[i]), (start, m, window, i)
+
+
+@needs_lib
 @pytest.mark.parametrize("simd", [0, 1])
 def test_c_norms_and_silu(simd):
     if simd and not native.simd():

@@ -241,7 +241,7 @@ class CGlue(TorchGlue):
                                  kv_heads, d, kc.data_ptr(), vc.data_ptr(), cap, start)  # fmt: skip
         out = torch.empty_like(q)
         err = self.lib.lean_attention(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), m, heads, kv_heads, d, cap, start,
-                                      scale, window, out.data_ptr(), self.simd)  # fmt: skip
+                                      scale, window, out.data_ptr(), self.simd, torch.get_num_threads())  # fmt: skip
         if err:
             raise MemoryError("lean runtime: no memory for the attention scores")
         return out

@@ -128,11 +128,193 @@ void lean_rope_store(float *q, const float *k, const float *v, const float *cos_
     }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define ATT_TILE 64 /* keys per tile: 64 rows of a 64-wide head are 16 KB, in L1 while a group's queries read them */
+
+/* ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)): one fixed order, whatever the number of keys at once */
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 a) {
+    const __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
+    const __m128 p = _mm_hadd_ps(lo, hi); /* x0+x1, x2+x3, x4+x5, x6+x7 */
+    const __m128 s = _mm_hadd_ps(p, p);   /* (x0+x1)+(x2+x3), (x4+x5)+(x6+x7), ... */
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* p[j] = (q . K_j) * scale for j in [j0, j1), D a multiple of 8: eight keys at once in independent sums (the
+   latency of one sum's chain no longer bounds the loop); each score is the same sum in the same order whether its
+   key falls in a block of eight or in the tail, so a query's scores never depend on how many tokens came with it */
+__attribute__((target("avx2,fma"))) static void scores_avx2(const float *q, const float *K, int D, int j0, int j1,
+                                                             float scale, float *p) {
+    int j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        const float *k0 = K + (size_t)j * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int c = 0; c < D; c += 8) {
+            const __m256 x = _mm256_loadu_ps(q + c);
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + c), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + D + c), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 2 * (size_t)D + c), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 3 * (size_t)D + c), a3);
+            a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 4 * (size_t)D + c), a4);
+            a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 5 * (size_t)D + c), a5);
+            a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 6 * (size_t)D + c), a6);
+            a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 7 * (size_t)D + c), a7);
+        }
+        p[j] = hsum8(a0) * scale, p[j + 1] = hsum8(a1) * scale, p[j + 2] = hsum8(a2) * scale;
+        p[j + 3] = hsum8(a3) * scale, p[j + 4] = hsum8(a4) * scale, p[j + 5] = hsum8(a5) * scale;
+        p[j + 6] = hsum8(a6) * scale, p[j + 7] = hsum8(a7) * scale;
+    }
+    for (; j < j1; j++) {
+        const float *kj = K + (size_t)j * D;
+        __m256 a = _mm256_setzero_ps();
+        for (int c = 0; c < D; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(kj + c), a);
+        p[j] = hsum8(a) * scale;
+    }
+}
+
+/* o += sum over j in [j0, j1) of w[j] V_j, in ascending j for every element, D a multiple of 8; 64 elements at a
+   time held in registers across the keys (the tail of a head size not a multiple of 64 one vector at a time) */
+__attribute__((target("avx2,fma"))) static void mix_avx2(const float *w, const float *V, int D, int j0, int j1,
+                                                          float *o) {
+    int c0 = 0;
+    for (; c0 + 64 <= D; c0 += 64) {
+        __m256 a0 = _mm256_loadu_ps(o + c0), a1 = _mm256_loadu_ps(o + c0 + 8), a2 = _mm256_loadu_ps(o + c0 + 16);
+        __m256 a3 = _mm256_loadu_ps(o + c0 + 24), a4 = _mm256_loadu_ps(o + c0 + 32);
+        __m256 a5 = _mm256_loadu_ps(o + c0 + 40), a6 = _mm256_loadu_ps(o + c0 + 48);
+        __m256 a7 = _mm256_loadu_ps(o + c0 + 56);
+        for (int j = j0; j < j1; j++) {
+            const __m256 a = _mm256_set1_ps(w[j]);
+            const float *v = V + (size_t)j * D + c0;
+            a0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v), a0), a1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 16), a2), a3 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 24), a3);
+            a4 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 32), a4), a5 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 40), a5);
+            a6 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 48), a6), a7 = _mm256_fmadd_ps(a, _mm256_loadu_ps(v + 56), a7);
+        }
+        _mm256_storeu_ps(o + c0, a0), _mm256_storeu_ps(o + c0 + 8, a1), _mm256_storeu_ps(o + c0 + 16, a2);
+        _mm256_storeu_ps(o + c0 + 24, a3), _mm256_storeu_ps(o + c0 + 32, a4), _mm256_storeu_ps(o + c0 + 40, a5);
+        _mm256_storeu_ps(o + c0 + 48, a6), _mm256_storeu_ps(o + c0 + 56, a7);
+    }
+    for (; c0 < D; c0 += 8) {
+        __m256 acc = _mm256_loadu_ps(o + c0);
+        for (int j = j0; j < j1; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(V + (size_t)j * D + c0), acc);
+        _mm256_storeu_ps(o + c0, acc);
+    }
+}
+
+/* e^x for x <= 0, eight at once: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r from
+   Cephes' degree-7 polynomial for expf (1 + r + r^2 P(r)), times 2^n through the exponent bits; 0 below -87.3
+   (where e^x is no longer a normal float). A softmax weight is exp(score - max): never above 0. */
+__attribute__((target("avx2,fma"))) static inline __m256 exp_neg(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* s[first..len) = softmax of the scores s[first..len), in place: the maximum, e^(s - max) eight at once (the tail
+   padded), their sum in eight lanes then hsum8, times 1 / sum. One order for every query. */
+__attribute__((target("avx2,fma"))) static void softmax_avx2(float *s, int first, int len) {
+    __m256 mx8 = _mm256_set1_ps(-INFINITY);
+    int j = first;
+    for (; j + 8 <= len; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
+    float mx = -INFINITY, lanes[8];
+    _mm256_storeu_ps(lanes, mx8);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; j < len; j++) mx = s[j] > mx ? s[j] : mx;
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = first; j + 8 <= len; j += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
+        _mm256_storeu_ps(s + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    if (j < len) {
+        float tail[8];
+        int t = len - j;
+        for (int i = 0; i < 8; i++) tail[i] = i < t ? s[j + i] - mx : -INFINITY;
+        const __m256 e = exp_neg(_mm256_loadu_ps(tail)); /* e^-inf: 0 (below -87.3) */
+        _mm256_storeu_ps(tail, e);
+        for (int i = 0; i < t; i++) s[j + i] = tail[i];
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum8(sum8));
+    for (j = first; j + 8 <= len; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+    for (; j < len; j++) s[j] *= _mm256_cvtss_f32(inv);
+}
+
+/* The AVX2 attention: per (key/value head, new token) the group's queries share each tile of keys and values while
+   it is in L1; scores, then the softmax per query (exp_neg, a fixed order), then the weighted values. Units run on
+   `threads` OpenMP threads; every query's arithmetic is the same whatever the threads or the number of new tokens.
+   p: (H * M) rows of start + M floats. */
+__attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, const float *kc, const float *vc,
+                                                                 int M, int H, int KV, int D, int cap, int start,
+                                                                 float scale, int window, float *out, float *p,
+                                                                 int threads) {
+    const int group = H / KV, units = KV * M, stride = start + M;
+    const int parts = threads > 1 && units > 1 ? (threads < units ? threads : units) : 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+#endif
+    for (int u = 0; u < units; u++) {
+        const int hk = u / M, m = u % M, len = start + m + 1;
+        const int first = window > 0 && len > window ? len - window : 0;
+        const float *K = kc + (size_t)hk * cap * D, *V = vc + (size_t)hk * cap * D;
+        for (int j0 = first; j0 < len; j0 += ATT_TILE) {
+            const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
+            for (int g = 0; g < group; g++) {
+                const int h = hk * group + g;
+                scores_avx2(q + ((size_t)m * H + h) * D, K, D, j0, j1, scale, p + ((size_t)m * H + h) * stride);
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            const int h = hk * group + g;
+            softmax_avx2(p + ((size_t)m * H + h) * stride, first, len);
+            memset(out + ((size_t)m * H + h) * D, 0, sizeof(float) * D);
+        }
+        for (int j0 = first; j0 < len; j0 += ATT_TILE) {
+            const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
+            for (int g = 0; g < group; g++) {
+                const int h = hk * group + g;
+                mix_avx2(p + ((size_t)m * H + h) * stride, V, D, j0, j1, out + ((size_t)m * H + h) * D);
+            }
+        }
+    }
+}
+#endif
+
 /* out [M, H, D]: token m attends to cache positions 0..start+m (causal), only the last `window` of them when
-   window > 0 (a sliding-window layer); head h reads key/value head h / (H/KV). Returns 1 when the scratch cannot be
-   allocated. */
+   window > 0 (a sliding-window layer); head h reads key/value head h / (H/KV). With AVX2 and a head size that is a
+   multiple of 8, the tiled kernel above on `threads` threads; else one query at a time. Returns 1 when the scratch
+   cannot be allocated. */
 int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
-                   float scale, int window, float *out, int simd) {
+                   float scale, int window, float *out, int simd, int threads) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (simd && D % 8 == 0) {
+        float *p = malloc(sizeof(float) * (size_t)(start + M) * H * M);
+        if (!p) return 1;
+        attn_tiled_avx2(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p, threads);
+        free(p);
+        return 0;
+    }
+#endif
+    (void)threads;
     float *p = malloc(sizeof(float) * (size_t)(start + M));
     if (!p) return 1;
     CHOOSE(attn, simd)(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p);
