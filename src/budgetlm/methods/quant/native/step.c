@@ -58,11 +58,13 @@ __attribute__((target("avx2,fma"))) static inline __m128 sums4(__m256 a, __m256 
 /* four rows of W against MC rows of x (K a multiple of 8): 4 * MC independent sums */
 #define DENSE_4(MC)                                                                                                    \
     __attribute__((target("avx2,fma"))) static void dense4_##MC(const float *x, int K, const float *w, float *y,      \
-                                                                 int N) {                                              \
+                                                                 int N, const float *pf) {                             \
         __m256 acc[MC][4];                                                                                             \
         for (int m = 0; m < MC; m++)                                                                                   \
             for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();                                               \
         for (int k = 0; k < K; k += 8) {                                                                               \
+            if (pf && (k & 15) == 0)                                                                                   \
+                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(pf + (size_t)r * K + k), _MM_HINT_T0);        \
             __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k);                                       \
             __m256 w2 = _mm256_loadu_ps(w + 2 * (size_t)K + k), w3 = _mm256_loadu_ps(w + 3 * (size_t)K + k);           \
             for (int m = 0; m < MC; m++) {                                                                             \
@@ -79,14 +81,19 @@ __attribute__((target("avx2,fma"))) static inline __m128 sums4(__m256 a, __m256 
 DENSE_4(1)
 DENSE_4(2)
 
+#define PREFETCH_ROWS 16
+
 static void dense_rows_avx2(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
     int n = n0;
     for (; n + 4 <= n1; n += 4)
         for (int m0 = 0; m0 < M; m0 += 2) {
             const float *xm = x + (size_t)m0 * K;
             float *ym = y + (size_t)m0 * N + n;
-            if (M - m0 >= 2) dense4_2(xm, K, w + (size_t)n * K, ym, N);
-            else dense4_1(xm, K, w + (size_t)n * K, ym, N);
+            /* the first pass over these four rows fetches the rows PREFETCH_ROWS on, so that memory streams while
+               the passes of the other rows of x compute (one row of x: the hardware's own prefetch suffices) */
+            const float *pf = M > 1 && m0 == 0 ? w + (size_t)(n + PREFETCH_ROWS) * K : NULL;
+            if (M - m0 >= 2) dense4_2(xm, K, w + (size_t)n * K, ym, N, pf);
+            else dense4_1(xm, K, w + (size_t)n * K, ym, N, pf);
         }
     if (n < n1) dense_rows_scalar(x, M, K, w, n, n1, N, y);
 }
