@@ -21,10 +21,11 @@ data has no train split, never the question itself), seeded; no chat template (l
 at "Question:" or EOS, or after --max-new tokens. For every prompt each variant runs in turn (the order rotating),
 so the machine's noise falls on all alike. Tokens counted: up to and including the one that completes a stop string
 (what any decoder must generate). Reported per variant: tok/s of the whole call and its ratio to `hf`; tok/s after
-the verifier's prefill (the call's time less the verifier's own prefill of the prompt, timed apart once per prompt:
-the part of the time decoding can change; a draft's own prefill stays in), and its ratio; prompts whose output is
-identical to `hf`'s, GSM8K exact match (strict / flexible), and per level the acceptance, the mean accepted length per
-verification, the forwards, tokens fed, and the share of time.
+the verifier's prefill (the call's time less the verifier's own prefill of the prompt, timed apart once per prompt on
+the variant's runtime, transformers' forward for the hf variants and budgetlm's decode runtime for plain and hsd: the
+part of the time decoding can change; a draft's own prefill stays in), and its ratios to `hf` and to `plain`; prompts
+whose output is identical to `hf`'s, GSM8K exact match (strict / flexible), and per level the acceptance, the mean
+accepted length per verification, the forwards, tokens fed, and the share of time.
 
 Why a chain wins or loses: the cost of one forward of each model of the run (verifier and drafts) on the KV cache of
 a prompt, for 1, 2, 4, 8 and 9 new tokens (median of repeats over the first --cost-prompts prompts), and per HSD
@@ -265,14 +266,21 @@ def main() -> None:
                   file=sys.stderr)  # fmt: skip
     rec = {v: {"tokens": 0, "seconds": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None} for v in variants}
     hf_text: dict[int, str] = {}
-    prefill = 0.0  # the verifier's own prefill of every prompt, timed apart: what no decoder can save
+    # the verifier's own prefill of every prompt, timed apart on each runtime (transformers' forward for the hf
+    # variants, budgetlm's decode runtime for plain and hsd): what no decoder can save
+    prefill = {"hf": 0.0, "lean": 0.0}
+    lean_rt = runtime_for(verifier.model)
     with Progress("hsd", len(prompts), enabled=True) as bar:
         for i, (ids, it) in enumerate(zip(prompts, items)):
             order = variants[i % len(variants) :] + variants[: i % len(variants)]
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                verifier.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
-                prefill += time.perf_counter() - t0
+            for kind in ("hf", "lean") if i % 2 else ("lean", "hf"):
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    if kind == "hf":
+                        verifier.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+                    else:
+                        lean_rt(torch.tensor([ids]), 0, lean_rt.new_cache(), 1)
+                    prefill[kind] += time.perf_counter() - t0
             for v in order:
                 gen, secs, levels = runners[v](ids)
                 gen = cut_at_stop(tok, gen, tok.eos_token_id)
@@ -296,23 +304,26 @@ def main() -> None:
             bar.advance(f"prompt {i + 1}: load {loadavg()}")
     base = rec["hf"]["tokens"] / rec["hf"]["seconds"] if "hf" in rec else None
 
-    def after_prefill(r: dict) -> float | None:  # None: the call took no longer than the prefill timed apart (noise)
-        return r["tokens"] / (r["seconds"] - prefill) if r["seconds"] > prefill else None
+    def after_prefill(v: str) -> float | None:  # None: the call took no longer than the prefill timed apart (noise)
+        r, p = rec[v], prefill["hf" if v.startswith("hf") else "lean"]
+        return r["tokens"] / (r["seconds"] - p) if r["seconds"] > p else None
 
-    base_decode = after_prefill(rec["hf"]) if "hf" in rec else None
+    base_decode = after_prefill("hf") if "hf" in rec else None
+    plain_decode = after_prefill("plain") if "plain" in rec else None
     n = len(prompts)
     rows = []
     for v in variants:
         r = rec[v]
         tps = r["tokens"] / r["seconds"]
         same = sum(r["texts"][i] == hf_text[i] for i in hf_text) if hf_text else None
-        decode_tps = after_prefill(r)
+        decode_tps = after_prefill(v)
         row = {
             "variant": v,
             "tok_s": tps,
             "x_hf": tps / base if base else None,
             "decode_tok_s": decode_tps,
             "x_hf_decode": decode_tps / base_decode if base_decode and decode_tps else None,
+            "x_plain_decode": decode_tps / plain_decode if plain_decode and decode_tps else None,
             "identical_to_hf": same,
             "prompts": n,
             "tokens": r["tokens"],
@@ -325,13 +336,14 @@ def main() -> None:
         rows.append(row)
     print(
         f"\n{n} GSM8K prompts, {args.shots}-shot, {args.threads} threads, load at end {loadavg()}; the verifier's "
-        f"prefill alone: {prefill:.1f} s over all prompts"
+        f"prefill alone: {prefill['hf']:.1f} s (transformers) and {prefill['lean']:.1f} s (budgetlm's runtime) "
+        "over all prompts"
     )
     print(
-        "| variant | tok/s | x hf greedy | tok/s after prefill | x hf | identical to hf | EM strict / flex | levels: "
-        "acceptance, mean accepted, forwards, time share |"
+        "| variant | tok/s | x hf greedy | tok/s after prefill | x hf | x plain | identical to hf | EM strict / flex | "
+        "levels: acceptance, mean accepted, forwards, time share |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         lv = ""
         if row["levels"]:
@@ -346,8 +358,9 @@ def main() -> None:
         same = "-" if row["identical_to_hf"] is None else f"{row['identical_to_hf']}/{n}"
         x = "-" if row["x_hf"] is None else f"{row['x_hf']:.2f}x"
         xd = "-" if row["x_hf_decode"] is None else f"{row['x_hf_decode']:.2f}x"
+        xp = "-" if row["x_plain_decode"] is None else f"{row['x_plain_decode']:.2f}x"
         dec = "-" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.1f}"
-        print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {dec} | {xd} | {same} | "
+        print(f"| {row['variant']} | {row['tok_s']:.1f} | {x} | {dec} | {xd} | {xp} | {same} | "
               f"{row['exact_match_strict']:.3f} / "
               f"{row['exact_match_flexible']:.3f} | {lv} |")  # fmt: skip
     if costs:

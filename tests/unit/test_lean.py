@@ -240,9 +240,10 @@ def test_c_attention_long_context_rows_alone(heads, kv, d, threads):
         for i in range(m):
             one, alone = q[i : i + 1].contiguous(), torch.empty(1, heads, d)
             args = (kv, d, cap, start + i, ctypes.c_float(scale), window)
-            lib.lean_attention(ptr(one.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), 1, heads, *args,
-                               ptr(alone.data_ptr()), 1, 1)  # fmt: skip
-            assert torch.equal(alone[0], out[i]), (start, m, window, i)
+            for alone_threads in {1, threads}:  # on 2 threads one token's queries are cut one per unit
+                lib.lean_attention(ptr(one.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), 1, heads,
+                                   *args, ptr(alone.data_ptr()), 1, alone_threads)  # fmt: skip
+                assert torch.equal(alone[0], out[i]), (start, m, window, i, alone_threads)
 
 
 @needs_lib

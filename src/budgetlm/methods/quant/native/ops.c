@@ -267,30 +267,36 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
                                                                  int M, int H, int KV, int D, int cap, int start,
                                                                  float scale, int window, float *out, float *p,
                                                                  int threads) {
-    const int group = H / KV, units = KV * M, stride = start + M;
+    /* a unit: one key/value head's queries of one new token, all of its group (they share each tile of keys and
+       values), or one query each where that leaves fewer than two units per thread (a decode step on 2 threads: 3
+       units for SmolLM2, 9 this way). How the work is cut changes no result (each score and each sum is computed in
+       one order). */
+    const int group = H / KV, stride = start + M;
+    const int per = threads > 1 && KV * M < 2 * threads ? 1 : group, units = KV * M * (group / per);
     const int parts = threads > 1 && units > 1 ? (threads < units ? threads : units) : 1;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
 #endif
     for (int u = 0; u < units; u++) {
-        const int hk = u / M, m = u % M, len = start + m + 1;
+        const int gb = u % (group / per), hk = u / (group / per) / M, m = u / (group / per) % M, len = start + m + 1;
+        const int g0 = gb * per, g1 = g0 + per;
         const int first = window > 0 && len > window ? len - window : 0;
         const float *K = kc + (size_t)hk * cap * D, *V = vc + (size_t)hk * cap * D;
         for (int j0 = first; j0 < len; j0 += ATT_TILE) {
             const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
-            for (int g = 0; g < group; g++) {
+            for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 scores_avx2(q + ((size_t)m * H + h) * D, K, D, j0, j1, scale, p + ((size_t)m * H + h) * stride);
             }
         }
-        for (int g = 0; g < group; g++) {
+        for (int g = g0; g < g1; g++) {
             const int h = hk * group + g;
             softmax_avx2(p + ((size_t)m * H + h) * stride, first, len);
             memset(out + ((size_t)m * H + h) * D, 0, sizeof(float) * D);
         }
         for (int j0 = first; j0 < len; j0 += ATT_TILE) {
             const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
-            for (int g = 0; g < group; g++) {
+            for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 mix_avx2(p + ((size_t)m * H + h) * stride, V, D, j0, j1, out + ((size_t)m * H + h) * D);
             }
