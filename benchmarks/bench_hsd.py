@@ -21,9 +21,10 @@ data has no train split, never the question itself), seeded; no chat template (l
 at "Question:" or EOS, or after --max-new tokens. For every prompt each variant runs in turn (the order rotating),
 so the machine's noise falls on all alike. Tokens counted: up to and including the one that completes a stop string
 (what any decoder must generate). Reported per variant: tok/s of the whole call and its ratio to `hf`; tok/s after
-the verifier's prefill (the call's time less the verifier's own prefill of the prompt, timed apart once per prompt on
-the variant's runtime, transformers' forward for the hf variants and budgetlm's decode runtime for plain and hsd: the
-part of the time decoding can change; a draft's own prefill stays in), and its ratios to `hf` and to `plain`; prompts
+the verifier's prefill (the call's time less the verifier's prefill of the prompt: for plain and hsd the verifier's
+first forward in that very call, for the hf variants transformers' forward of the prompt timed apart once per prompt,
+as transformers' generate() does not report it; the part of the time decoding can change; a draft's own prefill stays
+in), and its ratios to `hf` and to `plain`; prompts
 whose output is identical to `hf`'s, GSM8K exact match (strict / flexible), and per level the acceptance, the mean
 accepted length per verification, the forwards, tokens fed, and the share of time.
 
@@ -264,10 +265,11 @@ def main() -> None:
             costs[name] = forward_costs(m, prompts[: args.cost_prompts])
             print(f"forward costs of {name}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[name].items()),
                   file=sys.stderr)  # fmt: skip
-    rec = {v: {"tokens": 0, "seconds": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None} for v in variants}
+    rec = {v: {"tokens": 0, "seconds": 0.0, "prefill": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None}
+           for v in variants}  # fmt: skip
     hf_text: dict[int, str] = {}
-    # the verifier's own prefill of every prompt, timed apart on each runtime (transformers' forward for the hf
-    # variants, budgetlm's decode runtime for plain and hsd): what no decoder can save
+    # the verifier's own prefill of every prompt, timed apart on each runtime (transformers' forward: subtracted from
+    # the hf variants; budgetlm's decode runtime: printed beside it): what no decoder can save
     prefill = {"hf": 0.0, "lean": 0.0}
     lean_rt = runtime_for(verifier.model)
     with Progress("hsd", len(prompts), enabled=True) as bar:
@@ -293,6 +295,7 @@ def main() -> None:
                 r["flex"] += score["exact_match_flexible"]
                 r.setdefault("texts", {})[i] = text
                 if levels:
+                    r["prefill"] += levels[-1]["first_forward_seconds"]  # the verifier's prefill in this very call
                     if r["levels"] is None:
                         r["levels"] = [{"model": lv["model"]} for lv in levels]
                     for acc, lv in zip(r["levels"], levels):
@@ -305,7 +308,8 @@ def main() -> None:
     base = rec["hf"]["tokens"] / rec["hf"]["seconds"] if "hf" in rec else None
 
     def after_prefill(v: str) -> float | None:  # None: the call took no longer than the prefill timed apart (noise)
-        r, p = rec[v], prefill["hf" if v.startswith("hf") else "lean"]
+        r = rec[v]
+        p = prefill["hf"] if v.startswith("hf") else r["prefill"]
         return r["tokens"] / (r["seconds"] - p) if r["seconds"] > p else None
 
     base_decode = after_prefill("hf") if "hf" in rec else None

@@ -133,6 +133,9 @@ def test_entropy_gate_stops_the_draft():
     assert out.levels[1]["rounds"] == 15  # the first token comes from the verifier's prefill, which the draft copies
     # the draft copies the prompt and feeds each round's first token, but for the last round (no budget left)
     assert out.levels[0]["borrowed"] == len(prompt) and out.levels[0]["tokens_fed"] == 14
+    # the verifier's first forward is its prompt's prefill, one of its forwards; the draft's first is a decode step
+    top = out.levels[1]
+    assert 0 < top["first_forward_seconds"] < top["seconds"] and out.levels[0]["first_forward_seconds"] > 0
     # a gate at the median entropy of the draft's distributions stops some drafts early, output unchanged
     lm = CachedLM(first_layers(v, 1), "l1")
     hs = entropy(lm.logits(prompt + want, 0))

@@ -35,6 +35,7 @@ class CachedLM:
         self.forwards = 0
         self.fed = 0
         self.seconds = 0.0
+        self.first_seconds = 0.0  # the first forward's: a prompt's prefill, unless its keys and values were borrowed
 
     def _rollback(self, keep: int) -> None:
         drop = len(self.tokens) - keep
@@ -62,9 +63,12 @@ class CachedLM:
             kept: list[torch.Tensor | None] = [None] * (len(new) - rows.shape[0]) + list(rows)
             self.tokens += new
             self.rows += kept
+            took = time.perf_counter() - t0
+            if not self.forwards:
+                self.first_seconds = took
             self.forwards += 1
             self.fed += len(new)
-            self.seconds += time.perf_counter() - t0
+            self.seconds += took
         return torch.stack(self.rows[start : len(seq)])  # type: ignore[arg-type]
 
     def lend(self, lender: CachedLM, layers: int) -> bool:
@@ -107,7 +111,7 @@ class CachedLM:
 
     def reset_counters(self) -> None:
         self.forwards = self.fed = 0
-        self.seconds = 0.0
+        self.seconds = self.first_seconds = 0.0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

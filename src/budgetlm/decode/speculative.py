@@ -107,6 +107,7 @@ class LevelStats:
             "forwards": lm.forwards,
             "tokens_fed": lm.fed,
             "seconds": lm.seconds,
+            "first_forward_seconds": lm.first_seconds,  # the verifier's: the prompt's prefill
             "time_share": lm.seconds / total_seconds if total_seconds > 0 else None,
         }
 
