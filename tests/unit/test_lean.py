@@ -168,16 +168,17 @@ def rope_ref(x, cos, sin):
     return x * cos[:, None] + rot * sin[:, None]
 
 
-def attention_ref(q, keys, values, start, window=0):
-    """q [M, H, D]; keys, values [KV, L, D]; token m sees positions 0..start+m (the last `window` of them if > 0);
-    head h reads kv head h // (H/KV)."""
+def attention_ref(q, keys, values, start, window=0, sinks=0):
+    """q [M, H, D]; keys, values [KV, L, D]; token m sees positions 0..start+m (the last `window` of them if > 0,
+    and the first `sinks`); head h reads kv head h // (H/KV)."""
     m_rows, heads, d = q.shape
     group = heads // keys.shape[0]
     out = torch.zeros_like(q)
     for m in range(m_rows):
         first = max(0, start + m + 1 - window) if window else 0
+        seen = list(range(min(sinks, first))) + list(range(first, start + m + 1))
         for h in range(heads):
-            k, v = keys[h // group, first : start + m + 1], values[h // group, first : start + m + 1]
+            k, v = keys[h // group, seen], values[h // group, seen]
             p = torch.softmax(q[m, h] @ k.t() / math.sqrt(d), -1)
             out[m, h] = p @ v
     return out
@@ -186,9 +187,11 @@ def attention_ref(q, keys, values, start, window=0):
 @needs_lib
 @pytest.mark.parametrize("simd", [0, 1])
 @pytest.mark.parametrize(
-    "m,start,heads,kv,window", [(1, 0, 4, 2, 0), (1, 9, 9, 3, 0), (3, 5, 4, 4, 0), (5, 0, 6, 1, 0), (4, 9, 4, 2, 5)]
-)
-def test_c_rope_store_and_attention(simd, m, start, heads, kv, window):
+    "m,start,heads,kv,window,sinks",
+    [(1, 0, 4, 2, 0, 0), (1, 9, 9, 3, 0, 0), (3, 5, 4, 4, 0, 0), (5, 0, 6, 1, 0, 0), (4, 9, 4, 2, 5, 0),
+     (4, 9, 4, 2, 5, 3), (1, 20, 4, 2, 6, 4), (20, 5, 4, 2, 6, 2)],
+)  # fmt: skip
+def test_c_rope_store_and_attention(simd, m, start, heads, kv, window, sinks):
     if simd and not native.simd():
         pytest.skip("no AVX2 path on this CPU")
     d, cap = 16, 32
@@ -203,13 +206,13 @@ def test_c_rope_store_and_attention(simd, m, start, heads, kv, window):
     cache.keys[0][:, :, :start], cache.values[0][:, :, :start] = old_k, old_v
     cache.length = start
     c = CGlue(native.library(), simd)
-    out = c.attend(q.clone(), k, v, cos[None], sin[None], cache, 0, start, d, d**-0.5, window)
+    out = c.attend(q.clone(), k, v, cos[None], sin[None], cache, 0, start, d, d**-0.5, window, sinks)
     k_rot = rope_ref(k.view(m, kv, d), cos, sin)
     torch.testing.assert_close(cache.keys[0][0, :, start : start + m], k_rot.transpose(0, 1), rtol=1e-5, atol=1e-5)
     assert torch.equal(cache.values[0][0, :, start : start + m], v.view(m, kv, d).transpose(0, 1))
     keys = torch.cat([old_k[0], k_rot.transpose(0, 1)], 1)
     values = torch.cat([old_v[0], v.view(m, kv, d).transpose(0, 1)], 1)
-    want = attention_ref(rope_ref(q.view(m, heads, d), cos, sin), keys, values, start, window)
+    want = attention_ref(rope_ref(q.view(m, heads, d), cos, sin), keys, values, start, window, sinks)
     torch.testing.assert_close(out.view(m, heads, d), want, rtol=1e-5, atol=1e-5)
 
 
@@ -226,20 +229,21 @@ def test_c_attention_long_context_rows_alone(heads, kv, d, threads):
 
     lib, ptr = native.library(), ctypes.c_void_p
     g = torch.Generator().manual_seed(heads * d + threads)
-    for start, m, window in [(0, 5, 0), (61, 9, 0), (200, 16, 0), (130, 7, 70)]:
+    for start, m, window, sinks in [(0, 5, 0, 0), (61, 9, 0, 0), (200, 16, 0, 0), (130, 7, 70, 0), (150, 9, 40, 4),
+                                    (300, 3, 90, 70)]:  # fmt: skip
         cap = start + m + 5
         keys, values = torch.randn(kv, cap, d, generator=g), torch.randn(kv, cap, d, generator=g)
         q = torch.randn(m, heads, d, generator=g) * 3
         out = torch.empty(m, heads, d)
         scale = d**-0.5
-        args = (kv, d, cap, start, ctypes.c_float(scale), window)
+        args = (kv, d, cap, start, ctypes.c_float(scale), window, sinks)
         assert lib.lean_attention(ptr(q.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), m, heads, *args,
                                   ptr(out.data_ptr()), 1, threads) == 0  # fmt: skip
-        want = attention_ref(q.double(), keys.double(), values.double(), start, window).float()
+        want = attention_ref(q.double(), keys.double(), values.double(), start, window, sinks).float()
         torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
         for i in range(m):
             one, alone = q[i : i + 1].contiguous(), torch.empty(1, heads, d)
-            args = (kv, d, cap, start + i, ctypes.c_float(scale), window)
+            args = (kv, d, cap, start + i, ctypes.c_float(scale), window, sinks)
             for alone_threads in {1, threads}:  # on 2 threads one token's queries are cut one per unit
                 lib.lean_attention(ptr(one.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), 1, heads,
                                    *args, ptr(alone.data_ptr()), 1, alone_threads)  # fmt: skip

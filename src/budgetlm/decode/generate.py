@@ -45,6 +45,7 @@ class Generator:
     top_p: float = 1.0
     seed: int = 0
     share_kv: bool = True  # drafts of the verifier's shape read its keys and values (decode/speculative.Chain)
+    draft_window: int = 0  # > 0: drafts attend to the attention sinks and the last draft_window positions only
 
     def __post_init__(self) -> None:
         if not self.taus:
@@ -63,7 +64,7 @@ class Generator:
         until = [s for s in (until or []) if s]
         lms = [CachedLM(model, name) for name, model in self.models]
         sampler = Sampler(self.temperature, self.top_p, self._generator)
-        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv)
+        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv, self.draft_window)
         seq, new, shown, stop = list(prompt), [], "", "max tokens"
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
@@ -112,10 +113,17 @@ def _holdback(text: str, until: list[str]) -> int:
     return n
 
 
-def check_settings(max_new_tokens: int, mode: str, max_draft: int, temperature: float, top_p: float) -> None:
+def check_settings(
+    max_new_tokens: int, mode: str, max_draft: int, temperature: float, top_p: float, draft_window: int = 0
+) -> None:
     """The one-line refusals of generation settings, before any model loads."""
-    from budgetlm.decode.speculative import MODES
+    from budgetlm.decode.speculative import MODES, SINKS
     from budgetlm.errors import ConfigError
+
+    if draft_window < 0 or 0 < draft_window <= SINKS:
+        raise ConfigError(
+            f"--draft-window {draft_window}: give a number of recent positions above {SINKS} (e.g. 256), or 0 for all"
+        )
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: generate at least 1 token")
@@ -139,6 +147,7 @@ def build(
     top_p: float = 1.0,
     seed: int = 0,
     load: Callable | None = None,
+    draft_window: int = 0,
 ) -> Generator:
     """A Generator for `handle` (the verifier) and its drafts (specs cheapest first: model names, folders, GGUF
     files, or layers:K), each checked against the verifier's tokenizer."""
@@ -146,10 +155,15 @@ def build(
 
     specs = list(drafts or [])
     taus = parse_taus(tau, len(specs))
+    if draft_window and not specs:
+        from budgetlm.errors import ConfigError
+
+        raise ConfigError("--draft-window needs --draft: the window is a draft model's view of the context")
     if load is None:
         from budgetlm.models.sources import load
     chain = load_drafts(handle, specs, load) + [(handle.source, handle.model.eval())]
-    return Generator(chain, handle.tokenizer, taus, mode, max_draft, temperature, top_p, seed)
+    return Generator(chain, handle.tokenizer, taus, mode, max_draft, temperature, top_p, seed,
+                     draft_window=draft_window)  # fmt: skip
 
 
 def context_window(handle) -> int:

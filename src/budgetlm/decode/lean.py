@@ -175,9 +175,11 @@ class TorchGlue:
         return self.rms(h, weight, eps)
 
     @staticmethod
-    def attend(q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0):
+    def attend(q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0,
+               sinks: int = 0):  # fmt: skip
         """Rotary on q, k [1, M, heads * d], k and v stored, causal attention over the cache (the last `window`
-        positions only when window > 0): [1, M, heads * d]. q may be overwritten (the C glue rotates it in place)."""
+        positions only when window > 0, and then the first `sinks` too): [1, M, heads * d]. q may be overwritten
+        (the C glue rotates it in place)."""
         m = q.shape[1]
         q = q.view(1, m, -1, d).transpose(1, 2)
         k = k.view(1, m, -1, d).transpose(1, 2)
@@ -191,8 +193,10 @@ class TorchGlue:
             causal = True  # a prompt from position 0: the kernel's own causal path (no mask to read)
         elif m > 1 or (window and start + m > window):  # position start + i sees positions 0..start + i
             mask = torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start)
-            if window:  # ... and only those less than `window` before it
+            if window:  # ... and only those less than `window` before it, and the first `sinks`
+                sunk = mask[:, :sinks].clone()
                 mask &= ~torch.ones(m, start + m, dtype=torch.bool).tril(diagonal=start - window)
+                mask[:, :sinks] = sunk
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
         )
@@ -228,10 +232,11 @@ class CGlue(TorchGlue):
                                    out.data_ptr(), self.simd)  # fmt: skip
         return out
 
-    def attend(self, q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0):
+    def attend(self, q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0,
+               sinks: int = 0):  # fmt: skip
         m = q.shape[1]
         if m > C_ATTENTION_ROWS:  # a prompt: torch's blocked attention kernel does the quadratic work faster
-            return super().attend(q, k, v, cos, sin, cache, layer, start, d, scale, window)
+            return super().attend(q, k, v, cos, sin, cache, layer, start, d, scale, window, sinks)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         heads, kv_heads = q.shape[-1] // d, k.shape[-1] // d
         kc, vc = cache.keys[layer], cache.values[layer]
@@ -241,7 +246,8 @@ class CGlue(TorchGlue):
                                  kv_heads, d, kc.data_ptr(), vc.data_ptr(), cap, start)  # fmt: skip
         out = torch.empty_like(q)
         err = self.lib.lean_attention(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), m, heads, kv_heads, d, cap, start,
-                                      scale, window, out.data_ptr(), self.simd, torch.get_num_threads())  # fmt: skip
+                                      scale, window, sinks, out.data_ptr(), self.simd,
+                                      torch.get_num_threads())  # fmt: skip
         if err:
             raise MemoryError("lean runtime: no memory for the attention scores")
         return out
@@ -281,6 +287,9 @@ class LeanLlama:
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.glue = glue or glue_for(self.dtype)
         small_m_rows()  # the host probe, here rather than inside the first (timed) call
+        # (window, sinks): attend to the first `sinks` and the last `window` positions only (0, 0: to all). A draft's
+        # sparse view of a long context (speculative.Chain, `draft_window`): cheaper steps, its guesses a little worse
+        self.sparse = (0, 0)
         self.label = "lean (C glue)" if isinstance(self.glue, CGlue) else "lean (torch glue)"
 
     def new_cache(self) -> StaticKV:
@@ -323,7 +332,7 @@ class LeanLlama:
             eps = n1.variance_epsilon
             a = g.rms(h, n1.weight, eps) if delta is None else g.add_rms(h, delta, n1.weight, eps)
             q, k, v = lin(att.q_proj, a), lin(att.k_proj, a), lin(att.v_proj, a)
-            o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling)
+            o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling, *self.sparse)
             a = g.add_rms(h, lin(att.o_proj, o), n2.weight, n2.variance_epsilon)
             delta = lin(mlp.down_proj, g.silu_mul(lin(mlp.gate_proj, a), lin(mlp.up_proj, a)))
         cache.length = end
@@ -376,7 +385,9 @@ class LeanGemma3(LeanLlama):
             v = lin(att.v_proj, a)
             cos, sin = rope[self.types[i]]
             window = self.window if self.types[i] == "sliding_attention" else 0
-            o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling, window)
+            if self.sparse[0]:  # a draft's sparse view: the narrower window, and the sinks
+                window = min(window, self.sparse[0]) if window else self.sparse[0]
+            o = g.attend(q, k, v, cos, sin, cache, i, start, d, att.scaling, window, self.sparse[1] if window else 0)
             h.add_(g.rms(lin(att.o_proj, o), w_pa, e_pa))
             a = g.rms(h, w_pf, e_pf)
             f = lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, a)) * lin(mlp.up_proj, a))

@@ -52,7 +52,8 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
                                                     "vocab")] + [
         ("scale", ctypes.c_double), ("eps", ctypes.c_double), ("embed", _ptr), ("norm", _ptr),
-        ("layer", ctypes.POINTER(_Layer)), ("head", _Linear)]  # fmt: skip
+        ("layer", ctypes.POINTER(_Layer)), ("head", _Linear), ("window", ctypes.c_int64),
+        ("sinks", ctypes.c_int64)]  # fmt: skip
 
 
 def step_off() -> bool:
@@ -252,6 +253,7 @@ class LeanStepLlama(LeanLlama):
             h = self.embed(ids).float().contiguous()
             h_in = h.data_ptr()
         rows = min(keep, m) if keep else m
+        desc.md.window, desc.md.sinks = self.sparse
         logits = torch.empty(1, rows, desc.md.head.n)
         keys, values = self._kv_pointers(cache)
         err = self.lib.lean_step(desc.address, ids.data_ptr(), h_in, m, start, rows, keys.data_ptr(),

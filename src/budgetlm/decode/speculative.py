@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.decode.cached import CachedLM
+from budgetlm.errors import ConfigError
 
 MODES = ("exact", "gated")
+SINKS = 4  # attention sinks a windowed draft keeps (StreamingLLM, arXiv 2309.17453: four initial tokens suffice)
 
 
 def is_copy_of(draft: CachedLM, verifier: CachedLM) -> bool:
@@ -122,6 +124,7 @@ class Chain:
     sampler: Sampler = field(default_factory=Sampler)
     max_draft: int = 8
     share_kv: bool = True
+    draft_window: int = 0  # > 0: every draft attends to the first SINKS and the last draft_window positions only
     stats: list[LevelStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -140,6 +143,16 @@ class Chain:
                 # QSpec (arXiv 2410.11305) shares one cache between its draft and verifier: the prompt's prefill is
                 # the verifier's alone. The output does not change in exact mode; only the draft's guesses do.
                 lm.lend(verifier, verifier.model.config.num_hidden_layers)
+            if self.draft_window:
+                # MagicDec (arXiv 2408.11049): at long contexts a step's cost is its keys and values, and a draft that
+                # attends to StreamingLLM's view of them (the first SINKS positions, the attention sinks, and the
+                # last `draft_window`) guesses nearly as well at a fraction of that cost. Only guesses change.
+                if not hasattr(lm.runtime, "sparse"):
+                    raise ConfigError(
+                        f"--draft-window: draft {lm.name} runs on transformers' runtime, which attends to every "
+                        "position; drop --draft-window or give a Llama or Gemma 3 draft (budgetlm's lean runtime)"
+                    )
+                lm.runtime.sparse = (self.draft_window, SINKS)
 
     # -- one level's work ------------------------------------------------------------------------------------
     def _open(self, i: int) -> float:

@@ -204,15 +204,18 @@ def _decoder(handle: ModelHandle, decoding: dict | None, tasks: list) -> tuple[o
     if not any(t.kind == "generate" for t in tasks):
         raise ConfigError("--draft speeds up generation only, and none of these tasks generates (e.g. gsm8k does)")
     from budgetlm.decode.generate import build
+    from budgetlm.decode.speculative import SINKS
     from budgetlm.models.sources import load
 
     decoder = build(handle, decoding["drafts"], decoding.get("tau"), decoding.get("mode", "exact"),
-                    decoding.get("max_draft", 8), load=load)  # fmt: skip
+                    decoding.get("max_draft", 8), load=load, draft_window=decoding.get("draft_window", 0))  # fmt: skip
     taus = ["inf" if t is None else f"{t:g}" for t in decoder.taus]
     note = (
         f"HSD {decoder.mode}, drafts {' -> '.join(decoder_names(decoder))} -> {handle.source}, tau {','.join(taus)}, "
         f"max draft {decoder.max_draft}, batch 1"
     )
+    if decoder.draft_window:
+        note += f", drafts attend to {SINKS} sinks + the last {decoder.draft_window} positions"
     return decoder, note
 
 

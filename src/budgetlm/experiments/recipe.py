@@ -68,6 +68,7 @@ class DecodeSettings(_Strict):
     tau: float | str | None = None  # one value for every draft, "a,b" one per draft, "inf": no gate
     mode: str = "exact"
     max_draft: int = Field(8, ge=1)
+    draft_window: int = Field(0, ge=0)  # > 0: drafts attend to 4 sinks + the last draft_window positions (MagicDec)
     pipelines: list[str] | None = None  # the pipelines decoded so (absent: all); the others decode plainly
 
     def applies(self, pipeline: str) -> bool:
@@ -87,7 +88,11 @@ class DecodeSettings(_Strict):
         specs = parse_specs(",".join(self.drafts))
         tau = None if self.tau is None else str(self.tau)
         parse_taus(tau, len(specs))
-        return {"drafts": specs, "tau": tau, "mode": self.mode, "max_draft": self.max_draft}
+        from budgetlm.decode.generate import check_settings
+
+        check_settings(1, self.mode, self.max_draft, 0.0, 1.0, self.draft_window)
+        out = {"drafts": specs, "tau": tau, "mode": self.mode, "max_draft": self.max_draft}
+        return {**out, "draft_window": self.draft_window} if self.draft_window else out  # absent: cell ids unchanged
 
 
 class StudySettings(_Strict):

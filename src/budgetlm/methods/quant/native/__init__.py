@@ -103,22 +103,9 @@ def library() -> ctypes.CDLL | None:
     lib.lean_add_rms_norm.restype = None
     lib.lean_rope_store.argtypes = [ptr, ptr, ptr, ptr, ptr, c_int, c_int, c_int, c_int, ptr, ptr, c_int, c_int]
     lib.lean_rope_store.restype = None
-    lib.lean_attention.argtypes = [
-        ptr,
-        ptr,
-        ptr,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_float,
-        c_int,
-        ptr,
-        c_int,
-        c_int,
-    ]
+    # q, keys, values, M, heads, kv_heads, head_dim, capacity, start, scale, window, sinks, out, simd, threads
+    att = [ptr, ptr, ptr, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_int, c_int, ptr, c_int, c_int]
+    lib.lean_attention.argtypes = att
     lib.lean_attention.restype = c_int
     lib.lean_silu_mul.argtypes = [ptr, ptr, c_int, ptr]
     lib.lean_silu_mul.restype = None

@@ -35,28 +35,30 @@ ALWAYS_INLINE void rms_rows(const float *x, const float *w, int M, int D, float 
 }
 
 ALWAYS_INLINE void attention_rows(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D,
-                                  int cap, int start, float scale, int window, float *out, float *p) {
+                                  int cap, int start, float scale, int window, int sinks, float *out, float *p) {
     const int group = H / KV;
     for (int m = 0; m < M; m++) {
         const int len = start + m + 1;
         const int first = window > 0 && len > window ? len - window : 0; /* a sliding window: the last `window` */
+        const int sunk = sinks < first ? sinks : first; /* and the first `sinks` positions before it */
         for (int h = 0; h < H; h++) {
             const float *qh = q + ((size_t)m * H + h) * D;
             const float *K = kc + (size_t)(h / group) * cap * D, *V = vc + (size_t)(h / group) * cap * D;
             float mx = -INFINITY;
-            for (int j = first; j < len; j++) {
+            for (int j = sunk ? 0 : first; j < len; j = j + 1 == sunk ? first : j + 1) {
                 p[j] = dot(qh, K + (size_t)j * D, D) * scale;
                 if (p[j] > mx) mx = p[j];
             }
             float sum = 0.f;
-            for (int j = first; j < len; j++) {
+            for (int j = sunk ? 0 : first; j < len; j = j + 1 == sunk ? first : j + 1) {
                 p[j] = expf(p[j] - mx);
                 sum += p[j];
             }
             float *o = out + ((size_t)m * H + h) * D;
             memset(o, 0, sizeof(float) * D);
             const float inv = 1.f / sum;
-            for (int j = first; j < len; j++) axpy(o, p[j] * inv, V + (size_t)j * D, D);
+            for (int j = sunk ? 0 : first; j < len; j = j + 1 == sunk ? first : j + 1)
+                axpy(o, p[j] * inv, V + (size_t)j * D, D);
         }
     }
 }
@@ -70,8 +72,8 @@ ALWAYS_INLINE void add_rms_body(float *h, const float *delta, const float *w, in
     rms_rows(h, w, M, D, eps, out);
 }
 ALWAYS_INLINE void attn_body(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap,
-                             int start, float scale, int window, float *out, float *p) {
-    attention_rows(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p);
+                             int start, float scale, int window, int sinks, float *out, float *p) {
+    attention_rows(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -79,13 +81,13 @@ static void rms_generic(const float *x, const float *w, int M, int D, float eps,
 __attribute__((target("avx2,fma"))) static void rms_avx2(const float *x, const float *w, int M, int D, float eps, float *out) { rms_body(x, w, M, D, eps, out); }
 static void add_rms_generic(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
 __attribute__((target("avx2,fma"))) static void add_rms_avx2(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
-static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
-__attribute__((target("avx2,fma"))) static void attn_avx2(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
+static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, int sinks, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p); }
+__attribute__((target("avx2,fma"))) static void attn_avx2(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, int sinks, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p); }
 #define CHOOSE(name, simd) ((simd) ? name##_avx2 : name##_generic)
 #else
 static void rms_generic(const float *x, const float *w, int M, int D, float eps, float *out) { rms_body(x, w, M, D, eps, out); }
 static void add_rms_generic(float *h, const float *d, const float *w, int M, int D, float eps, float *out) { add_rms_body(h, d, w, M, D, eps, out); }
-static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p); }
+static void attn_generic(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start, float scale, int window, int sinks, float *out, float *p) { attn_body(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p); }
 #define CHOOSE(name, simd) name##_generic
 #endif
 
@@ -228,35 +230,52 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp_neg(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-/* s[first..len) = softmax of the scores s[first..len), in place: the maximum, e^(s - max) eight at once (the tail
-   padded), their sum in eight lanes then hsum8, times 1 / sum. One order for every query. */
-__attribute__((target("avx2,fma"))) static void softmax_avx2(float *s, int first, int len) {
-    __m256 mx8 = _mm256_set1_ps(-INFINITY);
-    int j = first;
-    for (; j + 8 <= len; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
-    float mx = -INFINITY, lanes[8];
-    _mm256_storeu_ps(lanes, mx8);
-    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
-    for (; j < len; j++) mx = s[j] > mx ? s[j] : mx;
+/* e^(s[j] - mx) in place for j in [a, b), eight at once (the tail padded), added into sum8 */
+__attribute__((target("avx2,fma"))) static __m256 exp_range(float *s, int a, int b, float mx, __m256 sum8) {
     const __m256 m8 = _mm256_set1_ps(mx);
-    __m256 sum8 = _mm256_setzero_ps();
-    for (j = first; j + 8 <= len; j += 8) {
+    int j = a;
+    for (; j + 8 <= b; j += 8) {
         const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
         _mm256_storeu_ps(s + j, e);
         sum8 = _mm256_add_ps(sum8, e);
     }
-    if (j < len) {
+    if (j < b) {
         float tail[8];
-        int t = len - j;
+        int t = b - j;
         for (int i = 0; i < 8; i++) tail[i] = i < t ? s[j + i] - mx : -INFINITY;
         const __m256 e = exp_neg(_mm256_loadu_ps(tail)); /* e^-inf: 0 (below -87.3) */
         _mm256_storeu_ps(tail, e);
         for (int i = 0; i < t; i++) s[j + i] = tail[i];
         sum8 = _mm256_add_ps(sum8, e);
     }
+    return sum8;
+}
+
+__attribute__((target("avx2,fma"))) static float max_range(const float *s, int a, int b, float mx) {
+    __m256 mx8 = _mm256_set1_ps(mx);
+    int j = a;
+    for (; j + 8 <= b; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx8);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; j < b; j++) mx = s[j] > mx ? s[j] : mx;
+    return mx;
+}
+
+__attribute__((target("avx2,fma"))) static void scale_range(float *s, int a, int b, __m256 inv) {
+    int j = a;
+    for (; j + 8 <= b; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+    for (; j < b; j++) s[j] *= _mm256_cvtss_f32(inv);
+}
+
+/* the softmax of the scores s[0..sunk) and s[first..len), in place: the maximum, e^(s - max) eight at once, their
+   sum in eight lanes then hsum8, times 1 / sum. One order for every query. */
+__attribute__((target("avx2,fma"))) static void softmax_avx2(float *s, int sunk, int first, int len) {
+    const float mx = max_range(s, first, len, max_range(s, 0, sunk, -INFINITY));
+    const __m256 sum8 = exp_range(s, first, len, mx, exp_range(s, 0, sunk, mx, _mm256_setzero_ps()));
     const __m256 inv = _mm256_set1_ps(1.f / hsum8(sum8));
-    for (j = first; j + 8 <= len; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
-    for (; j < len; j++) s[j] *= _mm256_cvtss_f32(inv);
+    scale_range(s, 0, sunk, inv);
+    scale_range(s, first, len, inv);
 }
 
 /* The AVX2 attention: per (key/value head, new token) the group's queries share each tile of keys and values while
@@ -265,8 +284,8 @@ __attribute__((target("avx2,fma"))) static void softmax_avx2(float *s, int first
    p: (H * M) rows of start + M floats. */
 __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, const float *kc, const float *vc,
                                                                  int M, int H, int KV, int D, int cap, int start,
-                                                                 float scale, int window, float *out, float *p,
-                                                                 int threads) {
+                                                                 float scale, int window, int sinks, float *out,
+                                                                 float *p, int threads) {
     /* a unit: one key/value head's queries of one new token, all of its group (they share each tile of keys and
        values), or one query each where that leaves fewer than two units per thread (a decode step on 2 threads: 3
        units for SmolLM2, 9 this way). How the work is cut changes no result (each score and each sum is computed in
@@ -281,9 +300,10 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
         const int gb = u % (group / per), hk = u / (group / per) / M, m = u / (group / per) % M, len = start + m + 1;
         const int g0 = gb * per, g1 = g0 + per;
         const int first = window > 0 && len > window ? len - window : 0;
+        const int sunk = sinks < first ? sinks : first; /* the first `sinks` positions, then the window */
         const float *K = kc + (size_t)hk * cap * D, *V = vc + (size_t)hk * cap * D;
-        for (int j0 = first; j0 < len; j0 += ATT_TILE) {
-            const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
+        for (int j0 = sunk ? 0 : first; j0 < len; j0 = j0 + ATT_TILE >= sunk && j0 < sunk ? first : j0 + ATT_TILE) {
+            const int end = j0 < sunk ? sunk : len, j1 = j0 + ATT_TILE < end ? j0 + ATT_TILE : end;
             for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 scores_avx2(q + ((size_t)m * H + h) * D, K, D, j0, j1, scale, p + ((size_t)m * H + h) * stride);
@@ -291,11 +311,11 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
         }
         for (int g = g0; g < g1; g++) {
             const int h = hk * group + g;
-            softmax_avx2(p + ((size_t)m * H + h) * stride, first, len);
+            softmax_avx2(p + ((size_t)m * H + h) * stride, sunk, first, len);
             memset(out + ((size_t)m * H + h) * D, 0, sizeof(float) * D);
         }
-        for (int j0 = first; j0 < len; j0 += ATT_TILE) {
-            const int j1 = j0 + ATT_TILE < len ? j0 + ATT_TILE : len;
+        for (int j0 = sunk ? 0 : first; j0 < len; j0 = j0 + ATT_TILE >= sunk && j0 < sunk ? first : j0 + ATT_TILE) {
+            const int end = j0 < sunk ? sunk : len, j1 = j0 + ATT_TILE < end ? j0 + ATT_TILE : end;
             for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 mix_avx2(p + ((size_t)m * H + h) * stride, V, D, j0, j1, out + ((size_t)m * H + h) * D);
@@ -306,16 +326,17 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
 #endif
 
 /* out [M, H, D]: token m attends to cache positions 0..start+m (causal), only the last `window` of them when
-   window > 0 (a sliding-window layer); head h reads key/value head h / (H/KV). With AVX2 and a head size that is a
+   window > 0 (a sliding-window layer), and then also the first `sinks` positions (attention sinks: a draft's sparse
+   view of a long context, StreamingLLM's); head h reads key/value head h / (H/KV). With AVX2 and a head size that is a
    multiple of 8, the tiled kernel above on `threads` threads; else one query at a time. Returns 1 when the scratch
    cannot be allocated. */
 int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
-                   float scale, int window, float *out, int simd, int threads) {
+                   float scale, int window, int sinks, float *out, int simd, int threads) {
 #if defined(__x86_64__) || defined(__i386__)
     if (simd && D % 8 == 0) {
         float *p = malloc(sizeof(float) * (size_t)(start + M) * H * M);
         if (!p) return 1;
-        attn_tiled_avx2(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p, threads);
+        attn_tiled_avx2(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p, threads);
         free(p);
         return 0;
     }
@@ -323,7 +344,7 @@ int lean_attention(const float *q, const float *kc, const float *vc, int M, int 
     (void)threads;
     float *p = malloc(sizeof(float) * (size_t)(start + M));
     if (!p) return 1;
-    CHOOSE(attn, simd)(q, kc, vc, M, H, KV, D, cap, start, scale, window, out, p);
+    CHOOSE(attn, simd)(q, kc, vc, M, H, KV, D, cap, start, scale, window, sinks, out, p);
     free(p);
     return 0;
 }

@@ -24,7 +24,7 @@ void lean_add_rms_norm(float *h, const float *delta, const float *w, int M, int 
 void lean_rope_store(float *q, const float *k, const float *v, const float *cos_, const float *sin_, int M, int H,
                      int KV, int D, float *kc, float *vc, int cap, int start);
 int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
-                   float scale, int window, float *out, int simd, int threads);
+                   float scale, int window, int sinks, float *out, int simd, int threads);
 void lean_silu_mul(const float *gate, const float *up, int n, float *out);
 /* q4.c, q8.c */
 int q4_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
@@ -141,6 +141,7 @@ typedef struct {
     const float *norm;  /* final norm's weight */
     const step_layer *layer;
     step_linear head;
+    int64_t window, sinks; /* attention over the first `sinks` and the last `window` positions only (0: all) */
 } step_model;
 
 static int linear(const step_linear *L, const float *x, int M, float *y, int threads, int simd) {
@@ -211,7 +212,9 @@ int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M
             (err = linear(&L->v, a, M, v, threads, simd)))
             return err == 2 ? 2 : 1;
         lean_rope_store(q, k, v, cos_, sin_, M, H, KV, hd, kc[l], vc[l], cap, start);
-        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, 0, o, simd, threads)) return 2;
+        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, (int)md->window,
+                           (int)md->sinks, o, simd, threads))
+            return 2;
         if ((err = linear(&L->o, o, M, t, threads, simd))) return err == 2 ? 2 : 1;
         lean_add_rms_norm(h, t, L->norm2, M, D, (float)L->eps2, a, simd);
         if ((err = linear(&L->gate, a, M, gate, threads, simd)) || (err = linear(&L->up, a, M, up, threads, simd)))
