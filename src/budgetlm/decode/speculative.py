@@ -164,7 +164,7 @@ class Chain:
         lm, tau, out, dists = self.lms[0], self._open(0), [], []
         while len(out) < budget:
             row = lm.logits(seq + out, len(seq) + len(out) - 1)[-1]
-            if float(entropy(row)) >= tau:
+            if tau != math.inf and float(entropy(row)) >= tau:  # no gate: no softmax over the vocabulary either
                 break
             tok, p = self.sampler.pick(row)
             out.append(tok)
