@@ -132,9 +132,6 @@ void lean_rope_store(float *q, const float *k, const float *v, const float *cos_
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define ATT_TILE 64 /* keys per tile: 64 rows of a 64-wide head are 16 KB, in L1 while a group's queries read them */
 
@@ -278,6 +275,16 @@ __attribute__((target("avx2,fma"))) static void softmax_avx2(float *s, int sunk,
     scale_range(s, first, len, inv);
 }
 
+/* the tiles of a query's keys: [0, sunk) then [first, len), ATT_TILE keys at most each; next_tile gives the tile
+   after the one starting at j0, tile_end where the one starting at j0 ends */
+static inline int next_tile(int j0, int sunk, int first) {
+    return j0 < sunk && j0 + ATT_TILE >= sunk ? first : j0 + ATT_TILE;
+}
+static inline int tile_end(int j0, int sunk, int len) {
+    const int end = j0 < sunk ? sunk : len;
+    return j0 + ATT_TILE < end ? j0 + ATT_TILE : end;
+}
+
 /* The AVX2 attention: per (key/value head, new token) the group's queries share each tile of keys and values while
    it is in L1; scores, then the softmax per query (exp_neg, a fixed order), then the weighted values. Units run on
    `threads` OpenMP threads; every query's arithmetic is the same whatever the threads or the number of new tokens.
@@ -302,8 +309,8 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
         const int first = window > 0 && len > window ? len - window : 0;
         const int sunk = sinks < first ? sinks : first; /* the first `sinks` positions, then the window */
         const float *K = kc + (size_t)hk * cap * D, *V = vc + (size_t)hk * cap * D;
-        for (int j0 = sunk ? 0 : first; j0 < len; j0 = j0 + ATT_TILE >= sunk && j0 < sunk ? first : j0 + ATT_TILE) {
-            const int end = j0 < sunk ? sunk : len, j1 = j0 + ATT_TILE < end ? j0 + ATT_TILE : end;
+        for (int j0 = sunk ? 0 : first; j0 < len; j0 = next_tile(j0, sunk, first)) {
+            const int j1 = tile_end(j0, sunk, len);
             for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 scores_avx2(q + ((size_t)m * H + h) * D, K, D, j0, j1, scale, p + ((size_t)m * H + h) * stride);
@@ -314,8 +321,8 @@ __attribute__((target("avx2,fma"))) static void attn_tiled_avx2(const float *q, 
             softmax_avx2(p + ((size_t)m * H + h) * stride, sunk, first, len);
             memset(out + ((size_t)m * H + h) * D, 0, sizeof(float) * D);
         }
-        for (int j0 = sunk ? 0 : first; j0 < len; j0 = j0 + ATT_TILE >= sunk && j0 < sunk ? first : j0 + ATT_TILE) {
-            const int end = j0 < sunk ? sunk : len, j1 = j0 + ATT_TILE < end ? j0 + ATT_TILE : end;
+        for (int j0 = sunk ? 0 : first; j0 < len; j0 = next_tile(j0, sunk, first)) {
+            const int j1 = tile_end(j0, sunk, len);
             for (int g = g0; g < g1; g++) {
                 const int h = hk * group + g;
                 mix_avx2(p + ((size_t)m * H + h) * stride, V, D, j0, j1, out + ((size_t)m * H + h) * D);
