@@ -51,6 +51,35 @@ def test_q8bf_product_equals_bf16_activations_times_the_8_bit_weight(g, symmetri
     assert (got.double() - exact).abs().max() > 1e-6 * exact.abs().max()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("vector", [True, False])
+def test_q8bf_in_one_call_is_the_two_halves_q4bf_products_added(threads, vector):
+    """One C call rounds x once and runs both halves of a block in one thread: the sums of two q4bf calls, bitwise."""
+    n, k, g = 256, 512, 64
+    c, s, zp, w = case(n, k, g, False, seed=11)
+    parts = kernels.int8_split(c, s.float(), zp.float(), g, 32)
+    tables = kernels.q8bf_tables(s, zp.float())
+    call = native.bind_q8bf(parts[0], parts[2], kernels.block_n(), tables, g, vector=vector)
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        halves = [
+            native.q4_mm(
+                x, parts[i], kernels.block_n(), tables[j], tables[j + 1], g, threads=threads, bf16=True, vector=vector
+            )  # fmt: skip
+            for i, j in ((0, 0), (2, 2))
+        ]
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = call(x)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(got, halves[0] + halves[1])
+        check(got, x, w)
+    with pytest.raises(RuntimeError, match="cannot take"):
+        native.bind_q8bf(parts[0], parts[2], 24, tables, g)
+
+
 @pytest.fixture
 def on_q8bf(monkeypatch):
     monkeypatch.setattr(kernels, "_enabled", True)

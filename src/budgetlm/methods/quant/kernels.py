@@ -206,19 +206,12 @@ def q8bf_tables(scales, zeros) -> tuple[torch.Tensor, ...]:
 def q8bf_mm(x: torch.Tensor, parts: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...], g: int) -> torch.Tensor:
     """x [M, K] times an 8-bit grid's two halves (int8_split's packed hi and lo, parts[0] and parts[2]) with
     q8bf_tables' tables: the "q4bf" kernel on each half, the two products added (bfloat16 activations; lossy)."""
-    hi = native.q4_mm(x, parts[0], block_n(), tables[0], tables[1], g, bf16=True)
-    return hi.add_(native.q4_mm(x, parts[2], block_n(), tables[2], tables[3], g, bf16=True)).to(x.dtype)
+    return bind_q8bf(parts, tables, g)(x).to(x.dtype)
 
 
 def bind_q8bf(parts: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...], g: int):
-    """q8bf_mm for one layer, checked once: call(x [M, K]) -> float32 [M, N]."""
-    hi = native.bind_q4(parts[0], block_n(), tables[0], tables[1], g, bf16=True)
-    lo = native.bind_q4(parts[2], block_n(), tables[2], tables[3], g, bf16=True)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        return hi(x).add_(lo(x))
-
-    return call
+    """q8bf_mm for one layer, checked once: call(x [M, K]) -> float32 [M, N] (both halves in one C call)."""
+    return native.bind_q8bf(parts[0], parts[2], block_n(), tables, g)
 
 
 def bind_q8(codes: torch.Tensor, scales: torch.Tensor):

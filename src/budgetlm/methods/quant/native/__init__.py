@@ -92,6 +92,9 @@ def library() -> ctypes.CDLL | None:
     lib.q4bf_mm.argtypes = lib.q4_mm.argtypes
     lib.q4bf_mm.restype = c_int
     lib.q4bf_has_simd.restype = c_int
+    # x, M, K, hi codes, hi scales, hi zeros, lo codes, lo scales, lo zeros, N, block, group, y, threads, simd
+    lib.q8bf_mm.argtypes = [ptr, c_int, c_int, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int, c_int, ptr, c_int, c_int]
+    lib.q8bf_mm.restype = c_int
     lib.q4bf_round.argtypes = [ptr, ctypes.c_int64, ptr]
     lib.q4bf_round.restype = None
     lib.q8_mm.argtypes = [ptr, c_int, c_int, ptr, c_int, ptr, ptr, c_int, c_int]
@@ -158,6 +161,16 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
     return (out.int() << 16).view(torch.float32)
 
 
+def _check_q4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int, k: int) -> None:
+    """Refuses 4-bit codes and tables that are not contiguous uint8 / float16 or do not make an N x k weight."""
+    for t, dtype in ((packed, torch.uint8), (scales, torch.float16), (zeros, torch.float16)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise RuntimeError(f"q4_mm takes contiguous {dtype} tensors, not {t.dtype}")
+    n = scales.shape[1]
+    if packed.numel() * 2 != n * k or zeros.shape != scales.shape or scales.shape[0] * g != k:
+        raise RuntimeError(f"q4_mm: codes {tuple(packed.shape)} and tables {tuple(scales.shape)} do not make {n}x{k}")
+
+
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch.Tensor, g: int,
           threads: int | None = None, vector: bool = True, act8: bool = False,
           bf16: bool = False) -> torch.Tensor:  # fmt: skip
@@ -173,11 +186,7 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, block: int, scales: torch.Tenso
     m, k = x.shape
     n = scales.shape[1]
     y = torch.empty(m, n, dtype=torch.float32)
-    for t, dtype in ((packed, torch.uint8), (scales, torch.float16), (zeros, torch.float16)):
-        if t.dtype != dtype or not t.is_contiguous():
-            raise RuntimeError(f"q4_mm takes contiguous {dtype} tensors, not {t.dtype}")
-    if packed.numel() * 2 != n * k or zeros.shape != scales.shape or scales.shape[0] * g != k:
-        raise RuntimeError(f"q4_mm: codes {tuple(packed.shape)} and tables {tuple(scales.shape)} do not make {n}x{k}")
+    _check_q4(packed, scales, zeros, g, k)
     threads = torch.get_num_threads() if threads is None else threads
     fn, name, vec = _kernel(lib, act8, bf16)
     err = fn(x.data_ptr(), m, k, packed.data_ptr(), n, block, scales.data_ptr(), zeros.data_ptr(), g,
@@ -207,6 +216,38 @@ def bind_q4(packed: torch.Tensor, block: int, scales: torch.Tensor, zeros: torch
             x = x.float().contiguous()
         y = torch.empty(x.shape[0], n)
         fn(x.data_ptr(), x.shape[0], k, pp, n, block, sp, zp, g, y.data_ptr(), threads(), vec)
+        return y
+
+    return call
+
+
+def bind_q8bf(hi: torch.Tensor, lo: torch.Tensor, block: int, tables: tuple[torch.Tensor, ...], g: int,
+              vector: bool = True):  # fmt: skip
+    """An 8-bit grid's two 4-bit halves (packed uint8 [N, K/2] each, torch's CPU layout with blocks of `block` rows)
+    with their fp16 tables (s_hi, z_hi, s_lo, z_lo) [K/g, N], on q4bf.c's q8bf_mm: call(x [M, K]) -> float32 [M, N]
+    = the q4bf product of each half, added (bfloat16 activations; lossy). Checked once; the tensors must stay alive
+    and unchanged while the call is used. `vector=False`: the plain C path (tests)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"budgetlm's 4-bit kernel is unavailable: {status()}")
+    n, k = tables[0].shape[1], tables[0].shape[0] * g
+    for half, (s, z) in ((hi, tables[:2]), (lo, tables[2:])):
+        _check_q4(half, s, z, g, k)
+        if s.shape != tables[0].shape:
+            raise RuntimeError(f"q8bf_mm: tables of the halves differ: {tuple(tables[0].shape)}, {tuple(s.shape)}")
+    if block <= 0 or block % 16 or n % block or g % 2:
+        raise RuntimeError(f"q8bf_mm cannot take a {n}x{k} layer with block {block} and group {g}")
+    args = (hi.data_ptr(), *(t.data_ptr() for t in tables[:2]), lo.data_ptr(), *(t.data_ptr() for t in tables[2:]))
+    fn, vec, threads = lib.q8bf_mm, bf16_simd() if vector else 0, torch.get_num_threads
+    held = (hi, lo, tables)  # the pointers above stay valid while the call exists
+
+    def call(x: torch.Tensor, _held=held) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        y = torch.empty(x.shape[0], n)
+        err = fn(x.data_ptr(), x.shape[0], k, *args, n, block, g, y.data_ptr(), threads(), vec)
+        if err:
+            raise RuntimeError(f"q8bf_mm failed on a {n}x{k} layer: code {err}")
         return y
 
     return call

@@ -238,19 +238,14 @@ int q4bf_has_simd(void) {
 #endif
 }
 
-/* y [M, N] = bf16(x) [M, K] times the 4-bit weight (q4_mm's arguments). simd: 1 asks for the AVX-512 BF16 path,
-   taken only where q4bf_has_simd() says the CPU runs it and the shape suits it. Returns 0, 1 for a shape it cannot
-   take (B not a multiple of 16, N not whole blocks, g odd or not dividing K), 2 when out of memory. */
-int q4bf_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
-            int g, float *y, int threads, int simd) {
-    if (B <= 0 || B % 16 || N % B || g <= 0 || g % 2 || K % g || M < 0) return 1;
-    if (M == 0 || N == 0) return 0;
-    const int nb = N / B, ng = K / g;
+/* the rounded activations xb [M, K] and their float32 group sums xs [M, K/g] (malloc'ed; 0 when out of memory) */
+static int prepare(const float *x, int M, int K, int g, uint16_t **xb_out, float **xs_out) {
+    const int ng = K / g;
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)M * K);
     float *xs = malloc(sizeof(float) * (size_t)M * ng);
     if (!xb || !xs) {
         free(xb), free(xs);
-        return 2;
+        return 0;
     }
     q4bf_round(x, (int64_t)M * K, xb);
     for (int m = 0; m < M; m++)
@@ -259,22 +254,82 @@ int q4bf_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, c
             for (int k = gi * g; k < (gi + 1) * g; k++) a += from_bf16(xb[(size_t)m * K + k]);
             xs[(size_t)m * ng + gi] = a;
         }
+    *xb_out = xb, *xs_out = xs;
+    return 1;
+}
+
+/* one block of B rows, on the AVX-512 path where `simd` */
+static void block(const uint16_t *xb, const float *xs, int M, int K, const uint8_t *blk, int B, const uint16_t *s,
+                  const uint16_t *z, int N, int g, float *y, int n0, int simd) {
 #ifdef HAVE_X86
-    simd = simd && (B / 2) % 16 == 0 && q4bf_has_simd();
-#else
-    simd = 0;
+    if (simd) block_bf16(xb, xs, M, K, blk, B, s, z, N, g, y, n0);
+    else
 #endif
+        block_scalar(xb, xs, M, K, blk, B, s, z, N, g, y, n0);
+    (void)simd;
+}
+
+static int use_simd(int B, int simd) {
+#ifdef HAVE_X86
+    return simd && (B / 2) % 16 == 0 && q4bf_has_simd();
+#else
+    (void)B, (void)simd;
+    return 0;
+#endif
+}
+
+/* y [M, N] = bf16(x) [M, K] times the 4-bit weight (q4_mm's arguments). simd: 1 asks for the AVX-512 BF16 path,
+   taken only where q4bf_has_simd() says the CPU runs it and the shape suits it. Returns 0, 1 for a shape it cannot
+   take (B not a multiple of 16, N not whole blocks, g odd or not dividing K), 2 when out of memory. */
+int q4bf_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
+            int g, float *y, int threads, int simd) {
+    if (B <= 0 || B % 16 || N % B || g <= 0 || g % 2 || K % g || M < 0) return 1;
+    if (M == 0 || N == 0) return 0;
+    const int nb = N / B;
+    uint16_t *xb;
+    float *xs;
+    if (!prepare(x, M, K, g, &xb, &xs)) return 2;
+    simd = use_simd(B, simd);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
 #endif
-    for (int b = 0; b < nb; b++) { /* block b: rows b*B.., codes from byte b*B*K/2 */
-        const uint8_t *blk = packed + (size_t)b * B * K / 2;
-#ifdef HAVE_X86
-        if (simd) block_bf16(xb, xs, M, K, blk, B, s, z, N, g, y, b * B);
-        else
-#endif
-            block_scalar(xb, xs, M, K, blk, B, s, z, N, g, y, b * B);
-    }
+    for (int b = 0; b < nb; b++) /* block b: rows b*B.., codes from byte b*B*K/2 */
+        block(xb, xs, M, K, packed + (size_t)b * B * K / 2, B, s, z, N, g, y, b * B, simd);
     free(xb), free(xs);
+    return 0;
+}
+
+/* The "q8bf" kernel: an 8-bit grid as two 4-bit halves (hi: packed, s, z; lo: packed2, s2, z2, each as q4bf_mm's
+   arguments): y = hi(x) + lo(x), the same sums as two q4bf_mm calls added, but the activations rounded once and
+   both halves of a block computed by the same thread in one parallel region (two regions and a serial sum cost
+   more than the work at one token on two threads). Returns as q4bf_mm. */
+int q8bf_mm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *s, const uint16_t *z,
+            const uint8_t *packed2, const uint16_t *s2, const uint16_t *z2, int N, int B, int g, float *y, int threads,
+            int simd) {
+    if (B <= 0 || B % 16 || N % B || g <= 0 || g % 2 || K % g || M < 0) return 1;
+    if (M == 0 || N == 0) return 0;
+    const int nb = N / B;
+    uint16_t *xb;
+    float *xs;
+    float *lo = malloc(sizeof(float) * (size_t)M * N);
+    if (!lo || !prepare(x, M, K, g, &xb, &xs)) {
+        free(lo);
+        return 2;
+    }
+    simd = use_simd(B, simd);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && nb > 1)
+#endif
+    for (int b = 0; b < nb; b++) {
+        const size_t off = (size_t)b * B * K / 2;
+        block(xb, xs, M, K, packed + off, B, s, z, N, g, y, b * B, simd);
+        block(xb, xs, M, K, packed2 + off, B, s2, z2, N, g, lo, b * B, simd);
+        for (int m = 0; m < M; m++) {
+            float *ym = y + (size_t)m * N + (size_t)b * B;
+            const float *lm = lo + (size_t)m * N + (size_t)b * B;
+            for (int r = 0; r < B; r++) ym[r] += lm[r];
+        }
+    }
+    free(lo), free(xb), free(xs);
     return 0;
 }

@@ -36,6 +36,9 @@ int q4a8_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, c
 /* q4bf.c: q4_mm's arguments, activations rounded to bfloat16 (lossy); its AVX-512 BF16 path checks the CPU itself */
 int q4bf_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
             int g, float *y, int threads, int simd);
+int q8bf_mm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *s, const uint16_t *z,
+            const uint8_t *packed2, const uint16_t *s2, const uint16_t *z2, int N, int B, int g, float *y, int threads,
+            int simd);
 
 /* -- float32 y [M, N] = x [M, K] W^T, W [N, K] row-major ------------------------------------------------------- */
 static void dense_rows_scalar(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
@@ -160,19 +163,10 @@ static int linear(const step_linear *L, const float *x, int M, float *y, int thr
                        (const uint16_t *)L->z, (int)L->group, y, threads, simd);
     case STEP_Q8:
         return q8_mm(x, M, (int)L->k, (const int8_t *)L->w, (int)L->n, (const uint16_t *)L->s, y, threads, simd);
-    case STEP_Q8BF: { /* the layer's "q8bf" kernel: q4bf on the high half, then on the low half, added */
-        float *lo = (float *)malloc(sizeof(float) * (size_t)M * (size_t)L->n);
-        if (!lo) return 2;
-        int err = q4bf_mm(x, M, (int)L->k, (const uint8_t *)L->w, (int)L->n, (int)L->block, (const uint16_t *)L->s,
-                          (const uint16_t *)L->z, (int)L->group, y, threads, simd);
-        if (!err)
-            err = q4bf_mm(x, M, (int)L->k, (const uint8_t *)L->w2, (int)L->n, (int)L->block, (const uint16_t *)L->s2,
-                          (const uint16_t *)L->z2, (int)L->group, lo, threads, simd);
-        if (!err)
-            for (size_t i = 0; i < (size_t)M * (size_t)L->n; i++) y[i] += lo[i];
-        free(lo);
-        return err;
-    }
+    case STEP_Q8BF: /* the layer's "q8bf" kernel: q4bf on the high half plus q4bf on the low half */
+        return q8bf_mm(x, M, (int)L->k, (const uint8_t *)L->w, (const uint16_t *)L->s, (const uint16_t *)L->z,
+                       (const uint8_t *)L->w2, (const uint16_t *)L->s2, (const uint16_t *)L->z2, (int)L->n,
+                       (int)L->block, (int)L->group, y, threads, simd);
     }
     return 9;
 }
