@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="new tokens decoded per repeat")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens prefilled (untimed) before decoding")
     p.add_argument("--prefill", type=int, default=512, help="prompt length of the timed prefill")
+    p.add_argument("--prefill-repeats", type=int, default=5, help="timed prefills per cell (the median is reported)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--no-llama-cpp", action="store_true")
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = memory_bandwidth()
     print(
         f"# {args.model}: batch 1, greedy, {args.tokens} new tokens after a {args.prompt}-token prompt, "
-        f"{args.repeats} repeats; prefill {args.prefill} tokens; {'thread CPU' if args.cpu_time else 'wall'} time"
+        f"{args.repeats} repeats; prefill {args.prefill} tokens, {args.prefill_repeats} repeats; "
+        f"{'thread CPU' if args.cpu_time else 'wall'} time"
     )
     print(f"# host: {prof['cpu_model']}, {prof['usable_cpus']} CPUs; copy bandwidth {bw.value:.1f} GB/s best")
     print(f"# load average before: {loadavg()}")
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             h = handles[name]
             with kernel_choice(split_variant(name)[1]):
                 dec = decode_speed(h, args.tokens, args.prompt, args.repeats, 1, seed=0)
-                pre = prefill_speed(h.model, args.prefill, max(1, args.repeats // 2), 1, seed=0)
+                pre = prefill_speed(h.model, args.prefill, args.prefill_repeats, 1, seed=0)
             roof = decode_roofline_ms(rows[name]["read_mb_per_token"] * 1e6, bw.value)
             cell = {
                 "decode_ms": dec.extra["median"],
