@@ -324,6 +324,7 @@ def main() -> None:
         r = rec[v]
         tps = r["tokens"] / r["seconds"]
         same = sum(r["texts"][i] == hf_text[i] for i in hf_text) if hf_text else None
+        same_plain = sum(r["texts"][i] == t for i, t in rec["plain"]["texts"].items()) if "plain" in rec else None
         decode_tps = after_prefill(v)
         row = {
             "variant": v,
@@ -333,6 +334,7 @@ def main() -> None:
             "x_hf_decode": decode_tps / base_decode if base_decode and decode_tps else None,
             "x_plain_decode": decode_tps / plain_decode if plain_decode and decode_tps else None,
             "identical_to_hf": same,
+            "identical_to_plain": same_plain,
             "prompts": n,
             "tokens": r["tokens"],
             "seconds": r["seconds"],
@@ -348,8 +350,8 @@ def main() -> None:
         "over all prompts"
     )
     print(
-        "| variant | tok/s | x hf greedy | tok/s after prefill | x hf | x plain | identical to hf | EM strict / flex | "
-        "levels: acceptance, mean accepted, forwards, time share |"
+        "| variant | tok/s | x hf greedy | tok/s after prefill | x hf | x plain | identical to hf / plain | "
+        "EM strict / flex | levels: acceptance, mean accepted, forwards, time share |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -363,7 +365,7 @@ def main() -> None:
                 share = x["seconds"] / total if total else math.nan
                 parts.append(f"{x['model']}: {acc:.2f}, {mean:.2f}, {x['forwards']}, {share:.0%}")
             lv = "; ".join(parts)
-        same = "-" if row["identical_to_hf"] is None else f"{row['identical_to_hf']}/{n}"
+        same = " / ".join("-" if row[k] is None else f"{row[k]}/{n}" for k in ("identical_to_hf", "identical_to_plain"))
         x = "-" if row["x_hf"] is None else f"{row['x_hf']:.2f}x"
         xd = "-" if row["x_hf_decode"] is None else f"{row['x_hf_decode']:.2f}x"
         xp = "-" if row["x_plain_decode"] is None else f"{row['x_plain_decode']:.2f}x"

@@ -31,6 +31,7 @@ import time
 import torch
 
 from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
+from budgetlm.hardware.memory import release_freed_heap
 
 DENSE, Q4, Q8, Q4BF, Q8BF = 0, 1, 2, 3, 4
 _ptr = ctypes.c_void_p
@@ -149,6 +150,9 @@ class Descriptor:
         self.layers, self.md, self.address = layers, md, ctypes.addressof(md)
         if rt.head_dim > 1024:
             self.reason = self.reason or "a head dimension over 1024"
+        # the layers' one-time work above (kernel probes over ~40 MB of cold copies, codes repacked for their kernel)
+        # freed blocks glibc keeps mapped: give them back, or a 4-bit model's RSS keeps ~2x its codes' bytes
+        release_freed_heap()
 
     def _norm(self, norm) -> int:
         w = norm.weight
