@@ -146,6 +146,29 @@ def test_entropy_gate_stops_the_draft():
     assert 0 < gated.levels[0]["drafted"] < free.levels[0]["drafted"]
 
 
+def test_the_draft_stops_at_a_stop_string_or_eos_and_the_output_does_not_change():
+    v = llama(0)
+    prompt = prompt_of(9, 0)
+    want = greedy_reference(v, prompt, 24)
+    text = TOK.decode(want, skip_special_tokens=True)
+    stop = text[len(TOK.decode(want[:10], skip_special_tokens=True)) :][:2]  # text of (about) the 11th token
+    assert stop and stop in text
+    plain = Generator([("v", v)], TOK)(prompt, 24, [stop])
+    assert plain.stop == "stop string" and len(plain.tokens) < 24
+    out = Generator([("self", v), ("v", v)], TOK, taus=[None], max_draft=8)(prompt, 24, [stop])
+    assert out.text == plain.text and out.stop == "stop string" and out.tokens[: len(plain.tokens)] == plain.tokens
+    # the draft (the verifier itself: every proposal accepted) drafted nothing past the token that completes the
+    # stop string: every token to it but the prefill's and the first round's bonus token (rounds of 8 + 1, the
+    # stop in the second); without that check the second round drafts 8 whatever the stop (16 in all)
+    assert out.levels[1]["rounds"] == 2 and len(plain.tokens) < 18
+    assert out.levels[0]["drafted"] == out.levels[1]["accepted"] == len(plain.tokens) - 2
+    # EOS: a draft that proposed it drafts no further (an EOS token's text is empty: the stop strings never see it)
+    lm = Generator([("self", v), ("v", v)], TOK, taus=[None], max_draft=8)
+    lm.eos = {want[4]}  # the 5th greedy token plays EOS
+    out = lm(prompt, 24)
+    assert out.stop == "eos" and out.tokens == want[:5] and out.levels[0]["drafted"] == 4
+
+
 def test_gated_mode_accepts_drafted_tokens_unverified():
     v, d = llama(0), llama(7)
     prompt = prompt_of(5, 1)

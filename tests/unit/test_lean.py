@@ -85,10 +85,12 @@ def test_static_kv_grows_crops_and_copies():
     kv.write(0, 0, k, -k)
     kv.write(1, 0, k + 1, -k - 1)
     kv.length = 3
-    kv.reserve(40)  # grows again: the valid part is kept
-    assert (
-        kv.capacity == 40 and torch.equal(lean.cached_kv(kv, 0)[0], k) and torch.equal(lean.cached_kv(kv, 1)[1], -k - 1)
-    )
+    assert kv.capacity == 3 + StaticKV.HEADROOM  # room for the tokens after a prompt: no regrowth at the next one
+    kv.reserve(kv.capacity + 1)  # grows again, doubled: the valid part is kept
+    assert kv.capacity == 2 * (3 + StaticKV.HEADROOM)
+    assert torch.equal(lean.cached_kv(kv, 0)[0], k) and torch.equal(lean.cached_kv(kv, 1)[1], -k - 1)
+    kv.reserve(5 * kv.capacity)  # a jump past double: what was asked for, plus the room
+    assert kv.capacity == 10 * (3 + StaticKV.HEADROOM) + StaticKV.HEADROOM
     kv.crop(-1)
     assert kv.get_seq_length() == 2 and lean.cached_kv(kv, 0)[0].shape[2] == 2
     kv.crop(5)  # keep the first five: there are only two

@@ -64,8 +64,18 @@ class Generator:
         until = [s for s in (until or []) if s]
         lms = [CachedLM(model, name) for name, model in self.models]
         sampler = Sampler(self.temperature, self.top_p, self._generator)
-        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv, self.draft_window)
         seq, new, shown, stop = list(prompt), [], "", "max tokens"
+
+        def ends(proposal: list[int]) -> bool:  # the output would end within `proposal`, were it accepted
+            if proposal[-1] in self.eos:
+                return True
+            if not until:
+                return False
+            text = self.tokenizer.decode(new + proposal, skip_special_tokens=True)
+            return any(s in text for s in until)
+
+        chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv, self.draft_window,
+                      ends)  # fmt: skip
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
             toks = chain.step(seq, min(self.max_draft, max_new_tokens - len(new) - 1))

@@ -31,7 +31,7 @@ import time
 import torch
 
 from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
-from budgetlm.hardware.memory import release_freed_heap
+from budgetlm.hardware.memory import release_freed_heap, rss_bytes
 
 DENSE, Q4, Q8, Q4BF, Q8BF = 0, 1, 2, 3, 4
 _ptr = ctypes.c_void_p
@@ -104,6 +104,16 @@ def _linear(module: torch.nn.Module):
     return fields, held, (module.__dict__, "_fast", fast), fast[1]
 
 
+TRIM_GROWTH = 8 << 20  # bytes of RSS growth while a descriptor is built past which freed heap is released
+
+
+def _rss() -> int:
+    try:
+        return rss_bytes()
+    except OSError:  # no /proc (not Linux): no glibc to trim either
+        return 0
+
+
 class Descriptor:
     """The C description of a model (step.c's step_model) and the tensors its pointers read."""
 
@@ -118,6 +128,7 @@ class Descriptor:
         self._checks: tuple | None = None
         self.crossover = 1 << 30
         self.reason: str | None = None
+        rss0 = _rss()
         layers = (_Layer * len(rt.layers))()
         for i, y in enumerate(rt.layers):
             att, mlp = y.self_attn, y.mlp
@@ -151,8 +162,10 @@ class Descriptor:
         if rt.head_dim > 1024:
             self.reason = self.reason or "a head dimension over 1024"
         # the layers' one-time work above (kernel probes over ~40 MB of cold copies, codes repacked for their kernel)
-        # freed blocks glibc keeps mapped: give them back, or a 4-bit model's RSS keeps ~2x its codes' bytes
-        release_freed_heap()
+        # freed blocks glibc keeps mapped: give them back, or a 4-bit model's RSS keeps ~2x its codes' bytes (only
+        # where the build grew the RSS: a rebuild that did no such work skips malloc_trim's ~10 ms)
+        if _rss() - rss0 > TRIM_GROWTH:
+            release_freed_heap()
 
     def _norm(self, norm) -> int:
         w = norm.weight

@@ -20,6 +20,7 @@ Modes:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,9 @@ class Chain:
     max_draft: int = 8
     share_kv: bool = True
     draft_window: int = 0  # > 0: every draft attends to the first SINKS and the last draft_window positions only
+    # the output ends after a proposal that makes this true (EOS, a stop string: Generator's): level 0 drafts no
+    # further, since nothing after it is ever kept (a proposal's length changes, never the output)
+    ends: Callable[[list[int]], bool] | None = None
     stats: list[LevelStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -169,6 +173,8 @@ class Chain:
             tok, p = self.sampler.pick(row)
             out.append(tok)
             dists.append(p)
+            if self.ends is not None and self.ends(out):
+                break
         self.stats[0].drafted += len(out)
         return out, dists
 
