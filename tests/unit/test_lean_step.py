@@ -330,3 +330,104 @@ def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, fa
     timed.clear()
     runtime_for(model)  # measured once per process, model shape, grids and thread count
     assert timed == []
+
+
+# -- Gemma 3 ------------------------------------------------------------------------------------------------------
+def gemma(kv_heads: int = 2, window: int = 6, softcap: float | None = 30.0, act: str = "gelu_pytorch_tanh"):
+    """A tiny Gemma 3 every projection of which the 4-bit kernel can take: sliding-window layers (window shorter than
+    the sequences) with their own rotary base and a full one, random norms (Gemma's start at 0: x (1 + 0))."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=64, sliding_window=window, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], initializer_range=0.2,
+        final_logit_softcapping=softcap, query_pre_attn_scalar=24, hidden_activation=act, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(kv_heads)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def gemma_step(model):
+    from budgetlm.decode.lean_step import LeanStepGemma3
+
+    rt = runtime_for(model)
+    assert type(rt) is LeanStepGemma3 and rt.label.startswith("lean-c"), getattr(rt, "no_step", None)
+    rt.lib = Counting(rt.lib)
+    return rt
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_gemma_step_equals_the_layer_path_and_transformers(plan, kv_heads, softcap, kernels_on):
+    """Gemma 3 in the one C call: per-head q/k norms, norms after attention and MLP, GELU-tanh, sliding layers with
+    their own rotary table and window, the scaled embedding, the final soft-cap; against LeanGemma3 and transformers
+    over steps of 1..16 tokens with rollbacks, past the window."""
+    from budgetlm.decode.lean import LeanGemma3
+
+    model = gemma(kv_heads, softcap=softcap)
+    quantise(model, PLANS[plan])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
+    rt = gemma_step(model)
+    desc = rt.descriptor()
+    assert [desc.layers[i].window for i in range(3)] == [6, 0, 6] and desc.md.act == 1
+    assert [desc.layers[i].rope for i in range(3)] == [1, 0, 1]  # rope_kinds sorted: full, sliding
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 6
+    close(got, run_calls(LeanGemma3(model), seq))
+    close(got, wanted_rows(full_logits(model, seq)))
+
+
+def test_gemma_step_sparse_view_matches_the_layer_path(kernels_on):
+    """A draft's sparse view (window, sinks) on Gemma: narrower than the sliding layers' own window, and on the full
+    layers; the step combines them as the per-layer path does."""
+    from budgetlm.decode.lean import LeanGemma3
+
+    model = gemma(window=12)
+    quantise(model, PLANS["q4"])
+    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(3)).tolist()
+    for sparse in ((8, 2), (20, 1)):  # narrower than 12 (every layer), wider (the full layer only)
+        rt, ref = gemma_step(model), LeanGemma3(model)
+        rt.sparse = ref.sparse = sparse
+        got = run_calls(rt, seq)
+        assert rt.lib.steps == 6
+        close(got, run_calls(ref, seq))
+        assert not torch.allclose(got, wanted_rows(full_logits(model, seq)), atol=1e-3)  # the view changed them
+
+
+def test_gemma_greedy_generation_is_token_identical(kernels_on):
+    model = gemma(kv_heads=1)
+    quantise(model, PLANS["mixed"])
+    rt = gemma_step(model)
+    seq, cache = [7, 8, 9], rt.new_cache()
+    logits = rt(torch.tensor([seq]), 0, cache, 1)
+    for _ in range(24):
+        seq.append(int(logits[0, -1].argmax()))
+        logits = rt(torch.tensor([seq[-1:]]), len(seq) - 1, cache, 1)
+    assert rt.lib.steps == 25
+    with torch.no_grad():
+        want = model.generate(torch.tensor([[7, 8, 9]]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert seq == want[0].tolist()
+
+
+def test_gemma_with_another_activation_stays_per_layer(kernels_on):
+    from budgetlm.decode.lean import LeanGemma3
+
+    rt = runtime_for(gemma(act="gelu"))
+    assert type(rt) is LeanGemma3 and rt.no_step.startswith("activation gelu ")
+
+
+def test_gelu_tanh_mul_is_torchs_tanh_gelu():
+    lib = native.library()
+    gate = torch.cat([torch.linspace(-30, 30, 6001), torch.randn(4000, generator=torch.Generator().manual_seed(0))])
+    up = torch.randn(gate.numel(), generator=torch.Generator().manual_seed(1))
+    out = torch.full_like(gate, float("nan"))
+    lib.lean_gelu_tanh_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), out.data_ptr())
+    want = F.gelu(gate.double(), approximate="tanh") * up.double()
+    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=1e-7)

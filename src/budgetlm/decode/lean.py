@@ -14,10 +14,11 @@ the 4-bit products themselves. `LeanLlama` computes the same function with few o
   slower than one row on the CPUs measured, W x^T stays near one row's cost; which rows count as few is measured on
   the host once per process (`small_m_rows`), never assumed.
 Its logits equal transformers' forward to float32 rounding (tests/unit/test_lean.py compares both on random and
-quantised models, prompts and continuations, with rollbacks). Models of any other architecture (Gemma 3, ...), or
-with modules it does not know, run through transformers' forward with a DynamicCache (`HFRuntime`): same interface.
-`runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere. Where every module of a Llama is
-one its C step knows, runtime_for returns LeanStepLlama (decode/lean_step.py): calls of 1..16 tokens as one C call.
+quantised models, prompts and continuations, with rollbacks). `LeanGemma3` does the same for Gemma 3. Models of any
+other architecture, or with modules it does not know, run through transformers' forward with a DynamicCache
+(`HFRuntime`): same interface. `runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere.
+Where every module of a Llama or Gemma 3 is one its C step knows, runtime_for returns LeanStepLlama or
+LeanStepGemma3 (decode/lean_step.py): calls of 1..16 tokens as one C call.
 """
 
 from __future__ import annotations
@@ -473,12 +474,10 @@ def _gemma3_reason(model: torch.nn.Module) -> str | None:
 
 
 def runtime_for(model: torch.nn.Module):
-    """The lean forward where it can run the model (LeanLlama, or LeanStepLlama where every module is one its C step
-    knows: decode/lean_step.py; LeanGemma3), else transformers' forward."""
+    """The lean forward where it can run the model (LeanLlama or LeanGemma3, or their one-call steps LeanStepLlama,
+    LeanStepGemma3 where every module is one the C step knows: decode/lean_step.py), else transformers' forward."""
     if lean_reason(model) is not None:
         return HFRuntime(model)
-    if type(model).__name__ == "Gemma3ForCausalLM":
-        return LeanGemma3(model)
     from budgetlm.decode.lean_step import step_runtime
 
     return step_runtime(model)

@@ -1,5 +1,6 @@
-"""The lean runtime's one-call decode step: a Llama-architecture model's whole forward for 1..16 new tokens in one C
-call (methods/quant/native/step.c), where LeanLlama makes ~9 Python/ctypes calls per layer.
+"""The lean runtime's one-call decode step: a Llama- or Gemma-3-architecture model's whole forward for 1..16 new
+tokens in one C call (methods/quant/native/step.c), where LeanLlama makes ~9 and LeanGemma3 ~15 Python/ctypes calls
+per layer.
 
 At one token of SmolLM2-135M (30 layers, 1 thread) those calls cost ~8-10 ms of a 25 ms 4-bit step: ~10 us each of
 ctypes, tensor allocation and torch dispatch around products that take a few. `LeanStepLlama` describes the model
@@ -10,6 +11,13 @@ call: embedding gather, every layer (ops.c's glue, q4.c's, q4a8.c's, q4bf.c's (t
 and q8.c's products, step.c's float32 product for few rows), final norm, lm_head rows asked for. The rotary tables
 are the model's own rotary embedding's (every rope scaling it knows), computed in Python for positions 0..n once
 (per step for the dynamic types).
+
+Gemma 3 (`LeanStepGemma3`, over LeanGemma3) adds to each layer of the descriptor its norms after attention and
+after the MLP and its per-head query and key norms (LeanGemma3's 1 + w copies), its sliding window (0 for the
+full-attention layers, narrowed by a draft's sparse view as on the per-layer path) and which of the two rotary
+tables (local, global) it reads; the model gets GELU-tanh as its activation and the final logit soft-cap where the
+config has one. The scaled embedding stays the model's module (its output is passed in), so a QuantEmbedding works
+unchanged. On Gemma-3-270M at one token the per-layer path made ~270 calls a step (~3 ms of ~10).
 
 It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
 with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
@@ -30,7 +38,7 @@ import time
 
 import torch
 
-from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanLlama, StaticKV
+from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanGemma3, LeanLlama, StaticKV
 from budgetlm.hardware.memory import release_freed_heap, rss_bytes
 
 DENSE, Q4, Q8, Q4BF, Q8BF = 0, 1, 2, 3, 4
@@ -46,7 +54,9 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("norm1", _ptr), ("norm2", _ptr), ("eps1", ctypes.c_double), ("eps2", ctypes.c_double)] + [
         (name, _Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")
-    ]
+    ] + [(name, _ptr) for name in ("post_attn", "post_mlp", "qnorm", "knorm")] + [
+        (name, ctypes.c_double) for name in ("eps_attn", "eps_mlp", "eps_q", "eps_k")
+    ] + [("window", ctypes.c_int64), ("rope", ctypes.c_int64)]  # fmt: skip
 
 
 class _Model(ctypes.Structure):
@@ -54,7 +64,7 @@ class _Model(ctypes.Structure):
                                                     "vocab")] + [
         ("scale", ctypes.c_double), ("eps", ctypes.c_double), ("embed", _ptr), ("norm", _ptr),
         ("layer", ctypes.POINTER(_Layer)), ("head", _Linear), ("window", ctypes.c_int64),
-        ("sinks", ctypes.c_int64)]  # fmt: skip
+        ("sinks", ctypes.c_int64), ("act", ctypes.c_int64), ("softcap", ctypes.c_double)]  # fmt: skip
 
 
 def step_off() -> bool:
@@ -129,15 +139,30 @@ class Descriptor:
         self.crossover = 1 << 30
         self.reason: str | None = None
         rss0 = _rss()
+        gemma = isinstance(rt, LeanGemma3)
         layers = (_Layer * len(rt.layers))()
         for i, y in enumerate(rt.layers):
             att, mlp = y.self_attn, y.mlp
-            n1, n2 = y.input_layernorm, y.post_attention_layernorm
-            if any(_hooked(p) for p in (att, mlp, n1, n2)):
+            if gemma:  # Gemma's norms: the runtime's 1 + w copies (the modules' own weights checked for staleness)
+                modules = (y.input_layernorm, y.pre_feedforward_layernorm, y.post_attention_layernorm,
+                           y.post_feedforward_layernorm, att.q_norm, att.k_norm)  # fmt: skip
+                w_in, w_pa, w_pf, w_ff, w_q, w_k = rt.norms[i]
+                norms = (w_in, w_pf, w_pa, w_ff, w_q, w_k)
+            else:
+                modules = (y.input_layernorm, y.post_attention_layernorm)
+                norms = tuple((n.weight, n.variance_epsilon) for n in modules)
+            if any(_hooked(p) for p in (att, mlp, *modules)):
                 self.reason = "forward hooks"
                 return
-            layers[i].norm1, layers[i].norm2 = self._norm(n1), self._norm(n2)
-            layers[i].eps1, layers[i].eps2 = n1.variance_epsilon, n2.variance_epsilon
+            ptrs = [self._norm(module, w) for module, (w, _) in zip(modules, norms)]
+            epsilons = [eps for _, eps in norms]
+            layers[i].norm1, layers[i].norm2, layers[i].eps1, layers[i].eps2 = *ptrs[:2], *epsilons[:2]
+            if gemma:
+                layers[i].post_attn, layers[i].post_mlp, layers[i].qnorm, layers[i].knorm = ptrs[2:]
+                layers[i].eps_attn, layers[i].eps_mlp, layers[i].eps_q, layers[i].eps_k = epsilons[2:]
+                sliding = rt.types[i] == "sliding_attention"
+                layers[i].window = rt.window if sliding else 0
+                layers[i].rope = rt.rope_kinds.index(rt.types[i])
             for name, module in zip(("q", "k", "v", "o", "gate", "up", "down"),
                                     (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
                                      mlp.down_proj)):  # fmt: skip
@@ -148,7 +173,18 @@ class Descriptor:
         md = _Model()
         md.layers, md.hidden, md.heads = len(rt.layers), rt.layers[0].self_attn.q_proj.in_features, rt.heads
         md.kv_heads, md.head_dim, md.inter = rt.kv_heads, rt.head_dim, rt.layers[0].mlp.gate_proj.out_features
-        md.scale, md.eps, md.norm = rt.layers[0].self_attn.scaling, rt.norm.variance_epsilon, self._norm(rt.norm)
+        md.scale = rt.layers[0].self_attn.scaling
+        if gemma:
+            md.norm, md.eps = self._norm(rt.norm, rt.final[0]), rt.final[1]
+            md.softcap = float(rt.softcap or 0.0)
+            act = getattr(rt.model.config, "hidden_activation", None)
+            if act != "gelu_pytorch_tanh":
+                self.reason = self.reason or f"activation {act} (the step knows SiLU and gelu_pytorch_tanh)"
+            md.act = 1
+        else:
+            md.norm, md.eps = self._norm(rt.norm, rt.norm.weight), rt.norm.variance_epsilon
+        if len({y.self_attn.scaling for y in rt.layers}) > 1:
+            self.reason = self.reason or "layers with different attention scales"
         embed = rt.embed
         plain = type(embed) is torch.nn.Embedding and not _hooked(embed) and embed.max_norm is None
         if plain and embed.weight.dtype == torch.float32 and embed.weight.is_contiguous():
@@ -167,12 +203,12 @@ class Descriptor:
         if _rss() - rss0 > TRIM_GROWTH:
             release_freed_heap()
 
-    def _norm(self, norm) -> int:
-        w = norm.weight
+    def _norm(self, norm, w: torch.Tensor) -> int:
+        """The address of the weight `w` the step multiplies by for `norm` (its own, or Gemma's 1 + w copy)."""
         if w.dtype != torch.float32 or not w.is_contiguous():
             self.reason = self.reason or "a norm weight not float32"
         self.held.append(w)
-        self.checks.append((norm._parameters, "weight", w))
+        self.checks.append((norm._parameters, "weight", norm.weight))
         return w.data_ptr()
 
     def _linear(self, dst: _Linear, module) -> bool:
@@ -197,20 +233,24 @@ class Descriptor:
         return all(map(operator.is_, map(dict.get, dicts, keys), values))
 
 
-class LeanStepLlama(LeanLlama):
-    """LeanLlama whose calls of 1..16 tokens run as one C call (module docstring)."""
+class _OneCallStep:
+    """The one-call step over a lean runtime's forward (LeanLlama's or LeanGemma3's, the next class in the MRO: the
+    calls the step does not take run there, on the same StaticKV)."""
 
-    def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
-        super().__init__(model, glue)
+    def _init_step(self) -> None:
         self.label = "lean-c (one C call per step)"
         from budgetlm.methods.quant import native
 
         self.lib, self.simd = native.library(), native.simd()
         self.heads = self.layers[0].self_attn.q_proj.out_features // self.head_dim
         self.desc: Descriptor | None = None
-        rope = getattr(self.rotary, "rope_type", "default")
-        self.dynamic = "dynamic" in rope or rope == "longrope"  # tables depend on the call's positions
-        self.cos = self.sin = torch.empty(0, self.head_dim)
+        # the rotary tables: Llama's one, Gemma's per layer type (rope_kinds: the types, in the order the step's
+        # `rope` index counts them)
+        self.rope_kinds = sorted(set(self.types)) if isinstance(self, LeanGemma3) else [None]
+        kinds = getattr(self.rotary, "rope_type", "default")
+        kinds = list(kinds.values()) if isinstance(kinds, dict) else [kinds]
+        self.dynamic = any("dynamic" in k or k == "longrope" for k in kinds)  # tables depend on the call's positions
+        self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.scratch = torch.empty(0)
         self._kv: dict[int, tuple] = {}  # id(cache.keys): (keys, values, capacity, key pointers, value pointers)
         self.descriptor()  # built now (the layers' kernel probes run here, not in the first timed step)
@@ -233,17 +273,23 @@ class LeanStepLlama(LeanLlama):
             return "BUDGETLM_LEAN_STEP=0"
         return self.descriptor().reason
 
-    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [end - start, head_dim] contiguous float32 of positions start..end (the model's rotary)."""
+    def _table(self, kind, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(1, 1, self.head_dim)
+        args = (probe, positions.unsqueeze(0)) + (() if kind is None else (kind,))
+        cos, sin = self.rotary(*args)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def _rope(self, start: int, end: int) -> tuple[torch.Tensor, ...]:
+        """cos, sin [end - start, head_dim] contiguous float32 of positions start..end, of the first and of the last
+        rotary table (the model's rotary embedding; the same table twice where the model has one)."""
         if self.dynamic:
-            cos, sin = self.rotary(probe, torch.arange(start, end).unsqueeze(0))
-            return cos[0].float().contiguous(), sin[0].float().contiguous()
-        if end > self.cos.shape[0]:
-            n = max(end, 2 * self.cos.shape[0], 256)
-            cos, sin = self.rotary(probe, torch.arange(n).unsqueeze(0))
-            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        return self.cos[start:end], self.sin[start:end]
+            tables = [self._table(kind, torch.arange(start, end)) for kind in self.rope_kinds]
+            return (*tables[0], *tables[-1])
+        if not self.tables or end > self.tables[0][0].shape[0]:
+            n = max(end, 2 * (self.tables[0][0].shape[0] if self.tables else 0), 256)
+            self.tables = [self._table(kind, torch.arange(n)) for kind in self.rope_kinds]
+        first, last = self.tables[0], self.tables[-1]
+        return first[0][start:end], first[1][start:end], last[0][start:end], last[1][start:end]
 
     def _kv_pointers(self, cache: StaticKV) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 tensors of the cache's per-layer key and value buffer addresses (kept while its buffers are: they
@@ -263,7 +309,7 @@ class LeanStepLlama(LeanLlama):
         if m > C_ATTENTION_ROWS or m >= desc.crossover or desc.reason is not None or step_off() or ids.shape[0] != 1:
             return super().__call__(ids, start, cache, keep)
         m, end, _ = self._begin(ids, start, cache)
-        cos, sin = self._rope(start, end)
+        cos, sin, cos2, sin2 = self._rope(start, end)
         ids = ids.to(torch.int64).contiguous()
         h_in = 0
         if not desc.md.embed:
@@ -275,8 +321,8 @@ class LeanStepLlama(LeanLlama):
         keys, values = self._kv_pointers(cache)
         err = self.lib.lean_step(desc.address, ids.data_ptr(), h_in, m, start, rows, keys.data_ptr(),
                                  values.data_ptr(), cache.capacity, cos.data_ptr(), sin.data_ptr(),
-                                 self.scratch.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
-                                 self.simd)  # fmt: skip
+                                 cos2.data_ptr(), sin2.data_ptr(), self.scratch.data_ptr(), logits.data_ptr(),
+                                 torch.get_num_threads(), self.simd)  # fmt: skip
         if err == 3:
             raise IndexError(f"lean runtime: a token id outside the vocabulary of {desc.md.vocab}")
         if err == 2:
@@ -287,19 +333,43 @@ class LeanStepLlama(LeanLlama):
         return logits.to(self.dtype)
 
 
+class LeanStepLlama(_OneCallStep, LeanLlama):
+    """LeanLlama whose calls of 1..16 tokens run as one C call (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
+        LeanLlama.__init__(self, model, glue)
+        self._init_step()
+
+
+class LeanStepGemma3(_OneCallStep, LeanGemma3):
+    """LeanGemma3 whose calls of 1..16 tokens run as one C call (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
+        LeanGemma3.__init__(self, model, glue)
+        self._init_step()
+
+
+def _classes(model: torch.nn.Module) -> tuple[type, type]:
+    """(the per-layer lean runtime, its one-call step) of the model's architecture."""
+    if type(model).__name__ == "Gemma3ForCausalLM":
+        return LeanGemma3, LeanStepGemma3
+    return LeanLlama, LeanStepLlama
+
+
 def step_runtime(model: torch.nn.Module) -> LeanLlama:
     """LeanStepLlama where its one-call step can run the model now, else LeanLlama with the reason in `no_step`.
     Where only torch's kernels (chosen by the per-layer probes) keep the step from running, the two ways are timed
     on this model (`own_kernels_pay`) and the faster is kept for the process; the label or `no_step` says so."""
     from budgetlm.methods.quant import kernels
 
-    rt = LeanLlama(model)
+    lean_cls, step_cls = _classes(model)
+    rt = lean_cls(model)
     if step_off():
         rt.no_step = "BUDGETLM_LEAN_STEP=0"
     elif not isinstance(rt.glue, CGlue):
         rt.no_step = "no C glue (a model not float32, BUDGETLM_LEAN_C=0 or the library not built)"
     else:
-        step = LeanStepLlama(model, rt.glue)
+        step = step_cls(model, rt.glue)
         rt.no_step = step.step_reason()
         if rt.no_step is None:
             return step
@@ -307,7 +377,7 @@ def step_runtime(model: torch.nn.Module) -> LeanLlama:
             layers, one_call = timed
             said = f"one-call step on budgetlm's kernels {one_call:.1f} ms, per layer on torch's {layers:.1f} ms"
             if one_call < layers:
-                step = LeanStepLlama(model, rt.glue)
+                step = step_cls(model, rt.glue)
                 if step.step_reason() is None:
                     step.label += f"; timed on this model: {said}"
                     return step
@@ -330,7 +400,7 @@ def own_kernels_pay(model: torch.nn.Module, rt: LeanLlama, steps: int = 6) -> tu
 
     kernels.prefer_own_kernels(True)
     try:
-        if LeanStepLlama(model, rt.glue).step_reason() is not None:
+        if _classes(model)[1](model, rt.glue).step_reason() is not None:
             return None
     finally:
         kernels.prefer_own_kernels(False)
@@ -343,7 +413,7 @@ def own_kernels_pay(model: torch.nn.Module, rt: LeanLlama, steps: int = 6) -> tu
         with torch.no_grad():
             for way in ("layers", "step", "step", "layers"):  # two switches of the layers' kernels, not three
                 kernels.prefer_own_kernels(way == "step")
-                runtime = LeanStepLlama(model, rt.glue) if way == "step" else rt
+                runtime = _classes(model)[1](model, rt.glue) if way == "step" else rt
                 ways[way].append(_step_ms(runtime, steps, cfg.vocab_size))
         _timed[key] = (min(ways["layers"]), min(ways["step"]))
     layers, one_call = _timed[key]

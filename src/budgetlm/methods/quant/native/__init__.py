@@ -112,7 +112,10 @@ def library() -> ctypes.CDLL | None:
     lib.lean_attention.restype = c_int
     lib.lean_silu_mul.argtypes = [ptr, ptr, c_int, ptr]
     lib.lean_silu_mul.restype = None
-    lib.lean_step.argtypes = [ptr, ptr, ptr, c_int, c_int, c_int, ptr, ptr, c_int, ptr, ptr, ptr, ptr, c_int, c_int]
+    lib.lean_gelu_tanh_mul.argtypes = [ptr, ptr, c_int, ptr]
+    lib.lean_gelu_tanh_mul.restype = None
+    lib.lean_step.argtypes = [ptr, ptr, ptr, c_int, c_int, c_int, ptr, ptr, c_int, ptr, ptr, ptr, ptr, ptr, ptr,
+                              c_int, c_int]  # fmt: skip
     lib.lean_step.restype = c_int
     lib.lean_step_scratch.argtypes = [ptr, c_int]
     lib.lean_step_scratch.restype = ctypes.c_int64

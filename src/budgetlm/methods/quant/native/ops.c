@@ -363,3 +363,15 @@ void lean_silu_mul(const float *gate, const float *up, int n, float *out) {
         out[i] = g / (1.f + expf(-g)) * up[i];
     }
 }
+
+/* out [n] = gelu_tanh(gate) * up, GELU's tanh approximation (Gemma's "gelu_pytorch_tanh"):
+   0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3), computed as g / (1 + exp(-2 u)) (the same function:
+   0.5 (1 + tanh(u)) = sigmoid(2 u)), one expf where tanhf costs several */
+void lean_gelu_tanh_mul(const float *gate, const float *up, int n, float *out) {
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    for (int i = 0; i < n; i++) {
+        const float g = gate[i];
+        const float u = c * (g + 0.044715f * g * g * g);
+        out[i] = g / (1.f + expf(-2.f * u)) * up[i];
+    }
+}

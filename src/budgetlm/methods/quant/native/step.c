@@ -1,12 +1,17 @@
-/* One decode step of a Llama-architecture model in one call, for budgetlm's lean runtime (decode/lean_step.py):
-   embedding gather -> per layer: RMSNorm, q/k/v projections, rotary + key/value store, causal attention, o_proj,
-   residual add + RMSNorm, gate/up, SiLU(gate) * up, down, residual add -> final RMSNorm -> lm_head logits of the
-   last rows. A step of M <= 16 tokens of a small model costs ~9 Python/ctypes calls per layer otherwise (~10 us
-   each): here the model is a descriptor built once (weights' pointers, norms, shapes) and the step walks it.
+/* One decode step of a Llama- or Gemma-3-architecture model in one call, for budgetlm's lean runtime
+   (decode/lean_step.py): embedding gather -> per layer: RMSNorm, q/k/v projections, (Gemma: per-head RMSNorm of
+   queries and keys), rotary + key/value store, causal attention (Gemma's sliding layers: over their window, with
+   their own rotary table), o_proj, (Gemma: RMSNorm of the attention output), residual add + RMSNorm, gate/up,
+   SiLU(gate) * up (Gemma: GELU-tanh), down, (Gemma: RMSNorm of the MLP output), residual add -> final RMSNorm ->
+   lm_head logits of the last rows (Gemma: the final soft-cap where the model has one). A step of M <= 16 tokens of a
+   small model costs ~9-15 Python/ctypes calls per layer otherwise (~10 us each): here the model is a descriptor
+   built once (weights' pointers, norms, shapes) and the step walks it.
    The glue is ops.c's functions, the 4- and 8-bit products q4.c's, q4a8.c's, q4bf.c's and q8.c's (called with the arguments their
    Python bindings check once, methods/quant/native/__init__.py); float32 Linears take `step_dense_mm` below, a
    product for few rows of x (W rows in chunks that stay in L1 while every row of x passes over them). The formulas
-   are those of transformers' Llama forward; written for budgetlm. */
+   are those of transformers' Llama and Gemma 3 forwards (Gemma's norms multiply by 1 + w: the descriptor holds
+   1 + w); written for budgetlm. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +31,7 @@ void lean_rope_store(float *q, const float *k, const float *v, const float *cos_
 int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
                    float scale, int window, int sinks, float *out, int simd, int threads);
 void lean_silu_mul(const float *gate, const float *up, int n, float *out);
+void lean_gelu_tanh_mul(const float *gate, const float *up, int n, float *out);
 /* q4.c, q8.c */
 int q4_mm(const float *x, int M, int K, const uint8_t *packed, int N, int B, const uint16_t *s, const uint16_t *z,
           int g, float *y, int threads, int simd);
@@ -132,9 +138,16 @@ typedef struct {
 } step_linear;
 
 typedef struct {
-    const float *norm1, *norm2; /* input_layernorm, post_attention_layernorm weights [hidden] */
+    const float *norm1, *norm2; /* the norms before attention and before the MLP [hidden] (Llama: input_layernorm,
+                                   post_attention_layernorm; Gemma: input_layernorm, pre_feedforward_layernorm) */
     double eps1, eps2;
     step_linear q, k, v, o, gate, up, down;
+    /* Gemma 3 (NULL for Llama): post_attention_layernorm, post_feedforward_layernorm [hidden] (on the attention's and
+       the MLP's outputs before the residual add), q_norm, k_norm [head_dim] (per head, before the rotary) */
+    const float *post_attn, *post_mlp, *qnorm, *knorm;
+    double eps_attn, eps_mlp, eps_q, eps_k;
+    int64_t window; /* a sliding-window layer's window (0: attends to every position) */
+    int64_t rope;   /* which rotary table: 0 (cos, sin) or 1 (cos2, sin2) */
 } step_layer;
 
 typedef struct {
@@ -145,6 +158,8 @@ typedef struct {
     const step_layer *layer;
     step_linear head;
     int64_t window, sinks; /* attention over the first `sinks` and the last `window` positions only (0: all) */
+    int64_t act;           /* the MLP's activation: 0 SiLU, 1 GELU's tanh approximation */
+    double softcap;        /* logits = softcap * tanh(logits / softcap) where > 0 (Gemma's final soft-cap) */
 } step_model;
 
 static int linear(const step_linear *L, const float *x, int M, float *y, int threads, int simd) {
@@ -179,11 +194,12 @@ int64_t lean_step_scratch(const step_model *md, int M) {
 
 /* M new tokens `ids` (or their embeddings h_in [M, hidden] when md->embed is NULL) at positions start..start+M of
    the caches kc[l], vc[l] ([kv_heads, cap, head_dim] each, written at those positions); cos, sin [M, head_dim]
-   (the rotary tables of those positions); logits [rows, vocab] of the last `rows` tokens. Returns 0, or: 1 a
-   product refused its shape, 2 no memory, 3 a token id outside the vocabulary. */
+   (the rotary tables of those positions; cos2, sin2: the second table, of the layers whose `rope` is 1); logits
+   [rows, vocab] of the last `rows` tokens. Returns 0, or: 1 a product refused its shape, 2 no memory, 3 a token id
+   outside the vocabulary. */
 int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M, int start, int rows,
-              float *const *kc, float *const *vc, int cap, const float *cos_, const float *sin_, float *scratch,
-              float *logits, int threads, int simd) {
+              float *const *kc, float *const *vc, int cap, const float *cos_, const float *sin_, const float *cos2,
+              const float *sin2, float *scratch, float *logits, int threads, int simd) {
     const int D = (int)md->hidden, H = (int)md->heads, KV = (int)md->kv_heads, hd = (int)md->head_dim;
     const int I = (int)md->inter;
     float *h = scratch, *a = h + (size_t)M * D, *t = a + (size_t)M * D, *q = t + (size_t)M * D;
@@ -205,20 +221,34 @@ int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M
         if ((err = linear(&L->q, a, M, q, threads, simd)) || (err = linear(&L->k, a, M, k, threads, simd)) ||
             (err = linear(&L->v, a, M, v, threads, simd)))
             return err == 2 ? 2 : 1;
-        lean_rope_store(q, k, v, cos_, sin_, M, H, KV, hd, kc[l], vc[l], cap, start);
-        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, (int)md->window,
-                           (int)md->sinks, o, simd, threads))
+        if (L->qnorm) lean_rms_norm(q, L->qnorm, M * H, hd, (float)L->eps_q, q, simd); /* in place, per head */
+        if (L->knorm) lean_rms_norm(k, L->knorm, M * KV, hd, (float)L->eps_k, k, simd);
+        lean_rope_store(q, k, v, L->rope ? cos2 : cos_, L->rope ? sin2 : sin_, M, H, KV, hd, kc[l], vc[l], cap,
+                        start);
+        /* the layer's own window, narrowed by the model's sparse view (a draft's) where that is narrower; the sinks
+           come with a window */
+        int64_t window = L->window;
+        if (md->window && (!window || md->window < window)) window = md->window;
+        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, (int)window,
+                           window ? (int)md->sinks : 0, o, simd, threads))
             return 2;
         if ((err = linear(&L->o, o, M, t, threads, simd))) return err == 2 ? 2 : 1;
+        if (L->post_attn) lean_rms_norm(t, L->post_attn, M, D, (float)L->eps_attn, t, simd);
         lean_add_rms_norm(h, t, L->norm2, M, D, (float)L->eps2, a, simd);
         if ((err = linear(&L->gate, a, M, gate, threads, simd)) || (err = linear(&L->up, a, M, up, threads, simd)))
             return err == 2 ? 2 : 1;
-        lean_silu_mul(gate, up, M * I, gate);
+        if (md->act == 1) lean_gelu_tanh_mul(gate, up, M * I, gate);
+        else lean_silu_mul(gate, up, M * I, gate);
         if ((err = linear(&L->down, gate, M, t, threads, simd))) return err == 2 ? 2 : 1;
+        if (L->post_mlp) lean_rms_norm(t, L->post_mlp, M, D, (float)L->eps_mlp, t, simd);
     }
     for (size_t i = 0; i < (size_t)M * D; i++) h[i] += t[i];
     const float *last = h + (size_t)(M - rows) * D;
     lean_rms_norm(last, md->norm, rows, D, (float)md->eps, a, simd);
     if ((err = linear(&md->head, a, rows, logits, threads, simd))) return err == 2 ? 2 : 1;
+    if (md->softcap > 0) {
+        const float c = (float)md->softcap;
+        for (size_t i = 0; i < (size_t)rows * md->head.n; i++) logits[i] = tanhf(logits[i] / c) * c;
+    }
     return 0;
 }
