@@ -7,9 +7,10 @@ decoding, on GSM8K prompts, side by side in one run.
 
 Variants (comma-separated; drafts named below):
 - `hf`: transformers' generate(), greedy: the baseline every ratio is to; `plain`: budgetlm's own greedy loop;
-- `hsd:D1>D2[:tau=T][:max=N][:win=W][:gated][:ownkv]`: budgetlm's HSD with the drafts D1 (cheapest) > D2 > the
-  verifier; tau one value for every draft (inf: no gate, a fixed draft length of max), max the draft cap (default 8),
-  win a draft window (the drafts attend to 4 sinks and the last W positions: MagicDec's sparse-KV draft); a
+- `hsd:D1>D2[:tau=T][:max=N][:win=W][:kv=K][:gated][:ownkv]`: budgetlm's HSD with the drafts D1 (cheapest) > D2 >
+  the verifier; tau one value for every draft (inf: no gate, a fixed draft length of max), max the draft cap (default
+  8), win a draft window (the drafts attend to 4 sinks and the last W positions: MagicDec's sparse-KV draft), kv the
+  drafts' key/value caches (auto: bf16 in exact mode, fp32, bf16: Chain.draft_kv); a
   quantised copy (w8, w4, w2) reads the verifier's keys and values of the prompt and accepted tokens unless `ownkv`
   (then it prefills the prompt and keeps its own);
 - `hf-assist:D[:heuristic]`: transformers' assisted generation with draft D; `hf-lookup`: its prompt lookup.
@@ -203,7 +204,7 @@ def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
             assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
         return lambda ids, n=max_new: hf_run(ids, n, assistant_model=assistant)
     if variant == "plain" or variant.startswith("hsd:"):
-        chain, taus, max_draft, mode, window = [], [], 8, "exact", 0
+        chain, taus, max_draft, mode, window, kv = [], [], 8, "exact", 0, "auto"
         if variant.startswith("hsd:"):
             names, opts = parse_variant(variant)
             chain = [(d, drafts(d)) for d in names]
@@ -217,10 +218,12 @@ def make_runner(variant: str, verifier, drafts: Drafts, max_new: int):
                     max_draft = int(o[4:])
                 elif o.startswith("win="):
                     window = int(o[4:])
+                elif o.startswith("kv="):
+                    kv = o[3:]
             taus = [tau] * len(chain)
         own = variant.startswith("hsd:") and "ownkv" in parse_variant(variant)[1]
         gen = Generator([*chain, ("verifier", model)], tok, taus, mode, max_draft, share_kv=not own,
-                        draft_window=window)  # fmt: skip
+                        draft_window=window, draft_kv=kv)  # fmt: skip
 
         def run(ids, n=max_new):
             out = gen(ids, n, STOP)

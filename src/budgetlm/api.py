@@ -61,13 +61,14 @@ def generate(
     until: list[str] | None = None,
     on_text=None,
     draft_window: int = 0,
+    draft_kv: str = "auto",
 ):
     """Generate from a prompt; with `drafts` (cheapest first: model specs or "layers:K"), by hierarchical speculative
     decoding with an entropy gate τ per draft (budgetlm.decode.speculative). Returns a decode.generate.Output."""
     from budgetlm.decode.generate import build, check_settings, encode_prompt
 
-    check_settings(max_new_tokens, mode, max_draft, temperature, top_p, draft_window)
-    gen = build(handle, drafts, tau, mode, max_draft, temperature, top_p, seed, load, draft_window)
+    check_settings(max_new_tokens, mode, max_draft, temperature, top_p, draft_window, draft_kv)
+    gen = build(handle, drafts, tau, mode, max_draft, temperature, top_p, seed, load, draft_window, draft_kv)
     ids = encode_prompt(handle, prompt, chat, max_new_tokens)
     return gen(ids, max_new_tokens, until, on_text)
 

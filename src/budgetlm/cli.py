@@ -36,6 +36,10 @@ MODE_HELP = (
     "(HOLA's gate; faster, lossy)"
 )
 MAX_DRAFT_HELP = "tokens a draft proposes per round at most"
+DRAFT_KV_HELP = (
+    "the drafts' key/value caches: bf16 (half the bytes a draft step's attention reads), fp32, or auto (bf16 in exact "
+    "mode for float32 drafts on budgetlm's lean runtime: the output is unchanged, only guesses move)"
+)
 DRAFT_WINDOW_HELP = (
     "drafts attend to the first 4 positions and the last N only (MagicDec's sparse-KV draft: cheaper draft steps at "
     "long contexts; exact output unchanged); 0: all"
@@ -222,6 +226,7 @@ def eval_cmd(
     mode: Annotated[str, typer.Option("--mode", help=MODE_HELP)] = "exact",
     max_draft: Annotated[int, typer.Option("--max-draft", help=MAX_DRAFT_HELP)] = 8,
     draft_window: Annotated[int, typer.Option("--draft-window", help=DRAFT_WINDOW_HELP)] = 0,
+    draft_kv: Annotated[str, typer.Option("--draft-kv", help=DRAFT_KV_HELP)] = "auto",
 ) -> None:
     """Evaluate a model on tasks (see `budgetlm tasks`)."""
     from budgetlm.api import evaluate, load
@@ -232,7 +237,7 @@ def eval_cmd(
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of items (got {limit})")
     _check_data_dir(data_dir)
-    decoding = _decoding(draft, tau, mode, max_draft, draft_window)
+    decoding = _decoding(draft, tau, mode, max_draft, draft_window, draft_kv)
     with _output_folder(out, "an evaluation", "eval.json", force) as folder:
         handle = load(model)
         results = evaluate(
@@ -250,20 +255,28 @@ def eval_cmd(
     _print_results(results, as_json)
 
 
-def _decoding(draft: str | None, tau: str | None, mode: str, max_draft: int, draft_window: int = 0) -> dict | None:
+def _decoding(
+    draft: str | None, tau: str | None, mode: str, max_draft: int, draft_window: int = 0, draft_kv: str = "auto"
+) -> dict | None:
     """The speculative-decoding settings, checked before any model loads (None: no draft)."""
     from budgetlm.decode.drafts import parse_specs, parse_taus
     from budgetlm.decode.generate import check_settings
 
-    check_settings(1, mode, max_draft, 0.0, 1.0, draft_window)
+    check_settings(1, mode, max_draft, 0.0, 1.0, draft_window, draft_kv)
     specs = parse_specs(draft)
     parse_taus(tau, len(specs))
     if not specs:
-        if mode != "exact" or max_draft != 8 or draft_window:
-            raise ConfigError("--mode, --max-draft and --draft-window apply to speculative decoding; give --draft too")
+        if mode != "exact" or max_draft != 8 or draft_window or draft_kv != "auto":
+            raise ConfigError(
+                "--mode, --max-draft, --draft-window and --draft-kv apply to speculative decoding; give --draft too"
+            )
         return None
     out = {"drafts": specs, "tau": tau, "mode": mode, "max_draft": max_draft}
-    return {**out, "draft_window": draft_window} if draft_window else out
+    if draft_window:
+        out["draft_window"] = draft_window
+    if draft_kv != "auto":
+        out["draft_kv"] = draft_kv
+    return out
 
 
 def _check_data_dir(data_dir: Path | None) -> None:
@@ -358,6 +371,7 @@ def generate(
     mode: Annotated[str, typer.Option("--mode", help=MODE_HELP)] = "exact",
     max_draft: Annotated[int, typer.Option("--max-draft", help=MAX_DRAFT_HELP)] = 8,
     draft_window: Annotated[int, typer.Option("--draft-window", help=DRAFT_WINDOW_HELP)] = 0,
+    draft_kv: Annotated[str, typer.Option("--draft-kv", help=DRAFT_KV_HELP)] = "auto",
     temperature: Annotated[float, typer.Option(help="0: greedy; above: sampling")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling")] = 1.0,
     seed: Annotated[int, typer.Option(help="seed of the sampling")] = 0,
@@ -371,13 +385,15 @@ def generate(
     from budgetlm.decode.drafts import parse_specs, parse_taus
     from budgetlm.decode.generate import check_settings
 
-    check_settings(max_new_tokens, mode, max_draft, temperature, top_p, draft_window)
+    check_settings(max_new_tokens, mode, max_draft, temperature, top_p, draft_window, draft_kv)
     specs = parse_specs(draft)
     parse_taus(tau, len(specs))
     if not specs and mode != "exact":
         raise ConfigError("--mode gated applies to speculative decoding; give --draft too")
     if not specs and draft_window:
         raise ConfigError("--draft-window needs --draft: the window is a draft model's view of the context")
+    if not specs and draft_kv != "auto":
+        raise ConfigError("--draft-kv needs --draft: it is the draft models' key/value cache")
     if prompt is None:
         if sys.stdin.isatty():
             raise ConfigError("no prompt: give PROMPT as an argument or pipe it on stdin")
@@ -398,6 +414,7 @@ def generate(
         mode=mode,
         max_draft=max_draft,
         draft_window=draft_window,
+        draft_kv=draft_kv,
         temperature=temperature,
         top_p=top_p,
         seed=seed,

@@ -165,3 +165,76 @@ def test_a_layers_draft_borrows_on_transformers_runtime_too(monkeypatch):
     prompt = prompt_of(15, 13)
     out = Generator([("l2", first_layers(v, 2)), ("v", v)], TOK, taus=[None], max_draft=3)(prompt, 8)
     assert out.levels[0]["borrowed"] == len(prompt) and out.tokens == greedy_reference(v, prompt, 8)
+
+
+def test_draft_kv_bf16_halves_the_drafts_cache_and_keeps_the_output():
+    """Chain.draft_kv: "auto" keeps a float32 draft's keys and values in bfloat16 in exact mode (the verifier's are
+    copied into it rounded), "fp32" and gated mode keep them float32, "bf16" asks for it in either mode; the output
+    is the verifier's greedy decoding every time, and the draft's guesses do change."""
+    v = llama(3).float()
+    d = noisy_copy(v, 0.05, 4)
+    prompt = prompt_of(30, 2)
+    want = greedy_reference(v, prompt, 16)
+    runs = {kv: Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4, draft_kv=kv)(prompt, 16)
+            for kv in ("auto", "fp32", "bf16")}  # fmt: skip
+    assert all(r.tokens == want for r in runs.values())
+    assert [runs[kv].levels[0]["kv_dtype"] for kv in runs] == ["bfloat16", "float32", "bfloat16"]
+    assert runs["auto"].levels[1]["kv_dtype"] == "float32" and runs["auto"].levels[0]["borrowed"] >= len(prompt)
+    gated = {kv: Generator([("d", d), ("v", v)], TOK, taus=[None], mode="gated", max_draft=4, draft_kv=kv)(prompt, 16)
+             for kv in ("auto", "bf16")}  # fmt: skip
+    assert gated["auto"].levels[0]["kv_dtype"] == "float32" and gated["bf16"].levels[0]["kv_dtype"] == "bfloat16"
+    # the draft's own logits over the two caches differ (what the option changes: only guesses)
+    lms = {}
+    for kv in ("fp32", "bf16"):
+        ver, dra = CachedLM(v, "v"), CachedLM(d, "d")
+        if kv == "bf16":
+            dra.set_kv_dtype(torch.bfloat16)
+        assert dra.lend(ver, 4)
+        ver.logits(prompt, len(prompt) - 1)
+        lms[kv] = dra.logits(prompt + [7], len(prompt))
+    diff = float((lms["fp32"] - lms["bf16"]).abs().max() / lms["fp32"].abs().max())
+    assert 1e-6 < diff < 0.05, diff
+
+
+def test_draft_kv_refusals(monkeypatch):
+    from budgetlm.decode.generate import check_settings
+    from budgetlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--draft-kv fp16: give one of auto, fp32, bf16"):
+        check_settings(1, "exact", 8, 0.0, 1.0, 0, "fp16")
+    v = llama(3).float()
+    d = noisy_copy(v, 0.05, 4)
+    prompt = prompt_of(20, 1)
+    with pytest.raises(ConfigError, match="--draft-kv bf16: draft d does not run on budgetlm's lean runtime"):
+        Generator([("d", d.double()), ("v", v)], TOK, taus=[None], draft_kv="bf16")(prompt, 4)
+    monkeypatch.setenv("BUDGETLM_LEAN", "0")  # transformers' runtime: "auto" keeps the model's dtype
+    out = Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 8)
+    assert out.levels[0]["kv_dtype"] is None and out.tokens == greedy_reference(v, prompt, 8)
+
+
+def test_the_cli_and_recipes_take_draft_kv(run_main, tmp_path):
+    import json
+
+    from budgetlm.errors import ConfigError
+    from budgetlm.experiments.plan import plan
+    from budgetlm.experiments.recipe import parse_recipe
+
+    args = ("generate", "tiny-random", "The answer is the number of", "--max-new-tokens", "12", "--json")
+    plain = json.loads(run_main(*args).stdout)
+    for kv, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        out = json.loads(run_main(*args, "--draft", "copy:rtn:bits=8", "--tau", "inf", "--draft-kv", kv).stdout)
+        assert out["text"] == plain["text"] and out["levels"][0]["kv_dtype"] == dtype
+    bad = run_main(*args, "--draft-kv", "bf16")
+    assert bad.returncode != 0 and "--draft-kv needs --draft" in bad.stderr
+    common = ("eval", "tiny-random", "--tasks", "arith", "--limit", "2", "--json", "--draft", "copy:rtn:bits=8")
+    run_main(*common, "--draft-kv", "fp32", "--out", tmp_path / "e")
+    doc = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert doc["arith"]["exact_match"]["extra"]["decoding"].endswith("drafts' keys and values fp32")
+    base = {"name": "r", "models": ["tiny-random"], "tasks": ["arith"], "limit": 2, "bench": {"enabled": False},
+            "pipelines": {"q8": [{"method": "rtn", "bits": 8}]}}  # fmt: skip
+    cells = {kv: plan(parse_recipe({**base, "decoding": {"drafts": ["layers:1"], "draft_kv": kv}}))[0]
+             for kv in ("auto", "fp32")}  # fmt: skip
+    assert "draft_kv" not in cells["auto"].config["decoding"]  # the default: the ids of existing studies stay
+    assert cells["fp32"].config["decoding"]["draft_kv"] == "fp32" and cells["fp32"].id != cells["auto"].id
+    with pytest.raises(ConfigError, match="--draft-kv fp8"):
+        plan(parse_recipe({**base, "decoding": {"drafts": ["layers:1"], "draft_kv": "fp8"}}))

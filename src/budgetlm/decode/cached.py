@@ -71,6 +71,18 @@ class CachedLM:
             self.seconds += took
         return torch.stack(self.rows[start : len(seq)])  # type: ignore[arg-type]
 
+    def set_kv_dtype(self, dtype: torch.dtype) -> None:
+        """Keep keys and values in `dtype` from now on (a lean runtime's bfloat16 caches: decode/lean.py
+        LeanLlama.kv_dtype); the cache starts again empty."""
+        self.runtime.kv_dtype = dtype
+        self.cache = self.runtime.new_cache()
+        self._rollback(0)
+
+    def kv_dtype(self) -> str | None:
+        """The dtype its keys and values are kept in ("float32", "bfloat16"; None: transformers' cache)."""
+        keys = getattr(self.cache, "keys", None)
+        return str(keys[0].dtype).removeprefix("torch.") if isinstance(keys, list) and keys else None
+
     def lend(self, lender: CachedLM, layers: int) -> bool:
         """Take the keys and values of `lender`'s first `layers` layers from its cache from now on (see _borrow);
         False, and nothing changes, where the two caches are not of the same layout (kv_layout)."""

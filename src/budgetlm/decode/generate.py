@@ -46,6 +46,7 @@ class Generator:
     seed: int = 0
     share_kv: bool = True  # drafts of the verifier's shape read its keys and values (decode/speculative.Chain)
     draft_window: int = 0  # > 0: drafts attend to the attention sinks and the last draft_window positions only
+    draft_kv: str = "auto"  # the drafts' key/value caches: auto, fp32, bf16 (decode/speculative.Chain)
 
     def __post_init__(self) -> None:
         if not self.taus:
@@ -75,7 +76,7 @@ class Generator:
             return any(s in text for s in until)
 
         chain = Chain(lms, list(self.taus), self.mode, sampler, self.max_draft, self.share_kv, self.draft_window,
-                      ends)  # fmt: skip
+                      ends, draft_kv=self.draft_kv)  # fmt: skip
         t0 = time.perf_counter()
         while len(new) < max_new_tokens:
             toks = chain.step(seq, min(self.max_draft, max_new_tokens - len(new) - 1))
@@ -124,11 +125,20 @@ def _holdback(text: str, until: list[str]) -> int:
 
 
 def check_settings(
-    max_new_tokens: int, mode: str, max_draft: int, temperature: float, top_p: float, draft_window: int = 0
+    max_new_tokens: int,
+    mode: str,
+    max_draft: int,
+    temperature: float,
+    top_p: float,
+    draft_window: int = 0,
+    draft_kv: str = "auto",
 ) -> None:
     """The one-line refusals of generation settings, before any model loads."""
-    from budgetlm.decode.speculative import MODES, SINKS
+    from budgetlm.decode.speculative import DRAFT_KV, MODES, SINKS
     from budgetlm.errors import ConfigError
+
+    if draft_kv not in DRAFT_KV:
+        raise ConfigError(f"--draft-kv {draft_kv}: give one of {', '.join(DRAFT_KV)}")
 
     if draft_window < 0 or 0 < draft_window <= SINKS:
         raise ConfigError(
@@ -158,6 +168,7 @@ def build(
     seed: int = 0,
     load: Callable | None = None,
     draft_window: int = 0,
+    draft_kv: str = "auto",
 ) -> Generator:
     """A Generator for `handle` (the verifier) and its drafts (specs cheapest first: model names, folders, GGUF
     files, or layers:K), each checked against the verifier's tokenizer."""
@@ -173,7 +184,7 @@ def build(
         from budgetlm.models.sources import load
     chain = load_drafts(handle, specs, load) + [(handle.source, handle.model.eval())]
     return Generator(chain, handle.tokenizer, taus, mode, max_draft, temperature, top_p, seed,
-                     draft_window=draft_window)  # fmt: skip
+                     draft_window=draft_window, draft_kv=draft_kv)  # fmt: skip
 
 
 def context_window(handle) -> int:

@@ -195,6 +195,8 @@ class TorchGlue:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = cache.write(layer, start, k, v)
+        if keys.dtype != q.dtype:  # a bfloat16 cache of a float32 model: attention in the model's dtype
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         mask, causal = None, False
         if start == 0 and m > 1 and not (window and m > window):
             causal = True  # a prompt from position 0: the kernel's own causal path (no mask to read)
@@ -247,14 +249,14 @@ class CGlue(TorchGlue):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         heads, kv_heads = q.shape[-1] // d, k.shape[-1] // d
         kc, vc = cache.keys[layer], cache.values[layer]
-        cap = kc.shape[2]
+        cap, bf = kc.shape[2], kc.dtype == torch.bfloat16  # float32 or bfloat16 caches (LeanLlama.kv_dtype)
         cos, sin = cos.contiguous(), sin.contiguous()
-        self.lib.lean_rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), m, heads,
-                                 kv_heads, d, kc.data_ptr(), vc.data_ptr(), cap, start)  # fmt: skip
+        self.lib.lean_rope_store_kv(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), m,
+                                    heads, kv_heads, d, kc.data_ptr(), vc.data_ptr(), cap, start, bf)  # fmt: skip
         out = torch.empty_like(q)
-        err = self.lib.lean_attention(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), m, heads, kv_heads, d, cap, start,
-                                      scale, window, sinks, out.data_ptr(), self.simd,
-                                      torch.get_num_threads())  # fmt: skip
+        err = self.lib.lean_attention_kv(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), m, heads, kv_heads, d, cap,
+                                         start, scale, window, sinks, out.data_ptr(), self.simd,
+                                         torch.get_num_threads(), bf)  # fmt: skip
         if err:
             raise MemoryError("lean runtime: no memory for the attention scores")
         return out
@@ -297,10 +299,13 @@ class LeanLlama:
         # (window, sinks): attend to the first `sinks` and the last `window` positions only (0, 0: to all). A draft's
         # sparse view of a long context (speculative.Chain, `draft_window`): cheaper steps, its guesses a little worse
         self.sparse = (0, 0)
+        # the caches' dtype (None: the model's). bfloat16 for a float32 model: half the bytes a step's attention reads
+        # at long contexts, keys and values rounded to 8 significant bits (a draft's, speculative.Chain `draft_kv`)
+        self.kv_dtype: torch.dtype | None = None
         self.label = "lean (C glue)" if isinstance(self.glue, CGlue) else "lean (torch glue)"
 
     def new_cache(self) -> StaticKV:
-        return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
+        return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.kv_dtype or self.dtype)
 
     def kv_layout(self) -> tuple:
         """What another lean runtime must share for its keys and values to be copied into this one's cache as they

@@ -64,7 +64,8 @@ class _Model(ctypes.Structure):
                                                     "vocab")] + [
         ("scale", ctypes.c_double), ("eps", ctypes.c_double), ("embed", _ptr), ("norm", _ptr),
         ("layer", ctypes.POINTER(_Layer)), ("head", _Linear), ("window", ctypes.c_int64),
-        ("sinks", ctypes.c_int64), ("act", ctypes.c_int64), ("softcap", ctypes.c_double)]  # fmt: skip
+        ("sinks", ctypes.c_int64), ("act", ctypes.c_int64), ("softcap", ctypes.c_double),
+        ("kv_bf16", ctypes.c_int64)]  # fmt: skip
 
 
 def step_off() -> bool:
@@ -317,6 +318,7 @@ class _OneCallStep:
             h_in = h.data_ptr()
         rows = min(keep, m) if keep else m
         desc.md.window, desc.md.sinks = self.sparse
+        desc.md.kv_bf16 = cache.keys[0].dtype == torch.bfloat16
         logits = torch.empty(1, rows, desc.md.head.n)
         keys, values = self._kv_pointers(cache)
         err = self.lib.lean_step(desc.address, ids.data_ptr(), h_in, m, start, rows, keys.data_ptr(),

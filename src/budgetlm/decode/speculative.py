@@ -30,6 +30,7 @@ from budgetlm.decode.cached import CachedLM
 from budgetlm.errors import ConfigError
 
 MODES = ("exact", "gated")
+DRAFT_KV = ("auto", "fp32", "bf16")  # the drafts' key/value cache dtypes (Chain.draft_kv)
 SINKS = 4  # attention sinks a windowed draft keeps (StreamingLLM, arXiv 2309.17453: four initial tokens suffice)
 
 
@@ -111,6 +112,7 @@ class LevelStats:
             "tokens_fed": lm.fed,
             "seconds": lm.seconds,
             "first_forward_seconds": lm.first_seconds,  # the verifier's: the prompt's prefill
+            "kv_dtype": lm.kv_dtype(),
             "time_share": lm.seconds / total_seconds if total_seconds > 0 else None,
         }
 
@@ -129,6 +131,10 @@ class Chain:
     # the output ends after a proposal that makes this true (EOS, a stop string: Generator's): level 0 drafts no
     # further, since nothing after it is ever kept (a proposal's length changes, never the output)
     ends: Callable[[list[int]], bool] | None = None
+    # the drafts' key/value caches: "bf16" (half the bytes a draft step's attention reads; keys and values rounded),
+    # "fp32" (the model's dtype), "auto": bf16 in exact mode where the draft runs on the lean runtime in float32
+    # (its guesses change a little, the output never), else the model's
+    draft_kv: str = "auto"
     stats: list[LevelStats] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -147,6 +153,7 @@ class Chain:
                 # QSpec (arXiv 2410.11305) shares one cache between its draft and verifier: the prompt's prefill is
                 # the verifier's alone. The output does not change in exact mode; only the draft's guesses do.
                 lm.lend(verifier, verifier.model.config.num_hidden_layers)
+            self._draft_kv(lm)
             if self.draft_window:
                 # MagicDec (arXiv 2408.11049): at long contexts a step's cost is its keys and values, and a draft that
                 # attends to StreamingLLM's view of them (the first SINKS positions, the attention sinks, and the
@@ -157,6 +164,18 @@ class Chain:
                         "position; drop --draft-window or give a Llama or Gemma 3 draft (budgetlm's lean runtime)"
                     )
                 lm.runtime.sparse = (self.draft_window, SINKS)
+
+    def _draft_kv(self, lm: CachedLM) -> None:
+        """The draft's cache dtype (`draft_kv`)."""
+        runtime = getattr(lm, "runtime", None)
+        lean = getattr(runtime, "kv_dtype", False) is not False and getattr(runtime, "dtype", None) == torch.float32
+        if self.draft_kv == "bf16" and not lean:
+            raise ConfigError(
+                f"--draft-kv bf16: draft {lm.name} does not run on budgetlm's lean runtime in float32, whose caches "
+                "can be bfloat16; drop --draft-kv or give a float32 Llama or Gemma 3 draft"
+            )
+        if self.draft_kv == "bf16" or (self.draft_kv == "auto" and self.mode == "exact" and lean):
+            lm.set_kv_dtype(torch.bfloat16)
 
     # -- one level's work ------------------------------------------------------------------------------------
     def _open(self, i: int) -> float:

@@ -208,7 +208,8 @@ def _decoder(handle: ModelHandle, decoding: dict | None, tasks: list) -> tuple[o
     from budgetlm.models.sources import load
 
     decoder = build(handle, decoding["drafts"], decoding.get("tau"), decoding.get("mode", "exact"),
-                    decoding.get("max_draft", 8), load=load, draft_window=decoding.get("draft_window", 0))  # fmt: skip
+                    decoding.get("max_draft", 8), load=load, draft_window=decoding.get("draft_window", 0),
+                    draft_kv=decoding.get("draft_kv", "auto"))  # fmt: skip
     taus = ["inf" if t is None else f"{t:g}" for t in decoder.taus]
     note = (
         f"HSD {decoder.mode}, drafts {' -> '.join(decoder_names(decoder))} -> {handle.source}, tau {','.join(taus)}, "
@@ -216,6 +217,8 @@ def _decoder(handle: ModelHandle, decoding: dict | None, tasks: list) -> tuple[o
     )
     if decoder.draft_window:
         note += f", drafts attend to {SINKS} sinks + the last {decoder.draft_window} positions"
+    if decoder.draft_kv != "auto":
+        note += f", drafts' keys and values {decoder.draft_kv}"
     return decoder, note
 
 

@@ -69,6 +69,7 @@ class DecodeSettings(_Strict):
     mode: str = "exact"
     max_draft: int = Field(8, ge=1)
     draft_window: int = Field(0, ge=0)  # > 0: drafts attend to 4 sinks + the last draft_window positions (MagicDec)
+    draft_kv: str = "auto"  # the drafts' key/value caches: auto (bf16 in exact mode on the lean runtime), fp32, bf16
     pipelines: list[str] | None = None  # the pipelines decoded so (absent: all); the others decode plainly
 
     def applies(self, pipeline: str) -> bool:
@@ -90,9 +91,13 @@ class DecodeSettings(_Strict):
         parse_taus(tau, len(specs))
         from budgetlm.decode.generate import check_settings
 
-        check_settings(1, self.mode, self.max_draft, 0.0, 1.0, self.draft_window)
+        check_settings(1, self.mode, self.max_draft, 0.0, 1.0, self.draft_window, self.draft_kv)
         out = {"drafts": specs, "tau": tau, "mode": self.mode, "max_draft": self.max_draft}
-        return {**out, "draft_window": self.draft_window} if self.draft_window else out  # absent: cell ids unchanged
+        if self.draft_window:  # absent where default: cell ids unchanged
+            out["draft_window"] = self.draft_window
+        if self.draft_kv != "auto":
+            out["draft_kv"] = self.draft_kv
+        return out
 
 
 class StudySettings(_Strict):

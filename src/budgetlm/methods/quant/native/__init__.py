@@ -110,6 +110,10 @@ def library() -> ctypes.CDLL | None:
     att = [ptr, ptr, ptr, c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_int, c_int, ptr, c_int, c_int]
     lib.lean_attention.argtypes = att
     lib.lean_attention.restype = c_int
+    lib.lean_rope_store_kv.argtypes = [*lib.lean_rope_store.argtypes, c_int]  # ..., bfloat16 caches
+    lib.lean_rope_store_kv.restype = None
+    lib.lean_attention_kv.argtypes = [*att, c_int]
+    lib.lean_attention_kv.restype = c_int
     lib.lean_silu_mul.argtypes = [ptr, ptr, c_int, ptr]
     lib.lean_silu_mul.restype = None
     lib.lean_gelu_tanh_mul.argtypes = [ptr, ptr, c_int, ptr]

@@ -26,10 +26,10 @@
 /* ops.c */
 void lean_rms_norm(const float *x, const float *w, int M, int D, float eps, float *out, int simd);
 void lean_add_rms_norm(float *h, const float *delta, const float *w, int M, int D, float eps, float *out, int simd);
-void lean_rope_store(float *q, const float *k, const float *v, const float *cos_, const float *sin_, int M, int H,
-                     int KV, int D, float *kc, float *vc, int cap, int start);
-int lean_attention(const float *q, const float *kc, const float *vc, int M, int H, int KV, int D, int cap, int start,
-                   float scale, int window, int sinks, float *out, int simd, int threads);
+void lean_rope_store_kv(float *q, const float *k, const float *v, const float *cos_, const float *sin_, int M, int H,
+                        int KV, int D, void *kc, void *vc, int cap, int start, int bf);
+int lean_attention_kv(const float *q, const void *kc, const void *vc, int M, int H, int KV, int D, int cap,
+                      int start, float scale, int window, int sinks, float *out, int simd, int threads, int bf);
 void lean_silu_mul(const float *gate, const float *up, int n, float *out);
 void lean_gelu_tanh_mul(const float *gate, const float *up, int n, float *out);
 /* q4.c, q8.c */
@@ -160,6 +160,7 @@ typedef struct {
     int64_t window, sinks; /* attention over the first `sinks` and the last `window` positions only (0: all) */
     int64_t act;           /* the MLP's activation: 0 SiLU, 1 GELU's tanh approximation */
     double softcap;        /* logits = softcap * tanh(logits / softcap) where > 0 (Gemma's final soft-cap) */
+    int64_t kv_bf16;       /* the caches hold bfloat16 (a draft's: half the bytes its attention reads), else float32 */
 } step_model;
 
 static int linear(const step_linear *L, const float *x, int M, float *y, int threads, int simd) {
@@ -193,12 +194,12 @@ int64_t lean_step_scratch(const step_model *md, int M) {
 }
 
 /* M new tokens `ids` (or their embeddings h_in [M, hidden] when md->embed is NULL) at positions start..start+M of
-   the caches kc[l], vc[l] ([kv_heads, cap, head_dim] each, written at those positions); cos, sin [M, head_dim]
+   the caches kc[l], vc[l] ([kv_heads, cap, head_dim] each, float32 or md->kv_bf16, written at those positions); cos, sin [M, head_dim]
    (the rotary tables of those positions; cos2, sin2: the second table, of the layers whose `rope` is 1); logits
    [rows, vocab] of the last `rows` tokens. Returns 0, or: 1 a product refused its shape, 2 no memory, 3 a token id
    outside the vocabulary. */
 int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M, int start, int rows,
-              float *const *kc, float *const *vc, int cap, const float *cos_, const float *sin_, const float *cos2,
+              void *const *kc, void *const *vc, int cap, const float *cos_, const float *sin_, const float *cos2,
               const float *sin2, float *scratch, float *logits, int threads, int simd) {
     const int D = (int)md->hidden, H = (int)md->heads, KV = (int)md->kv_heads, hd = (int)md->head_dim;
     const int I = (int)md->inter;
@@ -223,14 +224,14 @@ int lean_step(const step_model *md, const int64_t *ids, const float *h_in, int M
             return err == 2 ? 2 : 1;
         if (L->qnorm) lean_rms_norm(q, L->qnorm, M * H, hd, (float)L->eps_q, q, simd); /* in place, per head */
         if (L->knorm) lean_rms_norm(k, L->knorm, M * KV, hd, (float)L->eps_k, k, simd);
-        lean_rope_store(q, k, v, L->rope ? cos2 : cos_, L->rope ? sin2 : sin_, M, H, KV, hd, kc[l], vc[l], cap,
-                        start);
+        lean_rope_store_kv(q, k, v, L->rope ? cos2 : cos_, L->rope ? sin2 : sin_, M, H, KV, hd, kc[l], vc[l], cap,
+                           start, (int)md->kv_bf16);
         /* the layer's own window, narrowed by the model's sparse view (a draft's) where that is narrower; the sinks
            come with a window */
         int64_t window = L->window;
         if (md->window && (!window || md->window < window)) window = md->window;
-        if (lean_attention(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, (int)window,
-                           window ? (int)md->sinks : 0, o, simd, threads))
+        if (lean_attention_kv(q, kc[l], vc[l], M, H, KV, hd, cap, start, (float)md->scale, (int)window,
+                              window ? (int)md->sinks : 0, o, simd, threads, (int)md->kv_bf16))
             return 2;
         if ((err = linear(&L->o, o, M, t, threads, simd))) return err == 2 ? 2 : 1;
         if (L->post_attn) lean_rms_norm(t, L->post_attn, M, D, (float)L->eps_attn, t, simd);
