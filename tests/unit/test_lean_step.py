@@ -288,6 +288,24 @@ def test_dense_few_row_product(simd, m, n, k, threads):
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("simd", [0, pytest.param(1, marks=pytest.mark.skipif(not native.simd(), reason="no AVX2"))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_rows_do_not_depend_on_how_many_came_together(simd, threads):
+    """Each row of x gives bitwise the same y row whether it came alone or with 1..15 others (passes of 3, 2 or 1 rows
+    of x): a speculative verification's float32 products are plain decoding's."""
+    lib = native.library()
+    n, k = 300, 64
+    g = torch.Generator().manual_seed(threads)
+    x, w = torch.randn(16, k, generator=g), torch.randn(n, k, generator=g)
+    alone = torch.empty(16, n)
+    for i in range(16):
+        lib.step_dense_mm(x[i].data_ptr(), 1, k, w.data_ptr(), n, alone[i].data_ptr(), threads, simd)
+    for m in range(2, 17):
+        y = torch.empty(m, n)
+        lib.step_dense_mm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), threads, simd)
+        assert torch.equal(y, alone[:m]), m
+
+
 @pytest.mark.parametrize("faster", ["step", "layers"])
 def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, faster):
     """The per-layer probes chose torch's kernels (int4 for 4 bits, the int4x2 halves for 8 bits), which keep the

@@ -89,20 +89,25 @@ __attribute__((target("avx2,fma"))) static inline __m128 sums4(__m256 a, __m256 
     }
 DENSE_4(1)
 DENSE_4(2)
+DENSE_4(3)
 
 #define PREFETCH_ROWS 16
 
 static void dense_rows_avx2(const float *x, int M, int K, const float *w, int n0, int n1, int N, float *y) {
     int n = n0;
     for (; n + 4 <= n1; n += 4)
-        for (int m0 = 0; m0 < M; m0 += 2) {
+        for (int m0 = 0; m0 < M;) {
             const float *xm = x + (size_t)m0 * K;
             float *ym = y + (size_t)m0 * N + n;
             /* the first pass over these four rows fetches the rows PREFETCH_ROWS on, so that memory streams while
                the passes of the other rows of x compute (one row of x: the hardware's own prefetch suffices) */
             const float *pf = M > 1 && m0 == 0 ? w + (size_t)(n + PREFETCH_ROWS) * K : NULL;
-            if (M - m0 >= 2) dense4_2(xm, K, w + (size_t)n * K, ym, N, pf);
-            else dense4_1(xm, K, w + (size_t)n * K, ym, N, pf);
+            /* three rows of x a pass where three or more are left (12 sums: more FMAs per load), then two, then one;
+               every y element is the same sum in the same order whichever pass computes it */
+            const int left = M - m0;
+            if (left >= 3 && left != 4) dense4_3(xm, K, w + (size_t)n * K, ym, N, pf), m0 += 3;
+            else if (left >= 2) dense4_2(xm, K, w + (size_t)n * K, ym, N, pf), m0 += 2;
+            else dense4_1(xm, K, w + (size_t)n * K, ym, N, pf), m0 += 1;
         }
     if (n < n1) dense_rows_scalar(x, M, K, w, n, n1, N, y);
 }
