@@ -120,13 +120,17 @@ def text_of(tok, ids: list[int]) -> str:
 
 
 COST_TOKENS = (1, 2, 4, 8, 9)
+BF16_KV = " (bf16 kv)"  # a draft's forward costs with bfloat16 keys and values
 
 
 @torch.inference_mode()
-def forward_costs(model, prompts: list[list[int]], repeats: int = 3) -> dict[int, float]:
+def forward_costs(model, prompts: list[list[int]], repeats: int = 3, kv_dtype=None) -> dict[int, float]:
     """Median seconds of one forward of k new tokens on the KV cache of each prompt, for k in COST_TOKENS, through
-    the decode runtime budgetlm's decoding uses (decode/lean.py), every row's logits kept (as a verification)."""
+    the decode runtime budgetlm's decoding uses (decode/lean.py), every row's logits kept (as a verification); the
+    keys and values in `kv_dtype` (None: the model's; a draft's bfloat16: Chain.draft_kv)."""
     rt = runtime_for(model)
+    if kv_dtype is not None:
+        rt.kv_dtype = kv_dtype
     times: dict[int, list[float]] = {k: [] for k in COST_TOKENS}
     for ids in prompts:
         cache, n = rt.new_cache(), len(ids)
@@ -148,7 +152,8 @@ def predicted_speedup(levels: list[dict], costs: dict[str, dict[int, float]]) ->
     draft, ver = levels
     rounds = ver["rounds"]
     proposal = max(0, round(ver["proposed"] / rounds))
-    c_v, c_d = costs.get("verifier"), costs.get(draft["model"])
+    bf16 = draft.get("kv_dtype") == "bfloat16"  # the draft's cache in the run: its cost with such a cache
+    c_v, c_d = costs.get("verifier"), costs.get(draft["model"] + (BF16_KV if bf16 else ""))
     if c_v is None or c_d is None:
         return None
     k = min(COST_TOKENS, key=lambda t: abs(t - (proposal + 1)))
@@ -269,9 +274,11 @@ def main() -> None:
             for name in parse_variant(v)[0]:
                 models.setdefault(name, drafts(name))
         for name, m in models.items():
-            costs[name] = forward_costs(m, prompts[: args.cost_prompts])
-            print(f"forward costs of {name}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[name].items()),
-                  file=sys.stderr)  # fmt: skip
+            for kv in (None, torch.bfloat16) if name != "verifier" else (None,):
+                key = name + (BF16_KV if kv is not None else "")
+                costs[key] = forward_costs(m, prompts[: args.cost_prompts], kv_dtype=kv)
+                print(f"forward costs of {key}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[key].items()),
+                      file=sys.stderr)  # fmt: skip
     rec = {v: {"tokens": 0, "seconds": 0.0, "prefill": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None}
            for v in variants}  # fmt: skip
     hf_text: dict[int, str] = {}
