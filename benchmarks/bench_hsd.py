@@ -124,12 +124,15 @@ BF16_KV = " (bf16 kv)"  # a draft's forward costs with bfloat16 keys and values
 
 
 @torch.inference_mode()
-def forward_costs(model, prompts: list[list[int]], repeats: int = 3, kv_dtype=None) -> dict[int, float]:
+def forward_costs(model, prompts: list[list[int]], repeats: int = 3, kv_dtype=None) -> dict[int, float] | None:
     """Median seconds of one forward of k new tokens on the KV cache of each prompt, for k in COST_TOKENS, through
     the decode runtime budgetlm's decoding uses (decode/lean.py), every row's logits kept (as a verification); the
-    keys and values in `kv_dtype` (None: the model's; a draft's bfloat16: Chain.draft_kv)."""
+    keys and values in `kv_dtype` (None: the model's; a draft's bfloat16: Chain.draft_kv; None returned where the
+    runtime has no such caches: transformers')."""
     rt = runtime_for(model)
     if kv_dtype is not None:
+        if not hasattr(rt, "kv_dtype"):
+            return None
         rt.kv_dtype = kv_dtype
     times: dict[int, list[float]] = {k: [] for k in COST_TOKENS}
     for ids in prompts:
@@ -276,7 +279,10 @@ def main() -> None:
         for name, m in models.items():
             for kv in (None, torch.bfloat16) if name != "verifier" else (None,):
                 key = name + (BF16_KV if kv is not None else "")
-                costs[key] = forward_costs(m, prompts[: args.cost_prompts], kv_dtype=kv)
+                got = forward_costs(m, prompts[: args.cost_prompts], kv_dtype=kv)
+                if got is None:
+                    continue
+                costs[key] = got
                 print(f"forward costs of {key}: " + ", ".join(f"{k}: {t * 1e3:.1f} ms" for k, t in costs[key].items()),
                       file=sys.stderr)  # fmt: skip
     rec = {v: {"tokens": 0, "seconds": 0.0, "prefill": 0.0, "same": 0, "strict": 0.0, "flex": 0.0, "levels": None}

@@ -38,7 +38,7 @@ MODE_HELP = (
 MAX_DRAFT_HELP = "tokens a draft proposes per round at most"
 DRAFT_KV_HELP = (
     "the drafts' key/value caches: bf16 (half the bytes a draft step's attention reads), fp32, or auto (bf16 in exact "
-    "mode for float32 drafts on budgetlm's lean runtime: the output is unchanged, only guesses move)"
+    "greedy decoding for float32 drafts on budgetlm's lean runtime: the output is unchanged, only guesses move)"
 )
 DRAFT_WINDOW_HELP = (
     "drafts attend to the first 4 positions and the last N only (MagicDec's sparse-KV draft: cheaper draft steps at "

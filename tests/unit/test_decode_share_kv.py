@@ -206,7 +206,14 @@ def test_draft_kv_refusals(monkeypatch):
     d = noisy_copy(v, 0.05, 4)
     prompt = prompt_of(20, 1)
     with pytest.raises(ConfigError, match="--draft-kv bf16: draft d does not run on budgetlm's lean runtime"):
-        Generator([("d", d.double()), ("v", v)], TOK, taus=[None], draft_kv="bf16")(prompt, 4)
+        Generator([("d", copy.deepcopy(d).double()), ("v", v)], TOK, taus=[None], draft_kv="bf16")(prompt, 4)
+    sampled = Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4, temperature=1.0)(prompt, 4)
+    assert sampled.levels[0]["kv_dtype"] == "float32"  # auto: sampling draws from the draft's q, so it stays fp32
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        CachedLM(d, "d").set_kv_dtype(torch.float16)
+    monkeypatch.setenv("BUDGETLM_LEAN_C", "0")  # torch's glue: auto keeps float32 (it would widen every call)
+    assert Generator([("d", d), ("v", v)], TOK, taus=[None])(prompt, 4).levels[0]["kv_dtype"] == "float32"
+    monkeypatch.delenv("BUDGETLM_LEAN_C")
     monkeypatch.setenv("BUDGETLM_LEAN", "0")  # transformers' runtime: "auto" keeps the model's dtype
     out = Generator([("d", d), ("v", v)], TOK, taus=[None], max_draft=4)(prompt, 8)
     assert out.levels[0]["kv_dtype"] is None and out.tokens == greedy_reference(v, prompt, 8)

@@ -74,6 +74,8 @@ class CachedLM:
     def set_kv_dtype(self, dtype: torch.dtype) -> None:
         """Keep keys and values in `dtype` from now on (a lean runtime's bfloat16 caches: decode/lean.py
         LeanLlama.kv_dtype); the cache starts again empty."""
+        if dtype not in (torch.float32, torch.bfloat16) or getattr(self.runtime, "dtype", None) != torch.float32:
+            raise ValueError(f"{self.name}: keys and values in {dtype} (a float32 model's caches: float32 or bfloat16)")
         self.runtime.kv_dtype = dtype
         self.cache = self.runtime.new_cache()
         self._rollback(0)

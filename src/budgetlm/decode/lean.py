@@ -244,7 +244,8 @@ class CGlue(TorchGlue):
     def attend(self, q, k, v, cos, sin, cache: StaticKV, layer: int, start: int, d: int, scale: float, window: int = 0,
                sinks: int = 0):  # fmt: skip
         m = q.shape[1]
-        if m > C_ATTENTION_ROWS:  # a prompt: torch's blocked attention kernel does the quadratic work faster
+        if m > C_ATTENTION_ROWS or d > 1024:  # a prompt: torch's blocked attention does the quadratic work faster
+            # (and heads over 1,024 wide: the C rotary store's row buffer)
             return super().attend(q, k, v, cos, sin, cache, layer, start, d, scale, window, sinks)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         heads, kv_heads = q.shape[-1] // d, k.shape[-1] // d

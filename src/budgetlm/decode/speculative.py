@@ -132,8 +132,8 @@ class Chain:
     # further, since nothing after it is ever kept (a proposal's length changes, never the output)
     ends: Callable[[list[int]], bool] | None = None
     # the drafts' key/value caches: "bf16" (half the bytes a draft step's attention reads; keys and values rounded),
-    # "fp32" (the model's dtype), "auto": bf16 in exact mode where the draft runs on the lean runtime in float32
-    # (its guesses change a little, the output never), else the model's
+    # "fp32" (the model's dtype), "auto": bf16 in exact greedy decoding where the draft runs on the lean runtime's C
+    # glue in float32 (its guesses change a little, the output never), else the model's
     draft_kv: str = "auto"
     stats: list[LevelStats] = field(default_factory=list)
 
@@ -167,6 +167,8 @@ class Chain:
 
     def _draft_kv(self, lm: CachedLM) -> None:
         """The draft's cache dtype (`draft_kv`)."""
+        from budgetlm.decode.lean import CGlue
+
         runtime = getattr(lm, "runtime", None)
         lean = getattr(runtime, "kv_dtype", False) is not False and getattr(runtime, "dtype", None) == torch.float32
         if self.draft_kv == "bf16" and not lean:
@@ -174,7 +176,11 @@ class Chain:
                 f"--draft-kv bf16: draft {lm.name} does not run on budgetlm's lean runtime in float32, whose caches "
                 "can be bfloat16; drop --draft-kv or give a float32 Llama or Gemma 3 draft"
             )
-        if self.draft_kv == "bf16" or (self.draft_kv == "auto" and self.mode == "exact" and lean):
+        # auto: where the output cannot change (exact greedy decoding: a sampled draft's q enters the acceptance rule,
+        # so the same seed would draw other tokens) and the C attention reads the bfloat16 cache as it is (torch's
+        # glue would widen the whole cache at every call)
+        auto = self.mode == "exact" and self.sampler.greedy and lean and isinstance(runtime.glue, CGlue)
+        if self.draft_kv == "bf16" or (self.draft_kv == "auto" and auto):
             lm.set_kv_dtype(torch.bfloat16)
 
     # -- one level's work ------------------------------------------------------------------------------------
