@@ -317,7 +317,7 @@ def main() -> None:
                 if levels:
                     r["prefill"] += levels[-1]["first_forward_seconds"]  # the verifier's prefill in this very call
                     if r["levels"] is None:
-                        r["levels"] = [{"model": lv["model"]} for lv in levels]
+                        r["levels"] = [{"model": lv["model"], "kv_dtype": lv.get("kv_dtype")} for lv in levels]
                     for acc, lv in zip(r["levels"], levels):
                         counters = ("rounds", "proposed", "accepted", "emitted", "drafted", "forwards", "tokens_fed")
                         for k in (*counters, "seconds"):
