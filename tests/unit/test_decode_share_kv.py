@@ -245,3 +245,16 @@ def test_the_cli_and_recipes_take_draft_kv(run_main, tmp_path):
     assert cells["fp32"].config["decoding"]["draft_kv"] == "fp32" and cells["fp32"].id != cells["auto"].id
     with pytest.raises(ConfigError, match="--draft-kv fp8"):
         plan(parse_recipe({**base, "decoding": {"drafts": ["layers:1"], "draft_kv": "fp8"}}))
+
+
+def test_a_three_level_chain_with_bf16_draft_caches_is_the_verifiers_greedy_decoding():
+    """Both drafts of a 3-level chain (the middle one verifies the first) keep bf16 caches under auto; the output
+    is still the verifier's greedy decoding, over several prompts."""
+    v = llama(8).float()
+    mid, low = noisy_copy(v, 0.03, 9), noisy_copy(v, 0.1, 10)
+    for seed in range(3):
+        prompt = prompt_of(25 + 9 * seed, seed)
+        out = Generator([("low", low), ("mid", mid), ("v", v)], TOK, taus=[None, None], max_draft=4)(prompt, 14)
+        assert out.tokens == greedy_reference(v, prompt, 14), seed
+        assert [lv["kv_dtype"] for lv in out.levels] == ["bfloat16", "bfloat16", "float32"]
+        assert out.levels[1]["proposed"] > 0 and out.levels[2]["proposed"] > 0
