@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 import typer.core
 
-from budgetlm.errors import BudgetLMError, ConfigError, Interrupted
+from budgetlm.errors import PENDING_SIGNALS, BudgetLMError, ConfigError, Interrupted
 from budgetlm.utils import yaml_load
 
 app = typer.Typer(
@@ -1083,6 +1083,7 @@ def main(argv: list[str] | None = None) -> None:
     and SIGTERM as one `interrupted: ...` line and exit 130 / 143."""
     _quiet_libraries()
     _on_interrupt[0] = "nothing was written"
+    PENDING_SIGNALS.clear()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = app(args=argv, prog_name="budgetlm", standalone_mode=False)
@@ -1104,8 +1105,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        pending = list(PENDING_SIGNALS)
+        PENDING_SIGNALS.clear()  # handled here: nothing later in this process re-raises them
     if code == 130:  # a KeyboardInterrupt the framework caught itself
         _fail(f"interrupted: {_on_interrupt[0]}", 130)
+    if pending:  # the handler's exception was dropped where it landed and no progress step came after it
+        exc = Interrupted(pending[0])
+        _fail(f"interrupted ({exc}) as the command finished: its output is complete", exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -1135,6 +1141,7 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 
 def _raise_interrupted(signum, frame) -> None:
+    PENDING_SIGNALS.append(signum)  # kept in case the exception is dropped where it lands (errors.check_interrupted)
     raise Interrupted(signum)
 
 

@@ -39,6 +39,18 @@ def unknown(kind: str, name: str, choices) -> UnknownNameError:
     return UnknownNameError(f"unknown {kind} '{name}'{suggest(name, choices)}; available: {', '.join(choices)}")
 
 
+# signals budgetlm's CLI handler received (cli.main). The handler raises Interrupted where the main thread is, and
+# where that is a finalizer or a callback from C the exception is printed and dropped, and the command would run on:
+# the signal is therefore also recorded here and raised again at the next progress step (check_interrupted).
+PENDING_SIGNALS: list[int] = []
+
+
+def check_interrupted() -> None:
+    """Raise Interrupted for a signal that arrived but whose exception was dropped on its way (PENDING_SIGNALS)."""
+    if PENDING_SIGNALS:
+        raise Interrupted(PENDING_SIGNALS[0])
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: raised by budgetlm's signal handlers so that cleanups run on the way out. A
     BaseException, like KeyboardInterrupt, but not one: the CLI framework would turn that into a bare exit code."""

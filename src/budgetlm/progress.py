@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from budgetlm.errors import check_interrupted
+
 T = TypeVar("T")
 
 MIN_INTERVAL = 1.0  # seconds between two plain lines when the later one is throttled
@@ -122,6 +124,7 @@ class Progress:
 
     def advance(self, text: str | None = None, *, log: bool = False) -> None:
         """One unit finished; `text` says which (with `log`, the text also stays above the bar on a terminal)."""
+        check_interrupted()  # a SIGINT / SIGTERM whose exception was dropped where it landed: stop here
         self.completed += 1
         if self.mode == "bar":
             _live.update(self._task, advance=1, description=f"{self.title}: {text}" if text else self.title)

@@ -48,3 +48,41 @@ def test_the_corpus_catches_what_it_should(tmp_path):
     named = corpus.Case("wrong needle", ("eval", "tiny-random", "--limit", "0"), needle="no such words")
     out = corpus.run_case(named, tmp_path / "b")
     assert out.problems == [f"the line does not name 'no such words': {out.stderr[0]}"]
+
+
+def test_a_signal_whose_exception_was_dropped_still_stops_the_command(run_main, monkeypatch):
+    """The CLI's signal handler raises Interrupted where the main thread is; in a finalizer or a callback from C
+    Python prints and drops it. The signal is recorded too: the next progress step raises it again, and a command
+    that finished first still exits with the signal's code and one line."""
+    import signal
+
+    from budgetlm import cli
+    from budgetlm.errors import PENDING_SIGNALS, Interrupted
+    from budgetlm.progress import Progress
+
+    def swallowed():  # the handler called where its exception is dropped
+        try:
+            cli._raise_interrupted(signal.SIGINT, None)
+        except Interrupted:
+            pass
+
+    def command(args, prog_name, standalone_mode):
+        swallowed()
+        with Progress("work", total=3) as bar:
+            for _ in range(3):
+                bar.advance()  # raises the dropped SIGINT at the first step
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(cli, "app", command)
+    out = run_main("eval")
+    assert out.returncode == 130 and out.stderr.strip().splitlines()[-1] == "interrupted (SIGINT): nothing was written"
+
+    def finished(args, prog_name, standalone_mode):
+        swallowed()
+        return 0
+
+    monkeypatch.setattr(cli, "app", finished)
+    out = run_main("eval")
+    assert out.returncode == 130
+    assert out.stderr.strip() == "interrupted (SIGINT) as the command finished: its output is complete"
+    assert PENDING_SIGNALS == []  # cleared: nothing later in the process raises it again

@@ -348,7 +348,10 @@ def test_lobi_mixed_precision_runs_on_the_kernels(use_kernels, tiny):
     layers = [m for m in tiny.model.modules() if isinstance(m, QuantLinear)]
     assert {m.bits for m in layers} >= {2, 8} or len({m.bits for m in layers}) > 1
     kinds = {m.bits: m.kernel for m in layers if m.out_features % 64 == 0}
-    assert kinds and all(kind in (use_kernels, "int4x2", "int8") for kind in kinds.values()), kinds
+    # the 2- and 4-bit layers on the 4-bit kernel the fixture chose; the 8-bit ones on whichever 8-bit kernel the
+    # host's probe (kernels.eight_bit, not fixed here) timed fastest
+    eight = ("int8", "int4x2", "q8", "q8bf")
+    assert kinds and all(kind in ((use_kernels,) if bits < 8 else eight) for bits, kind in kinds.items()), kinds
     x = torch.randint(0, 250, (1, 3))
     with kernels.kernels_enabled(False):
         exact = tiny.model(x).logits
