@@ -5,16 +5,16 @@ compressed pipeline with each gate; accuracy, paired tests, latency per query, p
         [--limit 500] [--seed 0] [--k 3] [--budget 128] [--threads 2] [--json out.json]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py --crossover [--sizes 1000 3000 ...]
 
-Every setting is the registered task with its options (rag/tasks.py), scored by the task's own per-item code in
-one process on the same seeded sample of the task's evaluation fold (`--limit` items, stratified by label as the
-harness samples), interleaved (item by item, every setting in turn, the order rotating) so that the shared
-machine's load falls on all settings alike; the gates' thresholds are calibrated first on the calibration fold
-(disjoint; its size and the threshold are printed). Items are scored one at a time (batch 1), so `latency` is a
-query's: query encoding + search + gate scoring + compression + the model's loglikelihood of every choice.
-Paired tests: McNemar on acc (evaluation/stats.py) against the best always-RAG setting (highest acc of k = 1, 3,
-5) and against no-RAG; latency change against the best always-RAG setting. Peak RSS: the process's, sampled while
-the setting ran (hardware/memory.py PeakRSS around each of its items, the maximum; model, encoder and index
-included).
+Every setting is the registered task with its options (rag/tasks.py), scored by the task's own per-item code in one
+process on the same seeded sample of the task's evaluation fold (`--limit` items, stratified by label as the harness
+samples), interleaved (item by item, every setting in turn, the order rotating) so that the shared machine's load falls
+on all settings alike; the gates' thresholds are calibrated first on the calibration fold (disjoint; its size and the
+threshold are printed). Items are scored one at a time (batch 1, through the decode runtime with its KV cache:
+models/lm.py query_loglikelihood), so `latency` is a query's: query encoding + search + gate scoring + compression + the
+model's loglikelihood of every choice. Paired tests: McNemar on acc (evaluation/stats.py) against the best always-RAG
+setting (highest acc of k = 1, 3, 5) and against no-RAG; latency change against the best always-RAG setting. Peak RSS:
+the process's, sampled while the setting ran (hardware/memory.py PeakRSS around each of its items, the maximum; model,
+encoder and index included).
 
 --crossover times exact top-k search (k = 5, one query, as the pipeline searches) with numpy (matrix-vector
 product + argpartition) and faiss IndexFlatIP on random unit vectors of MiniLM's width, per index size: the
@@ -199,15 +199,16 @@ def main(argv: list[str] | None = None) -> None:
             print(table(name, res) + "\n")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # before OpenMP starts: on this shared machine 2-thread torch with OpenMP's default (spinning) waits took 630 ms
-    # for one MiniLM query against 76 ms with passive waits (load average 8)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is the environment's: on an idle machine the default (spin, then sleep) is fastest (a
+    # 14-token boolq prompt: 74 ms of transformers' forward against 115 ms with OMP_WAIT_POLICY=PASSIVE, every
+    # parallel region waking sleeping threads); on a machine loaded by others, PASSIVE (one MiniLM query: 76 ms
+    # against 630 ms spinning at load average 8). Sessions 11-12's tables ran with PASSIVE.
     import torch
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
-        f"threads {args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"threads {args.threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 shared cores)",
         flush=True,
     )
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             "limit": args.limit,
             "seed": args.seed,
             "load_before": load,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "tasks": {},
         }
         for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:

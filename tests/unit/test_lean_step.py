@@ -1,6 +1,7 @@
 """The lean runtime's one-call decode step (decode/lean_step.py, methods/quant/native/step.c) against the per-layer
 lean path and transformers' forward: float32 and quantised (4-bit, 8-bit, mixed) tiny Llamas, 1, 2 and 4 key/value
-heads, tied and untied heads, steps of 1..16 tokens with rollbacks, greedy generation, and the fallbacks."""
+heads, tied and untied heads, steps of 1..17 tokens with rollbacks, a prompt-sized call and one over STEP_ROWS, greedy
+generation, and the fallbacks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.decode.lean import LeanLlama, runtime_for
-from budgetlm.decode.lean_step import LeanStepLlama
+from budgetlm.decode.lean_step import STEP_ROWS, LeanStepLlama
 from budgetlm.methods.quant import kernels, native
 from budgetlm.methods.quant.layers import QuantLinear
 from budgetlm.methods.quant.quantizer import find_grid, quantize
@@ -89,13 +90,17 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 # (start, end, rows kept) of each call, then the rollback before the next (positions dropped)
+# then a prompt-sized call (one C call too) and a long one (more than STEP_ROWS tokens: LeanLlama's per-layer path)
 CALLS = [(0, 5, 5, 0), (5, 6, 1, 0), (6, 9, 3, 0), (9, 25, 16, 3), (22, 23, 1, 0), (23, 40, 17, 0), (40, 44, 2, 0)]
+CALLS += [(44, 105, 3, 0), (105, 106 + STEP_ROWS, 2, 0), (106 + STEP_ROWS, 108 + STEP_ROWS, 2, 0)]
+SEQ_LEN = CALLS[-1][1]
+STEPPED = sum(end - start <= STEP_ROWS for start, end, *_ in CALLS)  # calls that are one C call each
 
 
-def run_calls(rt, seq: list[int]) -> torch.Tensor:
+def run_calls(rt, seq: list[int], calls: list[tuple] = CALLS) -> torch.Tensor:
     cache = rt.new_cache()
     out = []
-    for start, end, keep, drop in CALLS:
+    for start, end, keep, drop in calls:
         assert cache.length == start
         out.append(rt(torch.tensor([seq[start:end]]), start, cache, keep)[0])
         if drop:
@@ -108,8 +113,10 @@ def wanted_rows(full: torch.Tensor) -> torch.Tensor:
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to float32 rounding: 2e-5 of the largest logit (over CALLS' 366 positions the kernels' other summation
+    orders reach ~1e-5; a dropped norm, window or rotary table moves them by 0.04-0.77)."""
     assert got.shape == want.shape
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got - want).abs().max() <= 2e-5 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
@@ -119,10 +126,10 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_step_equals_the_layer_path_and_transformers(plan, kv_heads, tied, kernels_on):
     model = llama(kv_heads, tied)
     quantise(model, PLANS[plan])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
     rt = step_runtime(model)
     got = run_calls(rt, seq)
-    assert rt.lib.steps == 6  # every call of at most 16 tokens: one C call each (the 17-token one per layer)
+    assert rt.lib.steps == STEPPED  # every call of at most STEP_ROWS tokens: one C call each
     close(got, run_calls(LeanLlama(model), seq))
     close(got, wanted_rows(full_logits(model, seq)))
 
@@ -137,7 +144,7 @@ def test_step_with_an_embedding_it_does_not_gather(kernels_on):
     quantise(model, PLANS["q4"])
     rt = step_runtime(model)
     assert not rt.descriptor().md.embed
-    seq = list(range(3, 47))
+    seq = [(3 + i) % 256 for i in range(SEQ_LEN)]
     close(run_calls(rt, seq), wanted_rows(full_logits(model, seq)))
 
 
@@ -190,13 +197,13 @@ def test_q4a8_layers_run_inside_the_step_by_the_layers_own_rule(monkeypatch, ker
     "q4" above, inside the one C call as on the per-layer path."""
     model = llama(kv_heads=2, tied=False)
     quantise(model, PLANS["mixed"])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(5)).tolist()
     exact = run_calls(step_runtime(model), seq)
     monkeypatch.setattr(kernels, "four_bit", lambda: "q4a8")
     rt = step_runtime(model)
     assert rt.descriptor().reason is None and rt.descriptor().layers[0].q.act8 == kernels.ACT8_TOKENS
     got = run_calls(rt, seq)
-    assert rt.lib.steps == 6
+    assert rt.lib.steps == STEPPED
     close(got, run_calls(LeanLlama(model), seq))  # the per-layer path: each layer's own q4a8 / q4 choice
     rows, lossy = 0, []
     for start, end, keep, _ in CALLS:
@@ -205,7 +212,7 @@ def test_q4a8_layers_run_inside_the_step_by_the_layers_own_rule(monkeypatch, ker
             lossy.append(float((got[part] - exact[part]).abs().max() / exact[part].abs().max()))
         rows += keep
     assert torch.allclose(got[:5], exact[:5], rtol=0, atol=1e-5 * exact[:5].abs().max())  # 5 tokens: exact q4
-    assert len(lossy) == 4 and all(1e-6 < d < 0.2 for d in lossy), lossy
+    assert len(lossy) == 5 and all(1e-6 < d < 0.2 for d in lossy), lossy
 
 
 def test_q4bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kernels_on):
@@ -215,17 +222,18 @@ def test_q4bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kerne
 
     model = llama(kv_heads=2, tied=False)
     quantise(model, PLANS["mixed"])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(6)).tolist()
-    exact = run_calls(step_runtime(model), seq)
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(6)).tolist()
+    short = CALLS[:5]  # calls of 1..16 tokens, where the per-layer path's glue is ops.c's too (see the q8bf test)
+    exact = run_calls(step_runtime(model), seq, short)
     monkeypatch.setattr(kernels, "four_bit", lambda: "q4bf")
     rt = step_runtime(model)
     desc = rt.descriptor()
     assert desc.reason is None and desc.layers[0].q.kind == Q4BF and desc.layers[1].q.kind != Q4BF  # 8-bit layer 1
-    got = run_calls(rt, seq)
-    assert rt.lib.steps == 6
-    close(got, run_calls(LeanLlama(model), seq))  # the per-layer path: each layer's own q4bf call
+    got = run_calls(rt, seq, short)
+    assert rt.lib.steps == len(short)
+    close(got, run_calls(LeanLlama(model), seq, short))  # the per-layer path: each layer's own q4bf call
     rows = 0
-    for start, end, keep, _ in CALLS:  # every call, 1 to 17 rows, saw bf16 activations: near exact, not equal
+    for start, end, keep, _ in short:  # every call, 1 to 16 rows, saw bf16 activations: near exact, not equal
         part = slice(rows, rows + keep)
         d = float((got[part] - exact[part]).abs().max() / exact[part].abs().max())
         assert 1e-7 < d < 0.05, (start, end, d)
@@ -239,19 +247,22 @@ def test_q8bf_layers_run_inside_the_step_as_on_their_own_path(monkeypatch, kerne
 
     model = llama(kv_heads=2, tied=False)
     quantise(model, PLANS["mixed"])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(8)).tolist()
-    exact = run_calls(step_runtime(model), seq)  # 8-bit layers on "q8" (float32 activations)
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(8)).tolist()
+    # the calls of 1..16 tokens: from 17 the per-layer path's glue is torch's (not ops.c's, as in the step), and its
+    # other float32 roundings flip bf16 roundings of activations as described below, by 2e-3 of the logits
+    short = CALLS[:5]
+    exact = run_calls(step_runtime(model), seq, short)  # 8-bit layers on "q8" (float32 activations)
     monkeypatch.setattr(kernels, "eight_bit", lambda n, k: "q8bf")
     rt = step_runtime(model)
     desc = rt.descriptor()
     assert desc.reason is None and desc.layers[1].q.kind == Q8BF and desc.layers[0].q.kind != Q8BF  # layer 0: 4-bit
     assert desc.md.head.kind == Q8BF
-    got = run_calls(rt, seq)
-    assert rt.lib.steps == 6
+    got = run_calls(rt, seq, short)
+    assert rt.lib.steps == len(short)
     # the per-layer path (each layer's own q8bf call): its glue may differ from the step's in the last float32 bit,
     # which can flip an activation's bf16 rounding, and the high half's scale (16 s) makes such a flip count; so not
     # to 1e-5 as the exact kernels, but 20x nearer than the exact q8 path is (measured: 0 to 2.6e-5 against 5.7e-3)
-    per_layer = run_calls(LeanLlama(model), seq)
+    per_layer = run_calls(LeanLlama(model), seq, short)
     d = float((got - exact).abs().max() / exact.abs().max())
     assert 1e-7 < d < 0.05, d
     assert float((got - per_layer).abs().max() / per_layer.abs().max()) < d / 20
@@ -261,19 +272,19 @@ def test_the_descriptor_follows_the_kernels_state(kernels_on):
     model = llama()
     quantise(model, PLANS["mixed"])
     rt = step_runtime(model)
-    seq = list(range(10, 54))
+    seq = [(10 + i) % 256 for i in range(SEQ_LEN)]
     want = wanted_rows(full_logits(model, seq))
     first = rt.descriptor()
     with kernels.kernels_enabled(False):  # no fast paths: every call runs the layers' exact dequantisation
         close(run_calls(rt, seq), want)
         assert rt.lib.steps == 0 and rt.descriptor() is not first and rt.descriptor().reason is not None
     close(run_calls(rt, seq), want)  # back on the kernels: one call per step again
-    assert rt.lib.steps == 6 and rt.descriptor().reason is None
+    assert rt.lib.steps == STEPPED and rt.descriptor().reason is None
     mlp = model.model.layers[2].mlp  # a projection replaced, a weight replaced: described again
     mlp.up_proj = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
     model.model.layers[2].input_layernorm.weight = torch.nn.Parameter(torch.rand(model.config.hidden_size) + 0.5)
     close(run_calls(rt, seq), wanted_rows(full_logits(model, seq)))
-    assert rt.lib.steps == 12
+    assert rt.lib.steps == 2 * STEPPED
 
 
 @pytest.mark.parametrize("simd", [0, pytest.param(1, marks=pytest.mark.skipif(not native.simd(), reason="no AVX2"))])
@@ -329,7 +340,7 @@ def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, fa
     monkeypatch.setattr(lean_step, "_step_ms", step_ms)
     model = llama(kv_heads=2, tied=False)
     quantise(model, PLANS["mixed"])
-    seq = list(range(10, 54))
+    seq = [(10 + i) % 256 for i in range(SEQ_LEN)]
     with kernels.kernels_enabled(False):
         want = wanted_rows(full_logits(model, seq))  # exact dequantisation
     rt = runtime_for(model)
@@ -340,7 +351,7 @@ def test_own_kernels_are_taken_where_the_whole_step_times_faster(monkeypatch, fa
         assert {m.kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"q4", "q8"}
         rt.lib = Counting(rt.lib)
         close(run_calls(rt, seq), want)  # the 8-bit layers' codes rebuilt from their halves: exact again
-        assert rt.lib.steps == 6
+        assert rt.lib.steps == STEPPED
     else:
         assert type(rt) is LeanLlama and not kernels.own_preferred()
         assert "int4" in rt.no_step and rt.no_step.endswith("9.0 ms, per layer on torch's 7.0 ms)")
@@ -386,18 +397,18 @@ def gemma_step(model):
 def test_gemma_step_equals_the_layer_path_and_transformers(plan, kv_heads, softcap, kernels_on):
     """Gemma 3 in the one C call: per-head q/k norms, norms after attention and MLP, GELU-tanh, sliding layers with
     their own rotary table and window, the scaled embedding, the final soft-cap; against LeanGemma3 and transformers
-    over steps of 1..16 tokens with rollbacks, past the window."""
+    over steps of 1..17 tokens with rollbacks, past the window, and a call over STEP_ROWS."""
     from budgetlm.decode.lean import LeanGemma3
 
     model = gemma(kv_heads, softcap=softcap)
     quantise(model, PLANS[plan])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
     rt = gemma_step(model)
     desc = rt.descriptor()
     assert [desc.layers[i].window for i in range(3)] == [6, 0, 6] and desc.md.act == 1
     assert [desc.layers[i].rope for i in range(3)] == [1, 0, 1]  # rope_kinds sorted: full, sliding
     got = run_calls(rt, seq)
-    assert rt.lib.steps == 6
+    assert rt.lib.steps == STEPPED
     close(got, run_calls(LeanGemma3(model), seq))
     close(got, wanted_rows(full_logits(model, seq)))
 
@@ -409,12 +420,12 @@ def test_gemma_step_sparse_view_matches_the_layer_path(kernels_on):
 
     model = gemma(window=12)
     quantise(model, PLANS["q4"])
-    seq = torch.randint(0, 256, (44,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(3)).tolist()
     for sparse in ((8, 2), (20, 1)):  # narrower than 12 (every layer), wider (the full layer only)
         rt, ref = gemma_step(model), LeanGemma3(model)
         rt.sparse = ref.sparse = sparse
         got = run_calls(rt, seq)
-        assert rt.lib.steps == 6
+        assert rt.lib.steps == STEPPED
         close(got, run_calls(ref, seq))
         assert not torch.allclose(got, wanted_rows(full_logits(model, seq)), atol=1e-3)  # the view changed them
 

@@ -1,5 +1,6 @@
 """The LM protocol against a plain full-sequence forward pass computed independently here."""
 
+import pytest
 import torch
 
 from budgetlm.models.lm import HFLM, GenArgs
@@ -268,3 +269,38 @@ def test_other_attention_kernels_take_the_cached_pass(tiny, monkeypatch):
     monkeypatch.setattr(tiny.model.config, "_attn_implementation", "flex_attention")
     lm = HFLM(tiny)
     assert lm._pack_window() == 0
+
+
+def test_query_loglikelihood_matches_full_forward_and_the_batched_pass(tiny):
+    lm = HFLM(tiny)
+    batched = lm.loglikelihood(REQS)
+    for (ctx, cont), (ll, greedy), (b, _) in zip(REQS, lm.query_loglikelihood(REQS), batched):
+        ref, ref_greedy = reference_loglik(tiny.model, *lm._split(ctx, cont))
+        assert abs(ll - ref) < 1e-3 and greedy == ref_greedy, (ctx, cont, ll, ref)
+        assert abs(ll - b) < 1e-4
+
+
+def test_query_feeds_a_context_once_and_reuses_the_gates_forward(tiny):
+    lm = HFLM(tiny)
+    prompt = "Question: is the sky blue?\nAnswer:"
+    one = [(prompt, "y"), (prompt, "n")]  # one token each (the tiny model's tokenizer is byte-level)
+    many = [(prompt, " yes it is blue"), (prompt, " no, it is red"), (prompt, " yes")]
+    fresh = lm.query_loglikelihood(one)
+    lm.query_reset()
+    logp = lm.next_token_logprobs(prompt)
+    cached = lm._query_lm()
+    fed = cached.fed
+    assert lm.query_loglikelihood(one) == fresh  # the same scores, bitwise, from the gate's forward ...
+    assert cached.fed == fed  # ... which fed nothing more: single-token choices read the prompt's last row
+    ids = lm.encode(prompt)
+    assert all(len(lm._split(c, x)[1]) == 1 for c, x in one)
+    assert [float(logp[lm._split(c, x)[1][0]]) for c, x in one] == pytest.approx([ll for ll, _ in fresh], abs=1e-6)
+    before = cached.fed
+    out = lm.query_loglikelihood(many)
+    conts = [lm._split(c, x)[1] for c, x in many]
+    assert lm._split(prompt, " yes")[0] == ids
+    assert cached.fed - before == sum(len(c) - 1 for c in conts)  # the context is not fed again
+    lm.query_reset()
+    lm.query_loglikelihood([("Something else entirely", " first")])  # an earlier query ...
+    lm.query_reset()
+    assert lm.query_loglikelihood(many) == out  # ... leaves no trace after query_reset

@@ -71,6 +71,11 @@ class Recorder:
         self.requests.extend(r for r in reqs if "warm-up" not in r[0])
         return [(-float(len(c)), False) for _, c in reqs]
 
+    query_loglikelihood = loglikelihood  # the RAG tasks score one query at a time
+
+    def query_reset(self):
+        pass
+
     def encode(self, text):
         return list(text.encode())
 

@@ -44,6 +44,10 @@ class CachedLM:
         del self.tokens[keep:], self.rows[keep:]
         self._forgotten = min(self._forgotten, keep)
 
+    def clear(self) -> None:
+        """Forget every cached position (the next call feeds its sequence from the start)."""
+        self._rollback(0)
+
     @torch.inference_mode()
     def logits(self, seq: list[int], start: int) -> torch.Tensor:
         """[len(seq) - start, vocab] fp32 logits; row i is the distribution of the token after seq[start + i]."""

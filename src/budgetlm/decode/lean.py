@@ -18,7 +18,7 @@ quantised models, prompts and continuations, with rollbacks). `LeanGemma3` does 
 other architecture, or with modules it does not know, run through transformers' forward with a DynamicCache
 (`HFRuntime`): same interface. `runtime_for(model)` picks; BUDGETLM_LEAN=0 forces transformers' path everywhere.
 Where every module of a Llama or Gemma 3 is one its C step knows, runtime_for returns LeanStepLlama or
-LeanStepGemma3 (decode/lean_step.py): calls of 1..16 tokens as one C call.
+LeanStepGemma3 (decode/lean_step.py): calls of up to 256 tokens (fewer for larger models) as one C call.
 """
 
 from __future__ import annotations

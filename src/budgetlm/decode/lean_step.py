@@ -1,4 +1,4 @@
-"""The lean runtime's one-call decode step: a Llama- or Gemma-3-architecture model's whole forward for 1..16 new
+"""The lean runtime's one-call step: a Llama- or Gemma-3-architecture model's whole forward for 1..STEP_ROWS new
 tokens in one C call (methods/quant/native/step.c), where LeanLlama makes ~9 and LeanGemma3 ~15 Python/ctypes calls
 per layer.
 
@@ -20,13 +20,18 @@ config has one. The scaled embedding stays the model's module (its output is pas
 unchanged. On Gemma-3-270M (4-bit, 2 threads, benchmarks/bench_decode.py side by side) the per-layer path took
 10.67 ms a token and the one-call step 6.90.
 
-It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears
-with a bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most
-kernels.ACT8_TOKENS rows inside the step too, and "q4" above, as on its own path; a "q4bf" layer bfloat16
-activations at every row count), the architecture's norms, no
-hooks) and the call has at most 16 tokens, fewer than every quantised layer's crossover (from there the layers'
-dense path is faster, and LeanLlama takes it); other calls (a prompt) run LeanLlama's per-layer path on the same
-StaticKV. The descriptor is rebuilt when the kernels' state (kernels.state()) or a module's bound path changes.
+It takes the step when every module is one it knows (`step_reason`: float32 Linears without bias, QuantLinears with a
+bound 4-bit or 8-bit fast path (a "q4a8" layer takes int8 activations for calls of at most kernels.ACT8_TOKENS rows
+inside the step too, and "q4" above, as on its own path; a "q4bf" layer bfloat16 activations at every row count), the
+architecture's norms, no hooks) and the call has at most `Descriptor.rows` tokens, fewer than every quantised layer's
+crossover (from there the layers' dense path is faster, and LeanLlama takes it); other calls (a long prompt) run
+LeanLlama's per-layer path on the same StaticKV. `rows` is STEP_ROWS (256) for SmolLM2-135M and smaller models, scaled
+down by a token's multiply-adds for larger ones (at least 16, the step's first limit). Measured on SmolLM2-135M float32
+(Zen 4, a whole forward of M new tokens, step against the per-layer path, side by side): 0.54x the time at M = 17, 0.83x
+at 113, 0.84x at 128, 0.91x at 192, 0.95x at 256, 1.00x at 384, 1.33x at 1,024 (2 threads; 1 thread: 0.90x at 113, 0.97x
+at 256, 0.98x at 320, 1.25x at 1,024): the per-layer path's ~270 Python/torch calls cost ~35 ms more than the one call,
+the step's products ~9% more a row than torch's blocked GEMMs (the larger model's crossover scaled from this, not
+measured). The descriptor is rebuilt when the kernels' state (kernels.state()) or a module's bound path changes.
 BUDGETLM_LEAN_STEP=0 turns the step off.
 """
 
@@ -39,10 +44,16 @@ import time
 
 import torch
 
-from budgetlm.decode.lean import C_ATTENTION_ROWS, CGlue, LeanGemma3, LeanLlama, StaticKV
+from budgetlm.decode.lean import CGlue, LeanGemma3, LeanLlama, StaticKV
 from budgetlm.hardware.memory import release_freed_heap, rss_bytes
 
 DENSE, Q4, Q8, Q4BF, Q8BF = 0, 1, 2, 3, 4
+# new tokens up to which a call is one C call: STEP_ROWS at most, fewer for a model with more multiply-adds a token
+# than SmolLM2-135M's 106M (the step's products cost ~9% more a row than torch's GEMMs there, its fixed cost ~35 ms
+# less: the crossover falls as a token's work grows); never fewer than MIN_STEP_ROWS (module docstring)
+STEP_ROWS = 256
+STEP_ROW_MACS = 256 * 106_168_320  # STEP_ROWS at SmolLM2-135M's multiply-adds a token (its 30 layers' projections)
+MIN_STEP_ROWS = 16
 _ptr = ctypes.c_void_p
 
 
@@ -126,6 +137,12 @@ def _rss() -> int:
         return 0
 
 
+def _projections(layer) -> tuple:
+    """A decoder layer's seven projections: q, k, v, o, gate, up, down."""
+    att, mlp = layer.self_attn, layer.mlp
+    return att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 class Descriptor:
     """The C description of a model (step.c's step_model) and the tensors its pointers read."""
 
@@ -139,6 +156,7 @@ class Descriptor:
         self.checks: list = []
         self._checks: tuple | None = None
         self.crossover = 1 << 30
+        self.rows = MIN_STEP_ROWS  # calls of up to this many tokens take the step (set below from the model's size)
         self.reason: str | None = None
         rss0 = _rss()
         gemma = isinstance(rt, LeanGemma3)
@@ -165,13 +183,13 @@ class Descriptor:
                 sliding = rt.types[i] == "sliding_attention"
                 layers[i].window = rt.window if sliding else 0
                 layers[i].rope = rt.rope_kinds.index(rt.types[i])
-            for name, module in zip(("q", "k", "v", "o", "gate", "up", "down"),
-                                    (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj,
-                                     mlp.down_proj)):  # fmt: skip
+            for name, module in zip(("q", "k", "v", "o", "gate", "up", "down"), _projections(y)):
                 if not self._linear(getattr(layers[i], name), module):
                     return
                 parent = att if name in ("q", "k", "v", "o") else mlp
                 self.checks.append((parent._modules, f"{name}_proj", module))
+        macs = sum(m.in_features * m.out_features for y in rt.layers for m in _projections(y))
+        self.rows = max(MIN_STEP_ROWS, min(STEP_ROWS, STEP_ROW_MACS // max(1, macs)))
         md = _Model()
         md.layers, md.hidden, md.heads = len(rt.layers), rt.layers[0].self_attn.q_proj.in_features, rt.heads
         md.kv_heads, md.head_dim, md.inter = rt.kv_heads, rt.head_dim, rt.layers[0].mlp.gate_proj.out_features
@@ -265,7 +283,7 @@ class _OneCallStep:
         if self.desc is None or not self.desc.current(state):
             self.desc = Descriptor(self)
             if self.desc.reason is None:
-                floats = self.lib.lean_step_scratch(ctypes.byref(self.desc.md), C_ATTENTION_ROWS)
+                floats = self.lib.lean_step_scratch(ctypes.byref(self.desc.md), self.desc.rows)
                 self.scratch = torch.empty(floats)
         return self.desc
 
@@ -308,7 +326,7 @@ class _OneCallStep:
     def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
         m = ids.shape[1]
         desc = self.descriptor()
-        if m > C_ATTENTION_ROWS or m >= desc.crossover or desc.reason is not None or step_off() or ids.shape[0] != 1:
+        if m > desc.rows or m >= desc.crossover or desc.reason is not None or step_off() or ids.shape[0] != 1:
             return super().__call__(ids, start, cache, keep)
         m, end, _ = self._begin(ids, start, cache)
         cos, sin, cos2, sin2 = self._rope(start, end)
@@ -337,7 +355,7 @@ class _OneCallStep:
 
 
 class LeanStepLlama(_OneCallStep, LeanLlama):
-    """LeanLlama whose calls of 1..16 tokens run as one C call (module docstring)."""
+    """LeanLlama whose calls of 1..Descriptor.rows tokens run as one C call (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
         LeanLlama.__init__(self, model, glue)
@@ -345,7 +363,7 @@ class LeanStepLlama(_OneCallStep, LeanLlama):
 
 
 class LeanStepGemma3(_OneCallStep, LeanGemma3):
-    """LeanGemma3 whose calls of 1..16 tokens run as one C call (module docstring)."""
+    """LeanGemma3 whose calls of 1..Descriptor.rows tokens run as one C call (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, glue: CGlue | None = None):
         LeanGemma3.__init__(self, model, glue)

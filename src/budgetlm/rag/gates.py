@@ -48,12 +48,11 @@ def lm_loss(model, prefix_token: int, question_ids: list[int], emb: torch.Tensor
     return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
 
-@torch.inference_mode()
 def entropy_score(lm, prompt: str) -> float:
-    """Entropy (nats) of the next token after `prompt`, encoded as the LM protocol encodes a context."""
-    ids = lm.encode(prompt)[-lm.max_length :] or [lm.prefix_token]
-    hidden, _ = lm._hidden([ids])
-    logp = torch.nn.functional.log_softmax(lm._logits(hidden[0, -1:]), dim=-1)[0].double()
+    """Entropy (nats) of the next token after `prompt`, encoded as the LM protocol encodes a context. It runs on the
+    LM's query cache (models/lm.py next_token_logprobs), so when the gate says "no retrieval" the scoring of the
+    prompt's choices (query_loglikelihood) starts from this forward instead of feeding the prompt again."""
+    logp = lm.next_token_logprobs(prompt).double()
     return float(-(logp.exp() * logp).sum())
 
 

@@ -5,7 +5,8 @@ question and times each part (retrieval = encoding the query + searching the ind
 compression), so a task or `budgetlm rag ask` adds the model's scoring or generation on top.
 
 The work per gate: `never` none; `always` retrieval; `grad` the model's forward + backward on the question, then
-retrieval when it says so; `entropy` one forward on the prompt without retrieval, then retrieval when it says so;
+retrieval when it says so; `entropy` one forward on the prompt without retrieval (on the LM's query cache: when it
+says "no retrieval", the scoring of that prompt's choices starts from this forward), then retrieval when it says so;
 `margin` retrieval always (its score is the retrieval's), the passages used when it says so; `oracle` (tasks only)
 the item's own passage, no retrieval.
 """
@@ -68,7 +69,7 @@ def warm_up(lm) -> None:
     from budgetlm.models.encoder import embed
 
     embed(["warm-up"])
-    lm.loglikelihood([("Question: warm-up\nAnswer:", " yes")])
+    lm.query_loglikelihood([("Question: warm-up\nAnswer:", " yes")])
 
 
 def query_vector(question: str) -> np.ndarray:
