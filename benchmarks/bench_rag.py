@@ -2,7 +2,7 @@
 compressed pipeline with each gate; accuracy, paired tests, latency per query, prompt tokens, peak RSS.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py [--tasks sciq-rag,boolq-rag] [--model smollm2-135m]
-        [--limit 500] [--seed 0] [--k 3] [--budget 128] [--threads 2] [--json out.json]
+        [--limit 500] [--seed 0] [--k 3] [--budget 128[,64...]] [--threads 2] [--json out.json]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py --crossover [--sizes 1000 3000 ...]
 
 Every setting is the registered task with its options (rag/tasks.py), scored by the task's own per-item code in one
@@ -61,19 +61,19 @@ def crossover(sizes: list[int], repeats: int, threads: int) -> list[dict]:
     return rows
 
 
-def settings(k: int, budget: int) -> list[tuple[str, str]]:
-    """(label, task options) in table order."""
+def settings(k: int, budgets: list[int]) -> list[tuple[str, str]]:
+    """(label, task options) in table order: per compression budget, always-RAG compressed to it and AdaComp with
+    each gate."""
     out = [("no-RAG", "gate=never")]
     out += [(f"always k={n}", f"gate=always:k={n}") for n in (1, 3, 5)]
-    out += [(f"always k={k}, compressed {budget}", f"gate=always:k={k}:budget={budget}")]
+    out += [(f"always k={k}, compressed {b}", f"gate=always:k={k}:budget={b}") for b in budgets]
     out += [("oracle passage", "gate=oracle")]
-    out += [
-        (f"AdaComp {g} (k={k}, {budget})", f"gate={g}:k={k}:budget={budget}") for g in ("grad", "entropy", "margin")
-    ]
+    for b in budgets:
+        out += [(f"AdaComp {g} (k={k}, {b})", f"gate={g}:k={k}:budget={b}") for g in ("grad", "entropy", "margin")]
     return out
 
 
-def run_task(lm, task_name: str, k: int, budget: int, limit: int, seed: int) -> dict:
+def run_task(lm, task_name: str, k: int, budgets: list[int], limit: int, seed: int) -> dict:
     """Every setting on the same items, interleaved: item by item, each setting in turn (the order rotating), so
     the shared machine's load falls on all settings alike."""
     from budgetlm.data.tasks import tasks
@@ -84,7 +84,7 @@ def run_task(lm, task_name: str, k: int, budget: int, limit: int, seed: int) -> 
     from budgetlm.rag.pipeline import warm_up
 
     ctx = TaskContext(seed=seed)
-    runs = {label: tasks.get(f"{task_name}:{option}") for label, option in settings(k, budget)}
+    runs = {label: tasks.get(f"{task_name}:{option}") for label, option in settings(k, budgets)}
     data = {label: t.load(ctx) for label, t in runs.items()}
     items = sample_items(next(iter(data.values())).items, limit, seed)
     index = runs["always k=1"]._index(ctx)
@@ -102,7 +102,7 @@ def run_task(lm, task_name: str, k: int, budget: int, limit: int, seed: int) -> 
             for label in labels[n % len(labels) :] + labels[: n % len(labels)]:
                 t = runs[label]
                 threshold = calibration[label]["threshold"] if label in calibration else t.setting.threshold
-                with PeakRSS(label) as mem:
+                with PeakRSS(label, sample=False) as mem:  # VmHWM; no sampling thread taking time from the timed
                     records[label].append(t._score_item(lm, index, it, threshold))
                 peak[label] = max(peak[label], mem.peak_bytes)
             bar.advance()
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--budget", default="128", help="compression budget(s) in model tokens, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--crossover", action="store_true")
@@ -229,12 +229,14 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "limit": args.limit,
             "seed": args.seed,
+            "k": args.k,
+            "budgets": [int(b) for b in str(args.budget).split(",") if b.strip()],
             "load_before": load,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "tasks": {},
         }
         for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            res = run_task(lm, name, args.k, args.budget, args.limit, args.seed)
+            res = run_task(lm, name, args.k, out["budgets"], args.limit, args.seed)
             out["tasks"][name] = res
             out["load_after"] = os.getloadavg()
             if args.json:  # after each task: an hour of work is not lost to a later failure

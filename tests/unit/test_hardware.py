@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -360,3 +361,20 @@ def test_rtn_int8_model_size_matches_its_saved_file_and_hand_count(tiny, tmp_pat
     assert size["linear_bytes"].value == codes_and_scales
     assert size["linear_bpw"].value == pytest.approx(codes_and_scales * 8 / sum(o * i for o, i in shapes))
     assert size["params"].value == before["params"].value
+
+
+def test_peak_rss_without_a_sampler_where_vmhwm_is_reset(monkeypatch):
+    """sample=False: VmHWM alone sees the block's peak (no thread); where it cannot be reset, the sampler runs."""
+    if not memory.reset_hwm():
+        pytest.skip("this kernel does not let VmHWM be reset")
+    threads = threading.active_count()
+    with PeakRSS("quiet", sample=False) as mem:
+        assert threading.active_count() == threads  # no sampling thread
+        _alloc_and_hold(200 * MB)
+    assert mem.samples <= 2 and mem.hwm_peak is not None and mem.delta_bytes > 150 * MB
+    assert mem.metric().extra["method"] == "statm on exit + VmHWM (reset on entry)"
+    monkeypatch.setattr(memory, "reset_hwm", lambda: False)
+    with PeakRSS("fallback", sample=False) as later:
+        assert threading.active_count() == threads + 1
+        _alloc_and_hold(200 * MB)
+    assert later.samples > 3 and later.delta_bytes > 150 * MB

@@ -267,3 +267,24 @@ def test_compression_uses_the_given_sentence_vectors():
     q[2], q[0] = 1.0, 0.5
     c = compress(q, parts, 11, len)  # "alpha gamma" is 11 characters: gamma first, then alpha, in original order
     assert (c.text, c.kept, c.total) == ("alpha gamma", 2, 3)
+
+
+def test_a_querys_search_runs_blas_on_one_thread(monkeypatch):
+    """A threaded BLAS call leaves spinning threads on the cores the model's next forward needs (rag/index.py)."""
+    from threadpoolctl import threadpool_info
+
+    from budgetlm.rag import index as index_mod
+
+    seen = []
+    real = np.ndarray.__matmul__
+
+    class Probe(np.ndarray):
+        def __matmul__(self, other):
+            seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+            return real(np.asarray(self), other)
+
+    vecs = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.9, 0.0, 0.2]], dtype=np.float32).view(Probe)
+    scores, ids = index_mod.numpy_topk(vecs, q, 2)
+    assert ids.tolist() == [[1, 3]] and seen and all(n == 1 for n in seen[0]) and seen[0]
+    assert any(i["num_threads"] > 1 for i in threadpool_info() if i["user_api"] == "blas") or os.cpu_count() == 1

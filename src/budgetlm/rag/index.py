@@ -10,17 +10,21 @@ An index folder (written whole or not at all, utils.atomic_dir):
     bm25/             bm25s' own files, with --bm25
 Loading refuses, in one line, an index whose manifest names another encoder (another name or other weights).
 
-Search: faiss's IndexFlatIP, or below NUMPY_BELOW vectors a numpy matrix-vector product and argpartition, which
-was measured as fast there (benchmarks/bench_rag.py --crossover, one query, k = 5, loaded 2-core machine: numpy /
-faiss 0.08 / 0.04 ms at 1,000 vectors, 2.1 / 2.5 ms at 10,000, 20 / 8 ms at 30,000, 172 / 79 ms at 300,000 on one
-thread; faiss on two OpenMP threads was 2-3x *slower* than numpy from 10,000 up there, so faiss searches one query on
-one thread). Both are exact and return the same passages (ties aside). Hybrid search (an index with BM25) fuses the
-dense and the BM25 rankings of the top candidates by reciprocal rank fusion, score = sum 1 / (60 + rank) (Cormack
-et al., 2009); the scores it returns are still the dense cosines of the passages it returns.
+Search: faiss's IndexFlatIP, or below NUMPY_BELOW vectors a numpy matrix-vector product and argpartition, which was
+measured as fast there (benchmarks/bench_rag.py --crossover, one query, k = 5, loaded 2-core machine: numpy / faiss 0.08
+/ 0.04 ms at 1,000 vectors, 2.1 / 2.5 ms at 10,000, 20 / 8 ms at 30,000, 172 / 79 ms at 300,000 on one thread; faiss on
+two OpenMP threads was 2-3x *slower* than numpy from 10,000 up there, so faiss searches one query on one thread).
+numpy's product runs on one BLAS thread (`one_blas_thread`: a threaded call's spinning threads slowed the model's next
+forward by ~30%); so, idle machine: numpy / faiss 0.06-0.15 / 0.02-0.07 ms below 3,000 vectors, 1.4 / 1.2 ms at 10,000,
+4.2 / 4.4 at 30,000, 13 / 14 at 100,000 (a query's encoding takes ~10 ms). Both are exact and return the same passages
+(ties aside). Hybrid search (an index with BM25) fuses the dense and the BM25 rankings of the top candidates by
+reciprocal rank fusion, score = sum 1 / (60 + rank) (Cormack et al., 2009); the scores it returns are still the dense
+cosines of the passages it returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +117,25 @@ class Index:
         return Hit(i, score, p["text"], p["source"], [p["text"][a:b] for a, b in spans], vecs)
 
 
+_BLAS = None
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread. A threaded OpenBLAS call leaves its threads spinning for
+    ~0.1 s after it returns, on the cores the model's next forward needs: after a search of 4,246 vectors on two
+    threads the next 113-token forward of SmolLM2-135M took 224 ms instead of 174 (2 cores); one query's product is
+    too small to gain from threads (0.10 ms on one thread)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController().select(user_api="blas")
+    return _BLAS.limit(limits=1)
+
+
 def numpy_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = queries @ vectors.T
+    with one_blas_thread() if len(queries) <= 8 else contextlib.nullcontext():  # a batch of queries: threads pay
+        scores = queries @ vectors.T
     part = (
         np.argpartition(-scores, k - 1, axis=1)[:, :k]
         if k < scores.shape[1]
