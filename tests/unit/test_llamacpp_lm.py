@@ -61,6 +61,13 @@ def test_f32_loglikelihoods_rolling_and_token_logprobs_equal_torchs(tmp_path):
         for a, b in zip(cpp.token_logprobs(seqs), torch_lm.token_logprobs(seqs)):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+        # one query at a time (the RAG tasks): llama.cpp computes these too, not the torch module
+        assert cpp.query_loglikelihood(REQUESTS) == ours
+        for a, b in zip(cpp.query_loglikelihood(REQUESTS), torch_lm.query_loglikelihood(REQUESTS)):
+            assert abs(a[0] - b[0]) < 1e-3
+        torch.testing.assert_close(
+            cpp.next_token_logprobs("The cat"), torch_lm.next_token_logprobs("The cat"), atol=1e-3, rtol=0
+        )
     finally:
         cpp.close()
 

@@ -141,11 +141,7 @@ class LlamaCppLM(HFLM):
 
     # -- scoring -------------------------------------------------------------------------------------------
     def loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        fitted = []
-        for ctx, cont in (self._split(c, x) for c, x in reqs):  # HFLM's left truncation to max_length
-            cont = cont[-self.max_length :]
-            room = self.max_length + 1 - len(cont)
-            fitted.append((tuple(ctx[-room:]) if room > 0 else tuple(ctx[-1:]), tuple(cont)))
+        fitted = self._fit(reqs)  # HFLM's split and left truncation to max_length
         scores: dict[tuple, tuple[float, bool]] = {}
         for ctx, cont in sorted(set(fitted)):  # a context's continuations one after another: its cache is kept
             seq = list(ctx) + list(cont[:-1])
@@ -154,6 +150,17 @@ class LlamaCppLM(HFLM):
             picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
             scores[(ctx, cont)] = (float(picked.sum()), bool((logp.argmax(-1) == target).all()))
         return [scores[r] for r in fitted]
+
+    def query_loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """One query's requests: loglikelihood already feeds a context once and keeps llama.cpp's cache."""
+        return self.loglikelihood(reqs)
+
+    def next_token_logprobs(self, prompt: str) -> torch.Tensor:
+        ids = self.encode(prompt)[-self.max_length :] or [self.prefix_token]
+        return self._logprobs(ids, len(ids) - 1)[-1]
+
+    def query_reset(self) -> None:
+        pass
 
     def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[float]:
         stride = stride or self.max_length

@@ -101,6 +101,7 @@ class HFLM:
         tok = self.tokenizer
         self.prefix_token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self._query = None  # the CachedLM query_loglikelihood scores through (made at its first use)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -301,7 +302,7 @@ class HFLM:
     def _query_lm(self):
         from budgetlm.decode.cached import CachedLM
 
-        if getattr(self, "_query", None) is None:
+        if self._query is None:
             self._query = CachedLM(self.model, "query")
         return self._query
 
@@ -336,7 +337,7 @@ class HFLM:
 
     def query_reset(self) -> None:
         """Empty the query cache: the next query is fed from its first token."""
-        if getattr(self, "_query", None) is not None:
+        if self._query is not None:
             self._query.clear()
 
     # -- rolling loglikelihood (perplexity) ----------------------------------------------------------------
