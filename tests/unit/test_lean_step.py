@@ -460,3 +460,25 @@ def test_gelu_tanh_mul_is_torchs_tanh_gelu():
     lib.lean_gelu_tanh_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), out.data_ptr())
     want = F.gelu(gate.double(), approximate="tanh") * up.double()
     torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=1e-7)
+
+
+def test_gemma_replaced_norm_weights_are_read_again(kernels_on):
+    """A Gemma norm weight replaced after the runtime was made: the step (its descriptor rebuilt) and the per-layer
+    path make their 1 + w copies again, so both follow transformers' forward with the new weights."""
+    from budgetlm.decode.lean import LeanGemma3
+
+    model = gemma(kv_heads=1)
+    quantise(model, PLANS["q4"])
+    seq = torch.randint(0, 256, (SEQ_LEN,), generator=torch.Generator().manual_seed(4)).tolist()
+    rt, ref = gemma_step(model), LeanGemma3(model)
+    before = run_calls(rt, seq)
+    close(run_calls(ref, seq), before)
+    y = model.model.layers[1]
+    for norm in (y.post_feedforward_layernorm, y.self_attn.k_norm, model.model.norm):
+        norm.weight = torch.nn.Parameter(torch.rand(norm.weight.shape) - 0.5)
+    want = wanted_rows(full_logits(model, seq))
+    assert not torch.allclose(want, before, atol=1e-2)  # the new weights change the logits
+    got = run_calls(rt, seq)
+    assert rt.lib.steps == 2 * STEPPED
+    close(got, want)
+    close(run_calls(ref, seq), want)

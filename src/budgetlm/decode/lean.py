@@ -23,6 +23,7 @@ LeanStepGemma3 (decode/lean_step.py): calls of up to 256 tokens (fewer for large
 
 from __future__ import annotations
 
+import operator
 import os
 import statistics
 import time
@@ -370,19 +371,31 @@ class LeanGemma3(LeanLlama):
         self.types = list(cfg.layer_types)[: len(self.layers)]
         self.window = int(cfg.sliding_window or 0)
         self.softcap = cfg.final_logit_softcapping
-
-        def scaled(norm):  # Gemma's norm multiplies by (1 + w) in float32, as its forward does
-            return (1.0 + norm.weight.float()).to(self.dtype), norm.eps
-
-        self.norms = [
-            [scaled(n) for n in (y.input_layernorm, y.post_attention_layernorm, y.pre_feedforward_layernorm,
-                                 y.post_feedforward_layernorm, y.self_attn.q_norm, y.self_attn.k_norm)]
+        self._norm_modules = [
+            n
             for y in self.layers
-        ]  # fmt: skip
-        self.final = scaled(self.norm)
+            for n in (y.input_layernorm, y.post_attention_layernorm, y.pre_feedforward_layernorm,
+                      y.post_feedforward_layernorm, y.self_attn.q_norm, y.self_attn.k_norm)
+        ] + [self.norm]  # fmt: skip
+        self._norm_dicts = [n._parameters for n in self._norm_modules]
+        self._norm_sources: list = []
+        self.refresh_norms()
+
+    def refresh_norms(self) -> bool:
+        """(Re)make the 1 + w copies where a norm's weight was replaced since they were made (not a weight changed in
+        place); True when it did. Gemma's norm multiplies by (1 + w) in float32, as its forward does."""
+        sources = [d.get("weight") for d in self._norm_dicts]
+        if len(sources) == len(self._norm_sources) and all(map(operator.is_, sources, self._norm_sources)):
+            return False
+        copies = [((1.0 + n.weight.float()).to(self.dtype), n.eps) for n in self._norm_modules]
+        self.norms = [copies[6 * i : 6 * i + 6] for i in range(len(self.layers))]
+        self.final = copies[-1]
+        self._norm_sources = sources
+        return True
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, start: int, cache: StaticKV, keep: int) -> torch.Tensor:
+        self.refresh_norms()
         m, end, lin = self._begin(ids, start, cache)
         g, d = self.glue, self.head_dim
 

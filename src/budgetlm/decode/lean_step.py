@@ -160,6 +160,8 @@ class Descriptor:
         self.reason: str | None = None
         rss0 = _rss()
         gemma = isinstance(rt, LeanGemma3)
+        if gemma:
+            rt.refresh_norms()  # a replaced norm weight (what made this descriptor stale) gets its 1 + w copy first
         layers = (_Layer * len(rt.layers))()
         for i, y in enumerate(rt.layers):
             att, mlp = y.self_attn, y.mlp
