@@ -2,7 +2,8 @@
 compressed pipeline with each gate; accuracy, paired tests, latency per query, prompt tokens, peak RSS.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py [--tasks sciq-rag,boolq-rag] [--model smollm2-135m]
-        [--limit 500] [--seed 0] [--k 3] [--budget 128[,64...]] [--threads 2] [--json out.json]
+        [--limit 500] [--seed 0] [--k 3] [--budget 128[,64,none...]] [--only PREFIX,...]
+        [--threads 2] [--json out.json]
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rag.py --crossover [--sizes 1000 3000 ...]
 
 Every setting is the registered task with its options (rag/tasks.py), scored by the task's own per-item code in one
@@ -61,19 +62,22 @@ def crossover(sizes: list[int], repeats: int, threads: int) -> list[dict]:
     return rows
 
 
-def settings(k: int, budgets: list[int]) -> list[tuple[str, str]]:
-    """(label, task options) in table order: per compression budget, always-RAG compressed to it and AdaComp with
-    each gate."""
+def settings(k: int, budgets: list[int | None], only: list[str] | None = None) -> list[tuple[str, str]]:
+    """(label, task options) in table order: per compression budget (None: the k passages as retrieved), always-RAG
+    compressed to it and AdaComp with each gate; `only`: the settings whose label starts with one of these."""
     out = [("no-RAG", "gate=never")]
     out += [(f"always k={n}", f"gate=always:k={n}") for n in (1, 3, 5)]
-    out += [(f"always k={k}, compressed {b}", f"gate=always:k={k}:budget={b}") for b in budgets]
+    out += [(f"always k={k}, compressed {b}", f"gate=always:k={k}:budget={b}") for b in budgets if b is not None]
     out += [("oracle passage", "gate=oracle")]
     for b in budgets:
-        out += [(f"AdaComp {g} (k={k}, {b})", f"gate={g}:k={k}:budget={b}") for g in ("grad", "entropy", "margin")]
-    return out
+        size, option = (f"k={k}", f"k={k}") if b is None else (f"k={k}, {b}", f"k={k}:budget={b}")
+        out += [(f"AdaComp {g} ({size})", f"gate={g}:{option}") for g in ("grad", "entropy", "margin")]
+    return [(label, o) for label, o in out if not only or any(label.startswith(p) for p in only)]
 
 
-def run_task(lm, task_name: str, k: int, budgets: list[int], limit: int, seed: int) -> dict:
+def run_task(
+    lm, task_name: str, k: int, budgets: list[int | None], limit: int, seed: int, only: list[str] | None = None
+) -> dict:
     """Every setting on the same items, interleaved: item by item, each setting in turn (the order rotating), so
     the shared machine's load falls on all settings alike."""
     from budgetlm.data.tasks import tasks
@@ -84,7 +88,7 @@ def run_task(lm, task_name: str, k: int, budgets: list[int], limit: int, seed: i
     from budgetlm.rag.pipeline import warm_up
 
     ctx = TaskContext(seed=seed)
-    runs = {label: tasks.get(f"{task_name}:{option}") for label, option in settings(k, budgets)}
+    runs = {label: tasks.get(f"{task_name}:{option}") for label, option in settings(k, budgets, only)}
     data = {label: t.load(ctx) for label, t in runs.items()}
     items = sample_items(next(iter(data.values())).items, limit, seed)
     index = runs["always k=1"]._index(ctx)
@@ -183,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--budget", default="128", help="compression budget(s) in model tokens, comma-separated")
+    ap.add_argument(
+        "--budget", default="128", help="compression budget(s) in model tokens, comma-separated; none: uncompressed"
+    )
+    ap.add_argument("--only", default=None, help="comma-separated label prefixes: run only those settings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--crossover", action="store_true")
@@ -230,13 +237,15 @@ def main(argv: list[str] | None = None) -> None:
             "limit": args.limit,
             "seed": args.seed,
             "k": args.k,
-            "budgets": [int(b) for b in str(args.budget).split(",") if b.strip()],
+            "budgets": [None if b.strip() == "none" else int(b) for b in str(args.budget).split(",") if b.strip()],
+            "only": args.only,
             "load_before": load,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "tasks": {},
         }
         for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            res = run_task(lm, name, args.k, out["budgets"], args.limit, args.seed)
+            only = [p.strip() for p in args.only.split(",")] if args.only else None
+            res = run_task(lm, name, args.k, out["budgets"], args.limit, args.seed, only)
             out["tasks"][name] = res
             out["load_after"] = os.getloadavg()
             if args.json:  # after each task: an hour of work is not lost to a later failure
