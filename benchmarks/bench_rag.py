@@ -11,7 +11,7 @@ process on the same seeded sample of the task's evaluation fold (`--limit` items
 samples), interleaved (item by item, every setting in turn, the order rotating) so that the shared machine's load falls
 on all settings alike; the gates' thresholds are calibrated first on the calibration fold (disjoint; its size and the
 threshold are printed). Items are scored one at a time (batch 1, through the decode runtime with its KV cache:
-models/lm.py query_loglikelihood), so `latency` is a query's: query encoding + search + gate scoring + compression + the
+decode/query.py), so `latency` is a query's: query encoding + search + gate scoring + compression + the
 model's loglikelihood of every choice. Paired tests: McNemar on acc (evaluation/stats.py) against the best always-RAG
 setting (highest acc of k = 1, 3, 5) and against no-RAG; latency change against the best always-RAG setting. Peak RSS:
 the process's, sampled while the setting ran (hardware/memory.py PeakRSS around each of its items, the maximum; model,

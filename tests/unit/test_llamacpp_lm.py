@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from budgetlm.api import apply, export, load  # noqa: E402
+from budgetlm.decode import query  # noqa: E402
 from budgetlm.evaluation.llamacpp_lm import LlamaCppLM  # noqa: E402
 from budgetlm.experiments import store as st  # noqa: E402
 from budgetlm.models.lm import HFLM, GenArgs  # noqa: E402
@@ -62,11 +63,11 @@ def test_f32_loglikelihoods_rolling_and_token_logprobs_equal_torchs(tmp_path):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
         # one query at a time (the RAG tasks): llama.cpp computes these too, not the torch module
-        assert cpp.query_loglikelihood(REQUESTS) == ours
-        for a, b in zip(cpp.query_loglikelihood(REQUESTS), torch_lm.query_loglikelihood(REQUESTS)):
+        assert query.loglikelihood(cpp, REQUESTS) == ours
+        for a, b in zip(query.loglikelihood(cpp, REQUESTS), query.loglikelihood(torch_lm, REQUESTS)):
             assert abs(a[0] - b[0]) < 1e-3
         torch.testing.assert_close(
-            cpp.next_token_logprobs("The cat"), torch_lm.next_token_logprobs("The cat"), atol=1e-3, rtol=0
+            query.next_token_logprobs(cpp, "The cat"), query.next_token_logprobs(torch_lm, "The cat"), atol=1e-3, rtol=0
         )
     finally:
         cpp.close()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from budgetlm.decode import query
 from budgetlm.models.lm import HFLM, GenArgs
 
 
@@ -274,7 +275,7 @@ def test_other_attention_kernels_take_the_cached_pass(tiny, monkeypatch):
 def test_query_loglikelihood_matches_full_forward_and_the_batched_pass(tiny):
     lm = HFLM(tiny)
     batched = lm.loglikelihood(REQS)
-    for (ctx, cont), (ll, greedy), (b, _) in zip(REQS, lm.query_loglikelihood(REQS), batched):
+    for (ctx, cont), (ll, greedy), (b, _) in zip(REQS, query.loglikelihood(lm, REQS), batched):
         ref, ref_greedy = reference_loglik(tiny.model, *lm._split(ctx, cont))
         assert abs(ll - ref) < 1e-3 and greedy == ref_greedy, (ctx, cont, ll, ref)
         assert abs(ll - b) < 1e-4
@@ -285,22 +286,22 @@ def test_query_feeds_a_context_once_and_reuses_the_gates_forward(tiny):
     prompt = "Question: is the sky blue?\nAnswer:"
     one = [(prompt, "y"), (prompt, "n")]  # one token each (the tiny model's tokenizer is byte-level)
     many = [(prompt, " yes it is blue"), (prompt, " no, it is red"), (prompt, " yes")]
-    fresh = lm.query_loglikelihood(one)
-    lm.query_reset()
-    logp = lm.next_token_logprobs(prompt)
-    cached = lm._query_lm()
+    fresh = query.loglikelihood(lm, one)
+    query.reset(lm)
+    logp = query.next_token_logprobs(lm, prompt)
+    cached = query._cached(lm)
     fed = cached.fed
-    assert lm.query_loglikelihood(one) == fresh  # the same scores, bitwise, from the gate's forward ...
+    assert query.loglikelihood(lm, one) == fresh  # the same scores, bitwise, from the gate's forward ...
     assert cached.fed == fed  # ... which fed nothing more: single-token choices read the prompt's last row
     ids = lm.encode(prompt)
     assert all(len(lm._split(c, x)[1]) == 1 for c, x in one)
     assert [float(logp[lm._split(c, x)[1][0]]) for c, x in one] == pytest.approx([ll for ll, _ in fresh], abs=1e-6)
     before = cached.fed
-    out = lm.query_loglikelihood(many)
+    out = query.loglikelihood(lm, many)
     conts = [lm._split(c, x)[1] for c, x in many]
     assert lm._split(prompt, " yes")[0] == ids
     assert cached.fed - before == sum(len(c) - 1 for c in conts)  # the context is not fed again
-    lm.query_reset()
-    lm.query_loglikelihood([("Something else entirely", " first")])  # an earlier query ...
-    lm.query_reset()
-    assert lm.query_loglikelihood(many) == out  # ... leaves no trace after query_reset
+    query.reset(lm)
+    query.loglikelihood(lm, [("Something else entirely", " first")])  # an earlier query ...
+    query.reset(lm)
+    assert query.loglikelihood(lm, many) == out  # ... leaves no trace after query_reset

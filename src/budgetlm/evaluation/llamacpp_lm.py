@@ -141,7 +141,7 @@ class LlamaCppLM(HFLM):
 
     # -- scoring -------------------------------------------------------------------------------------------
     def loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        fitted = self._fit(reqs)  # HFLM's split and left truncation to max_length
+        fitted = self.fit_requests(reqs)  # HFLM's split and left truncation to max_length
         scores: dict[tuple, tuple[float, bool]] = {}
         for ctx, cont in sorted(set(fitted)):  # a context's continuations one after another: its cache is kept
             seq = list(ctx) + list(cont[:-1])
@@ -151,6 +151,7 @@ class LlamaCppLM(HFLM):
             scores[(ctx, cont)] = (float(picked.sum()), bool((logp.argmax(-1) == target).all()))
         return [scores[r] for r in fitted]
 
+    # one query at a time (decode/query.py calls these): llama.cpp computes them too, not the torch module
     def query_loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         """One query's requests: loglikelihood already feeds a context once and keeps llama.cpp's cache."""
         return self.loglikelihood(reqs)

@@ -101,7 +101,6 @@ class HFLM:
         tok = self.tokenizer
         self.prefix_token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self._query = None  # the CachedLM query_loglikelihood scores through (made at its first use)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -145,7 +144,7 @@ class HFLM:
         ctx = self.encode(context)
         return whole[: len(ctx)], whole[len(ctx) :]
 
-    def _fit(self, reqs: list[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    def fit_requests(self, reqs: list[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """Each request split (_split) and truncated from the left so that context + continuation fits (the last
         token is never fed)."""
         fitted = []
@@ -157,7 +156,7 @@ class HFLM:
 
     @torch.inference_mode()
     def loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        fitted = self._fit(reqs)
+        fitted = self.fit_requests(reqs)
         groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         for ctx, cont in fitted:
             conts = groups.setdefault(ctx, [])
@@ -297,48 +296,6 @@ class HFLM:
                 picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
                 greedy = bool((logp.argmax(-1) == target).all())
                 scores[(contexts[g], cont)] = (float(picked.sum()), greedy)
-
-    # -- one query at a time: the decode runtime with its cache kept between calls ------------------------------
-    def _query_lm(self):
-        from budgetlm.decode.cached import CachedLM
-
-        if self._query is None:
-            self._query = CachedLM(self.model, "query")
-        return self._query
-
-    @torch.inference_mode()
-    def next_token_logprobs(self, prompt: str) -> torch.Tensor:
-        """log p of the token after `prompt` (encoded as loglikelihood encodes a context), [vocab] fp32, through
-        query_loglikelihood's runtime and cache: a later query_loglikelihood whose context is this prompt feeds
-        only its continuations."""
-        ids = self.encode(prompt)[-self.max_length :] or [self.prefix_token]
-        return F.log_softmax(self._query_lm().logits(ids, len(ids) - 1)[-1], dim=-1)
-
-    @torch.inference_mode()
-    def query_loglikelihood(self, reqs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """loglikelihood for the requests of one query (a few choices, usually one context), scored the way a
-        server answers a single query: through the decode runtime (decode/cached.py CachedLM: the lean forward for
-        Llama / Gemma 3 models, transformers' otherwise) with a KV cache. Each context is fed alone first (its last
-        row scores every continuation's first token), then each continuation but its last token on top of its
-        cache, so single-token choices cost no forward beyond the context's; a context next_token_logprobs already
-        fed (the entropy gate's prompt, rag/gates.py) is not fed again, and its scores are the same either way.
-        Same requests, split and truncation as loglikelihood; the sums agree with it to float32 rounding (other
-        kernels), not bitwise. query_reset() before each query makes its scores independent of earlier queries."""
-        cached = self._query_lm()
-        out = []
-        for ctx, cont in self._fit(reqs):
-            first = cached.logits(list(ctx), len(ctx) - 1)
-            rows = cached.logits(list(ctx) + list(cont[:-1]), len(ctx)) if len(cont) > 1 else first[:0]
-            logp = F.log_softmax(torch.cat([first, rows]), dim=-1)
-            target = torch.tensor(cont)
-            picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
-            out.append((float(picked.sum()), bool((logp.argmax(-1) == target).all())))
-        return out
-
-    def query_reset(self) -> None:
-        """Empty the query cache: the next query is fed from its first token."""
-        if self._query is not None:
-            self._query.clear()
 
     # -- rolling loglikelihood (perplexity) ----------------------------------------------------------------
     def rolling_tokens(self, text: str) -> list[int]:

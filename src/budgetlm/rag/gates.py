@@ -50,9 +50,11 @@ def lm_loss(model, prefix_token: int, question_ids: list[int], emb: torch.Tensor
 
 def entropy_score(lm, prompt: str) -> float:
     """Entropy (nats) of the next token after `prompt`, encoded as the LM protocol encodes a context. It runs on the
-    LM's query cache (models/lm.py next_token_logprobs), so when the gate says "no retrieval" the scoring of the
-    prompt's choices (query_loglikelihood) starts from this forward instead of feeding the prompt again."""
-    logp = lm.next_token_logprobs(prompt).double()
+    LM's query cache (decode/query.py), so when the gate says "no retrieval" the scoring of the prompt's choices
+    (query.loglikelihood) starts from this forward instead of feeding the prompt again."""
+    from budgetlm.decode import query
+
+    logp = query.next_token_logprobs(lm, prompt).double()
     return float(-(logp.exp() * logp).sum())
 
 

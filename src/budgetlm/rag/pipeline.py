@@ -66,10 +66,11 @@ class Prepared:
 
 def warm_up(lm) -> None:
     """Load the encoder and run the model once before anything is timed (the first call of each pays its set-up)."""
+    from budgetlm.decode import query
     from budgetlm.models.encoder import embed
 
     embed(["warm-up"])
-    lm.query_loglikelihood([("Question: warm-up\nAnswer:", " yes")])
+    query.loglikelihood(lm, [("Question: warm-up\nAnswer:", " yes")])
 
 
 def query_vector(question: str) -> np.ndarray:

@@ -17,7 +17,7 @@ Items: the split is cut once into a calibration fold (CAL_PERCENT of the items, 
 with a fixed seed, like folds.py) and an evaluation fold (the rest). Every setting evaluates the evaluation fold
 only (so settings pair item by item); a scored gate's threshold is calibrated on up to CAL_ITEMS items of the
 calibration fold, sampled with the run's seed. Each item is scored alone, as a server answers one query: through the
-decode runtime with its KV cache (models/lm.py query_loglikelihood: the context fed once, each choice on top of it;
+decode runtime with its KV cache (decode/query.py: the context fed once, each choice on top of it;
 where the entropy gate said "no retrieval", its own forward on the prompt is that context), so that its latency is
 a query's: retrieval + gate + compression + the model's scoring. Calibration scores its outcomes the same way.
 """
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate, means
+from budgetlm.decode import query
 from budgetlm.errors import ConfigError, UnknownNameError
 from budgetlm.rag.pipeline import Setting, prepare, warm_up
 
@@ -149,12 +150,12 @@ class RagTask(MultipleChoiceTask):
     def _score_item(self, lm, index, it: Item, threshold: float | None) -> dict:
         doc = it.doc
         no_rag = self.base.doc_to_text({**doc, self.key: ""})
-        lm.query_reset()  # an item's scores never depend on the items before it
+        query.reset(lm)  # an item's scores never depend on the items before it
         t0 = time.perf_counter()
         prep = prepare(lm, index, self.question(doc), self.setting, no_rag, threshold, oracle=doc[self.key])
         reqs = self.requests_with(doc, prep.context)
         t1 = time.perf_counter()
-        lls = [ll for ll, _ in lm.query_loglikelihood(reqs)]
+        lls = [ll for ll, _ in query.loglikelihood(lm, reqs)]
         t2 = time.perf_counter()
         rec = self._record(it, lls)
         rec.update(
@@ -222,7 +223,7 @@ def calibration_evidence(task: RagTask, lm, index, items: list[Item]) -> list[di
     for it in items:
         q = task.question(it.doc)
         no_rag = task.base.doc_to_text({**it.doc, task.key: ""})
-        lm.query_reset()
+        query.reset(lm)
         prep = prepare(lm, index, q, always, no_rag)
         qvec = query_vector(q)
         out.append(
@@ -236,8 +237,8 @@ def calibration_evidence(task: RagTask, lm, index, items: list[Item]) -> list[di
         reqs_with.append(task.requests_with(it.doc, prep.context))
     for name, reqs in (("correct_without", reqs_without), ("correct_with", reqs_with)):
         for e, it, rs in zip(out, items, reqs):  # scored as an evaluated item is (_score_item)
-            lm.query_reset()
-            e[name] = task._record(it, [ll for ll, _ in lm.query_loglikelihood(rs)])["acc"]
+            query.reset(lm)
+            e[name] = task._record(it, [ll for ll, _ in query.loglikelihood(lm, rs)])["acc"]
     _EVIDENCE[key] = out
     return out
 
