@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cal-items", type=int, default=300, help="calibration items per task (rag/tasks.py CAL_ITEMS)")
     ap.add_argument("--tables", default=None, help="print the tables of an earlier --json file and stop")
     args = ap.parse_args(argv)
+    try:
+        budgets = [None if b.strip() == "none" else int(b) for b in str(args.budget).split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--budget {args.budget}: whole numbers of model tokens or 'none', comma-separated (e.g. 128,64)")
+    if not budgets or any(b is not None and b < 1 for b in budgets):
+        ap.error(f"--budget {args.budget}: at least one budget, each at least 1 token or 'none'")
     if args.tables:
         with open(args.tables) as f:
             saved = json.load(f)
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             "limit": args.limit,
             "seed": args.seed,
             "k": args.k,
-            "budgets": [None if b.strip() == "none" else int(b) for b in str(args.budget).split(",") if b.strip()],
+            "budgets": budgets,
             "only": args.only,
             "load_before": load,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
