@@ -69,6 +69,10 @@ def test_f32_loglikelihoods_rolling_and_token_logprobs_equal_torchs(tmp_path):
         torch.testing.assert_close(
             query.next_token_logprobs(cpp, "The cat"), query.next_token_logprobs(torch_lm, "The cat"), atol=1e-3, rtol=0
         )
+        assert cpp.session.tokens  # the last query's tokens are cached ...
+        query.reset(cpp)
+        assert cpp.session.tokens == [] and len(cpp.session.rows) == 0  # ... until the next query starts afresh
+        assert query.loglikelihood(cpp, REQUESTS[:1]) == ours[:1]
     finally:
         cpp.close()
 

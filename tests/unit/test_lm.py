@@ -258,6 +258,21 @@ def test_gemma3_sliding_window_packs_short_and_falls_back_for_long(monkeypatch):
     assert seen == {"packed": 5, "cached": 6}  # the contexts "Q: 1+1?", "x" and "" fit the window
 
 
+def test_gemma3_cached_pass_never_pads_between_a_context_and_its_continuations(monkeypatch):
+    """Contexts longer than the window, of different lengths: were they padded to one width in a batch, the padding
+    would sit between a shorter context and its continuations and count against the sliding window (it counts cache
+    slots). Each context is fed in a batch of its own; every request equals its own full forward pass."""
+    handle = tiny_gemma3(sliding_window=8)
+    lm = HFLM(handle)
+    base = "The quick brown fox jumps over the lazy dog. "
+    reqs = [(base, " and then" * 3), (base + "more words", " words" * 8), (base, " x"), (base + "z", " y y")]
+    seen = count_paths(monkeypatch, lm)
+    batches, spied = [], lm._score_groups
+    monkeypatch.setattr(lm, "_score_groups", lambda c, g, s: (batches.append(len(c)), spied(c, g, s)))
+    assert_matches(lm.loglikelihood(reqs), reference_each(lm, reqs))
+    assert seen == {"packed": 0, "cached": 4} and batches == [1, 1, 1]  # three distinct contexts, a batch each
+
+
 def test_gemma3_eager_attention_takes_an_additive_mask(monkeypatch):
     handle = tiny_gemma3(sliding_window=512, attn="eager")
     lm = HFLM(handle)

@@ -154,6 +154,50 @@ def test_gates_run_as_calibrated_and_deterministic(data):
     assert all(r["prompt_tokens"] <= 48 + len(lm.encode(f"\nQuestion: {r['id']}")) + 200 for r in always.records)
 
 
+class NoTorchModel:
+    """An LM computed outside torch (as LlamaCppLM: `model` is None), answering single queries itself through the
+    query hooks; it wraps tiny-random's HFLM for the numbers."""
+
+    runtime = "llama.cpp"
+    model = None
+
+    def __init__(self, inner):
+        self.inner, self.max_length, self.prefix_token = inner, inner.max_length, inner.prefix_token
+        self.encode, self.fit_requests = inner.encode, inner.fit_requests
+
+    def query_loglikelihood(self, reqs):
+        return self.inner.loglikelihood(reqs)
+
+    loglikelihood = query_loglikelihood
+
+    def next_token_logprobs(self, prompt):
+        from budgetlm.decode import query
+
+        return query.next_token_logprobs(self.inner, prompt)
+
+    def query_reset(self):
+        pass
+
+
+def test_gates_on_an_lm_without_a_torch_model(data):
+    """entropy and margin need no gradient: they calibrate and run (the evidence has no grad score); grad is refused
+    in one line, before any work."""
+    from budgetlm.models.lm import HFLM
+    from budgetlm.models.sources import tiny_random
+
+    ctx = TaskContext(data_dir=data, seed=0)
+    lm = NoTorchModel(HFLM(tiny_random()))
+    for gate in ("entropy", "margin"):
+        task = tasks.get(f"sciq-rag:gate={gate}:k=2")
+        res = task.run(lm, task.load(ctx).items, ctx)
+        assert res.metrics["acc"].extra["calibration"]["n"] > 0
+    for name in ("sciq-rag:gate=grad", "sciq-rag:gate=grad:threshold=1"):
+        task = tasks.get(name)
+        with pytest.raises(ConfigError, match="^gate 'grad' needs the torch model's input-embedding gradient, which "
+                           "the llama.cpp runtime does not give: use gate=entropy or gate=margin there$"):  # fmt: skip
+            task.run(lm, task.load(ctx).items, ctx)
+
+
 def cli(*args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "budgetlm.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
@@ -181,3 +225,23 @@ def test_rag_index_and_ask_end_to_end(tmp_path):
     assert set(got["seconds"]) == {"retrieve_s", "gate_s", "compress_s", "generate_s", "total_s"}
     never = json.loads(cli(*args, "--gate", "entropy", "--threshold", "1e9", "--json", env=env).stdout)
     assert not never["retrieved"] and never["context"] == "" and never["score"] > 0
+
+
+def test_rag_tasks_run_after_the_others_and_report_in_the_order_asked(data, monkeypatch):
+    """The decode runtime a RAG task builds may switch quantised layers' kernels for the process: the tasks scored by
+    the batched pass run first, whatever the order asked, and the results keep the order asked."""
+    from budgetlm.data.tasks.base import MultipleChoiceTask
+    from budgetlm.evaluation.harness import evaluate
+    from budgetlm.models.sources import tiny_random
+    from budgetlm.rag.tasks import RagTask
+
+    ran = []
+    for cls in (MultipleChoiceTask, RagTask):
+        real = cls.run
+        monkeypatch.setattr(
+            cls, "run", lambda self, *a, _real=real, **k: (ran.append(self.name), _real(self, *a, **k))[1]
+        )
+    asked = ["sciq-rag:gate=never", "sciq", "boolq-rag:gate=always:k=1", "boolq"]
+    res = evaluate(tiny_random(), asked, data_dir=data)
+    assert ran == ["sciq", "boolq", "sciq-rag:gate=never", "boolq-rag:gate=always:k=1"]
+    assert list(res) == asked

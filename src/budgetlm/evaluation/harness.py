@@ -154,8 +154,12 @@ def evaluate(
     decoding_note = decoding_note or getattr(lm, "decoding_note", "")
     results: dict[str, dict[str, Metric]] = {}
     records: dict[str, list[dict]] = {}
+    # tasks scored through the decode runtime last: building it may switch quantised layers to budgetlm's own kernels
+    # for the process (decode/lean_step.py own_kernels_pay), which must not change the other tasks' numbers
+    decodes = [getattr(t, "decode_runtime", False) or (decoder is not None and t.kind == "generate") for t in resolved]
+    order = sorted(range(len(resolved)), key=decodes.__getitem__)
     with Progress("eval", len(resolved), enabled=progress) as bar:
-        for asked, task in zip(tasks, resolved):
+        for asked, task in ((tasks[i], resolved[i]) for i in order):
             bar.status(f"{task.name}: loading the items", line=False)  # a bad data file: its error, no line
             t0 = time.perf_counter()
             data = task.load(ctx)
@@ -188,6 +192,8 @@ def evaluate(
                 m.extra["contamination"] = contamination[task.name]
             records[task.name] = res.records
             bar.advance(f"{task.name} done in {duration(seconds)}")
+    results = {t.name: results[t.name] for t in resolved}  # the order asked for
+    records = {t.name: records[t.name] for t in resolved}
     if out_dir is not None:
         write_outputs(Path(out_dir), results, records)
     return results

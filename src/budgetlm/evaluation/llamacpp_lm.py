@@ -103,6 +103,12 @@ class _Session:
         self.tokens = list(seq)
         return new if not all_rows else self.rows
 
+    def reset(self) -> None:
+        """Forget every cached position: the next call feeds its sequence from the start."""
+        self.lib.llama_memory_seq_rm(self.memory, 0, 0, -1)
+        self.tokens = []
+        self.rows = self.rows[:0]
+
     def step(self, token: int) -> np.ndarray:
         """Feed one token after the cached ones (generation); its logits row."""
         row = self._decode([token], len(self.tokens), False)
@@ -161,7 +167,8 @@ class LlamaCppLM(HFLM):
         return self._logprobs(ids, len(ids) - 1)[-1]
 
     def query_reset(self) -> None:
-        pass
+        """The next query is fed from its first token (a shared prefix with the previous one is not reused)."""
+        self.session.reset()
 
     def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[float]:
         stride = stride or self.max_length

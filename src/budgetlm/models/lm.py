@@ -167,7 +167,10 @@ class HFLM:
         packed = [c for c in groups if len(c) + max(len(x) for x in groups[c]) - 1 <= window]
         self._score_packed(packed, groups, scores)
         cached = sorted(set(groups).difference(packed), key=lambda c: -len(c))  # similar lengths share a batch
-        for chunk in _chunks_by_budget([len(c) for c in cached], self.batch_size, TOKEN_BUDGET):
+        # a sliding window counts cache slots: padding a shorter context to a batch's width would put slots between
+        # it and its continuations, so where a layer slides each context gets a batch of its own
+        per_batch = 1 if self._slides() else self.batch_size
+        for chunk in _chunks_by_budget([len(c) for c in cached], per_batch, TOKEN_BUDGET):
             self._score_groups([cached[i] for i in chunk], groups, scores)
         return [scores[(ctx, cont)] for ctx, cont in fitted]
 
@@ -186,9 +189,14 @@ class HFLM:
             or not getattr(cfg, "is_causal", True)
         ):
             return 0
-        window = getattr(cfg, "sliding_window", None)
-        slides = "sliding_attention" in kinds or not getattr(cfg, "layer_types", None)  # Mistral: every layer
-        return window if window and slides else float("inf")
+        return cfg.sliding_window if self._slides() else float("inf")
+
+    def _slides(self) -> bool:
+        """Whether some layer attends to a sliding window only."""
+        cfg = self.model.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        every = not getattr(cfg, "layer_types", None)  # Mistral: a sliding_window applies to every layer
+        return bool(getattr(cfg, "sliding_window", None)) and ("sliding_attention" in kinds or every)
 
     def _score_packed(self, contexts, groups, scores) -> None:
         """Stretches (a context and its continuations; split only where they exceed max_length + 1 tokens) packed

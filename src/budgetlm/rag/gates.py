@@ -72,6 +72,12 @@ def decide(gate: str, score: float | None, threshold: float | None) -> bool:
     return score >= threshold
 
 
+def candidate_thresholds(scores) -> list[float]:
+    """+inf (never retrieve), every midpoint between consecutive distinct scores from the top, -inf (always)."""
+    distinct = np.unique(np.asarray(scores, dtype=float))
+    return [math.inf, *((distinct[1:] + distinct[:-1]) / 2)[::-1].tolist(), -math.inf]
+
+
 def calibrate(scores, correct_without, correct_with) -> dict:
     """The threshold of highest gated accuracy on these items (ties: the fewest retrievals), with its accuracy,
     retrieval rate and the accuracies of never / always retrieving on the same items."""
@@ -79,10 +85,10 @@ def calibrate(scores, correct_without, correct_with) -> dict:
     a0, a1 = np.asarray(correct_without, dtype=float), np.asarray(correct_with, dtype=float)
     if not (len(s) == len(a0) == len(a1)) or len(s) == 0:
         raise ValueError("calibration needs the same number (> 0) of scores and outcomes")
-    distinct = np.unique(s)
-    candidates = [math.inf, *((distinct[1:] + distinct[:-1]) / 2)[::-1], -math.inf]
     best = None
-    for t in candidates:  # from retrieving nothing to retrieving everything: a tie keeps the earlier (fewer)
+    for t in candidate_thresholds(
+        s
+    ):  # from retrieving nothing to retrieving everything: a tie keeps the earlier (fewer)
         on = s >= t
         acc = float(np.where(on, a1, a0).mean())
         if best is None or acc > best["accuracy"] + 1e-12:

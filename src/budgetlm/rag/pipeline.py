@@ -79,6 +79,15 @@ def query_vector(question: str) -> np.ndarray:
     return embed([question])[0]
 
 
+def check_gate(lm, gate: str) -> None:
+    """The grad gate differentiates the torch model's loss; an LM computed elsewhere (llama.cpp) has none."""
+    if gate == "grad" and getattr(lm, "model", None) is None:
+        raise ConfigError(
+            f"gate 'grad' needs the torch model's input-embedding gradient, which the {getattr(lm, 'runtime', 'this')} "
+            "runtime does not give: use gate=entropy or gate=margin there"
+        )
+
+
 def prepare(
     lm,
     index,
@@ -93,6 +102,7 @@ def prepare(
     from budgetlm.rag.compress import compress
     from budgetlm.rag.docs import sentences
 
+    check_gate(lm, setting.gate)
     threshold = setting.threshold if threshold is None else threshold
     if setting.gate in ("grad", "entropy", "margin") and threshold is None:
         raise ConfigError(f"gate '{setting.gate}' needs a threshold (give one, or calibrate it)")

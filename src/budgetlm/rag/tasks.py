@@ -28,12 +28,13 @@ import hashlib
 import json
 import random
 import time
+import weakref
 from pathlib import Path
 
 from budgetlm.data.tasks.base import Item, MultipleChoiceTask, TaskContext, TaskData, TaskResult, aggregate, means
 from budgetlm.decode import query
 from budgetlm.errors import ConfigError, UnknownNameError
-from budgetlm.rag.pipeline import Setting, prepare, warm_up
+from budgetlm.rag.pipeline import Setting, check_gate, prepare, warm_up
 
 CAL_PERCENT = 30
 CAL_ITEMS = 300
@@ -69,6 +70,8 @@ def parse_options(task: str, option: str) -> tuple[Setting, str | None]:
 
 
 class RagTask(MultipleChoiceTask):
+    decode_runtime = True  # scored one query at a time through the decode runtime (decode/query.py)
+
     def __init__(self, base_name: str, key: str, corpus: str, setting: Setting | None = None, index: str | None = None):
         self.base_name, self.key, self.corpus = base_name, key, corpus
         self.setting = setting or Setting()
@@ -186,6 +189,7 @@ class RagTask(MultipleChoiceTask):
     def calibrate(self, lm, index, ctx: TaskContext) -> dict:
         from budgetlm.rag.gates import calibrate
 
+        check_gate(lm, self.setting.gate)
         if not self._calibration:
             self.load(ctx)
         pool = sorted(self._calibration, key=lambda it: it.id)
@@ -204,7 +208,7 @@ class RagTask(MultipleChoiceTask):
         return result
 
 
-_EVIDENCE: dict[tuple, list[dict]] = {}
+_EVIDENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm -> {(task, k, budget, index, items): evidence}
 
 
 def calibration_evidence(task: RagTask, lm, index, items: list[Item]) -> list[dict]:
@@ -215,31 +219,39 @@ def calibration_evidence(task: RagTask, lm, index, items: list[Item]) -> list[di
     from budgetlm.rag.pipeline import query_vector
 
     s = task.setting
-    key = (id(lm.model), task.base_name, s.k, s.budget, index.label, tuple(it.id for it in items))
-    if key in _EVIDENCE:
-        return _EVIDENCE[key]
+    # per LM (kept only while it lives, so a later LM never meets a freed one's id), its model (held by the LM)
+    key = (id(getattr(lm, "model", None)), task.base_name, s.k, s.budget, index.label, tuple(it.id for it in items))
+    known = _EVIDENCE.setdefault(lm, {})
+    if key in known:
+        return known[key]
+    from budgetlm.progress import Progress
+
     always = Setting("always", s.k, s.budget)
+    torch_model = getattr(lm, "model", None) is not None  # the grad score needs one (llama.cpp: none)
     out, reqs_without, reqs_with = [], [], []
-    for it in items:
-        q = task.question(it.doc)
-        no_rag = task.base.doc_to_text({**it.doc, task.key: ""})
-        query.reset(lm)
-        prep = prepare(lm, index, q, always, no_rag)
-        qvec = query_vector(q)
-        out.append(
-            {
-                "grad": grad_score(lm.model, lm.prefix_token, lm.encode(q)),
-                "entropy": entropy_score(lm, no_rag),
-                "margin": margin_score(index.dense(qvec, 2)[0][0]),
-            }
-        )
-        reqs_without.append(task.requests_with(it.doc, ""))
-        reqs_with.append(task.requests_with(it.doc, prep.context))
-    for name, reqs in (("correct_without", reqs_without), ("correct_with", reqs_with)):
-        for e, it, rs in zip(out, items, reqs):  # scored as an evaluated item is (_score_item)
+    with Progress(f"{task.name} gate evidence", 3 * len(items), enabled=True, throttled=True) as bar:
+        for it in items:
+            q = task.question(it.doc)
+            no_rag = task.base.doc_to_text({**it.doc, task.key: ""})
             query.reset(lm)
-            e[name] = task._record(it, [ll for ll, _ in query.loglikelihood(lm, rs)])["acc"]
-    _EVIDENCE[key] = out
+            prep = prepare(lm, index, q, always, no_rag)
+            qvec = query_vector(q)
+            out.append(
+                {
+                    "grad": grad_score(lm.model, lm.prefix_token, lm.encode(q)) if torch_model else None,
+                    "entropy": entropy_score(lm, no_rag),
+                    "margin": margin_score(index.dense(qvec, 2)[0][0]),
+                }
+            )
+            reqs_without.append(task.requests_with(it.doc, ""))
+            reqs_with.append(task.requests_with(it.doc, prep.context))
+            bar.advance("gate scores")
+        for name, reqs in (("correct_without", reqs_without), ("correct_with", reqs_with)):
+            for e, it, rs in zip(out, items, reqs):  # scored as an evaluated item is (_score_item)
+                query.reset(lm)
+                e[name] = task._record(it, [ll for ll, _ in query.loglikelihood(lm, rs)])["acc"]
+                bar.advance(f"outcomes {name.split('_')[1]} retrieval")
+    known[key] = out
     return out
 
 
