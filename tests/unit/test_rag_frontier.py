@@ -64,14 +64,34 @@ def test_cost_models(frontier_mod):
 
 
 def test_target_needs_all_three_conditions(frontier_mod):
-    ok = {"p_vs_best": 0.2, "p_vs_none": 0.01, "latency_ms": 70.0}
-    assert frontier_mod.meets(ok, 100.0)
-    assert not frontier_mod.meets({**ok, "latency_ms": 70.01}, 100.0)  # less than 30% faster
-    assert not frontier_mod.meets({**ok, "p_vs_best": 0.049}, 100.0)  # significantly worse than the base
-    assert not frontier_mod.meets({**ok, "p_vs_none": 0.05}, 100.0)  # not significantly above no-RAG
+    ok = {"acc": 0.39, "acc_none": 0.37, "p_vs_best": 0.2, "p_vs_none": 0.01, "latency_ms": 70.0}
+    assert frontier_mod.meets(ok, 0.40, 100.0)
+    assert not frontier_mod.meets({**ok, "latency_ms": 70.01}, 0.40, 100.0)  # less than 30% faster
+    assert not frontier_mod.meets({**ok, "p_vs_best": 0.049}, 0.40, 100.0)  # significantly worse than the base
+    assert frontier_mod.meets({**ok, "acc": 0.45, "p_vs_best": 0.001}, 0.40, 100.0)  # significantly better: passes
+    assert not frontier_mod.meets({**ok, "p_vs_none": 0.05}, 0.40, 100.0)  # not significantly above no-RAG
+    assert not frontier_mod.meets({**ok, "acc": 0.30}, 0.40, 100.0)  # significantly *below* no-RAG
 
 
 def test_settings_parse(frontier_mod):
     assert frontier_mod.parse_settings("k=1,k=3:budget=128") == [(1, None), (3, 128)]
     with pytest.raises(KeyError):
         frontier_mod.parse_settings("budget=3")
+
+
+def test_calibration_rules(frontier_mod):
+    """Scores 0..9 (retrieve where score >= t); retrieval helps items 7, 8, 9 only, and hurts item 2."""
+    scores = list(range(10))
+    a0 = [1, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    a1 = [1, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # accuracy: highest gated accuracy (retrieve for 7..9: 0.5), the fewest retrievals among ties
+    assert frontier_mod.choose("accuracy", scores, a0, a1) == 6.5
+    # gain: 0.5 - (0.2 + 0.3 * (0.4 - 0.2)) = 0.24 at t = 6.5, the largest margin over random gating
+    assert frontier_mod.choose("gain", scores, a0, a1) == 6.5
+    # fewest within noise: 3 discordant pairs can never be significant against never (p = 0.25): the accuracy rule's
+    assert frontier_mod.choose("fewest within noise", scores, a0, a1) == 6.5
+    many0, many1 = a0 * 20, a1 * 20
+    # x20: retrieving for 8, 9 only is as accurate as always (0.4: it keeps item 2, loses item 7) and 40 - 0 above
+    # never; for 9 only: 20 - 40 against always, significantly below (chi-square p = 0.014)
+    assert frontier_mod.choose("fewest within noise", scores * 20, many0, many1) == 7.5
+    assert frontier_mod.choose("accuracy", scores * 20, many0, many1) == 6.5

@@ -186,14 +186,18 @@ class RagTask(MultipleChoiceTask):
         return rec
 
     # -- calibration ------------------------------------------------------------------------------------------
+    def calibration_items(self, ctx: TaskContext, n: int | None = None) -> tuple[list[Item], list[Item]]:
+        """(a seeded sample of n items, default CAL_ITEMS, the whole calibration fold), each in id order."""
+        if not self._calibration:
+            self.load(ctx)
+        pool = sorted(self._calibration, key=lambda it: it.id)
+        return random.Random(ctx.seed).sample(pool, min(n or CAL_ITEMS, len(pool))), pool
+
     def calibrate(self, lm, index, ctx: TaskContext) -> dict:
         from budgetlm.rag.gates import calibrate
 
         check_gate(lm, self.setting.gate)
-        if not self._calibration:
-            self.load(ctx)
-        pool = sorted(self._calibration, key=lambda it: it.id)
-        chosen = random.Random(ctx.seed).sample(pool, min(CAL_ITEMS, len(pool)))
+        chosen, pool = self.calibration_items(ctx)
         t = time.perf_counter()
         evidence = calibration_evidence(self, lm, index, chosen)
         result = calibrate(
