@@ -17,7 +17,10 @@ ADAPTERS = {"lora", "dora", "loha", "vblora", "lora_xs", "mars", "qlora", "qmars
 @pytest.mark.parametrize(
     "name,task,evaluated,updates",
     [("peft_ranks", "arith", "arith", 100), ("peft_ranks_arc_easy", "arc_easy", "arc_easy", 100),
-     ("peft_ranks_boolq", "boolq", "boolq:eval-fold", 100), ("peft_ranks_short", "arith", "arith", 12)],
+     ("peft_ranks_boolq", "boolq", "boolq:eval-fold", 100), ("peft_ranks_short", "arith", "arith", 12),
+     ("peft_ranks_arc_challenge", "arc_challenge", "arc_challenge", 100),
+     ("peft_ranks_winogrande", "winogrande", "winogrande:eval-fold", 100),
+     ("peft_ranks_hellaswag", "hellaswag", "hellaswag:eval-fold", 100)],
 )  # fmt: skip
 def test_recipes_plan_every_adapter_at_the_mars_ranks(name, task, evaluated, updates):
     recipe = load_recipe(name)
