@@ -86,9 +86,8 @@ def calibrate(scores, correct_without, correct_with) -> dict:
     if not (len(s) == len(a0) == len(a1)) or len(s) == 0:
         raise ValueError("calibration needs the same number (> 0) of scores and outcomes")
     best = None
-    for t in candidate_thresholds(
-        s
-    ):  # from retrieving nothing to retrieving everything: a tie keeps the earlier (fewer)
+    # from retrieving nothing to retrieving everything: a tie keeps the earlier (fewer retrievals)
+    for t in candidate_thresholds(s):
         on = s >= t
         acc = float(np.where(on, a1, a0).mean())
         if best is None or acc > best["accuracy"] + 1e-12:
