@@ -43,6 +43,12 @@ TARGET = 0.30  # issue 15: >= 30% lower mean latency than the best always-RAG se
 ALPHA = 0.05
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_settings(text: str) -> list[tuple[int, int | None]]:
     out = []
     for part in text.split(","):
@@ -146,7 +152,7 @@ def run_task(lm, task_name: str, settings, limit: int, seed: int, parts: dict, c
     measured = parts["tasks"][task_name]
     ids = [it.id for it in items]
     if measured["no-RAG"]["ids"] != ids:
-        raise SystemExit(f"{task_name}: --parts scored other items (another --limit or --seed?)")
+        refuse(f"{task_name}: --parts scored other items (another --limit or --seed?)")
     always = {label: r for label, r in measured.items() if label in ("always k=1", "always k=3", "always k=5")}
     best_label = max(always, key=lambda label: (always[label]["acc"], -always[label]["latency_s"]))
     best = measured[best_label]
@@ -165,7 +171,7 @@ def run_task(lm, task_name: str, settings, limit: int, seed: int, parts: dict, c
     for k, budget in settings:
         label = row_label(k, budget)
         if label not in measured:
-            raise SystemExit(f"{task_name}: --parts has no '{label}' row to model latency from")
+            refuse(f"{task_name}: --parts has no '{label}' row to model latency from")
         task = tasks.get(f"{task_name}:gate=always:k={k}" + (f":budget={budget}" if budget else ""))
         print(f"{task_name} {label}: gate scores and outcomes of {len(items)} items ...", flush=True)
         evidence = calibration_evidence(task, lm, index, items)
@@ -303,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from budgetlm.api import load as load_model
     from budgetlm.models.lm import HFLM
+    from budgetlm.utils import atomic_write_json
 
     lm = HFLM(load_model(args.model))
     out = {"model": args.model, "limit": args.limit, "seed": args.seed, "parts": args.parts, "tasks": {}}
@@ -310,8 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         calibrate = name in [t.strip() for t in args.calibration.split(",")]
         out["tasks"][name] = run_task(lm, name, settings, args.limit, args.seed, parts, calibrate)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+            atomic_write_json(args.json, out)  # after each task: earlier work is not lost to a later failure
         print(summary(name, out["tasks"][name]), flush=True)
 
 
